@@ -1,0 +1,97 @@
+"""KernelSpec: what one generated kernel is specialised on, and its name.
+
+Naming lives here and only here: ``conv2d_fwd_f32_k3x3_s1_d1_dense``, with ``any``
+for an axis the kernel takes at run time (``conv2d_bwd_data_f64_kany_sany_dany_grouped``).
+The generator, the dispatch table, the test ids and the benchmarks all use it.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
+DTYPES = ("f32", "f64")
+GROUPS_KINDS = ("dense", "depthwise", "grouped")
+
+# Lanes of one 512-bit vector, and the C / NumPy names of each dtype.
+VECTOR_LANES = {"f32": 16, "f64": 8}
+C_TYPES = {"f32": "float", "f64": "double"}
+NUMPY_DTYPES = {"f32": "float32", "f64": "float64"}
+
+ANY = None  # an axis the kernel receives at run time
+
+
+def _axis(value):
+    return "any" if value is ANY else str(value)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One generated kernel.  ``kernel``, ``stride`` and ``dilation`` are square
+    (the same along H and W) compile-time constants, or ``ANY``."""
+
+    direction: str
+    dtype: str
+    kernel: Optional[int]
+    stride: Optional[int]
+    dilation: Optional[int]
+    groups: str
+
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.groups not in GROUPS_KINDS:
+            raise ValueError(f"groups must be one of {GROUPS_KINDS}, got {self.groups!r}")
+        for axis in ("kernel", "stride", "dilation"):
+            value = getattr(self, axis)
+            if value is not ANY and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{axis} must be a positive int or ANY, got {value!r}")
+
+    @property
+    def name(self):
+        k = "kany" if self.kernel is ANY else f"k{self.kernel}x{self.kernel}"
+        return (f"conv2d_{self.direction}_{self.dtype}_{k}"
+                f"_s{_axis(self.stride)}_d{_axis(self.dilation)}_{self.groups}")
+
+    @property
+    def key(self):
+        """The normalised dispatch key (see convgen._dispatch.normalise_key)."""
+        return (self.direction, self.dtype, self.kernel, self.stride, self.dilation, self.groups)
+
+    @property
+    def is_generic(self):
+        return self.kernel is ANY or self.stride is ANY or self.dilation is ANY
+
+    @property
+    def module(self):
+        """Extension module that holds this kernel: one per direction and dtype."""
+        return f"_{self.direction}_{self.dtype}"
+
+    @property
+    def tile(self):
+        """Register tile (rows, cols) of accumulators.
+
+        fwd / bwd_data: rows = output channels, cols = vectors of output pixels;
+        the weight is broadcast and the input loaded contiguously.
+        bwd_weight: rows = output channels, cols = (input channel, tap) pairs;
+        both operands are vectors of pixels, reduced horizontally at the end.
+        """
+        kk = None if self.kernel is ANY else self.kernel * self.kernel
+        if self.direction == "bwd_weight":
+            if self.groups == "depthwise":
+                if kk is None:
+                    return (1, 8)
+                return (1, kk if kk <= 16 else self.kernel)
+            return (4, 6)
+        if self.groups == "depthwise":
+            return (1, 4)
+        return (8, 2)
+
+    @property
+    def lanes(self):
+        return VECTOR_LANES[self.dtype]
+
+    @property
+    def ctype(self):
+        return C_TYPES[self.dtype]

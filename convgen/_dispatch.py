@@ -1,0 +1,65 @@
+"""Dispatch by dictionary on a normalised key, with a generic fallback.
+
+The table itself is generated from codegen/table.py (convgen/_generated/dispatch_table.py);
+this module normalises a problem to a key, looks it up, and falls back to the
+generic kernel of the same direction, dtype and groups kind.
+"""
+
+import importlib
+from functools import lru_cache
+from typing import Callable, NamedTuple
+
+from ._generated.dispatch_table import ANY, KERNELS
+
+DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
+
+
+class Kernel(NamedTuple):
+    name: str
+    run: Callable
+    tile: tuple     # register tile (rows, cols)
+    chunk: int      # output pixels per tile (fwd / bwd_data); 0 for bwd_weight
+
+
+def groups_kind(in_channels, groups):
+    """'dense' (groups=1), 'depthwise' (groups == in_channels > 1, any channel
+    multiplier) or 'grouped'."""
+    if groups == 1:
+        return "dense"
+    return "depthwise" if groups == in_channels else "grouped"
+
+
+def normalise_key(direction, p):
+    """(direction, dtype, kernel, stride, dilation, groups kind); a non-square
+    axis becomes ANY, since specialised kernels are square."""
+    kernel = p.KH if p.KH == p.KW else ANY
+    stride = p.sh if p.sh == p.sw else ANY
+    dilation = p.dh if p.dh == p.dw else ANY
+    return (direction, p.dtype, kernel, stride, dilation, groups_kind(p.C, p.groups))
+
+
+def fallback_key(key):
+    direction, dtype, _k, _s, _d, groups = key
+    return (direction, dtype, ANY, ANY, ANY, groups)
+
+
+@lru_cache(maxsize=None)
+def _load(key):
+    module, name, tile = KERNELS[key]
+    mod = importlib.import_module(f"convgen._generated.{module}")
+    _rows, _cols, chunk = mod.TILES[name]
+    return Kernel(name, getattr(mod, name), tile, chunk if key[0] != "bwd_weight" else 0)
+
+
+def lookup(direction, p):
+    """The kernel that runs `direction` for problem p (see convgen._engine.Problem)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    key = normalise_key(direction, p)
+    if key not in KERNELS:
+        key = fallback_key(key)
+    if key not in KERNELS:
+        supported = sorted({(k[1], k[5]) for k in KERNELS if k[0] == direction})
+        raise ValueError(f"no {direction} kernel for dtype {p.dtype!r} and groups kind {key[5]!r}; "
+                         f"supported (dtype, groups kind): {supported}")
+    return _load(key)

@@ -1,0 +1,167 @@
+"""Plans and runs a convolution on validated, contiguous arrays.
+
+A *plan* holds everything that depends only on the problem's shape: output size,
+the padded phase-plane geometry, the taps' flat offsets and the kernel to run.
+Plans are cached, so a repeated call costs a dictionary lookup.  Validation is
+done before (convgen._validate); nothing here checks its arguments.
+"""
+
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _dispatch, _geometry, _layout
+
+PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
+DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+class Problem(NamedTuple):
+    """A convolution's shape, normalised: every pair split into (h, w)."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    OC: int
+    KH: int
+    KW: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    groups: int
+    mode: str      # padding mode
+    dtype: str     # "f32" | "f64"
+
+    @property
+    def output_hw(self):
+        hp = self.H + self.pad_top + self.pad_bottom
+        wp = self.W + self.pad_left + self.pad_right
+        return ((hp - self.dh * (self.KH - 1) - 1) // self.sh + 1,
+                (wp - self.dw * (self.KW - 1) - 1) // self.sw + 1)
+
+
+def _index(values):
+    return np.asarray(values, dtype=np.intp).reshape(-1)
+
+
+def _phase_sources(start, count, step, size, padded, mode):
+    """Source index along one axis for each (phase, position) of the phase planes:
+    row i of phase a is padded position step * i + a; -1 means zero."""
+    table = np.empty((step, count), dtype=np.intp)
+    for a in range(step):
+        table[a] = _layout.source_indices(start + a, count, size, mode, step)
+        positions = a + step * np.arange(count)
+        table[a, positions >= padded] = -1
+    return table
+
+
+class ForwardPlan:
+    """Geometry of the forward pass (and of the weight gradient, which reads the
+    same padded phase planes)."""
+
+    def __init__(self, p: Problem):
+        self.problem = p
+        self.OH, self.OW = p.output_hw
+        self.G = p.groups
+        self.Cg, self.OCg = p.C // p.groups, p.OC // p.groups
+        self.kk = p.KH * p.KW
+        hp, wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
+        self.Hq, self.We = _geometry.ceil_div(hp, p.sh), _geometry.ceil_div(wp, p.sw)
+        self.n_planes = p.sh * p.sw
+        self.kernel = _dispatch.lookup("fwd", p)
+        lanes = 16 if p.dtype == "f32" else 8
+        self.out_len = _geometry.round_up(self.OH * self.We, self.kernel.chunk)
+        taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
+        reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
+        self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
+        self.x_chan = self.n_planes * self.plane_len
+        self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
+        self.tap_w = _index([t.w_index for t in taps])
+        mode = PADDING_MODES[p.mode]
+        self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
+        self.cols = _phase_sources(-p.pad_left, self.We, p.sw, p.W, wp, mode)
+        # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
+        self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
+        self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
+
+
+class BackwardDataPlan:
+    """Geometry of the input gradient: per stride phase of the padded input, a
+    correlation of grad_output (bordered by `halo` zeros) with that phase's taps."""
+
+    def __init__(self, fp: ForwardPlan):
+        p = fp.problem
+        self.kernel = _dispatch.lookup("bwd_data", p)
+        lanes = 16 if p.dtype == "f32" else 8
+        self.top, self.left = _geometry.bwd_data_halo(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
+        self.width = fp.We + self.left
+        self.out_len = _geometry.round_up(fp.Hq * self.width, self.kernel.chunk)
+        self.plane_len = _geometry.round_up(self.out_len + self.top * self.width + self.left, lanes)
+        phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
+        self.phase_offs = [_index([t.dy * self.width + t.dx for t in taps]) for taps in phases]
+        self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
+
+
+@lru_cache(maxsize=256)
+def forward_plan(p: Problem) -> ForwardPlan:
+    return ForwardPlan(p)
+
+
+@lru_cache(maxsize=256)
+def backward_data_plan(p: Problem) -> BackwardDataPlan:
+    return BackwardDataPlan(forward_plan(p))
+
+
+def pad_phase(x, fp: ForwardPlan):
+    """x (N, C, H, W) -> padded phase planes (N, C, n_planes * plane_len)."""
+    p = fp.problem
+    xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
+    _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.Hq, fp.We, fp.plane_len)
+    return xin
+
+
+def forward(x, weight, bias, p: Problem):
+    """Returns (y, xin): the output and the padded input planes (kept for backward)."""
+    fp = forward_plan(p)
+    xin = pad_phase(x, fp)
+    yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype)
+    fp.kernel.run(xin, weight, bias, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
+                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w)
+    y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
+    _layout.compact(yext, y.reshape(p.N * p.OC, fp.OH, fp.OW), fp.We)
+    return y, xin
+
+
+def backward_data(grad_y, weight, p: Problem):
+    """Gradient of the input (N, C, H, W), padding folded back into its sources."""
+    fp, bp = forward_plan(p), backward_data_plan(p)
+    gyp = np.empty((p.N * p.OC, bp.plane_len), dtype=grad_y.dtype)
+    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left)
+    gxph = np.empty((p.N * p.C, fp.n_planes * bp.out_len), dtype=grad_y.dtype)
+    bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
+                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws)
+    gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, bp.width, bp.out_len)
+    return gx
+
+
+def backward_weight(grad_y, xin, p: Problem):
+    """Gradient of the weight (OC, C/groups, KH, KW) from the forward's padded planes."""
+    fp = forward_plan(p)
+    gext = np.empty((p.N * p.OC, fp.grad_len), dtype=grad_y.dtype)
+    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0)
+    gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
+    fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk,
+                        fp.x_chan, fp.grad_len, fp.grad_len, fp.tap_off)
+    return gw
+
+
+def backward_bias(grad_y):
+    return grad_y.sum(axis=(0, 2, 3))

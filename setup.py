@@ -1,0 +1,54 @@
+"""Build: generate the kernels from templates (write-if-changed), then cythonize
+and compile them with OpenMP.
+
+CONVGEN_PORTABLE=1 builds without -march=native (a binary for any x86-64 / arm64);
+CONVGEN_BUILD_JOBS sets how many extensions compile in parallel (default: all cores).
+"""
+
+import os
+import sys
+
+import numpy
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+from setuptools.extension import Extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)
+
+from codegen import emit  # noqa: E402  (the generator lives beside this file)
+
+
+def compile_args():
+    args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unused-function",
+            "-Wno-unreachable-code", "-Wno-maybe-uninitialized"]
+    if os.environ.get("CONVGEN_PORTABLE", "0") in ("", "0"):
+        args.append("-march=native")
+    return args
+
+
+def extensions():
+    emit.write_all()  # stage 4: only changed files are rewritten, so make-style rebuilds stay cheap
+    common = dict(
+        include_dirs=[numpy.get_include(), os.path.join("convgen", "include")],
+        extra_compile_args=compile_args(),
+        extra_link_args=["-fopenmp"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    exts = [Extension("convgen._layout", ["convgen/_layout.pyx"], **common)]
+    for module, _direction, _dtype in emit.extension_modules():
+        exts.append(Extension(f"convgen._generated.{module}", [f"convgen/_generated/{module}.pyx"], **common))
+    from Cython.Build import cythonize
+    return cythonize(exts, language_level=3, nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))
+
+
+class ParallelBuildExt(build_ext):
+    """Compile the extension modules in parallel (they are independent)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if not self.parallel:
+            self.parallel = int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1))
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": ParallelBuildExt})
