@@ -1,0 +1,35 @@
+"""convgen: PyTorch's nn.Conv2d for NumPy arrays on the CPU, computed by generated,
+OpenMP-parallel Cython kernels.  See README.md and the contract in API.md."""
+
+import numpy as np
+
+from . import functional, init
+from ._layout import get_num_threads as _get_num_threads, set_num_threads as _set_num_threads
+from .conv import Conv2d
+from .functional import output_size
+from .parameter import Parameter
+
+__version__ = "0.1.0"
+__all__ = ["Conv2d", "Parameter", "functional", "init", "output_size", "kernel_for",
+           "set_num_threads", "get_num_threads"]
+
+
+def set_num_threads(n):
+    """Threads for convgen's kernels (OpenMP); OMP_NUM_THREADS sets the default."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be a positive int, got {n!r}")
+    _set_num_threads(n)
+
+
+def get_num_threads():
+    return _get_num_threads()
+
+
+def kernel_for(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+               dtype=np.float32, direction="fwd"):
+    """Name of the generated kernel that runs a convolution with these parameters.
+
+    direction: "fwd", "bwd_data" (input gradient) or "bwd_weight" (weight gradient).
+    """
+    cfg = functional.Config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+    return cfg.kernel_name(np.dtype(dtype), direction)

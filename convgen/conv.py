@@ -1,0 +1,114 @@
+"""Conv2d: torch.nn.Conv2d's interface and numbers, on NumPy arrays."""
+
+import math
+
+import numpy as np
+
+from . import functional as F
+from . import init
+from ._validate import dtype_arg, float_array
+from .parameter import Parameter
+
+
+class Conv2d:
+    """2D convolution over (N, C, H, W) or unbatched (C, H, W) arrays.
+
+    Same constructor and defaults as ``torch.nn.Conv2d``, plus ``dtype``
+    (float32 or float64) and ``seed`` (int or ``np.random.Generator``) for the
+    default initialisation.  ``backward(grad_output)`` returns the input gradient
+    of the last forward and accumulates ``weight.grad`` / ``bias.grad``.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, bias=True, padding_mode="zeros", dtype=np.float32, seed=None):
+        cfg = F.Config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._cfg = cfg
+        self.dtype = dtype_arg(dtype)
+        kh, kw = cfg.kernel_size
+        self.weight = Parameter(np.empty((cfg.out_channels, cfg.in_channels // cfg.groups, kh, kw), self.dtype))
+        self.bias = Parameter(np.empty(cfg.out_channels, self.dtype)) if bias else None
+        self._saved = None
+        self.reset_parameters(seed)
+
+    # torch.nn.Conv2d's attributes
+    in_channels = property(lambda self: self._cfg.in_channels)
+    out_channels = property(lambda self: self._cfg.out_channels)
+    kernel_size = property(lambda self: self._cfg.kernel_size)
+    stride = property(lambda self: self._cfg.stride)
+    padding = property(lambda self: self._cfg.padding)
+    dilation = property(lambda self: self._cfg.dilation)
+    groups = property(lambda self: self._cfg.groups)
+    padding_mode = property(lambda self: self._cfg.padding_mode)
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "bias") and value is not None and not isinstance(value, Parameter):
+            value = Parameter(float_array(value, name))
+        object.__setattr__(self, name, value)
+
+    def reset_parameters(self, seed=None):
+        """PyTorch's default: kaiming_uniform_(a=sqrt(5)) on the weight, and
+        uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) on the bias."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        init.kaiming_uniform_(self.weight, a=math.sqrt(5), seed=rng)
+        if self.bias is not None:
+            fan_in = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            init.uniform_(self.bias, -bound, bound, seed=rng)
+
+    def _params(self):
+        weight = F._weight(self.weight)
+        expected = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        if weight.shape != expected:
+            raise ValueError(f"weight must have shape {expected}, got {weight.shape}")
+        return weight, F._bias(self.bias, self.out_channels, weight.dtype)
+
+    def forward(self, x):
+        weight, bias = self._params()
+        y, self._saved = F.forward(self._cfg, x, weight, bias)
+        return y
+
+    __call__ = forward
+
+    def backward(self, grad_output):
+        """Input gradient of the last forward; adds into weight.grad and bias.grad."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward(): there is no input to differentiate")
+        gx, gw, gb = F.backward(self._saved, grad_output, True, True, self.bias is not None)
+        self.weight.grad = gw if self.weight.grad is None else self.weight.grad + gw
+        if self.bias is not None:
+            self.bias.grad = gb if self.bias.grad is None else self.bias.grad + gb
+        return gx
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.parameters():
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
+
+    def parameters(self):
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
+
+    @property
+    def kernel_name(self):
+        """The generated forward kernel this module runs (see convgen.kernel_for)."""
+        return self._cfg.kernel_name(self.dtype)
+
+    def extra_repr(self):
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"

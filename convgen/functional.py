@@ -1,0 +1,192 @@
+"""Functional interface: torch.nn.functional.conv2d and torch.nn.grad's
+conv2d_input / conv2d_weight, on NumPy arrays."""
+
+import numpy as np
+
+from . import _dispatch, _engine, _validate
+from ._engine import DTYPE_SUFFIX, Problem
+
+__all__ = ["conv2d", "conv2d_input", "conv2d_weight", "output_size"]
+
+
+class Config:
+    """Validated, normalised convolution hyper-parameters (no array shapes)."""
+
+    __slots__ = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                 "dilation", "groups", "padding_mode", "pads")
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
+                 dilation=1, groups=1, padding_mode="zeros"):
+        self.in_channels = _validate.channels_arg(in_channels, "in_channels")
+        self.out_channels = _validate.channels_arg(out_channels, "out_channels")
+        self.kernel_size = _validate.pair(kernel_size, "kernel_size", 1)
+        self.stride = _validate.pair(stride, "stride", 1)
+        self.padding = _validate.padding_arg(padding)
+        self.dilation = _validate.pair(dilation, "dilation", 1)
+        self.groups = _validate.groups_arg(groups, self.in_channels, self.out_channels)
+        self.padding_mode = _validate.padding_mode_arg(padding_mode)
+        # 'same' with a stride is rejected at construction, as in PyTorch.
+        self.pads = _validate.resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+
+    def problem(self, shape, dtype):
+        """The engine's Problem for an (N, C, H, W) input of this dtype (checks the sizes)."""
+        N, C, H, W = shape
+        _validate.check_padded_size((H, W), self.pads, self.kernel_size, self.dilation, self.padding_mode)
+        return Problem(N, C, H, W, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
+                       *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
+
+    def kernel_name(self, dtype, direction="fwd"):
+        """Name of the generated kernel that runs this configuration (any input size)."""
+        shape = (1, self.in_channels, 1, 1)
+        p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
+                    *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
+        return _dispatch.lookup(direction, p).name
+
+
+def _weight(weight, dtype=None):
+    weight = _validate.float_array(weight, "weight", dtype)
+    if weight.ndim != 4:
+        raise ValueError(f"weight must be 4D (out_channels, in_channels/groups, kH, kW), got shape {weight.shape}")
+    if 0 in weight.shape:
+        raise ValueError(f"weight of shape {weight.shape} has a zero-size dimension")
+    return np.ascontiguousarray(weight)
+
+
+def _bias(bias, out_channels, dtype):
+    if bias is None:
+        return None
+    bias = _validate.float_array(bias, "bias", dtype)
+    if bias.shape != (out_channels,):
+        raise ValueError(f"bias must have shape ({out_channels},), got {bias.shape}")
+    return np.ascontiguousarray(bias)
+
+
+def _config_for(weight, x_channels, stride, padding, dilation, groups, padding_mode="zeros"):
+    out_channels, cg, kh, kw = weight.shape
+    if not _validate._is_int(groups) or groups <= 0:
+        raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if x_channels != cg * groups:
+        raise ValueError(f"weight of shape {weight.shape} with groups={groups} expects "
+                         f"{cg * groups} input channels, but the input has {x_channels}")
+    return Config(x_channels, out_channels, (kh, kw), stride, padding, dilation, groups, padding_mode)
+
+
+class Saved:
+    """What a forward pass keeps for its backward pass."""
+
+    __slots__ = ("problem", "xin", "weight", "batched")
+
+    def __init__(self, problem, xin, weight, batched):
+        self.problem, self.xin, self.weight, self.batched = problem, xin, weight, batched
+
+
+def forward(cfg, x, weight, bias):
+    """Run cfg on validated weight/bias; returns (y, Saved)."""
+    x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
+    p = cfg.problem(x.shape, x.dtype)
+    if p.N == 0:
+        OH, OW = p.output_hw
+        y, xin = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None
+    else:
+        y, xin = _engine.forward(x, weight, bias, p)
+    return (y if batched else y[0]), Saved(p, xin, weight, batched)
+
+
+def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True):
+    """Gradients (input, weight, bias) of the forward that produced `saved`
+    (None for those not asked for)."""
+    p = saved.problem
+    OH, OW = p.output_hw
+    expected = (p.N, p.OC, OH, OW) if saved.batched else (p.OC, OH, OW)
+    gy = _validate.float_array(grad_output, "grad_output", saved.weight.dtype)
+    if gy.shape != expected:
+        raise ValueError(f"grad_output must have the forward output's shape {expected}, got {gy.shape}")
+    gy = np.ascontiguousarray(gy if saved.batched else gy[None])
+    gx = gw = gb = None
+    if p.N == 0:
+        if need_input:
+            gx = np.zeros((p.N, p.C, p.H, p.W), dtype=gy.dtype)
+        if need_weight:
+            gw = np.zeros_like(saved.weight)
+        if need_bias:
+            gb = np.zeros(p.OC, dtype=gy.dtype)
+    else:
+        if need_input:
+            gx = _engine.backward_data(gy, saved.weight, p)
+        if need_weight:
+            gw = _engine.backward_weight(gy, saved.xin, p)
+        if need_bias:
+            gb = _engine.backward_bias(gy)
+    if gx is not None and not saved.batched:
+        gx = gx[0]
+    return gx, gw, gb
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Same as torch.nn.functional.conv2d (zero padding; see Conv2d for other modes)."""
+    weight = _weight(weight)
+    x = _validate.float_array(input, "input", weight.dtype)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of shape {x.shape}")
+    cfg = _config_for(weight, x.shape[-3], stride, padding, dilation, groups)
+    y, _ = forward(cfg, x, weight, _bias(bias, weight.shape[0], weight.dtype))
+    return y
+
+
+class _Shape:
+    """Stands in for a weight where only its shape is known."""
+
+    def __init__(self, shape):
+        self.shape = tuple(int(s) for s in shape)
+
+
+def _sizes(size, name, length=4):
+    try:
+        size = tuple(int(s) for s in size)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {size!r}") from None
+    if len(size) == length - 1:
+        return size, False
+    if len(size) != length:
+        raise ValueError(f"{name} must have {length} (or {length - 1}, unbatched) entries, got {size}")
+    return size, True
+
+
+def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """Gradient of conv2d with respect to its input (torch.nn.grad.conv2d_input)."""
+    weight = _weight(weight)
+    size, batched = _sizes(input_size, "input_size")
+    if not batched:
+        size = (1,) + size
+    cfg = _config_for(weight, size[1], stride, padding, dilation, groups)
+    p = cfg.problem(size, weight.dtype)
+    gx, _, _ = backward(Saved(p, None, weight, batched), grad_output, True, False, False)
+    return gx
+
+
+def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation=1, groups=1):
+    """Gradient of conv2d with respect to its weight (torch.nn.grad.conv2d_weight)."""
+    wsize, _ = _sizes(weight_size, "weight_size")
+    if len(wsize) != 4:
+        raise ValueError(f"weight_size must have 4 entries, got {wsize}")
+    x = _validate.float_array(input, "input")
+    if x.ndim not in (3, 4):
+        raise ValueError(f"Expected 3D (unbatched) or 4D (batched) input, but got input of shape {x.shape}")
+    cfg = _config_for(_Shape(wsize), x.shape[-3], stride, padding, dilation, groups)
+    proto = np.empty(wsize, dtype=x.dtype)
+    xc, batched = _validate.input_array(x, cfg.in_channels, x.dtype)
+    p = cfg.problem(xc.shape, xc.dtype)
+    xin = _engine.pad_phase(xc, _engine.forward_plan(p)) if p.N else None
+    _, gw, _ = backward(Saved(p, xin, proto, batched), grad_output, False, True, False)
+    return gw
+
+
+def output_size(input_hw, kernel_size, stride=1, padding=0, dilation=1):
+    """(H_out, W_out) of a convolution, by PyTorch's formula."""
+    hw = _validate.pair(tuple(input_hw) if not isinstance(input_hw, int) else input_hw, "input_hw", 1)
+    k = _validate.pair(kernel_size, "kernel_size", 1)
+    s = _validate.pair(stride, "stride", 1)
+    d = _validate.pair(dilation, "dilation", 1)
+    top, bottom, left, right = _validate.resolve_padding(_validate.padding_arg(padding), k, s, d)
+    return ((hw[0] + top + bottom - d[0] * (k[0] - 1) - 1) // s[0] + 1,
+            (hw[1] + left + right - d[1] * (k[1] - 1) - 1) // s[1] + 1)
