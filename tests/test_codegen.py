@@ -1,0 +1,314 @@
+"""The code generator's stages, each on its own: spec -> table -> context ->
+render -> emit, and the `python -m codegen` command line."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jinja2
+import pytest
+
+from codegen import context, emit, render, spec, table
+from codegen.spec import ANY, DIRECTIONS, DTYPES, GROUPS_KINDS, KernelSpec
+from codegen.table import SPECS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- spec: validation and naming ------------------------------------------------
+
+@pytest.mark.parametrize("args, name", [
+    (("fwd", "f32", 3, 1, 1, "dense"), "conv2d_fwd_f32_k3x3_s1_d1_dense"),
+    (("bwd_data", "f64", 7, 2, 1, "grouped"), "conv2d_bwd_data_f64_k7x7_s2_d1_grouped"),
+    (("bwd_weight", "f32", 5, 2, 3, "depthwise"), "conv2d_bwd_weight_f32_k5x5_s2_d3_depthwise"),
+    (("bwd_data", "f64", ANY, ANY, ANY, "grouped"), "conv2d_bwd_data_f64_kany_sany_dany_grouped"),
+    (("fwd", "f32", 3, ANY, 2, "dense"), "conv2d_fwd_f32_k3x3_sany_d2_dense"),
+    (("fwd", "f64", ANY, 1, ANY, "depthwise"), "conv2d_fwd_f64_kany_s1_dany_depthwise"),
+])
+def test_spec_name(args, name):
+    assert KernelSpec(*args).name == name
+
+
+@pytest.mark.parametrize("field, value", [
+    ("direction", "bwd"), ("direction", "forward"), ("dtype", "f16"), ("dtype", "float32"),
+    ("groups", "separable"), ("kernel", 0), ("kernel", -3), ("kernel", 3.0), ("kernel", "3"),
+    ("stride", 0), ("stride", 1.5), ("dilation", -1), ("dilation", "any"),
+])
+def test_spec_rejects(field, value):
+    args = dict(direction="fwd", dtype="f32", kernel=3, stride=1, dilation=1, groups="dense")
+    args[field] = value
+    with pytest.raises(ValueError, match=field):
+        KernelSpec(**args)
+
+
+def test_spec_properties():
+    s = KernelSpec("bwd_weight", "f64", 3, 2, 1, "depthwise")
+    assert s.key == ("bwd_weight", "f64", 3, 2, 1, "depthwise")
+    assert s.module == "_bwd_weight_f64"
+    assert not s.is_generic
+    assert s.lanes == spec.VECTOR_LANES["f64"] and s.ctype == "double"
+    for generic in [KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense"), KernelSpec("fwd", "f32", 3, ANY, 1, "dense")]:
+        assert generic.is_generic
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.kernel = 5
+    # Equal specs are equal and hash alike (they are dictionary keys in the dispatch table).
+    assert s == KernelSpec("bwd_weight", "f64", 3, 2, 1, "depthwise")
+    assert len({s, KernelSpec("bwd_weight", "f64", 3, 2, 1, "depthwise")}) == 1
+
+
+@pytest.mark.parametrize("s", SPECS, ids=lambda s: s.name)
+def test_spec_tile_and_name_parse_back(s):
+    rows, cols = s.tile
+    assert isinstance(rows, int) and isinstance(cols, int) and rows >= 1 and cols >= 1
+    # The name is predictable: its fields can be read back.
+    prefix = f"conv2d_{s.direction}_{s.dtype}_"
+    assert s.name.startswith(prefix) and s.name.endswith("_" + s.groups)
+    k, st, d = s.name[len(prefix):-len(s.groups) - 1].split("_")
+    assert k == ("kany" if s.kernel is ANY else f"k{s.kernel}x{s.kernel}")
+    assert st == f"s{'any' if s.stride is ANY else s.stride}"
+    assert d == f"d{'any' if s.dilation is ANY else s.dilation}"
+
+
+# ---- table: invariants, and validate() rejecting broken tables -----------------
+
+def test_table_invariants():
+    names = [s.name for s in SPECS]
+    assert len(names) == len(set(names))
+    assert len({s.key for s in SPECS}) == len(SPECS)
+    for direction in DIRECTIONS:
+        for dtype in DTYPES:
+            for groups in GROUPS_KINDS:
+                assert KernelSpec(direction, dtype, ANY, ANY, ANY, groups) in SPECS, (direction, dtype, groups)
+    # Every direction gets the same shapes (a forward kernel always has its two backward kernels).
+    shapes = {d: {(s.dtype, s.kernel, s.stride, s.dilation, s.groups) for s in SPECS if s.direction == d}
+              for d in DIRECTIONS}
+    assert shapes["fwd"] == shapes["bwd_data"] == shapes["bwd_weight"]
+    assert table.validate(list(SPECS)) == list(SPECS)
+
+
+def test_validate_rejects_duplicates():
+    with pytest.raises(ValueError, match="duplicate"):
+        table.validate(list(SPECS) + [SPECS[0]])
+
+
+def test_validate_rejects_missing_fallback():
+    generic = KernelSpec("bwd_data", "f32", ANY, ANY, ANY, "grouped")
+    broken = [s for s in SPECS if s != generic]
+    with pytest.raises(ValueError, match="generic fallback"):
+        table.validate(broken)
+
+
+def test_validate_rejects_partly_fixed_spec():
+    with pytest.raises(ValueError, match="all of kernel/stride/dilation"):
+        table.validate(list(SPECS) + [KernelSpec("fwd", "f32", 3, ANY, 1, "dense")])
+
+
+def test_dispatch_table_holds_every_spec():
+    from convgen._generated.dispatch_table import KERNELS
+    assert set(KERNELS) == {s.key for s in SPECS}
+    for s in SPECS:
+        module, name, tile = KERNELS[s.key]
+        assert (module, name, tuple(tile)) == (s.module, s.name, s.tile)
+
+
+# ---- context: the values a template receives -----------------------------------
+
+def test_context_forward_taps_3x3_stride2():
+    ctx = context.kernel_context(KernelSpec("fwd", "f32", 3, 2, 1, "dense"))
+    # Padded row 2*oh + i lives in phase plane i % 2, at row oh + i // 2 (same for columns).
+    expected = [dict(i=i * 3 + j, w_index=i * 3 + j, plane=(i % 2) * 2 + j % 2, dy=i // 2, dx=j // 2)
+                for i in range(3) for j in range(3)]
+    assert ctx["taps"] == expected
+    assert ctx["phases"] is None
+    assert ctx["name"] == "conv2d_fwd_f32_k3x3_s2_d1_dense"
+    rows, cols = KernelSpec("fwd", "f32", 3, 2, 1, "dense").tile
+    assert ctx["rows"] == list(range(rows)) and len(ctx["cols"]) == cols
+    assert ctx["chunk"] == cols * 16
+
+
+def test_context_bwd_data_phases_3x3_stride2():
+    ctx = context.kernel_context(KernelSpec("bwd_data", "f64", 3, 2, 1, "dense"))
+    phases = ctx["phases"]
+    assert [p["index"] for p in phases] == [0, 1, 2, 3]
+    # Phase (a, b) gets the taps with i % 2 == a and j % 2 == b: 4, 2, 2 and 1 of them.
+    got = [sorted(t["w_index"] for t in p["taps"]) for p in phases]
+    assert got == [[0, 2, 6, 8], [1, 7], [3, 5], [4]]
+    assert ctx["taps"] is None
+
+
+SHAPES = sorted({(sp.kernel, sp.stride, sp.dilation) for sp in SPECS if not sp.is_generic}
+                | {(3, 3, 2), (2, 3, 1), (4, 2, 3), (1, 4, 1)})
+
+
+@pytest.mark.parametrize("k, s, d", SHAPES)
+def test_context_forward_taps_read_the_right_pixel(k, s, d):
+    """Independent of the formula: tap (i, j) of output (oh, ow) must read padded
+    pixel (s*oh + i*d, s*ow + j*d), through plane (row % s, col % s) at (row // s, col // s)."""
+    taps = [dict(w_index=t.w_index, plane=t.plane, dy=t.dy, dx=t.dx)
+            for t in context.geometry.forward_taps(k, k, s, s, d, d)]
+    assert sorted(t["w_index"] for t in taps) == list(range(k * k))
+    for t in taps:
+        i, j = divmod(t["w_index"], k)
+        for oh in range(3):
+            row, col = s * oh + i * d, s * oh + j * d
+            assert t["plane"] == (row % s) * s + col % s
+            assert oh + t["dy"] == row // s and oh + t["dx"] == col // s
+    for sp in SPECS:  # the context hands exactly these taps to the specialised kernels
+        if sp.direction == "fwd" and (sp.kernel, sp.stride, sp.dilation) == (k, s, d):
+            got = [{key: v for key, v in t.items() if key != "i"} for t in context.kernel_context(sp)["taps"]]
+            assert got == taps
+
+
+@pytest.mark.parametrize("k, s, d", SHAPES)
+def test_context_bwd_data_phases_cover_every_tap(k, s, d):
+    """Phase (a, b) of the padded input gradient, row r, gets tap (i, j) from the
+    grad_output row oh with s*oh + i*d == s*r + a, read at halo-shifted row r + dy."""
+    top, left = context.geometry.bwd_data_halo(k, k, s, s, d, d)
+    phases = context.geometry.bwd_data_phases(k, k, s, s, d, d)
+    assert len(phases) == s * s
+    assert sorted(t.w_index for taps in phases for t in taps) == list(range(k * k))
+    for p, taps in enumerate(phases):
+        a, b = divmod(p, s)
+        for t in taps:
+            i, j = divmod(t.w_index, k)
+            assert t.dy >= 0 and t.dx >= 0
+            for r in range(3):
+                assert s * (r + t.dy - top) + i * d == s * r + a
+                assert s * (r + t.dx - left) + j * d == s * r + b
+    for sp in SPECS:
+        if sp.direction == "bwd_data" and (sp.kernel, sp.stride, sp.dilation) == (k, s, d):
+            got = [[t["w_index"] for t in ph["taps"]] for ph in context.kernel_context(sp)["phases"]]
+            assert got == [[t.w_index for t in taps] for taps in phases]
+
+
+@pytest.mark.parametrize("s", [spec_ for spec_ in SPECS if spec_.is_generic], ids=lambda s: s.name)
+def test_context_generic_has_no_taps(s):
+    ctx = context.kernel_context(s)
+    assert ctx["taps"] is None and ctx["phases"] is None
+
+
+def test_module_and_dispatch_context():
+    ctx = context.module_context("fwd", "f64", SPECS)
+    names = [k["name"] for k in ctx["kernels"]]
+    expected = sorted(s.name for s in SPECS if s.direction == "fwd" and s.dtype == "f64")
+    assert names == expected
+    assert ctx["ctype"] == "double" and ctx["numpy_dtype"] == "float64"
+    assert "templates/conv2d_fwd.pyx.j2" in ctx["banner"]
+    d = context.dispatch_context(SPECS)
+    assert len(d["rows"]) == len(SPECS)
+    assert [r["name"] for r in d["rows"]] == sorted(s.name for s in SPECS)
+
+
+# ---- render: the text that comes out -------------------------------------------
+
+@pytest.fixture(scope="module")
+def env():
+    return render.environment()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_render_kernel_module(env, direction, dtype):
+    template = context.TEMPLATES[direction]
+    ctx = context.module_context(direction, dtype, SPECS)
+    text = render.render(template, ctx, env)
+    first = text.splitlines()[:6]
+    assert any("DO NOT EDIT" in line and f"templates/{template}" in line for line in first), first
+    assert "prange(" in text
+    assert "{{" not in text and "{%" not in text and "{#" not in text
+    for s in SPECS:
+        if s.direction == direction and s.dtype == dtype:
+            assert f"def {s.name}(" in text
+        else:
+            assert f"def {s.name}(" not in text
+    assert render.render(template, ctx, env) == text
+    assert render.render(template, context.module_context(direction, dtype, SPECS)) == text
+
+
+def test_render_dispatch_table_is_python(env):
+    text = render.render("dispatch_table.py.j2", context.dispatch_context(SPECS), env)
+    assert "DO NOT EDIT" in text and "dispatch_table.py.j2" in text
+    namespace = {}
+    exec(compile(text, "dispatch_table.py", "exec"), namespace)
+    assert set(namespace["KERNELS"]) == {s.key for s in SPECS}
+
+
+def test_render_is_strict_about_missing_values(env):
+    ctx = context.module_context("fwd", "f32", SPECS)
+    del ctx["ctype"]
+    with pytest.raises(jinja2.UndefinedError):
+        render.render(context.TEMPLATES["fwd"], ctx, env)
+
+
+def test_render_small_table(env):
+    """A one-kernel table renders a module with just that kernel."""
+    only = [KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")]
+    text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", only), env)
+    assert f"def {only[0].name}(" in text
+    assert text.count("\ndef conv2d_") == 1
+
+
+# ---- emit: files, written only when changed -------------------------------------
+
+def test_write_if_changed(tmp_path):
+    path = str(tmp_path / "sub" / "a.pyx")
+    assert emit.write_if_changed(path, "x = 1\n") is True
+    mtime = os.stat(path).st_mtime_ns
+    assert emit.write_if_changed(path, "x = 1\n") is False
+    assert os.stat(path).st_mtime_ns == mtime
+    assert emit.write_if_changed(path, "x = 2\n") is True
+    with open(path) as f:
+        assert f.read() == "x = 2\n"
+    assert sorted(os.listdir(tmp_path / "sub")) == ["a.pyx"]   # no temporary left behind
+
+
+def test_generated_files_and_write_all(tmp_path):
+    files = emit.generated_files()
+    modules = emit.extension_modules()
+    assert {m for m, _, _ in modules} == {f"_{d}_{t}" for d in DIRECTIONS for t in DTYPES}
+    assert set(files) >= {"__init__.py", "dispatch_table.py"} | {m + ".pyx" for m, _, _ in modules}
+    for name, text in files.items():
+        head = "\n".join(text.splitlines()[:6])
+        assert "DO NOT EDIT" in head, name
+        if name.endswith(".pyx"):
+            assert "from templates/" in head and ".j2" in head, name
+    written = emit.write_all(str(tmp_path))
+    assert sorted(os.path.basename(p) for p in written) == sorted(files)
+    for name, text in files.items():
+        with open(tmp_path / name) as f:
+            assert f.read() == text
+    assert emit.write_all(str(tmp_path)) == []
+    # Touch one file: only it is rewritten.
+    (tmp_path / "dispatch_table.py").write_text("# stale\n")
+    assert emit.write_all(str(tmp_path)) == [str(tmp_path / "dispatch_table.py")]
+
+
+def test_generated_files_are_deterministic():
+    assert emit.generated_files() == emit.generated_files()
+
+
+# ---- python -m codegen --------------------------------------------------------
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "codegen", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_list():
+    out = _cli("--list")
+    assert out.returncode == 0, out.stderr
+    for s in SPECS:
+        assert s.name in out.stdout
+    assert f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules" in out.stdout
+    assert _cli().stdout == out.stdout   # --list is the default
+
+
+def test_cli_files_and_show():
+    out = _cli("--files")
+    assert out.returncode == 0 and "_fwd_f32.pyx" in out.stdout and "dispatch_table.py" in out.stdout
+    out = _cli("--show", "_bwd_data_f64.pyx")
+    assert out.returncode == 0
+    assert out.stdout == emit.generated_files()["_bwd_data_f64.pyx"]
+    bad = _cli("--show", "nope.pyx")
+    assert bad.returncode == 2 and "nope.pyx" in bad.stderr

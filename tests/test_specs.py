@@ -1,0 +1,79 @@
+"""Every generated kernel in codegen.table.SPECS: its representative problem
+(codegen.cases.case_for) really dispatches to it, and it computes the same
+numbers as the float64 NumPy reference and as PyTorch."""
+
+import numpy as np
+import pytest
+
+import convgen
+from codegen.cases import case_for
+from codegen.table import SPECS
+from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
+                      reference_functional, spec_dtype, torch_functional)
+
+
+def _spec_cases():
+    params = []
+    for spec in SPECS:
+        multipliers = (1, 2) if spec.groups in ("depthwise", "grouped") else (1,)
+        for m in multipliers:
+            suffix = "" if m == 1 else f"-x{m}"
+            params.append(pytest.param(spec, m, id=spec.name + suffix))
+    return params
+
+
+SPEC_CASES = _spec_cases()
+
+
+def _dispatched(spec, case):
+    return convgen.kernel_for(case["C"], case["OC"], case["kernel"], case["stride"], case["padding"],
+                              case["dilation"], case["groups"], dtype=spec_dtype(spec),
+                              direction=spec.direction)
+
+
+def test_every_spec_has_a_case():
+    # The parametrisation below covers the whole table, generic kernels included.
+    assert len({p.values[0].name for p in SPEC_CASES}) == len(SPECS)
+    assert any(s.is_generic for s in SPECS) and any(not s.is_generic for s in SPECS)
+
+
+@pytest.mark.parametrize("spec, multiplier", SPEC_CASES)
+def test_case_dispatches_to_spec(spec, multiplier):
+    case = case_for(spec, multiplier=multiplier)
+    assert _dispatched(spec, case) == spec.name
+
+
+@pytest.mark.parametrize("spec, multiplier", SPEC_CASES)
+def test_spec_matches_reference_and_torch(spec, multiplier):
+    case = case_for(spec, multiplier=multiplier)
+    assert _dispatched(spec, case) == spec.name
+    dtype = spec_dtype(spec)
+    rng = make_rng(spec.name, multiplier)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    got = convgen_functional(spec.direction, x, w, b, gy, **args)
+    expected = reference_functional(spec.direction, x, w, b, gy, **args)
+    assert_close(got, expected, dtype, f"{spec.name} vs reference")
+    expected_torch = torch_functional(spec.direction, x, w, b, gy, **args)
+    assert_close(got, expected_torch, dtype, f"{spec.name} vs torch")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.direction == "fwd"], ids=lambda s: s.name)
+def test_spec_module_round_trip(spec):
+    """Conv2d.forward runs the spec's kernel, and its backward (which reuses the
+    forward's padded input) agrees with the reference."""
+    case = case_for(spec)
+    dtype = spec_dtype(spec)
+    conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], case["stride"], case["padding"],
+                          case["dilation"], case["groups"], dtype=dtype, seed=0)
+    assert conv.kernel_name == spec.name
+    rng = make_rng("module", spec.name)
+    x, _, _, gy = case_arrays(case, dtype, rng, bias=False)
+    y = conv(x)
+    args = conv_args(case)
+    assert_close(y, reference_functional("fwd", x, conv.weight, conv.bias, None, **args), dtype, "y")
+    gx = conv.backward(gy)
+    assert_close(gx, reference_functional("bwd_data", x, conv.weight, None, gy, **args), dtype, "gx")
+    assert_close(conv.weight.grad, reference_functional("bwd_weight", x, conv.weight, None, gy, **args),
+                 dtype, "gw")
+    assert_close(conv.bias.grad, gy.astype(np.float64).sum(axis=(0, 2, 3)), dtype, "gb")
