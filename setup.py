@@ -36,7 +36,8 @@ def extensions():
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     exts = [Extension("convgen._layout", ["convgen/_layout.pyx"], **common)]
-    for module, _direction, _dtype in emit.extension_modules():
+    modules = [m for m, _direction, _dtype in emit.extension_modules()] + emit.support_modules()
+    for module in modules:
         exts.append(Extension(f"convgen._generated.{module}", [f"convgen/_generated/{module}.pyx"], **common))
     from Cython.Build import cythonize
     return cythonize(exts, language_level=3, nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))

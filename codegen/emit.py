@@ -3,9 +3,9 @@
 
 import os
 
-from .context import TEMPLATES, dispatch_context, module_context
+from .context import TEMPLATES, banner, dispatch_context, module_context
 from .render import environment, render
-from .spec import DIRECTIONS, DTYPES
+from .spec import C_TYPES, DIRECTIONS, DTYPES, VECTOR_LANES
 from .table import SPECS
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
@@ -18,6 +18,17 @@ def extension_modules(specs=SPECS):
     return [(f"_{d}_{t}", d, t) for d in DIRECTIONS for t in DTYPES if (d, t) in present]
 
 
+def support_modules():
+    """Generated extension modules that are not kernels: the FMA-peak probe the
+    benchmarks (bench/) divide by."""
+    return ["_peak"]
+
+
+def peak_context():
+    return dict(banner=banner("fma_peak.pyx.j2"), accumulators=list(range(16)),
+                dtypes=[dict(sfx=t, ctype=C_TYPES[t], vec=f"cg_v{t}", lanes=VECTOR_LANES[t]) for t in DTYPES])
+
+
 def generated_files(specs=SPECS):
     """Map of file name (inside convgen/_generated) -> rendered text."""
     env = environment()
@@ -25,6 +36,7 @@ def generated_files(specs=SPECS):
     for module, direction, dtype in extension_modules(specs):
         files[module + ".pyx"] = render(TEMPLATES[direction], module_context(direction, dtype, specs), env)
     files["dispatch_table.py"] = render("dispatch_table.py.j2", dispatch_context(specs), env)
+    files["_peak.pyx"] = render("fma_peak.pyx.j2", peak_context(), env)
     return files
 
 
