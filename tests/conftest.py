@@ -127,6 +127,11 @@ def torch_functional(direction, x, w, b, gy, stride, padding, dilation, groups):
     kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     if direction == "fwd":
         return torch.nn.functional.conv2d(t(x), t(w), t(b), **kw).numpy()
+    if isinstance(padding, str):
+        # torch.nn.grad takes no 'same'/'valid': differentiate torch's conv2d instead.
+        xt, wt = t(x).requires_grad_(True), t(w).requires_grad_(True)
+        torch.nn.functional.conv2d(xt, wt, **kw).backward(t(gy))
+        return (xt if direction == "bwd_data" else wt).grad.numpy()
     if direction == "bwd_data":
         return torch.nn.grad.conv2d_input(x.shape, t(w), t(gy), **kw).numpy()
     if direction == "bwd_weight":

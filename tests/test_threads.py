@@ -1,0 +1,111 @@
+"""Threads: set/get_num_threads, OMP_NUM_THREADS and threadpoolctl honoured,
+and results bitwise identical whatever the thread count."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import convgen
+from conftest import make_rng
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code, **env):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    for k, v in env.items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_set_get_num_threads(restore_threads):
+    for n in (1, 3, 2):
+        convgen.set_num_threads(n)
+        assert convgen.get_num_threads() == n
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", None, True])
+def test_set_num_threads_rejects(bad, restore_threads):
+    with pytest.raises((ValueError, TypeError)):
+        convgen.set_num_threads(bad)
+    assert convgen.get_num_threads() == restore_threads
+
+
+def test_omp_num_threads_honoured():
+    code = """
+        import json, convgen
+        print(json.dumps(convgen.get_num_threads()))
+    """
+    assert _python(code, OMP_NUM_THREADS="1") == 1
+    assert _python(code, OMP_NUM_THREADS="3") == 3
+
+
+def test_threadpoolctl_sees_and_limits_convgen():
+    pytest.importorskip("threadpoolctl")
+    code = """
+        import json
+        import numpy as np
+        from threadpoolctl import threadpool_info, threadpool_limits
+        before = [i["user_api"] for i in threadpool_info()]
+        import convgen
+        after = threadpool_info()
+        convgen.set_num_threads(3)
+        with threadpool_limits(limits=1, user_api="openmp"):
+            inside = convgen.get_num_threads()
+            conv = convgen.Conv2d(4, 4, 3, padding=1, seed=0)
+            y1 = conv(np.ones((2, 4, 9, 9), np.float32))
+        outside = convgen.get_num_threads()
+        y3 = conv(np.ones((2, 4, 9, 9), np.float32))
+        print(json.dumps(dict(before=before, after=[i["user_api"] for i in after],
+                              libs=[i["filepath"] for i in after if i["user_api"] == "openmp"],
+                              inside=inside, outside=outside, same=bool((y1 == y3).all()))))
+    """
+    r = _python(code, OMP_NUM_THREADS="2")
+    assert "openmp" not in r["before"]
+    assert "openmp" in r["after"], r
+    assert r["inside"] == 1 and r["outside"] == 3
+    assert r["same"]
+
+
+# ---- results do not depend on the thread count ----------------------------------------
+
+THREAD_CASES = [
+    # (C, OC, H, W, kernel, stride, padding, dilation, groups)
+    pytest.param((16, 24, 17, 19, 3, 1, 1, 1, 1), id="dense-k3s1"),
+    pytest.param((8, 16, 21, 18, 3, 2, 1, 1, 1), id="dense-k3s2"),
+    pytest.param((8, 12, 15, 16, (3, 2), (2, 1), (1, 0), (1, 2), 1), id="dense-generic"),
+    pytest.param((16, 32, 17, 17, 3, 1, 1, 1, 16), id="depthwise-k3-x2"),
+    pytest.param((12, 12, 16, 15, 5, 2, 2, 1, 12), id="depthwise-k5s2"),
+    pytest.param((12, 18, 14, 14, 3, 1, 1, 1, 3), id="grouped-k3"),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", THREAD_CASES)
+def test_bitwise_identical_across_thread_counts(case, dtype, restore_threads):
+    C, OC, H, W, kernel, stride, padding, dilation, groups = case
+    rng = make_rng("threads", case, dtype)
+    x = rng.standard_normal((3, C, H, W)).astype(dtype)
+    results = {}
+    for n in (1, 2, 3):
+        convgen.set_num_threads(n)
+        conv = convgen.Conv2d(C, OC, kernel, stride, padding, dilation, groups, dtype=dtype, seed=4)
+        y = conv(x)
+        gy = make_rng("threads-gy", case, dtype).standard_normal(y.shape).astype(dtype)
+        gx = conv.backward(gy)
+        results[n] = (y, gx, conv.weight.grad, conv.bias.grad)
+    for n in (2, 3):
+        for what, a, b in zip(("forward", "input grad", "weight grad", "bias grad"), results[1], results[n]):
+            assert np.array_equal(a, b), f"{what} differs between 1 and {n} threads"
