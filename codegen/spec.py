@@ -86,7 +86,9 @@ class KernelSpec:
             return (4, 6)
         if self.groups == "depthwise":
             return (1, 4)
-        return (8, 2)
+        if self.groups == "grouped":
+            return (4, 6)   # ResNeXt-style groups have few output channels each
+        return (6, 4)
 
     @property
     def lanes(self):

@@ -14,6 +14,17 @@ import numpy as np
 from . import _dispatch, _geometry, _layout
 
 PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
+
+# Bytes of input a kernel pass should keep in cache (a share of the 2 MB L2 per core):
+# the reduction is split into blocks that fit, resuming from partial sums.
+CACHE_BUDGET = 1 << 20
+
+
+def _reduction_block(channels, bytes_per_channel, minimum=8):
+    """Channels per block so that a block's input fits CACHE_BUDGET."""
+    if channels * bytes_per_channel <= CACHE_BUDGET:
+        return channels
+    return max(minimum, CACHE_BUDGET // bytes_per_channel)
 DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
@@ -82,6 +93,8 @@ class ForwardPlan:
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
         self.x_chan = self.n_planes * self.plane_len
+        itemsize = 4 if p.dtype == "f32" else 8
+        self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
         self.tap_w = _index([t.w_index for t in taps])
         mode = PADDING_MODES[p.mode]
@@ -90,6 +103,12 @@ class ForwardPlan:
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
+        # Weight-gradient reduction segments: images x pixels whose input fits the cache.
+        seg = max(16 * lanes, CACHE_BUDGET // (p.C * self.n_planes * itemsize) // lanes * lanes)
+        if seg >= self.grad_len:
+            self.seg_images, self.seg_pixels = max(1, seg // self.grad_len), self.grad_len
+        else:
+            self.seg_images, self.seg_pixels = 1, seg
 
 
 class BackwardDataPlan:
@@ -107,6 +126,8 @@ class BackwardDataPlan:
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([t.dy * self.width + t.dx for t in taps]) for taps in phases]
         self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
+        itemsize = 4 if p.dtype == "f32" else 8
+        self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
 
 
 @lru_cache(maxsize=256)
@@ -131,11 +152,10 @@ def forward(x, weight, bias, p: Problem):
     """Returns (y, xin): the output and the padded input planes (kept for backward)."""
     fp = forward_plan(p)
     xin = pad_phase(x, fp)
-    yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype)
-    fp.kernel.run(xin, weight, bias, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
-                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w)
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
-    _layout.compact(yext, y.reshape(p.N * p.OC, fp.OH, fp.OW), fp.We)
+    yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
+    fp.kernel.run(xin, weight, bias, y, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
+                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock)
     return y, xin
 
 
@@ -146,7 +166,7 @@ def backward_data(grad_y, weight, p: Problem):
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left)
     gxph = np.empty((p.N * p.C, fp.n_planes * bp.out_len), dtype=grad_y.dtype)
     bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
-                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws)
+                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
     _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, bp.width, bp.out_len)
     return gx
@@ -159,7 +179,7 @@ def backward_weight(grad_y, xin, p: Problem):
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0)
     gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
     fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk,
-                        fp.x_chan, fp.grad_len, fp.grad_len, fp.tap_off)
+                        fp.x_chan, fp.grad_len, fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels)
     return gw
 
 

@@ -28,6 +28,10 @@ typedef double cg_vf64 __attribute__((vector_size(64)));
         return a[0];                                                               \
     }
 
+/* Tells gcc that memory may have changed, so values read from memory inside a loop
+ * are re-read rather than hoisted into (too many) registers. */
+static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+
 CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
 
