@@ -1,0 +1,134 @@
+"""The benchmark harness (bench/), cheaply: the case lists come from the spec
+table, the NumPy im2col peer is right, a worker subprocess answers, and a
+one-layer run writes its results.  No timing is asserted."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import convgen
+from bench import im2col, report, suite
+from bench.__main__ import main as bench_main
+from bench.peers import case_arrays
+from bench.runner import Runner
+from codegen.table import SPECS
+
+TINY = {"name": "tiny_test", "N": 2, "C": 4, "H": 9, "W": 7, "OC": 6, "k": 3, "stride": 1, "padding": 1,
+        "dilation": 1, "groups": 1}
+
+
+def test_micro_cases_are_the_spec_table():
+    cases = suite.micro_cases()
+    assert [c["name"] for c in cases] == sorted(s.name for s in SPECS)
+    by_name = {s.name: s for s in SPECS}
+    for c in cases:
+        spec = by_name[c["name"]]
+        assert c["directions"] == (spec.direction,) and c["spec"] == spec.name
+        assert c["dtype"] == {"f32": "float32", "f64": "float64"}[spec.dtype]
+        assert c["flops"] > 0
+        # the case really dispatches to its kernel
+        assert convgen.kernel_for(c["C"], c["OC"], c["kernel"], c["stride"], c["padding"], c["dilation"],
+                                  c["groups"], c["dtype"], spec.direction) == spec.name
+
+
+def test_layers_file_classes_and_flops(tmp_path):
+    path = tmp_path / "layers.json"
+    layers = [TINY,
+              dict(TINY, name="dw", C=8, OC=8, H=40, W=40, groups=8),
+              dict(TINY, name="f64", dtype="float64", H=64, W=64, C=32, OC=32, padding_mode="reflect"),
+              dict(TINY, name="pw", k=1, padding=0, C=64, OC=64, H=32, W=32)]
+    path.write_text(json.dumps({"layers": layers}))
+    cases = {c["name"]: c for c in suite.load_layers(str(path))}
+    assert cases["tiny_test"]["flops"] == 2 * 2 * 6 * 9 * 7 * 4 * 9
+    assert suite.flops(cases["tiny_test"], "bwd") == 2 * cases["tiny_test"]["flops"]
+    assert [cases[n]["cls"] for n in ("tiny_test", "dw", "f64", "pw")] == ["small", "depthwise", "float64", "1x1"]
+    assert cases["f64"]["padding_mode"] == "reflect"
+    assert [c["name"] for c in suite.select(list(cases.values()), ["d*"])] == ["dw"]
+    with pytest.raises(FileNotFoundError):
+        suite.load_layers(str(tmp_path / "missing.json"))
+    path.write_text(json.dumps({"layers": [{"name": "bad"}]}))
+    with pytest.raises(ValueError, match="bad"):
+        suite.load_layers(str(path))
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(C=4, OC=6, k=3, stride=1, padding=1, dilation=1, groups=1, mode="zeros"),
+    dict(C=4, OC=8, k=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, mode="zeros"),
+    dict(C=6, OC=12, k=5, stride=2, padding=2, dilation=1, groups=6, mode="zeros"),
+    dict(C=3, OC=5, k=3, stride=1, padding=2, dilation=2, groups=1, mode="reflect"),
+    dict(C=4, OC=4, k=3, stride=2, padding=1, dilation=1, groups=1, mode="circular"),
+    dict(C=2, OC=3, k=1, stride=1, padding=1, dilation=1, groups=1, mode="replicate"),
+], ids=lambda c: f"k{c['k']}-s{c['stride']}-d{c['dilation']}-g{c['groups']}-{c['mode']}")
+def test_numpy_im2col_matches_convgen(cfg):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, cfg["C"], 11, 9)).astype(np.float32)
+    conv = convgen.Conv2d(cfg["C"], cfg["OC"], cfg["k"], cfg["stride"], cfg["padding"], cfg["dilation"],
+                          cfg["groups"], padding_mode=cfg["mode"], seed=1)
+    y = conv(x)
+    gy = rng.standard_normal(y.shape).astype(np.float32)
+    gx = conv.backward(gy)
+    g = im2col.Geometry(x.shape, conv.weight.shape, cfg["stride"], cfg["padding"], cfg["dilation"],
+                        cfg["groups"], cfg["mode"])
+    y2, cols = im2col.forward(x, np.asarray(conv.weight), np.asarray(conv.bias), g)
+    gx2, gw2, gb2 = im2col.backward(gy, np.asarray(conv.weight), cols, g)
+    for got, want in ((y2, y), (gx2, gx), (gw2, conv.weight.grad), (gb2, conv.bias.grad)):
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_worker_subprocess_times_and_checks():
+    case = suite.make_case("tiny_test", "layer", 1, 3, 8, 8, 4, 3, padding=1)
+    with Runner(["convgen", "numpy"], threads=1, repeats=1, min_time=0.001) as runner:
+        assert runner.info()["numpy"]["version"] == np.__version__
+        record = runner.run_case(case)
+    for peer in ("convgen", "numpy"):
+        for d in ("fwd", "bwd"):
+            res = record["results"][peer][d]
+            assert len(res["samples"]) == 1 and res["median"] > 0
+    assert record["check"]["convgen"]["fwd"]["ok"] and record["check"]["convgen"]["bwd"]["ok"]
+    assert record["ran"]["bwd"] == [convgen.kernel_for(3, 4, 3, padding=1, direction=d)
+                                    for d in ("bwd_data", "bwd_weight")]
+
+
+def test_case_arrays_are_the_same_everywhere():
+    case = suite.micro_cases()[0]
+    a, b = case_arrays(case), case_arrays(case)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_report_ratio_and_geomeans():
+    case = suite.make_case("L", "layer", 1, 8, 16, 16, 8, 3, padding=1)
+    rec = dict(case, results={"convgen": {"fwd": {"median": 1.0}, "bwd": {"median": 2.0}},
+                              "torch": {"fwd": {"median": 2.0}, "bwd": {"median": 1.0}}})
+    assert report.ratio(rec, "torch", "fwd") == 2.0      # > 1: convgen faster
+    assert report.ratio(rec, "torch", "bwd") == 0.5
+    assert report.geomean([2.0, 8.0]) == pytest.approx(4.0)
+    rows = report.summarise([rec], {"f32": 100.0}, lambda r: r["cls"], suite.CLASSES, ("fwd", "bwd"))
+    assert rows[0]["group"] == "all" and rows[0]["vs"]["torch"]["geomean"] == 2.0
+
+
+def test_peak_probe_is_generated_and_built():
+    from convgen._generated import _peak
+    gflops, seconds = _peak.peak_f32(1, 20_000)
+    assert gflops > 0 and seconds > 0
+    assert _peak.peak_f64(2, 20_000)[0] > 0
+
+
+def test_python_m_bench_quick_one_layer(tmp_path, capsys):
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps({"layers": [TINY]}))
+    out = tmp_path / "results"
+    rc = bench_main(["--quick", "--part", "layers", "--layers", str(layers), "--peers", "convgen,numpy",
+                     "--threads", "1", "--repeats", "1", "--out", str(out), "--no-plot", "--no-progress"])
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["peak"]["best"]["f32"] > 0
+    assert [r["name"] for r in results["layers"]] == ["tiny_test"]
+    text = (out / "README.md").read_text()
+    assert "tiny_test" in text and "vs NumPy im2col" in text
+    assert "FMA peak" in capsys.readouterr().out
+    # a missing layer file is reported, not a crash
+    assert bench_main(["--list", "--layers", str(tmp_path / "none.json"), "--only", "nothing"]) == 0
+    assert "missing" in capsys.readouterr().err
