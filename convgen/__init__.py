@@ -7,6 +7,7 @@ from . import functional, init
 from ._layout import get_num_threads as _get_num_threads, set_num_threads as _set_num_threads
 from .conv import Conv2d
 from .functional import output_size
+from ._validate import dtype_arg
 from .parameter import Parameter
 
 __version__ = "0.1.0"
@@ -32,4 +33,4 @@ def kernel_for(in_channels, out_channels, kernel_size, stride=1, padding=0, dila
     direction: "fwd", "bwd_data" (input gradient) or "bwd_weight" (weight gradient).
     """
     cfg = functional.Config(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
-    return cfg.kernel_name(np.dtype(dtype), direction)
+    return cfg.kernel_name(dtype_arg(dtype), direction)

@@ -73,6 +73,17 @@ def _phase_sources(start, count, step, size, padded, mode):
     return table
 
 
+def _interior(pad, count, step, size):
+    """Per phase b, the [lo, hi) of positions j whose padded column step*j + b is an
+    input column (step*j + b - pad in [0, size)): copied without a lookup table."""
+    out = np.zeros((step, 2), dtype=np.intp)
+    for b in range(step):
+        lo = max(0, _geometry.ceil_div(pad - b, step))
+        hi = min(count, _geometry.ceil_div(pad + size - b, step))
+        out[b] = (lo, max(lo, hi))
+    return out
+
+
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes)."""
@@ -100,6 +111,7 @@ class ForwardPlan:
         mode = PADDING_MODES[p.mode]
         self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
         self.cols = _phase_sources(-p.pad_left, self.We, p.sw, p.W, wp, mode)
+        self.col_interior = _interior(p.pad_left, self.We, p.sw, p.W)
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
@@ -144,7 +156,8 @@ def pad_phase(x, fp: ForwardPlan):
     """x (N, C, H, W) -> padded phase planes (N, C, n_planes * plane_len)."""
     p = fp.problem
     xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
-    _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.Hq, fp.We, fp.plane_len)
+    _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
+                      fp.Hq, fp.We, fp.plane_len)
     return xin
 
 

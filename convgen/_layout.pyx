@@ -2,17 +2,20 @@
 # cython: initializedcheck=False, nonecheck=False
 """Layout passes around the generated kernels (hand-written, O(size of a tensor)).
 
-* pad_phase:  input -> padded, stride-phase-split planes the kernels read (all four
-              padding modes; every kernel load is then contiguous and in bounds).
-* extend:     grad_output -> rows of a wider grid with a zero border (what the
-              input-gradient and weight-gradient kernels read).
-* compact:    the kernels' extended output grid -> the dense (OH, OW) result.
-* fold_phases: input gradient on the padded phase planes -> gradient of the
-              input, adding what padding copied back into its source pixels.
-* threads:    OpenMP thread count.
+* pad_phase:   input -> padded, stride-phase-split planes the kernels read (all four
+               padding modes; every kernel load is then contiguous and in bounds).
+* extend:      grad_output -> rows of a wider grid with a zero border (what the
+               input-gradient and weight-gradient kernels read).
+* fold_phases: input gradient on the padded phase planes -> gradient of the input,
+               adding what padding copied back into its source pixels.
+* threads:     OpenMP thread count.
+
+The arrays come validated and C-contiguous from convgen._engine, so these take raw
+pointers (no buffer acquisition: this is on the path of every small call too).
 """
 
 from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
 cimport numpy as cnp
 cimport openmp
 
@@ -61,75 +64,131 @@ def source_indices(Py_ssize_t start, Py_ssize_t count, Py_ssize_t n, int mode, P
     return out
 
 
-def pad_phase(real[:, :, ::1] x, real[:, ::1] xin, Py_ssize_t[:, ::1] rows,
-              Py_ssize_t[:, ::1] cols, Py_ssize_t Hq, Py_ssize_t We, Py_ssize_t plane_len):
-    """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
-    for phase p = a * len(cols) + b.  x is (channels, H, W); rows is (sh, Hq), cols (sw, We).
-    Everything else in xin (the tail of each plane) is zeroed."""
-    cdef Py_ssize_t nc = x.shape[0], sh = rows.shape[0], sw = cols.shape[0]
-    cdef Py_ssize_t c, a, b, i, j, r, s, base
-    for c in prange(nc, nogil=True, schedule="static"):
+cdef inline void* _ptr(cnp.ndarray a) noexcept:
+    return cnp.PyArray_DATA(a)
+
+
+cdef void _pad_phase(const real* x, real* xin, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
+                     const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
+                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t We,
+                     Py_ssize_t plane_len) noexcept nogil:
+    cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
+    cdef real* dst
+    cdef const real* src
+    cdef const Py_ssize_t* cb
+    for c in prange(nc, schedule="static"):
         for a in range(sh):
             for b in range(sw):
-                base = (a * sw + b) * plane_len
+                cb = cols + b * We
+                lo = interior[2 * b]
+                hi = interior[2 * b + 1]
+                dst = xin + c * sh * sw * plane_len + (a * sw + b) * plane_len
                 for i in range(Hq):
-                    r = rows[a, i]
+                    r = rows[a * Hq + i]
                     if r < 0:
-                        for j in range(We):
-                            xin[c, base + i * We + j] = 0
+                        memset(dst + i * We, 0, We * sizeof(real))
+                        continue
+                    src = x + (c * H + r) * W
+                    for j in range(lo):
+                        s = cb[j]
+                        dst[i * We + j] = src[s] if s >= 0 else 0
+                    if sw == 1:
+                        memcpy(dst + i * We + lo, src + cb[lo], (hi - lo) * sizeof(real))
                     else:
-                        for j in range(We):
-                            s = cols[b, j]
-                            xin[c, base + i * We + j] = x[c, r, s] if s >= 0 else 0
-                for j in range(Hq * We, plane_len):
-                    xin[c, base + j] = 0
+                        for j in range(lo, hi):
+                            dst[i * We + j] = src[cb[lo] + (j - lo) * sw]
+                    for j in range(hi, We):
+                        s = cb[j]
+                        dst[i * We + j] = src[s] if s >= 0 else 0
+                memset(dst + Hq * We, 0, (plane_len - Hq * We) * sizeof(real))
 
 
-def extend(real[:, :, ::1] g, real[:, ::1] gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left):
-    """gext[c, (i + top) * width + j + left] = g[c, i, j]; zero everywhere else."""
+def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
+              cnp.ndarray interior, Py_ssize_t Hq, Py_ssize_t We, Py_ssize_t plane_len):
+    """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
+    for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
+    interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
+    itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
+    of each plane is zeroed."""
+    cdef Py_ssize_t nc = x.shape[0], H = x.shape[1], W = x.shape[2]
+    cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0]
+    cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
+    cdef const Py_ssize_t* pc = <Py_ssize_t*>_ptr(cols)
+    cdef const Py_ssize_t* pi = <Py_ssize_t*>_ptr(interior)
+    cdef void* src = _ptr(x)
+    cdef void* dst = _ptr(xin)
+    if x.dtype.itemsize == 4:
+        with nogil:
+            _pad_phase(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len)
+    else:
+        with nogil:
+            _pad_phase(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len)
+
+
+cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+    cdef Py_ssize_t c, i
+    cdef real* dst
+    for c in prange(nc, schedule="static"):
+        dst = gext + c * L
+        memset(dst, 0, L * sizeof(real))
+        for i in range(H):
+            memcpy(dst + (i + top) * width + left, g + (c * H + i) * W, W * sizeof(real))
+
+
+def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left):
+    """gext[c, (i + top) * width + j + left] = g[c, i, j]; zero everywhere else.
+    g is (channels, H, W), gext (channels, L)."""
     cdef Py_ssize_t nc = g.shape[0], H = g.shape[1], W = g.shape[2], L = gext.shape[1]
-    cdef Py_ssize_t c, i, j, start
-    for c in prange(nc, nogil=True, schedule="static"):
-        for j in range(L):
-            gext[c, j] = 0
-        for i in range(H):
-            start = (i + top) * width + left
-            for j in range(W):
-                gext[c, start + j] = g[c, i, j]
+    cdef void* src = _ptr(g)
+    cdef void* dst = _ptr(gext)
+    if g.dtype.itemsize == 4:
+        with nogil:
+            _extend(<float*>src, <float*>dst, nc, H, W, L, width, top, left)
+    else:
+        with nogil:
+            _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left)
 
 
-def compact(real[:, ::1] yext, real[:, :, ::1] y, Py_ssize_t width):
-    """y[c, i, j] = yext[c, i * width + j]: drop the scratch columns of the extended grid."""
-    cdef Py_ssize_t nc = y.shape[0], H = y.shape[1], W = y.shape[2]
-    cdef Py_ssize_t c, i, j
-    for c in prange(nc, nogil=True, schedule="static"):
-        for i in range(H):
-            for j in range(W):
-                y[c, i, j] = yext[c, i * width + j]
-
-
-def fold_phases(real[:, ::1] gxph, real[:, :, ::1] gx, Py_ssize_t[:, ::1] rows,
-                Py_ssize_t[:, ::1] cols, Py_ssize_t width, Py_ssize_t out_len):
-    """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j], the adjoint
-    of pad_phase: padding's copies send their gradient back to the pixel they copied."""
-    cdef Py_ssize_t nc = gx.shape[0], sh = rows.shape[0], sw = cols.shape[0]
-    cdef Py_ssize_t Hq = rows.shape[1], Wq = cols.shape[1]
-    cdef Py_ssize_t c, a, b, i, j, r, s, base
-    for c in prange(nc, nogil=True, schedule="static"):
-        for i in range(gx.shape[1]):
-            for j in range(gx.shape[2]):
-                gx[c, i, j] = 0
+cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
+                       const Py_ssize_t* rows, const Py_ssize_t* cols, Py_ssize_t sh, Py_ssize_t sw,
+                       Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width, Py_ssize_t out_len) noexcept nogil:
+    cdef Py_ssize_t c, a, b, i, j, r, s
+    cdef real* dst
+    cdef const real* src
+    for c in prange(nc, schedule="static"):
+        dst = gx + c * H * W
+        memset(dst, 0, H * W * sizeof(real))
         for a in range(sh):
             for b in range(sw):
-                base = (a * sw + b) * out_len
+                src = gxph + c * sh * sw * out_len + (a * sw + b) * out_len
                 for i in range(Hq):
-                    r = rows[a, i]
+                    r = rows[a * Hq + i]
                     if r < 0:
                         continue
                     for j in range(Wq):
-                        s = cols[b, j]
+                        s = cols[b * Wq + j]
                         if s >= 0:
-                            gx[c, r, s] += gxph[c, base + i * width + j]
+                            dst[r * W + s] += src[i * width + j]
+
+
+def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
+                Py_ssize_t width, Py_ssize_t out_len):
+    """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j]: the adjoint
+    of pad_phase, so padding's copies send their gradient back to the pixel they copied.
+    gx is (channels, H, W)."""
+    cdef Py_ssize_t nc = gx.shape[0], H = gx.shape[1], W = gx.shape[2]
+    cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0], Hq = rows.shape[1], Wq = cols.shape[1]
+    cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
+    cdef const Py_ssize_t* pc = <Py_ssize_t*>_ptr(cols)
+    cdef void* src = _ptr(gxph)
+    cdef void* dst = _ptr(gx)
+    if gx.dtype.itemsize == 4:
+        with nogil:
+            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len)
+    else:
+        with nogil:
+            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len)
 
 
 def set_num_threads(int n):

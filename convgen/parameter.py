@@ -21,6 +21,8 @@ class Parameter(np.ndarray):
     def __array_wrap__(self, array, context=None, return_scalar=False):
         if return_scalar:
             return array[()]
+        if array is self:  # an in-place ufunc (w -= lr * w.grad) keeps the Parameter
+            return self
         return array.view(np.ndarray) if isinstance(array, Parameter) else array
 
     def __repr__(self):

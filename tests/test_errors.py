@@ -268,9 +268,6 @@ def test_kernel_for_errors():
         convgen.kernel_for(4, 6, 3, stride=2, padding="same")
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError,
-                   reason="convgen bug: kernel_for/Config.kernel_name index DTYPE_SUFFIX with an "
-                          "unchecked dtype, so a non-float dtype raises KeyError (e.g. KeyError: dtype('int64')) instead of TypeError")
 @pytest.mark.parametrize("dtype", [np.int64, np.float16, "complex64"])
 def test_kernel_for_bad_dtype(dtype):
     with pytest.raises(TypeError, match="dtype"):

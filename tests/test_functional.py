@@ -166,10 +166,6 @@ def test_read_only_weight_and_bias():
     np.testing.assert_array_equal(F.conv2d_input(x.shape, _read_only(w), gy), F.conv2d_input(x.shape, w, gy))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="convgen bug: a read-only, C-contiguous input or grad_output reaches "
-                          "convgen._layout.pad_phase / extend, whose memoryviews are not const: "
-                          "'ValueError: buffer source array is read-only'")
 @pytest.mark.parametrize("which", ["conv2d-input", "conv2d_input-grad_output", "conv2d_weight-input",
                                    "conv2d_weight-grad_output", "module-input", "module-grad_output"])
 def test_read_only_inputs(which):

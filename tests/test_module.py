@@ -232,9 +232,6 @@ def test_parameter():
     np.testing.assert_array_equal(r.grad, p.grad)
 
 
-@pytest.mark.xfail(strict=True, reason="convgen bug: Parameter.__array_wrap__ turns the result of an "
-                   "in-place ufunc (p -= ...) into a plain ndarray view, so `conv.weight -= lr * "
-                   "conv.weight.grad` replaces the Parameter by a copy and drops .grad (torch keeps both)")
 def test_in_place_update_keeps_the_parameter():
     conv = convgen.Conv2d(2, 3, 3, seed=0)
     w = conv.weight
