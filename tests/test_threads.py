@@ -109,3 +109,17 @@ def test_bitwise_identical_across_thread_counts(case, dtype, restore_threads):
     for n in (2, 3):
         for what, a, b in zip(("forward", "input grad", "weight grad", "bias grad"), results[1], results[n]):
             assert np.array_equal(a, b), f"{what} differs between 1 and {n} threads"
+
+
+@pytest.mark.xfail(strict=True, reason="convgen bug: set_num_threads calls omp_set_num_threads, which only "
+                   "sets the calling thread's OpenMP ICV; another Python thread still gets the default "
+                   "(torch.set_num_threads is process-wide)")
+def test_set_num_threads_is_process_wide(restore_threads):
+    import threading
+    wanted = restore_threads + 1          # differs from what a new thread starts with
+    convgen.set_num_threads(wanted)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(convgen.get_num_threads()))
+    worker.start()
+    worker.join()
+    assert seen == [wanted]
