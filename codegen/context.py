@@ -47,8 +47,12 @@ def kernel_context(spec):
     )
     if spec.direction == "bwd_weight":
         ctx["cols"] = [dict(index=c) for c in range(cols)]
+        ctx["tiles"] = [dict(index=0, suffix="", rows=ctx["rows"], chunk=0, cols=ctx["cols"])]
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
+    ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,
+                         cols=[dict(index=v, offset=v * lanes) for v in range(c)])
+                    for i, (r, c) in enumerate(spec.tiles)]
     if spec.is_generic:
         return ctx
     k, s, d = spec.kernel, spec.stride, spec.dilation

@@ -91,6 +91,16 @@ class KernelSpec:
         return (6, 4)
 
     @property
+    def tiles(self):
+        """Every register tile compiled for this kernel, the primary (``tile``) first.
+        Dense bwd_data kernels also get a 3-row tile, which the runtime picks when
+        the output channels (e.g. an RGB input's gradient) would leave most rows of
+        the primary tile idle."""
+        if self.direction == "bwd_data" and self.groups == "dense":
+            return [self.tile, (3, 8)]
+        return [self.tile]
+
+    @property
     def lanes(self):
         return VECTOR_LANES[self.dtype]
 

@@ -4,7 +4,7 @@ OpenMP-parallel Cython kernels.  See README.md and the contract in API.md."""
 import numpy as np
 
 from . import functional, init
-from ._layout import get_num_threads as _get_num_threads, set_num_threads as _set_num_threads
+from . import _engine
 from .conv import Conv2d
 from .functional import output_size
 from ._validate import dtype_arg
@@ -16,14 +16,17 @@ __all__ = ["Conv2d", "Parameter", "functional", "init", "output_size", "kernel_f
 
 
 def set_num_threads(n):
-    """Threads for convgen's kernels (OpenMP); OMP_NUM_THREADS sets the default."""
+    """Threads for convgen's kernels, for every Python thread (like torch.set_num_threads).
+    Until it is called, convgen follows OpenMP's setting: OMP_NUM_THREADS, or the
+    limits threadpoolctl sets."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of threads must be a positive int, got {n!r}")
-    _set_num_threads(n)
+    _engine.set_num_threads(n)
 
 
 def get_num_threads():
-    return _get_num_threads()
+    """Threads convgen's kernels use (single-thread calls for tiny layers aside)."""
+    return _engine.get_num_threads()
 
 
 def kernel_for(in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,

@@ -17,8 +17,19 @@ DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
 class Kernel(NamedTuple):
     name: str
     run: Callable
-    tile: tuple     # register tile (rows, cols)
-    chunk: int      # output pixels per tile (fwd / bwd_data); 0 for bwd_weight
+    tile: tuple     # primary register tile (rows, cols)
+    chunk: int      # output pixels per primary tile (fwd / bwd_data); 0 for bwd_weight
+    variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
+
+    def pick_tile(self, out_rows, pixels):
+        """Index of the compiled tile that wastes least work on `out_rows` output
+        channels by `pixels` flat output pixels (rows past the end are repeated,
+        pixels padded to whole chunks).  Returns (index, chunk)."""
+        def cost(i):
+            rows, _cols, chunk = self.variants[i]
+            return (-(-out_rows // rows) * rows * (-(-pixels // chunk) * chunk), i)
+        best = min(range(len(self.variants)), key=cost)
+        return best, self.variants[best][2]
 
 
 def groups_kind(in_channels, groups):
@@ -47,8 +58,8 @@ def fallback_key(key):
 def _load(key):
     module, name, tile = KERNELS[key]
     mod = importlib.import_module(f"convgen._generated.{module}")
-    _rows, _cols, chunk = mod.TILES[name]
-    return Kernel(name, getattr(mod, name), tile, chunk if key[0] != "bwd_weight" else 0)
+    variants = tuple(mod.TILES[name])
+    return Kernel(name, getattr(mod, name), tile, variants[0][2], variants)
 
 
 def lookup(direction, p):

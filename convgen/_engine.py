@@ -20,6 +20,35 @@ PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 CACHE_BUDGET = 1 << 20
 
 
+# Below this many multiply-adds a call runs on one thread: waking a second thread
+# and joining it costs more than it saves (measured on the seed example's layer).
+SMALL_WORK = 1 << 20
+
+
+# Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
+# (OpenMP's own setting is per calling thread).  A calling thread whose OpenMP setting
+# differs from the start-up default (threadpoolctl's limits, omp_set_num_threads) keeps
+# its own; None means follow OpenMP (OMP_NUM_THREADS) everywhere.
+_num_threads = None
+_OPENMP_DEFAULT = _layout.get_num_threads()
+
+
+def set_num_threads(n):
+    global _num_threads
+    _num_threads = n
+    _layout.set_num_threads(n)  # this thread's OpenMP setting too, as threadpoolctl sees it
+
+
+def get_num_threads():
+    here = _layout.get_num_threads()
+    return _num_threads if _num_threads is not None and here == _OPENMP_DEFAULT else here
+
+
+def threads_for(work):
+    """OpenMP threads for a call doing `work` multiply-adds."""
+    return 1 if work < SMALL_WORK else get_num_threads()
+
+
 def _reduction_block(channels, bytes_per_channel, minimum=8):
     """Channels per block so that a block's input fits CACHE_BUDGET."""
     if channels * bytes_per_channel <= CACHE_BUDGET:
@@ -90,16 +119,19 @@ class ForwardPlan:
 
     def __init__(self, p: Problem):
         self.problem = p
-        self.OH, self.OW = p.output_hw
         self.G = p.groups
         self.Cg, self.OCg = p.C // p.groups, p.OC // p.groups
         self.kk = p.KH * p.KW
+        self.OH, self.OW = p.output_hw
+        # multiply-adds of one direction (all three cost about the same)
+        self.work = p.N * p.OC * self.OH * self.OW * self.Cg * self.kk
         hp, wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
         self.Hq, self.We = _geometry.ceil_div(hp, p.sh), _geometry.ceil_div(wp, p.sw)
         self.n_planes = p.sh * p.sw
         self.kernel = _dispatch.lookup("fwd", p)
         lanes = 16 if p.dtype == "f32" else 8
-        self.out_len = _geometry.round_up(self.OH * self.We, self.kernel.chunk)
+        self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
+        self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
@@ -133,7 +165,8 @@ class BackwardDataPlan:
         lanes = 16 if p.dtype == "f32" else 8
         self.top, self.left = _geometry.bwd_data_halo(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.width = fp.We + self.left
-        self.out_len = _geometry.round_up(fp.Hq * self.width, self.kernel.chunk)
+        self.tile, chunk = self.kernel.pick_tile(fp.Cg, fp.Hq * self.width)
+        self.out_len = _geometry.round_up(fp.Hq * self.width, chunk)
         self.plane_len = _geometry.round_up(self.out_len + self.top * self.width + self.left, lanes)
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([t.dy * self.width + t.dx for t in taps]) for taps in phases]
@@ -157,7 +190,7 @@ def pad_phase(x, fp: ForwardPlan):
     p = fp.problem
     xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
     _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
-                      fp.Hq, fp.We, fp.plane_len)
+                      fp.Hq, fp.We, fp.plane_len, threads_for(fp.work))
     return xin
 
 
@@ -168,33 +201,37 @@ def forward(x, weight, bias, p: Problem):
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
     yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
     fp.kernel.run(xin, weight, bias, y, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
-                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock)
+                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads_for(fp.work), fp.tile)
     return y, xin
 
 
 def backward_data(grad_y, weight, p: Problem):
     """Gradient of the input (N, C, H, W), padding folded back into its sources."""
     fp, bp = forward_plan(p), backward_data_plan(p)
+    threads = threads_for(fp.work)
     gyp = np.empty((p.N * p.OC, bp.plane_len), dtype=grad_y.dtype)
-    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left)
+    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
     gxph = np.empty((p.N * p.C, fp.n_planes * bp.out_len), dtype=grad_y.dtype)
     bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
-                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock)
+                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, bp.width, bp.out_len)
+    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, bp.width, bp.out_len, threads)
     return gx
 
 
-def backward_weight(grad_y, xin, p: Problem):
-    """Gradient of the weight (OC, C/groups, KH, KW) from the forward's padded planes."""
+def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True):
+    """Gradients of the weight (OC, C/groups, KH, KW), from the forward's padded
+    planes, and of the bias (OC,); None for those not asked for."""
     fp = forward_plan(p)
+    threads = threads_for(fp.work)
     gext = np.empty((p.N * p.OC, fp.grad_len), dtype=grad_y.dtype)
-    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0)
-    gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
-    fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk,
-                        fp.x_chan, fp.grad_len, fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels)
-    return gw
-
-
-def backward_bias(grad_y):
-    return grad_y.sum(axis=(0, 2, 3))
+    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
+    gw = gb = None
+    if need_weight:
+        gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
+        fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
+                            fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads)
+    if need_bias:
+        gb = np.empty(p.OC, dtype=grad_y.dtype)
+        _layout.channel_sums(gext, gb, p.N, p.OC, threads)
+    return gw, gb

@@ -71,12 +71,12 @@ cdef inline void* _ptr(cnp.ndarray a) noexcept:
 cdef void _pad_phase(const real* x, real* xin, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                      const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                      Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t We,
-                     Py_ssize_t plane_len) noexcept nogil:
+                     Py_ssize_t plane_len, int threads) noexcept nogil:
     cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
     cdef real* dst
     cdef const real* src
     cdef const Py_ssize_t* cb
-    for c in prange(nc, schedule="static"):
+    for c in prange(nc, schedule="static", num_threads=threads):
         for a in range(sh):
             for b in range(sw):
                 cb = cols + b * We
@@ -104,7 +104,7 @@ cdef void _pad_phase(const real* x, real* xin, Py_ssize_t nc, Py_ssize_t H, Py_s
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
-              cnp.ndarray interior, Py_ssize_t Hq, Py_ssize_t We, Py_ssize_t plane_len):
+              cnp.ndarray interior, Py_ssize_t Hq, Py_ssize_t We, Py_ssize_t plane_len, int threads):
     """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
@@ -119,24 +119,24 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     cdef void* dst = _ptr(xin)
     if x.dtype.itemsize == 4:
         with nogil:
-            _pad_phase(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len)
+            _pad_phase(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len, threads)
     else:
         with nogil:
-            _pad_phase(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len)
+            _pad_phase(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len, threads)
 
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
-                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads) noexcept nogil:
     cdef Py_ssize_t c, i
     cdef real* dst
-    for c in prange(nc, schedule="static"):
+    for c in prange(nc, schedule="static", num_threads=threads):
         dst = gext + c * L
         memset(dst, 0, L * sizeof(real))
         for i in range(H):
             memcpy(dst + (i + top) * width + left, g + (c * H + i) * W, W * sizeof(real))
 
 
-def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left):
+def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
     """gext[c, (i + top) * width + j + left] = g[c, i, j]; zero everywhere else.
     g is (channels, H, W), gext (channels, L)."""
     cdef Py_ssize_t nc = g.shape[0], H = g.shape[1], W = g.shape[2], L = gext.shape[1]
@@ -144,19 +144,20 @@ def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py
     cdef void* dst = _ptr(gext)
     if g.dtype.itemsize == 4:
         with nogil:
-            _extend(<float*>src, <float*>dst, nc, H, W, L, width, top, left)
+            _extend(<float*>src, <float*>dst, nc, H, W, L, width, top, left, threads)
     else:
         with nogil:
-            _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left)
+            _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left, threads)
 
 
 cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, Py_ssize_t sh, Py_ssize_t sw,
-                       Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width, Py_ssize_t out_len) noexcept nogil:
+                       Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width, Py_ssize_t out_len,
+                       int threads) noexcept nogil:
     cdef Py_ssize_t c, a, b, i, j, r, s
     cdef real* dst
     cdef const real* src
-    for c in prange(nc, schedule="static"):
+    for c in prange(nc, schedule="static", num_threads=threads):
         dst = gx + c * H * W
         memset(dst, 0, H * W * sizeof(real))
         for a in range(sh):
@@ -173,7 +174,7 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
 
 
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
-                Py_ssize_t width, Py_ssize_t out_len):
+                Py_ssize_t width, Py_ssize_t out_len, int threads):
     """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j]: the adjoint
     of pad_phase, so padding's copies send their gradient back to the pixel they copied.
     gx is (channels, H, W)."""
@@ -185,10 +186,35 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
     cdef void* dst = _ptr(gx)
     if gx.dtype.itemsize == 4:
         with nogil:
-            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len)
+            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len, threads)
     else:
         with nogil:
-            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len)
+            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len, threads)
+
+
+cdef void _channel_sums(const real* g, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                        int threads) noexcept nogil:
+    cdef Py_ssize_t c, n, i
+    cdef real s
+    for c in prange(C, schedule="static", num_threads=threads):
+        s = 0
+        for n in range(N):
+            for i in range(L):
+                s = s + g[(n * C + c) * L + i]
+        out[c] = s
+
+
+def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int threads):
+    """out[c] = sum over n and i of g[n * C + c, i] (the bias gradient), in a fixed order."""
+    cdef Py_ssize_t L = g.shape[1]
+    cdef void* src = _ptr(g)
+    cdef void* dst = _ptr(out)
+    if g.dtype.itemsize == 4:
+        with nogil:
+            _channel_sums(<float*>src, <float*>dst, N, C, L, threads)
+    else:
+        with nogil:
+            _channel_sums(<double*>src, <double*>dst, N, C, L, threads)
 
 
 def set_num_threads(int n):

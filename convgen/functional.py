@@ -113,10 +113,8 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
     else:
         if need_input:
             gx = _engine.backward_data(gy, saved.weight, p)
-        if need_weight:
-            gw = _engine.backward_weight(gy, saved.xin, p)
-        if need_bias:
-            gb = _engine.backward_bias(gy)
+        if need_weight or need_bias:
+            gw, gb = _engine.backward_params(gy, saved.xin, p, need_weight, need_bias)
     if gx is not None and not saved.batched:
         gx = gx[0]
     return gx, gw, gb

@@ -111,9 +111,6 @@ def test_bitwise_identical_across_thread_counts(case, dtype, restore_threads):
             assert np.array_equal(a, b), f"{what} differs between 1 and {n} threads"
 
 
-@pytest.mark.xfail(strict=True, reason="convgen bug: set_num_threads calls omp_set_num_threads, which only "
-                   "sets the calling thread's OpenMP ICV; another Python thread still gets the default "
-                   "(torch.set_num_threads is process-wide)")
 def test_set_num_threads_is_process_wide(restore_threads):
     import threading
     wanted = restore_threads + 1          # differs from what a new thread starts with
