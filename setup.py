@@ -40,7 +40,7 @@ def extensions():
     for module in modules:
         exts.append(Extension(f"convgen._generated.{module}", [f"convgen/_generated/{module}.pyx"], **common))
     from Cython.Build import cythonize
-    return cythonize(exts, language_level=3, nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))
+    return cythonize(exts, language_level=3, include_path=[ROOT], nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))
 
 
 class ParallelBuildExt(build_ext):

@@ -40,6 +40,7 @@ def kernel_context(spec):
     lanes = spec.lanes
     ctx = dict(
         name=spec.name,
+        groups=spec.groups,
         rows=list(range(rows)),
         chunk=cols * lanes,
         taps=None,

@@ -20,6 +20,7 @@ class Kernel(NamedTuple):
     tile: tuple     # primary register tile (rows, cols)
     chunk: int      # output pixels per primary tile (fwd / bwd_data); 0 for bwd_weight
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
+    fused: Callable  # variant with the padding fused in (depthwise forward), or None
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -59,7 +60,7 @@ def _load(key):
     module, name, tile = KERNELS[key]
     mod = importlib.import_module(f"convgen._generated.{module}")
     variants = tuple(mod.TILES[name])
-    return Kernel(name, getattr(mod, name), tile, variants[0][2], variants)
+    return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None))
 
 
 def lookup(direction, p):

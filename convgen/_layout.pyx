@@ -68,61 +68,89 @@ cdef inline void* _ptr(cnp.ndarray a) noexcept:
     return cnp.PyArray_DATA(a)
 
 
-cdef void _pad_phase(const real* x, real* xin, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
-                     const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
-                     Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t We,
-                     Py_ssize_t plane_len, int threads) noexcept nogil:
-    cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
+cdef inline void _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
+    """One channel: x (H, W) -> its padded phase planes at xin.  Plain loops rather
+    than memcpy/memset: rows are often short (7x7 maps), where a call costs more
+    than the copy."""
+    cdef Py_ssize_t a, b, i, j, r, s, lo, hi, We = pp.We, sw = pp.sw, Hq = pp.Hq
     cdef real* dst
     cdef const real* src
+    cdef const real* mid
     cdef const Py_ssize_t* cb
-    for c in prange(nc, schedule="static", num_threads=threads):
-        for a in range(sh):
-            for b in range(sw):
-                cb = cols + b * We
-                lo = interior[2 * b]
-                hi = interior[2 * b + 1]
-                dst = xin + c * sh * sw * plane_len + (a * sw + b) * plane_len
-                for i in range(Hq):
-                    r = rows[a * Hq + i]
-                    if r < 0:
-                        memset(dst + i * We, 0, We * sizeof(real))
-                        continue
-                    src = x + (c * H + r) * W
+    for a in range(pp.sh):
+        for b in range(sw):
+            cb = pp.cols + b * We
+            lo = pp.interior[2 * b]
+            hi = pp.interior[2 * b + 1]
+            dst = xin + (a * sw + b) * pp.plane_len
+            for i in range(Hq):
+                r = pp.rows[a * Hq + i]
+                if r < 0:
+                    for j in range(We):
+                        dst[j] = 0
+                else:
+                    src = x + r * pp.W
                     for j in range(lo):
                         s = cb[j]
-                        dst[i * We + j] = src[s] if s >= 0 else 0
+                        dst[j] = src[s] if s >= 0 else 0
                     if sw == 1:
-                        memcpy(dst + i * We + lo, src + cb[lo], (hi - lo) * sizeof(real))
+                        mid = src + cb[lo] - lo
+                        for j in range(lo, hi):
+                            dst[j] = mid[j]
+                    elif sw == 2:  # a constant stride lets gcc vectorise the de-interleave
+                        mid = src + cb[lo] - 2 * lo
+                        for j in range(lo, hi):
+                            dst[j] = mid[2 * j]
                     else:
                         for j in range(lo, hi):
-                            dst[i * We + j] = src[cb[lo] + (j - lo) * sw]
+                            dst[j] = src[cb[lo] + (j - lo) * sw]
                     for j in range(hi, We):
                         s = cb[j]
-                        dst[i * We + j] = src[s] if s >= 0 else 0
-                memset(dst + Hq * We, 0, (plane_len - Hq * We) * sizeof(real))
+                        dst[j] = src[s] if s >= 0 else 0
+                dst = dst + We
+            for j in range(pp.plane_len - Hq * We):
+                dst[j] = 0
+
+
+cdef void pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil:
+    _pad_channel(src, dst, pp)
+
+
+cdef void pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil:
+    _pad_channel(src, dst, pp)
+
+
+cdef PadPlan _pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
+                       Py_ssize_t W, Py_ssize_t plane_len):
+    cdef PadPlan pp
+    pp.H, pp.W = H, W
+    pp.sh, pp.sw = rows.shape[0], cols.shape[0]
+    pp.Hq, pp.We = rows.shape[1], cols.shape[1]
+    pp.plane_len = plane_len
+    pp.rows = <Py_ssize_t*>_ptr(rows)
+    pp.cols = <Py_ssize_t*>_ptr(cols)
+    pp.interior = <Py_ssize_t*>_ptr(interior)
+    return pp
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
-              cnp.ndarray interior, Py_ssize_t Hq, Py_ssize_t We, Py_ssize_t plane_len, int threads):
+              cnp.ndarray interior, Py_ssize_t plane_len, int threads):
     """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
     itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
     of each plane is zeroed."""
-    cdef Py_ssize_t nc = x.shape[0], H = x.shape[1], W = x.shape[2]
-    cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0]
-    cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
-    cdef const Py_ssize_t* pc = <Py_ssize_t*>_ptr(cols)
-    cdef const Py_ssize_t* pi = <Py_ssize_t*>_ptr(interior)
+    cdef Py_ssize_t nc = x.shape[0], c
+    cdef PadPlan pp = _pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
+    cdef Py_ssize_t src_chan = pp.H * pp.W, dst_chan = pp.sh * pp.sw * plane_len
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
     if x.dtype.itemsize == 4:
-        with nogil:
-            _pad_phase(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len, threads)
+        for c in prange(nc, nogil=True, schedule="static", num_threads=threads):
+            _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
     else:
-        with nogil:
-            _pad_phase(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, We, plane_len, threads)
+        for c in prange(nc, nogil=True, schedule="static", num_threads=threads):
+            _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
 
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,

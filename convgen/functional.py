@@ -72,12 +72,18 @@ def _config_for(weight, x_channels, stride, padding, dilation, groups, padding_m
 
 
 class Saved:
-    """What a forward pass keeps for its backward pass."""
+    """What a forward pass keeps for its backward pass: the (contiguous) input, and
+    its padded planes when the forward made them."""
 
-    __slots__ = ("problem", "xin", "weight", "batched")
+    __slots__ = ("problem", "x", "xin", "weight", "batched")
 
-    def __init__(self, problem, xin, weight, batched):
-        self.problem, self.xin, self.weight, self.batched = problem, xin, weight, batched
+    def __init__(self, problem, x, xin, weight, batched):
+        self.problem, self.x, self.xin, self.weight, self.batched = problem, x, xin, weight, batched
+
+    def input_planes(self):
+        if self.xin is None:
+            self.xin = _engine.pad_phase(self.x, _engine.forward_plan(self.problem))
+        return self.xin
 
 
 def forward(cfg, x, weight, bias):
@@ -89,7 +95,7 @@ def forward(cfg, x, weight, bias):
         y, xin = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None
     else:
         y, xin = _engine.forward(x, weight, bias, p)
-    return (y if batched else y[0]), Saved(p, xin, weight, batched)
+    return (y if batched else y[0]), Saved(p, x, xin, weight, batched)
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True):
@@ -114,7 +120,8 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
         if need_input:
             gx = _engine.backward_data(gy, saved.weight, p)
         if need_weight or need_bias:
-            gw, gb = _engine.backward_params(gy, saved.xin, p, need_weight, need_bias)
+            xin = saved.input_planes() if need_weight else None
+            gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias)
     if gx is not None and not saved.batched:
         gx = gx[0]
     return gx, gw, gb
@@ -158,7 +165,7 @@ def conv2d_input(input_size, weight, grad_output, stride=1, padding=0, dilation=
         size = (1,) + size
     cfg = _config_for(weight, size[1], stride, padding, dilation, groups)
     p = cfg.problem(size, weight.dtype)
-    gx, _, _ = backward(Saved(p, None, weight, batched), grad_output, True, False, False)
+    gx, _, _ = backward(Saved(p, None, None, weight, batched), grad_output, True, False, False)
     return gx
 
 
@@ -174,8 +181,7 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     proto = np.empty(wsize, dtype=x.dtype)
     xc, batched = _validate.input_array(x, cfg.in_channels, x.dtype)
     p = cfg.problem(xc.shape, xc.dtype)
-    xin = _engine.pad_phase(xc, _engine.forward_plan(p)) if p.N else None
-    _, gw, _ = backward(Saved(p, xin, proto, batched), grad_output, False, True, False)
+    _, gw, _ = backward(Saved(p, xc, None, proto, batched), grad_output, False, True, False)
     return gw
 
 

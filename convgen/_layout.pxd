@@ -1,0 +1,11 @@
+# Declarations the generated kernel modules cimport (see _layout.pyx).
+
+cdef struct PadPlan:
+    # One channel (H, W) -> sh*sw phase planes of Hq rows x We columns, plane_len apart.
+    Py_ssize_t H, W, sh, sw, Hq, We, plane_len
+    const Py_ssize_t* rows       # (sh, Hq) source row of each plane row, -1 for zero
+    const Py_ssize_t* cols       # (sw, We) source column of each plane column, -1 for zero
+    const Py_ssize_t* interior   # (sw, 2) [lo, hi) of plane columns copying input columns
+
+cdef void pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil
+cdef void pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil
