@@ -72,7 +72,7 @@ def unpad_adjoint(g, hw, pads, mode="zeros"):
     top, bottom, left, right = pads
     ph = pad_matrix(H, top, bottom, mode)
     pw = pad_matrix(W, left, right, mode)
-    return np.einsum("ph,...pq,qw->...hw", ph, g, pw)
+    return ph.T @ g @ pw   # sum over p, q of ph[p, h] * g[..., p, q] * pw[q, w]
 
 
 def output_hw(hw, kernel_size, stride, pads, dilation):

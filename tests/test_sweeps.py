@@ -103,6 +103,10 @@ def _module(c, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("c", SHAPES)
 def test_forward_backward(c, dtype):
+    _forward_backward(c, dtype, against_torch=True)
+
+
+def _forward_backward(c, dtype, against_torch):
     rng = make_rng(sorted(c.items()), dtype)
     conv = _module(c, dtype)
     x = _arrays(c, dtype, rng)
@@ -119,6 +123,8 @@ def test_forward_backward(c, dtype):
     if c["bias"]:
         assert_close(conv.bias.grad, gb_ref, dtype, "bias grad vs reference")
 
+    if not against_torch:
+        return
     torch = need_torch()
     m = torch_module(conv, torch)
     ty, tgx, tgw, tgb = torch_forward_backward(m, x, gy)
@@ -175,3 +181,51 @@ def test_unbatched_matches_batch_of_one(dtype):
     np.testing.assert_array_equal(y, y4[0])
     np.testing.assert_array_equal(gx, gx4[0])
     np.testing.assert_array_equal(gw, conv.weight.grad)
+
+
+# Layers big enough that convgen splits its reductions to stay in cache: the
+# forward over blocks of input channels, the input gradient over blocks of output
+# channels, the weight gradient over segments of pixels or of images, resuming
+# from partial sums each time.  Every split has to add up to the unsplit sum, also
+# for the last, partial register tiles (channel counts that are multiples of nothing).
+LARGE = [
+    cfg("in-channel-blocks-k3", N=1, C=80, OC=8, H=62, W=62, kernel=3, padding=1),
+    cfg("out-channel-blocks-k3", N=1, C=8, OC=80, H=62, W=62, kernel=3, padding=1),
+    cfg("image-segments-k3", N=9, C=80, OC=4, H=20, W=20, kernel=3, padding=1, bias=False),
+    cfg("blocks-stride2-generic", N=2, C=72, OC=8, H=64, W=60, kernel=(3, 2), stride=2, padding=(1, 0)),
+    cfg("grouped-blocks", N=1, C=160, OC=16, H=62, W=62, kernel=3, padding=1, groups=2,
+        mode="reflect"),
+    cfg("depthwise-large", N=2, C=64, OC=64, H=40, W=40, kernel=3, padding=1, groups=64,
+        mode="circular"),
+]
+LARGE_ODD = [
+    cfg("odd-in-channel-blocks-k3", N=1, C=79, OC=7, H=62, W=62, kernel=3, padding=1),
+    cfg("odd-out-channel-blocks-k3", N=1, C=7, OC=79, H=62, W=62, kernel=3, padding=1),
+    cfg("odd-image-segments-k3", N=8, C=35, OC=5, H=30, W=30, kernel=3, padding=1),
+    cfg("odd-blocks-stride2-generic", N=2, C=71, OC=6, H=64, W=60, kernel=(3, 2), stride=2, padding=(1, 0)),
+    cfg("odd-grouped-blocks", N=1, C=158, OC=14, H=62, W=62, kernel=3, padding=1, groups=2,
+        mode="replicate"),
+    cfg("odd-depthwise-multiplier", N=3, C=37, OC=74, H=40, W=41, kernel=3, padding=1, groups=37),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("c", LARGE + LARGE_ODD)
+def test_large_reductions(c, dtype):
+    # Against the reference only: it is exact in float64 and was checked against
+    # PyTorch above, which is slow on some of these layers (depthwise x2 in float64).
+    _forward_backward(c, dtype, against_torch=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_weight_grad_split_reduction_partial_tiles(dtype):
+    """Regression test (fixed in 510d4c8): the weight-gradient kernel repeats the last
+    row/column of a partial register tile, and once it accumulates over a second
+    reduction segment those repeats must not add again.  35 input channels x 9 taps =
+    315 weight columns and 5 output channels; 8 images of 30x30 take several segments."""
+    F = convgen.functional
+    rng = make_rng("wgrad-segments", dtype)
+    x = rng.standard_normal((8, 35, 30, 30)).astype(dtype)
+    gy = rng.standard_normal((8, 5, 30, 30)).astype(dtype)
+    gw = F.conv2d_weight(x, (5, 35, 3, 3), gy, padding=1)
+    assert_close(gw, ref.conv2d_weight(x, (5, 35, 3, 3), gy, padding=1), dtype)

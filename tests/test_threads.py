@@ -81,26 +81,37 @@ def test_threadpoolctl_sees_and_limits_convgen():
 
 # ---- results do not depend on the thread count ----------------------------------------
 
+# Big enough (over 2**20 multiply-adds each) that convgen really splits them over
+# threads: it runs smaller calls on one thread whatever the setting.
+N_IMAGES = 3
 THREAD_CASES = [
     # (C, OC, H, W, kernel, stride, padding, dilation, groups)
     pytest.param((16, 24, 17, 19, 3, 1, 1, 1, 1), id="dense-k3s1"),
-    pytest.param((8, 16, 21, 18, 3, 2, 1, 1, 1), id="dense-k3s2"),
-    pytest.param((8, 12, 15, 16, (3, 2), (2, 1), (1, 0), (1, 2), 1), id="dense-generic"),
-    pytest.param((16, 32, 17, 17, 3, 1, 1, 1, 16), id="depthwise-k3-x2"),
-    pytest.param((12, 12, 16, 15, 5, 2, 2, 1, 12), id="depthwise-k5s2"),
-    pytest.param((12, 18, 14, 14, 3, 1, 1, 1, 3), id="grouped-k3"),
+    pytest.param((16, 32, 41, 38, 3, 2, 1, 1, 1), id="dense-k3s2"),
+    pytest.param((16, 24, 31, 32, (3, 2), (2, 1), (1, 0), (1, 2), 1), id="dense-generic"),
+    pytest.param((16, 32, 48, 44, 3, 1, 1, 1, 16), id="depthwise-k3-x2"),
+    pytest.param((24, 24, 64, 60, 5, 2, 2, 1, 24), id="depthwise-k5s2"),
+    pytest.param((12, 18, 28, 30, 3, 1, 1, 1, 3), id="grouped-k3"),
 ]
+
+
+def _multiply_adds(C, OC, H, W, kernel, stride, padding, dilation, groups):
+    oh, ow = convgen.output_size((H, W), kernel, stride, padding, dilation)
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    return N_IMAGES * OC * oh * ow * (C // groups) * kh * kw
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("case", THREAD_CASES)
 def test_bitwise_identical_across_thread_counts(case, dtype, restore_threads):
+    assert _multiply_adds(*case) > 2 ** 20
     C, OC, H, W, kernel, stride, padding, dilation, groups = case
     rng = make_rng("threads", case, dtype)
-    x = rng.standard_normal((3, C, H, W)).astype(dtype)
+    x = rng.standard_normal((N_IMAGES, C, H, W)).astype(dtype)
     results = {}
     for n in (1, 2, 3):
         convgen.set_num_threads(n)
+        assert convgen.get_num_threads() == n
         conv = convgen.Conv2d(C, OC, kernel, stride, padding, dilation, groups, dtype=dtype, seed=4)
         y = conv(x)
         gy = make_rng("threads-gy", case, dtype).standard_normal(y.shape).astype(dtype)
