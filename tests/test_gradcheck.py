@@ -1,6 +1,8 @@
-"""Finite-difference gradient checks in float64: convgen's backward kernels
-against central differences of convgen's own forward pass.  For the loss
-L = sum(conv(x, w) * R), dL/dx is conv2d_input(R) and dL/dw is conv2d_weight(R)."""
+"""Finite-difference gradient checks: every backward kernel (bwd_data and
+bwd_weight) against central differences of convgen's own forward pass, in
+float64 for the float64 kernels and in float32 (a larger step, a looser
+tolerance) for the float32 ones.  For the loss L = sum(conv(x, w) * R), dL/dx is
+conv2d_input(R) and dL/dw is conv2d_weight(R)."""
 
 import numpy as np
 import pytest
@@ -8,54 +10,64 @@ import pytest
 import convgen
 from codegen.cases import case_for
 from codegen.table import SPECS
-from conftest import PADDING_MODES, case_arrays, conv_args, make_rng
+from conftest import PADDING_MODES, case_arrays, conv_args, make_rng, spec_dtype
 
 F = convgen.functional
-EPS = 1e-3          # the loss is linear in x and in w, so a large step loses nothing
-RTOL = 1e-7
 N_ENTRIES = 12      # single entries checked per array (plus random directions)
 N_DIRECTIONS = 3
+# The loss is linear in x and in w, so central differences are exact up to
+# rounding whatever the step: a large step keeps float32's rounding small too.
+STEP = {np.dtype(np.float64): dict(eps=1e-3, rtol=1e-9), np.dtype(np.float32): dict(eps=0.5, rtol=2e-5)}
 
-BACKWARD_F64 = [s for s in SPECS if s.direction in ("bwd_data", "bwd_weight") and s.dtype == "f64"]
+BACKWARD = [s for s in SPECS if s.direction in ("bwd_data", "bwd_weight")]
 
 
-def _central_differences(loss, a, rng):
+def _central_differences(loss, a, rng, eps):
     """[(directional derivative by central differences, direction)] for a few
     single entries of `a` and a few random directions."""
     out = []
     flat_idx = rng.choice(a.size, size=min(N_ENTRIES, a.size), replace=False)
     directions = []
     for i in flat_idx:
-        e = np.zeros(a.size)
-        e[i] = 1.0
+        e = np.zeros(a.size, a.dtype)
+        e[i] = 1
         directions.append(e.reshape(a.shape))
-    directions += [rng.standard_normal(a.shape) for _ in range(N_DIRECTIONS)]
+    directions += [rng.standard_normal(a.shape).astype(a.dtype) for _ in range(N_DIRECTIONS)]
     for v in directions:
-        out.append(((loss(a + EPS * v) - loss(a - EPS * v)) / (2 * EPS), v))
+        out.append(((loss(a + eps * v) - loss(a - eps * v)) / (2 * eps), v))
     return out
 
 
 def _check(grad, loss, a, rng, what):
+    step = STEP[np.dtype(a.dtype)]
+    grad = np.asarray(grad, np.float64)
     scale = max(1.0, float(np.abs(grad).max()))
-    for fd, v in _central_differences(loss, a, rng):
+    for fd, v in _central_differences(loss, a, rng, step["eps"]):
         analytic = float(np.sum(grad * v))
-        assert abs(fd - analytic) <= RTOL * scale * max(1.0, np.abs(v).sum()), (what, fd, analytic)
+        tol = step["rtol"] * scale * max(1.0, float(np.sqrt(np.sum(v.astype(np.float64) ** 2))))
+        assert abs(fd - analytic) <= tol, (what, fd, analytic)
 
 
-@pytest.mark.parametrize("spec", BACKWARD_F64, ids=lambda s: s.name)
+def _loss(y, R):
+    return float(np.sum(y.astype(np.float64) * R))
+
+
+@pytest.mark.parametrize("spec", BACKWARD, ids=lambda s: s.name)
 def test_gradcheck_spec(spec):
+    """float64 specs in float64; float32 specs with their own float32 forward."""
     case = case_for(spec)
+    dtype = spec_dtype(spec)
     rng = make_rng("gradcheck", spec.name)
-    x, w, b, R = case_arrays(case, np.float64, rng, N=1)
+    x, w, b, R = case_arrays(case, dtype, rng, N=1)
     args = conv_args(case)
     assert convgen.kernel_for(case["C"], case["OC"], case["kernel"], case["stride"], case["padding"],
-                              case["dilation"], case["groups"], np.float64, spec.direction) == spec.name
+                              case["dilation"], case["groups"], dtype, spec.direction) == spec.name
     if spec.direction == "bwd_data":
         grad = F.conv2d_input(x.shape, w, R, **args)
-        _check(grad, lambda xx: np.sum(F.conv2d(xx, w, b, **args) * R), x, rng, spec.name)
+        _check(grad, lambda xx: _loss(F.conv2d(xx, w, b, **args), R), x, rng, spec.name)
     else:
         grad = F.conv2d_weight(x, w.shape, R, **args)
-        _check(grad, lambda ww: np.sum(F.conv2d(x, ww, b, **args) * R), w, rng, spec.name)
+        _check(grad, lambda ww: _loss(F.conv2d(x, ww, b, **args), R), w, rng, spec.name)
 
 
 @pytest.mark.parametrize("mode", PADDING_MODES)
