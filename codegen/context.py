@@ -30,6 +30,10 @@ TEMPLATES = {
 }
 
 
+# Register tile of the channel-vectorised weight gradient: output-channel vectors x columns.
+OCVEC_TILE = (2, 12)
+
+
 def _taps(taps):
     return [dict(i=i, w_index=t.w_index, plane=t.plane, dy=t.dy, dx=t.dx) for i, t in enumerate(taps)]
 
@@ -49,6 +53,13 @@ def kernel_context(spec):
     if spec.direction == "bwd_weight":
         ctx["cols"] = [dict(index=c) for c in range(cols)]
         ctx["tiles"] = [dict(index=0, suffix="", rows=ctx["rows"], chunk=0, cols=ctx["cols"])]
+        # Dense layers also get the channel-vectorised variant for small feature maps:
+        # vectors of output channels x columns, no horizontal sums (see the template).
+        ctx["ocvec"] = None
+        if spec.groups == "dense":
+            ctx["ocvec"] = dict(vectors=[dict(index=v, offset=v * lanes) for v in range(OCVEC_TILE[0])],
+                                cols=[dict(index=c) for c in range(OCVEC_TILE[1])],
+                                width=OCVEC_TILE[0] * lanes)
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,

@@ -21,6 +21,7 @@ class Kernel(NamedTuple):
     chunk: int      # output pixels per primary tile (fwd / bwd_data); 0 for bwd_weight
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
     fused: Callable  # variant with the padding fused in (depthwise forward), or None
+    ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -60,7 +61,8 @@ def _load(key):
     module, name, tile = KERNELS[key]
     mod = importlib.import_module(f"convgen._generated.{module}")
     variants = tuple(mod.TILES[name])
-    return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None))
+    return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
+                  getattr(mod, name + "_ocvec", None))
 
 
 def lookup(direction, p):

@@ -49,6 +49,14 @@ def threads_for(work):
     return 1 if work < SMALL_WORK else get_num_threads()
 
 
+# Feature maps of at most this many flat pixels get the channel-vectorised weight gradient.
+SMALL_MAP = 256
+
+
+def lanes_of(p):
+    return 16 if p.dtype == "f32" else 8
+
+
 def _reduction_block(channels, bytes_per_channel, minimum=8):
     """Channels per block so that a block's input fits CACHE_BUDGET."""
     if channels * bytes_per_channel <= CACHE_BUDGET:
@@ -147,6 +155,10 @@ class ForwardPlan:
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
+        # Small feature maps: a pixel reduction a few vectors long; vectorise the weight
+        # gradient over output channels instead (dense layers with enough channels).
+        self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and self.grad_len <= SMALL_MAP
+                                 and p.OC >= 2 * lanes)
         # Weight-gradient reduction segments: images x pixels whose input fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (p.C * self.n_planes * itemsize) // lanes * lanes)
         if seg >= self.grad_len:
@@ -236,8 +248,13 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True):
     gw = gb = None
     if need_weight:
         gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
-        fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
-                            fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads)
+        if fp.wgrad_by_channel:
+            gT = np.empty((p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * lanes_of(p))), dtype=grad_y.dtype)
+            _layout.extend_transposed(grad_y, gT, fp.We, threads)
+            fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off, threads)
+        else:
+            fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
+                                fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads)
     if need_bias:
         gb = np.empty(p.OC, dtype=grad_y.dtype)
         _layout.channel_sums(gext, gb, p.N, p.OC, threads)

@@ -220,6 +220,36 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
             _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len, threads)
 
 
+cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
+                             Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp,
+                             int threads) noexcept nogil:
+    cdef Py_ssize_t n, c, i, j
+    cdef real* dst
+    for n in prange(N, schedule="static", num_threads=threads):
+        dst = gT + n * qlen * Cp
+        for i in range(qlen * Cp):
+            dst[i] = 0
+        for c in range(C):
+            for i in range(H):
+                for j in range(W):
+                    dst[(i * width + j) * Cp + c] = g[((n * C + c) * H + i) * W + j]
+
+
+def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threads):
+    """gT[n, i * width + j, c] = g[n, c, i, j]; zero everywhere else.  g is (N, C, H, W),
+    gT (N, qlen, Cp) with Cp >= C (the channel-vectorised weight gradient reads it)."""
+    cdef void* src = _ptr(g)
+    cdef void* dst = _ptr(gT)
+    cdef Py_ssize_t N = g.shape[0], C = g.shape[1], H = g.shape[2], W = g.shape[3]
+    cdef Py_ssize_t qlen = gT.shape[1], Cp = gT.shape[2]
+    if g.dtype.itemsize == 4:
+        with nogil:
+            _extend_transposed(<float*>src, <float*>dst, N, C, H, W, width, qlen, Cp, threads)
+    else:
+        with nogil:
+            _extend_transposed(<double*>src, <double*>dst, N, C, H, W, width, qlen, Cp, threads)
+
+
 cdef void _channel_sums(const real* g, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                         int threads) noexcept nogil:
     cdef Py_ssize_t c, n, i
