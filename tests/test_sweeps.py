@@ -138,18 +138,19 @@ def _forward_backward(c, dtype, against_torch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("mode", PADDING_MODES)
 @pytest.mark.parametrize("padding", [0, 1, "same"], ids=["pad0", "pad1", "same"])
-def test_zero_batch(mode, padding, dtype):
+@pytest.mark.parametrize("C, OC, groups", [(3, 4, 1), (4, 8, 4)], ids=["dense", "depthwise-x2"])
+def test_zero_batch(C, OC, groups, mode, padding, dtype):
     """An empty batch gives an empty output of the right shape, zero weight and
     bias gradients, and an empty input gradient, as PyTorch does."""
-    conv = convgen.Conv2d(3, 4, 3, padding=padding, padding_mode=mode, dtype=dtype, seed=0)
-    x = np.zeros((0, 3, 5, 6), dtype)
+    conv = convgen.Conv2d(C, OC, 3, padding=padding, groups=groups, padding_mode=mode, dtype=dtype, seed=0)
+    x = np.zeros((0, C, 5, 6), dtype)
     y = conv(x)
     expected_hw = (5, 6) if padding in (1, "same") else (3, 4)
-    assert y.shape == (0, 4) + expected_hw and y.dtype == np.dtype(dtype)
+    assert y.shape == (0, OC) + expected_hw and y.dtype == np.dtype(dtype)
     gx = conv.backward(np.zeros(y.shape, dtype))
     assert gx.shape == x.shape and gx.dtype == np.dtype(dtype)
     assert conv.weight.grad.shape == conv.weight.shape and not conv.weight.grad.any()
-    assert conv.bias.grad.shape == (4,) and not conv.bias.grad.any()
+    assert conv.bias.grad.shape == (OC,) and not conv.bias.grad.any()
     torch = need_torch()
     ty, _, tgw, _ = torch_forward_backward(torch_module(conv, torch), x, np.zeros(y.shape, dtype))
     assert y.shape == ty.shape
