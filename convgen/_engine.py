@@ -207,16 +207,17 @@ def pad_phase(x, fp: ForwardPlan):
 
 
 def forward(x, weight, bias, p: Problem):
-    """Returns (y, xin): the output and the padded input planes kept for the weight
-    gradient, or None where the kernel padded on the fly (see input_planes)."""
+    """Returns (y, xin): the output and the padded input planes, kept for the weight
+    gradient (so a caller changing x after forward cannot change the gradient)."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
     if fp.kernel.fused is not None:
-        fp.kernel.fused(x, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off, fp.tap_w,
-                        fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
+        xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
+        fp.kernel.fused(x, xin, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
+                        fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile)
-        return y, None
+        return y, xin
     xin = pad_phase(x, fp)
     yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
     fp.kernel.run(xin, weight, bias, y, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,

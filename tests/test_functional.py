@@ -206,19 +206,12 @@ def test_results_do_not_alias_inputs():
     np.testing.assert_array_equal(gx2, np.ones_like(x))
 
 
-INPUT_REUSE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "convgen bug (since 85d3d84): for depthwise layers the forward no longer keeps padded input "
-    "planes, and Saved keeps a reference to the caller's input instead of a copy, so "
-    "Conv2d.backward computes the weight gradient from whatever the buffer holds at backward "
-    "time: silently wrong if the caller reused or modified x in place after forward"))
-
-
 @pytest.mark.parametrize("C, OC, groups, hw, unbatched", [
     pytest.param(2, 3, 1, 5, False, id="dense"),
     pytest.param(4, 6, 2, 5, False, id="grouped"),
-    pytest.param(4, 4, 4, 5, False, id="depthwise", marks=INPUT_REUSE_BUG),
-    pytest.param(4, 8, 4, 40, False, id="depthwise-x2-large", marks=INPUT_REUSE_BUG),
-    pytest.param(3, 3, 3, 5, True, id="depthwise-unbatched", marks=INPUT_REUSE_BUG),
+    pytest.param(4, 4, 4, 5, False, id="depthwise"),
+    pytest.param(4, 8, 4, 40, False, id="depthwise-x2-large"),
+    pytest.param(3, 3, 3, 5, True, id="depthwise-unbatched"),
 ])
 def test_module_after_input_changes(C, OC, groups, hw, unbatched):
     """backward uses the input of the forward call, even if the caller reuses its buffer."""
