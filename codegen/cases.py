@@ -5,6 +5,7 @@ picks it).  Derived from the spec alone: add a spec and it gets its cases."""
 
 # Shapes the generic kernels get: non-square, so no specialised kernel matches.
 GENERIC = dict(kernel=(3, 2), stride=(2, 1), dilation=(1, 2))
+# (a spec with only some axes fixed gets stride 1 / dilation 6 on its free axes)
 
 SCALES = {
     # (channels, spatial size, batch): small for tests, a real layer for benchmarks
@@ -24,12 +25,14 @@ def case_for(spec, scale="test", multiplier=1):
         groups = 2 if scale == "test" else 32
     else:
         groups = 1
-    if spec.is_generic:
+    if spec.kernel is None:
         kernel, stride, dilation = GENERIC["kernel"], GENERIC["stride"], GENERIC["dilation"]
     else:
+        # A kernel size with stride / dilation at run time: a DeepLab-style dilated
+        # layer (stride 1, dilation 6), which no fully specialised kernel covers.
         kernel = (spec.kernel, spec.kernel)
-        stride = (spec.stride, spec.stride)
-        dilation = (spec.dilation, spec.dilation)
+        stride = (spec.stride or 1, spec.stride or 1)
+        dilation = (spec.dilation or 6, spec.dilation or 6)
     padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
     if scale == "bench" and spec.kernel == 7 and spec.stride == 2:
         C, H, W = 3, 224, 224  # the stem layer this kernel exists for

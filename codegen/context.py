@@ -65,14 +65,23 @@ def kernel_context(spec):
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,
                          cols=[dict(index=v, offset=v * lanes) for v in range(c)])
                     for i, (r, c) in enumerate(spec.tiles)]
-    if spec.is_generic:
+    if not spec.unrolls_taps:
         return ctx
     k, s, d = spec.kernel, spec.stride, spec.dilation
+    if not spec.is_generic:
+        if spec.direction == "fwd":
+            ctx["taps"] = _taps(geometry.forward_taps(k, k, s, s, d, d))
+        else:
+            ctx["phases"] = [dict(index=p, taps=_taps(taps))
+                             for p, taps in enumerate(geometry.bwd_data_phases(k, k, s, s, d, d))]
+        return ctx
+    # Stride / dilation at run time: the taps come in weight order (as the runtime's
+    # geometry lists them), their offsets from the table the kernel receives.
+    any_taps = [dict(i=i, w_index=i, plane="any", dy="any", dx="any") for i in range(k * k)]
     if spec.direction == "fwd":
-        ctx["taps"] = _taps(geometry.forward_taps(k, k, s, s, d, d))
+        ctx["taps"] = any_taps
     else:
-        ctx["phases"] = [dict(index=p, taps=_taps(taps))
-                         for p, taps in enumerate(geometry.bwd_data_phases(k, k, s, s, d, d))]
+        ctx["phases"] = [dict(index=0, taps=[dict(t, plane=0) for t in any_taps])]
     return ctx
 
 

@@ -61,7 +61,22 @@ class KernelSpec:
 
     @property
     def is_generic(self):
+        """Some axis is taken at run time."""
         return self.kernel is ANY or self.stride is ANY or self.dilation is ANY
+
+    @property
+    def unrolls_taps(self):
+        """Whether the kernel's loop over taps is unrolled at compile time: the taps'
+        weight indices and their order must be known.  Forward: a fixed kernel size
+        (stride and dilation only change the offsets).  Input gradient: a fixed kernel
+        and stride, and a fixed dilation unless stride is 1 (a single phase).  The
+        weight gradient reads its taps at run time in every case."""
+        if self.direction == "fwd":
+            return self.kernel is not ANY
+        if self.direction == "bwd_data":
+            return (self.kernel is not ANY and self.stride is not ANY
+                    and (self.stride == 1 or self.dilation is not ANY))
+        return False
 
     @property
     def module(self):

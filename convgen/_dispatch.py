@@ -51,7 +51,16 @@ def normalise_key(direction, p):
     return (direction, p.dtype, kernel, stride, dilation, groups_kind(p.C, p.groups))
 
 
+def fallback_keys(key):
+    """Keys to try, most specialised first: exact; any dilation; any stride and
+    dilation (kernels unrolled over a fixed kernel size); fully generic."""
+    direction, dtype, k, s, d, groups = key
+    return [key, (direction, dtype, k, s, ANY, groups), (direction, dtype, k, ANY, ANY, groups),
+            (direction, dtype, ANY, ANY, ANY, groups)]
+
+
 def fallback_key(key):
+    """The generic kernel's key for the direction, dtype and groups kind of `key`."""
     direction, dtype, _k, _s, _d, groups = key
     return (direction, dtype, ANY, ANY, ANY, groups)
 
@@ -69,11 +78,10 @@ def lookup(direction, p):
     """The kernel that runs `direction` for problem p (see convgen._engine.Problem)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    key = normalise_key(direction, p)
-    if key not in KERNELS:
-        key = fallback_key(key)
-    if key not in KERNELS:
+    key = next((k for k in fallback_keys(normalise_key(direction, p)) if k in KERNELS), None)
+    if key is None:
         supported = sorted({(k[1], k[5]) for k in KERNELS if k[0] == direction})
-        raise ValueError(f"no {direction} kernel for dtype {p.dtype!r} and groups kind {key[5]!r}; "
+        kind = groups_kind(p.C, p.groups)
+        raise ValueError(f"no {direction} kernel for dtype {p.dtype!r} and groups kind {kind!r}; "
                          f"supported (dtype, groups kind): {supported}")
     return _load(key)

@@ -80,10 +80,13 @@ def test_table_invariants():
         for dtype in DTYPES:
             for groups in GROUPS_KINDS:
                 assert KernelSpec(direction, dtype, ANY, ANY, ANY, groups) in SPECS, (direction, dtype, groups)
-    # Every direction gets the same shapes (a forward kernel always has its two backward kernels).
-    shapes = {d: {(s.dtype, s.kernel, s.stride, s.dilation, s.groups) for s in SPECS if s.direction == d}
+    # Every fully specialised shape exists in all three directions (a forward kernel always
+    # has its two backward kernels); partly fixed specs exist only where they unroll.
+    shapes = {d: {(s.dtype, s.kernel, s.stride, s.dilation, s.groups) for s in SPECS
+                  if s.direction == d and not (s.is_generic and s.kernel is not ANY)}
               for d in DIRECTIONS}
     assert shapes["fwd"] == shapes["bwd_data"] == shapes["bwd_weight"]
+    assert all(s.unrolls_taps for s in SPECS if s.is_generic and s.kernel is not ANY)
     assert table.validate(list(SPECS)) == list(SPECS)
 
 
@@ -99,9 +102,15 @@ def test_validate_rejects_missing_fallback():
         table.validate(broken)
 
 
-def test_validate_rejects_partly_fixed_spec():
-    with pytest.raises(ValueError, match="all of kernel/stride/dilation"):
-        table.validate(list(SPECS) + [KernelSpec("fwd", "f32", 3, ANY, 1, "dense")])
+def test_validate_rejects_partly_fixed_spec_that_cannot_unroll():
+    # the input gradient's phases depend on the stride; the weight gradient never unrolls taps
+    for bad in [KernelSpec("bwd_data", "f32", 3, ANY, 1, "dense"),
+                KernelSpec("bwd_data", "f32", 3, 2, ANY, "dense"),
+                KernelSpec("bwd_weight", "f32", 3, ANY, ANY, "dense")]:
+        with pytest.raises(ValueError, match="all of kernel/stride/dilation"):
+            table.validate(list(SPECS) + [bad])
+    extra = KernelSpec("fwd", "f32", 5, ANY, ANY, "dense")   # forward: any kernel size unrolls
+    assert extra.unrolls_taps and table.validate(list(SPECS) + [extra])[-1] == extra
 
 
 def test_dispatch_table_holds_every_spec():
@@ -182,7 +191,7 @@ def test_context_bwd_data_phases_cover_every_tap(k, s, d):
             assert got == [[t.w_index for t in taps] for taps in phases]
 
 
-@pytest.mark.parametrize("s", [spec_ for spec_ in SPECS if spec_.is_generic], ids=lambda s: s.name)
+@pytest.mark.parametrize("s", [spec_ for spec_ in SPECS if not spec_.unrolls_taps], ids=lambda s: s.name)
 def test_context_generic_has_no_taps(s):
     ctx = context.kernel_context(s)
     assert ctx["taps"] is None and ctx["phases"] is None
