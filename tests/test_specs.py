@@ -15,14 +15,20 @@ from conftest import (assert_close, case_arrays, conv_args, convgen_functional, 
 # Channel counts that are multiples of nothing a register tile might use, so the
 # tail rows of every tile variant run (dense: an RGB-like input; grouped: 5 -> 7
 # per group; depthwise: channel multiplier 3).
-ODD_CHANNELS = {"dense": dict(C=3, OC=13, groups=1), "grouped": dict(C=10, OC=14, groups=2),
-                "depthwise": dict(C=5, OC=15, groups=5)}
+# "wide": many output channels (not a multiple of any vector width) on a small
+# feature map, where a weight-gradient kernel may vectorise over output channels.
+VARIANTS = {
+    "odd": {"dense": dict(C=3, OC=13, groups=1), "grouped": dict(C=10, OC=14, groups=2),
+            "depthwise": dict(C=5, OC=15, groups=5)},
+    "wide": {"dense": dict(C=5, OC=37, groups=1), "grouped": dict(C=6, OC=40, groups=2),
+             "depthwise": dict(C=4, OC=36, groups=4)},
+}
 
 
 def _case(spec, variant):
-    if variant == "odd":
+    if variant in VARIANTS:
         case = case_for(spec)
-        case.update(ODD_CHANNELS[spec.groups])
+        case.update(VARIANTS[variant][spec.groups])
         return case
     return case_for(spec, multiplier=int(variant[1:]))
 
@@ -30,7 +36,7 @@ def _case(spec, variant):
 def _spec_cases():
     params = []
     for spec in SPECS:
-        variants = ["x1", "x2", "odd"] if spec.groups in ("depthwise", "grouped") else ["x1", "odd"]
+        variants = ["x1", "x2", "odd", "wide"] if spec.groups in ("depthwise", "grouped") else ["x1", "odd", "wide"]
         for v in variants:
             suffix = "" if v == "x1" else f"-{v}"
             params.append(pytest.param(spec, v, id=spec.name + suffix))

@@ -70,6 +70,13 @@ SHAPES = [
     cfg("unbatched", N=None, padding=1),
     cfg("unbatched-depthwise-s2", N=None, C=3, OC=6, groups=3, stride=2, padding=1),
     cfg("many-channels", C=19, OC=17, H=4, W=4, padding=1),
+    # many output channels on small maps (weight gradient vectorised over channels)
+    cfg("wide-7x7", N=3, C=7, OC=70, H=7, W=7, padding=1, mode="reflect"),
+    cfg("wide-s2", N=2, C=3, OC=33, H=13, W=12, stride=2, padding=1),
+    cfg("wide-1x1-64", N=4, C=16, OC=64, H=5, W=6, kernel=1),
+    cfg("wide-generic", N=2, C=5, OC=48, H=8, W=9, kernel=(3, 2), dilation=(1, 2), padding=(1, 0),
+        mode="circular"),
+    cfg("wide-16x16", N=1, C=4, OC=35, H=16, W=14, padding=1),
 ]
 
 # Every padding mode crossed with 'same' (odd, even -> asymmetric, dilated),
