@@ -98,3 +98,42 @@ def test_spec_module_round_trip(spec):
     assert_close(conv.weight.grad, reference_functional("bwd_weight", x, conv.weight, None, gy, **args),
                  dtype, "gw")
     assert_close(conv.bias.grad, gy.astype(np.float64).sum(axis=(0, 2, 3)), dtype, "gb")
+
+
+# Kernels with a fixed kernel size but stride and/or dilation taken at run time
+# serve every (stride, dilation) that no more specialised kernel claims: dispatch
+# tries exact, then any dilation, then any stride and dilation, then generic.
+PARTLY_FIXED = [s for s in SPECS if s.is_generic and s.kernel is not None]
+STRIDE_DILATION = [(1, 1), (1, 2), (1, 6), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (4, 3)]
+
+
+def _expected_kernel(direction, dtype, k, s, d, groups):
+    keys = {sp.key: sp for sp in SPECS}
+    for key in [(direction, dtype, k, s, d, groups), (direction, dtype, k, s, None, groups),
+                (direction, dtype, k, None, None, groups), (direction, dtype, None, None, None, groups)]:
+        if key in keys:
+            return keys[key]
+    raise AssertionError("no generic fallback")
+
+
+def _partly_fixed_cases():
+    params = []
+    for spec in PARTLY_FIXED:
+        for s, d in STRIDE_DILATION:
+            if _expected_kernel(spec.direction, spec.dtype, spec.kernel, s, d, spec.groups) == spec:
+                params.append(pytest.param(spec, s, d, id=f"{spec.name}-s{s}-d{d}"))
+    return params
+
+
+@pytest.mark.parametrize("spec, stride, dilation", _partly_fixed_cases())
+def test_partly_fixed_spec_any_stride_dilation(spec, stride, dilation):
+    case = case_for(spec)
+    k = spec.kernel
+    case.update(stride=(stride, stride), dilation=(dilation, dilation),
+                padding=(dilation * (k - 1) // 2, dilation * (k - 1) // 2), H=13, W=11)
+    assert _dispatched(spec, case) == spec.name
+    dtype = spec_dtype(spec)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("partly", spec.name, stride, dilation))
+    args = conv_args(case)
+    got = convgen_functional(spec.direction, x, w, b, gy, **args)
+    assert_close(got, reference_functional(spec.direction, x, w, b, gy, **args), dtype, spec.name)

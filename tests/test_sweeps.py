@@ -53,6 +53,13 @@ SHAPES = [
     cfg("square-generic-k4-s1", kernel=4, padding=2),
     cfg("square-generic-k3-d3", H=8, W=8, kernel=3, dilation=3, padding=3),
     cfg("pad-larger-than-kernel", H=3, W=3, kernel=3, padding=4),
+    # 3x3 with strides / dilations outside the specialised table
+    cfg("k3-s1-d6-aspp", H=14, W=13, kernel=3, dilation=6, padding=6),
+    cfg("k3-s3", H=10, W=11, kernel=3, stride=3, padding=1),
+    cfg("k3-s2-d3", H=12, W=12, kernel=3, stride=2, dilation=3, padding=3),
+    cfg("k3-s1x2-d2x3", H=9, W=12, kernel=3, stride=(1, 2), dilation=(2, 3), padding=(2, 3)),
+    cfg("k3-depthwise-d4", C=4, OC=8, groups=4, H=10, W=10, kernel=3, dilation=4, padding=4, mode="reflect"),
+    cfg("k3-grouped-s3-d2", C=4, OC=6, groups=2, H=11, W=12, kernel=3, stride=3, dilation=2, padding=2),
     cfg("even-kernel-valid", kernel=2, padding="valid"),
     # groups and depthwise, with channel multipliers
     cfg("grouped-2", C=4, OC=6, groups=2, padding=1),
