@@ -146,6 +146,8 @@ class ForwardPlan:
         self.x_chan = self.n_planes * self.plane_len
         itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
+        # Images per forward pass: padded, then convolved while their planes are in cache.
+        self.images = max(1, min(p.N, CACHE_BUDGET // max(1, p.C * self.x_chan * itemsize)))
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
         self.tap_w = _index([t.w_index for t in taps])
         mode = PADDING_MODES[p.mode]
@@ -218,10 +220,16 @@ def forward(x, weight, bias, p: Problem):
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile)
         return y, xin
-    xin = pad_phase(x, fp)
-    yext = np.empty((p.N * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
-    fp.kernel.run(xin, weight, bias, y, yext, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
-                  fp.x_chan, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile)
+    xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
+    yext = np.empty((fp.images * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
+    x3 = x.reshape(p.N * p.C, p.H, p.W)
+    for n0 in range(0, p.N, fp.images):
+        # A few images at a time: their padded planes are still in cache for the kernel.
+        n1 = min(p.N, n0 + fp.images)
+        xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
+        _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
+        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
+                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile)
     return y, xin
 
 
