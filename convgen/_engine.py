@@ -6,6 +6,7 @@ Plans are cached, so a repeated call costs a dictionary lookup.  Validation is
 done before (convgen._validate); nothing here checks its arguments.
 """
 
+import threading
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -63,6 +64,26 @@ def _reduction_block(channels, bytes_per_channel, minimum=8):
         return channels
     return max(minimum, CACHE_BUDGET // bytes_per_channel)
 DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+_scratch_pool = threading.local()
+
+
+def scratch(name, shape, dtype):
+    """An uninitialised temporary array, reused across calls from this thread: fresh
+    memory costs a page fault per 4 KiB on first touch, which on small and mid-sized
+    layers rivals the convolution itself.  `name` tells apart temporaries that are
+    alive at the same time; the memory is only valid until the next call that asks
+    for the same name (so never return it, or keep it past the call)."""
+    pool = _scratch_pool.__dict__
+    dtype = np.dtype(dtype)
+    count = 1
+    for n in shape:
+        count *= n
+    buf = pool.get((name, dtype))
+    if buf is None or buf.size < count:
+        buf = pool[(name, dtype)] = np.empty(max(count, 1), dtype=dtype)
+    return buf[:count].reshape(shape)
 
 
 class Problem(NamedTuple):
@@ -208,20 +229,23 @@ def pad_phase(x, fp: ForwardPlan):
     return xin
 
 
-def forward(x, weight, bias, p: Problem):
+def forward(x, weight, bias, p: Problem, recycle=None):
     """Returns (y, xin): the output and the padded input planes, kept for the weight
-    gradient (so a caller changing x after forward cannot change the gradient)."""
+    gradient (so a caller changing x after forward cannot change the gradient).
+    recycle: a dead xin from an earlier call, reused when it has the right size."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
-    if fp.kernel.fused is not None:
+    if recycle is not None and recycle.shape == (p.N * p.C, fp.x_chan) and recycle.dtype == x.dtype:
+        xin = recycle
+    else:
         xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
+    if fp.kernel.fused is not None:
         fp.kernel.fused(x, xin, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile)
         return y, xin
-    xin = np.empty((p.N * p.C, fp.x_chan), dtype=x.dtype)
-    yext = np.empty((fp.images * p.OC, fp.out_len), dtype=x.dtype) if fp.rblock < fp.Cg else None
+    yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     x3 = x.reshape(p.N * p.C, p.H, p.W)
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
@@ -237,13 +261,14 @@ def backward_data(grad_y, weight, p: Problem):
     """Gradient of the input (N, C, H, W), padding folded back into its sources."""
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work)
-    gyp = np.empty((p.N * p.OC, bp.plane_len), dtype=grad_y.dtype)
+    gyp = scratch("gyp", (p.N * p.OC, bp.plane_len), grad_y.dtype)
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
-    gxph = np.empty((p.N * p.C, fp.n_planes * bp.out_len), dtype=grad_y.dtype)
+    gxph = scratch("gxph", (p.N * p.C, fp.n_planes * bp.out_len), grad_y.dtype)
     bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
                   bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, bp.width, bp.out_len, threads)
+    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, fp.col_interior,
+                        bp.width, bp.out_len, threads)
     return gx
 
 
@@ -252,13 +277,13 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True):
     planes, and of the bias (OC,); None for those not asked for."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
-    gext = np.empty((p.N * p.OC, fp.grad_len), dtype=grad_y.dtype)
+    gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
     if need_weight:
         gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
         if fp.wgrad_by_channel:
-            gT = np.empty((p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * lanes_of(p))), dtype=grad_y.dtype)
+            gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * lanes_of(p))), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
             fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off, threads)
         else:

@@ -179,45 +179,63 @@ def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py
 
 
 cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
-                       const Py_ssize_t* rows, const Py_ssize_t* cols, Py_ssize_t sh, Py_ssize_t sw,
-                       Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width, Py_ssize_t out_len,
-                       int threads) noexcept nogil:
-    cdef Py_ssize_t c, a, b, i, j, r, s
+                       const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
+                       Py_ssize_t out_len, int threads) noexcept nogil:
+    cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
     cdef real* dst
+    cdef real* mid
     cdef const real* src
+    cdef const Py_ssize_t* cb
     for c in prange(nc, schedule="static", num_threads=threads):
-        dst = gx + c * H * W
-        memset(dst, 0, H * W * sizeof(real))
+        for i in range(H * W):
+            gx[c * H * W + i] = 0
         for a in range(sh):
             for b in range(sw):
+                cb = cols + b * Wq
+                lo = interior[2 * b]
+                hi = interior[2 * b + 1]
                 src = gxph + c * sh * sw * out_len + (a * sw + b) * out_len
                 for i in range(Hq):
                     r = rows[a * Hq + i]
-                    if r < 0:
-                        continue
-                    for j in range(Wq):
-                        s = cols[b * Wq + j]
-                        if s >= 0:
-                            dst[r * W + s] += src[i * width + j]
+                    if r >= 0:
+                        dst = gx + (c * H + r) * W
+                        for j in range(lo):
+                            s = cb[j]
+                            if s >= 0:
+                                dst[s] += src[j]
+                        if sw == 1:  # the unpadded middle of the row: a vectorisable add
+                            mid = dst + cb[lo] - lo
+                            for j in range(lo, hi):
+                                mid[j] += src[j]
+                        else:
+                            for j in range(lo, hi):
+                                dst[cb[lo] + (j - lo) * sw] += src[j]
+                        for j in range(hi, Wq):
+                            s = cb[j]
+                            if s >= 0:
+                                dst[s] += src[j]
+                    src = src + width
 
 
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
-                Py_ssize_t width, Py_ssize_t out_len, int threads):
+                cnp.ndarray interior, Py_ssize_t width, Py_ssize_t out_len, int threads):
     """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j]: the adjoint
     of pad_phase, so padding's copies send their gradient back to the pixel they copied.
-    gx is (channels, H, W)."""
+    gx is (channels, H, W); interior as for pad_phase."""
     cdef Py_ssize_t nc = gx.shape[0], H = gx.shape[1], W = gx.shape[2]
     cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0], Hq = rows.shape[1], Wq = cols.shape[1]
     cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
     cdef const Py_ssize_t* pc = <Py_ssize_t*>_ptr(cols)
+    cdef const Py_ssize_t* pi = <Py_ssize_t*>_ptr(interior)
     cdef void* src = _ptr(gxph)
     cdef void* dst = _ptr(gx)
     if gx.dtype.itemsize == 4:
         with nogil:
-            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len, threads)
+            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, threads)
     else:
         with nogil:
-            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, sh, sw, Hq, Wq, width, out_len, threads)
+            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, threads)
 
 
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,

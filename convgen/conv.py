@@ -64,7 +64,9 @@ class Conv2d:
 
     def forward(self, x):
         weight, bias = self._params()
-        y, self._saved = F.forward(self._cfg, x, weight, bias)
+        # The previous forward's padded input can no longer be differentiated: reuse it.
+        previous, self._saved = self._saved, None
+        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=previous)
         return y
 
     __call__ = forward

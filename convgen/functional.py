@@ -86,15 +86,16 @@ class Saved:
         return self.xin
 
 
-def forward(cfg, x, weight, bias):
-    """Run cfg on validated weight/bias; returns (y, Saved)."""
+def forward(cfg, x, weight, bias, recycle=None):
+    """Run cfg on validated weight/bias; returns (y, Saved).  recycle: a Saved whose
+    backward will not be asked for any more (its buffers may be reused)."""
     x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
     p = cfg.problem(x.shape, x.dtype)
     if p.N == 0:
         OH, OW = p.output_hw
         y, xin = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None
     else:
-        y, xin = _engine.forward(x, weight, bias, p)
+        y, xin = _engine.forward(x, weight, bias, p, recycle.xin if recycle is not None else None)
     return (y if batched else y[0]), Saved(p, x, xin, weight, batched)
 
 
