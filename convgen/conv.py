@@ -64,9 +64,9 @@ class Conv2d:
 
     def forward(self, x):
         weight, bias = self._params()
-        # The previous forward's padded input can no longer be differentiated: reuse it.
-        previous, self._saved = self._saved, None
-        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=previous)
+        # A new forward ends the previous one's backward: its padded input is reused
+        # (only once the input has been validated, so a failed call changes nothing).
+        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=self._saved)
         return y
 
     __call__ = forward
