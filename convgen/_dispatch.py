@@ -28,8 +28,12 @@ class Kernel(NamedTuple):
         channels by `pixels` flat output pixels (rows past the end are repeated,
         pixels padded to whole chunks).  Returns (index, chunk)."""
         def cost(i):
-            rows, _cols, chunk = self.variants[i]
-            return (-(-out_rows // rows) * rows * (-(-pixels // chunk) * chunk), i)
+            rows, cols, chunk = self.variants[i]
+            padded = -(-out_rows // rows) * rows * (-(-pixels // chunk) * chunk)
+            # A tile's own speed: its loads per multiply-add, relative to the primary's.
+            primary_rows, primary_cols, _ = self.variants[0]
+            speed = (primary_rows + primary_cols) / (primary_rows * primary_cols) / ((rows + cols) / (rows * cols))
+            return (padded / speed, i)
         best = min(range(len(self.variants)), key=cost)
         return best, self.variants[best][2]
 

@@ -192,20 +192,35 @@ class ForwardPlan:
 
 class BackwardDataPlan:
     """Geometry of the input gradient: per stride phase of the padded input, a
-    correlation of grad_output (bordered by `halo` zeros) with that phase's taps."""
+    correlation of grad_output (bordered by `halo` zeros) with that phase's taps.
+
+    The rows of grad_output are `width` apart; reads past a row's end wrap onto the
+    next row's zero border, so `width` need only hold a row's data.  With stride 1
+    and zero padding only the gradient of real input pixels is computed (the padded
+    border would be dropped); otherwise the whole padded plane, folded back after."""
 
     def __init__(self, fp: ForwardPlan):
         p = fp.problem
         self.kernel = _dispatch.lookup("bwd_data", p)
         lanes = 16 if p.dtype == "f32" else 8
         self.top, self.left = _geometry.bwd_data_halo(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
-        self.width = fp.We + self.left
-        self.tile, chunk = self.kernel.pick_tile(fp.Cg, fp.Hq * self.width)
-        self.out_len = _geometry.round_up(fp.Hq * self.width, chunk)
-        self.plane_len = _geometry.round_up(self.out_len + self.top * self.width + self.left, lanes)
+        self.width = max(fp.We, fp.OW + self.left)
+        interior = p.sh == p.sw == 1 and p.mode == "zeros"
+        out_rows = p.H if interior else fp.Hq
+        shift = p.pad_top * self.width + p.pad_left if interior else 0
+        self.tile, chunk = self.kernel.pick_tile(fp.Cg, out_rows * self.width)
+        self.out_len = _geometry.round_up(out_rows * self.width, chunk)
+        self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
-        self.phase_offs = [_index([t.dy * self.width + t.dx for t in taps]) for taps in phases]
+        self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
         self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
+        if interior:  # output row i, column j is input pixel (i, j)
+            self.fold_rows = np.arange(p.H, dtype=np.intp).reshape(1, p.H)
+            self.fold_cols = np.arange(p.W, dtype=np.intp).reshape(1, p.W)
+            self.fold_interior = np.array([[0, p.W]], dtype=np.intp)
+        else:
+            self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
+        self.n_planes = len(phases)
         itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
 
@@ -263,33 +278,41 @@ def backward_data(grad_y, weight, p: Problem):
     threads = threads_for(fp.work)
     gyp = scratch("gyp", (p.N * p.OC, bp.plane_len), grad_y.dtype)
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
-    gxph = scratch("gxph", (p.N * p.C, fp.n_planes * bp.out_len), grad_y.dtype)
+    gxph = scratch("gxph", (p.N * p.C, bp.n_planes * bp.out_len), grad_y.dtype)
     bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
                   bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), fp.rows, fp.cols, fp.col_interior,
-                        bp.width, bp.out_len, threads)
+    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
+                        bp.fold_interior, bp.width, bp.out_len, threads)
     return gx
 
 
-def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True):
+def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, weight_grad=None,
+                    bias_grad=None):
     """Gradients of the weight (OC, C/groups, KH, KW), from the forward's padded
-    planes, and of the bias (OC,); None for those not asked for."""
+    planes, and of the bias (OC,); None for those not asked for.  weight_grad /
+    bias_grad: C-contiguous arrays to add the gradients into (returned), as .grad
+    accumulates, instead of new ones."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
     if need_weight:
-        gw = np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
+        into = weight_grad is not None
+        gw = weight_grad if into else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
         if fp.wgrad_by_channel:
             gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * lanes_of(p))), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
-            fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off, threads)
+            fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
+                                  threads, into)
         else:
             fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
-                                fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads)
+                                fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads, into)
     if need_bias:
         gb = np.empty(p.OC, dtype=grad_y.dtype)
         _layout.channel_sums(gext, gb, p.N, p.OC, threads)
+        if bias_grad is not None:
+            bias_grad += gb
+            gb = bias_grad
     return gw, gb

@@ -10,6 +10,21 @@ from ._validate import dtype_arg, float_array
 from .parameter import Parameter
 
 
+def _accumulator(param):
+    """param.grad when the kernels can add into it in place (as torch accumulates),
+    else None (a new gradient array is made)."""
+    g = param.grad
+    if (isinstance(g, np.ndarray) and g.shape == param.shape and g.dtype == param.dtype
+            and g.flags.c_contiguous and g.flags.writeable):
+        return g
+    if g is None:
+        return None
+    g = np.array(g, dtype=param.dtype, order="C")   # accumulate into a fresh copy
+    if g.shape != param.shape:
+        raise ValueError(f"cannot accumulate a gradient of shape {param.shape} into .grad of shape {g.shape}")
+    return g
+
+
 class Conv2d:
     """2D convolution over (N, C, H, W) or unbatched (C, H, W) arrays.
 
@@ -75,10 +90,12 @@ class Conv2d:
         """Input gradient of the last forward; adds into weight.grad and bias.grad."""
         if self._saved is None:
             raise RuntimeError("backward() called before forward(): there is no input to differentiate")
-        gx, gw, gb = F.backward(self._saved, grad_output, True, True, self.bias is not None)
-        self.weight.grad = gw if self.weight.grad is None else self.weight.grad + gw
-        if self.bias is not None:
-            self.bias.grad = gb if self.bias.grad is None else self.bias.grad + gb
+        has_bias = self.bias is not None
+        gx, gw, gb = F.backward(self._saved, grad_output, True, True, has_bias,
+                                _accumulator(self.weight), _accumulator(self.bias) if has_bias else None)
+        self.weight.grad = gw    # the same array when it accumulated in place, as torch does
+        if has_bias:
+            self.bias.grad = gb
         return gx
 
     def zero_grad(self, set_to_none=True):

@@ -99,9 +99,11 @@ def forward(cfg, x, weight, bias, recycle=None):
     return (y if batched else y[0]), Saved(p, x, xin, weight, batched)
 
 
-def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True):
+def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
+             weight_grad=None, bias_grad=None):
     """Gradients (input, weight, bias) of the forward that produced `saved`
-    (None for those not asked for)."""
+    (None for those not asked for).  weight_grad / bias_grad: arrays to accumulate
+    the parameter gradients into, in place (see _engine.backward_params)."""
     p = saved.problem
     OH, OW = p.output_hw
     expected = (p.N, p.OC, OH, OW) if saved.batched else (p.OC, OH, OW)
@@ -114,15 +116,15 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
         if need_input:
             gx = np.zeros((p.N, p.C, p.H, p.W), dtype=gy.dtype)
         if need_weight:
-            gw = np.zeros_like(saved.weight)
+            gw = weight_grad if weight_grad is not None else np.zeros_like(saved.weight)
         if need_bias:
-            gb = np.zeros(p.OC, dtype=gy.dtype)
+            gb = bias_grad if bias_grad is not None else np.zeros(p.OC, dtype=gy.dtype)
     else:
         if need_input:
             gx = _engine.backward_data(gy, saved.weight, p)
         if need_weight or need_bias:
             xin = saved.input_planes() if need_weight else None
-            gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias)
+            gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias, weight_grad, bias_grad)
     if gx is not None and not saved.batched:
         gx = gx[0]
     return gx, gw, gb
