@@ -218,8 +218,10 @@ class BackwardDataPlan:
             self.fold_rows = np.arange(p.H, dtype=np.intp).reshape(1, p.H)
             self.fold_cols = np.arange(p.W, dtype=np.intp).reshape(1, p.W)
             self.fold_interior = np.array([[0, p.W]], dtype=np.intp)
+            self.fold_pad_left = 0
         else:
             self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
+            self.fold_pad_left = p.pad_left
         self.n_planes = len(phases)
         itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
@@ -283,7 +285,7 @@ def backward_data(grad_y, weight, p: Problem):
                   bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
     _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                        bp.fold_interior, bp.width, bp.out_len, threads)
+                        bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
     return gx
 
 

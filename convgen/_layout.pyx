@@ -155,13 +155,22 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
                   Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads) noexcept nogil:
-    cdef Py_ssize_t c, i
+    cdef Py_ssize_t c, i, j, start, end
     cdef real* dst
+    cdef const real* src
     for c in prange(nc, schedule="static", num_threads=threads):
         dst = gext + c * L
-        memset(dst, 0, L * sizeof(real))
+        src = g + c * H * W
+        end = 0                      # everything before `end` is written
         for i in range(H):
-            memcpy(dst + (i + top) * width + left, g + (c * H + i) * W, W * sizeof(real))
+            start = (i + top) * width + left
+            for j in range(end, start):
+                dst[j] = 0
+            for j in range(W):
+                dst[start + j] = src[i * W + j]
+            end = start + W
+        for j in range(end, L):
+            dst[j] = 0
 
 
 def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
@@ -178,10 +187,30 @@ def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py
             _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left, threads)
 
 
+cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd, Py_ssize_t W,
+                                   Py_ssize_t pad_left) noexcept nogil:
+    """Stride 2: input column s of a row gets padded column s + pad_left, which is
+    column (s + pad_left) // 2 of phase (s + pad_left) % 2.  Both phases in one pass
+    over the row, so the adds vectorise (an interleave rather than strided stores)."""
+    cdef Py_ssize_t m, half = pad_left // 2
+    cdef const real* first
+    cdef const real* second
+    cdef Py_ssize_t c0, c1
+    if pad_left % 2 == 0:
+        first, c0, second, c1 = even, half, odd, half
+    else:
+        first, c0, second, c1 = odd, half, even, half + 1
+    for m in range(W // 2):
+        dst[2 * m] += first[m + c0]
+        dst[2 * m + 1] += second[m + c1]
+    if W % 2:
+        dst[W - 1] += first[W // 2 + c0]
+
+
 cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
-                       Py_ssize_t out_len, int threads) noexcept nogil:
+                       Py_ssize_t out_len, Py_ssize_t pad_left, int threads) noexcept nogil:
     cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
     cdef real* dst
     cdef real* mid
@@ -208,6 +237,8 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
                             mid = dst + cb[lo] - lo
                             for j in range(lo, hi):
                                 mid[j] += src[j]
+                        elif sw == 2:
+                            pass     # both column phases at once, below
                         else:
                             for j in range(lo, hi):
                                 dst[cb[lo] + (j - lo) * sw] += src[j]
@@ -215,14 +246,18 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
                             s = cb[j]
                             if s >= 0:
                                 dst[s] += src[j]
+                        if sw == 2 and b == 1:
+                            _fold_interleaved(dst, src - out_len, src, W, pad_left)
                     src = src + width
 
 
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
-                cnp.ndarray interior, Py_ssize_t width, Py_ssize_t out_len, int threads):
+                cnp.ndarray interior, Py_ssize_t width, Py_ssize_t out_len, Py_ssize_t pad_left,
+                int threads):
     """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j]: the adjoint
     of pad_phase, so padding's copies send their gradient back to the pixel they copied.
-    gx is (channels, H, W); interior as for pad_phase."""
+    gx is (channels, H, W); interior as for pad_phase; pad_left: the padding's left
+    columns (stride 2 folds both column phases of a row together)."""
     cdef Py_ssize_t nc = gx.shape[0], H = gx.shape[1], W = gx.shape[2]
     cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0], Hq = rows.shape[1], Wq = cols.shape[1]
     cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
@@ -232,10 +267,10 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
     cdef void* dst = _ptr(gx)
     if gx.dtype.itemsize == 4:
         with nogil:
-            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, threads)
+            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, threads)
     else:
         with nogil:
-            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, threads)
+            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, threads)
 
 
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
