@@ -225,6 +225,10 @@ class BackwardDataPlan:
         self.n_planes = len(phases)
         itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
+        # (images, groups) per block: whole images while they fit, else groups of one image.
+        group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
+        fit = max(1, CACHE_BUDGET // group_bytes)
+        self.block = (max(1, min(p.N, fit // fp.G)), fp.G) if fit >= fp.G else (1, fit)
 
 
 @lru_cache(maxsize=256)
@@ -275,17 +279,33 @@ def forward(x, weight, bias, p: Problem, recycle=None):
 
 
 def backward_data(grad_y, weight, p: Problem):
-    """Gradient of the input (N, C, H, W), padding folded back into its sources."""
+    """Gradient of the input (N, C, H, W), padding folded back into its sources.
+    Runs in blocks of images, or of groups within an image, whose bordered
+    grad_output and phase planes fit in cache across the three passes."""
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work)
-    gyp = scratch("gyp", (p.N * p.OC, bp.plane_len), grad_y.dtype)
-    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
-    gxph = scratch("gxph", (p.N * p.C, bp.n_planes * bp.out_len), grad_y.dtype)
-    bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len,
-                  bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-    _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                        bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
+    gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
+    gx2 = gx.reshape(p.N * p.C, p.H * p.W)
+    images, groups = bp.block
+    gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
+    gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
+    for n0 in range(0, p.N, images):
+        n1 = min(p.N, n0 + images)
+        for g0 in range(0, fp.G, groups):
+            g1 = min(fp.G, g0 + groups)
+            # rows of (image, channel) in this block: contiguous, as the block is whole
+            # images or groups of one image
+            oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
+            c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
+            gypb, gxphb = gyp[:oc1 - oc0], gxph[:c1 - c0]
+            _layout.extend(gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW), gypb, bp.width, bp.top, bp.left,
+                           threads)
+            bp.kernel.run(gypb, weight[g0 * fp.OCg:g1 * fp.OCg], gxphb, n1 - n0, g1 - g0, fp.Cg, fp.OCg,
+                          bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads,
+                          bp.tile)
+            _layout.fold_phases(gxphb, gx2[c0:c1].reshape(c1 - c0, p.H, p.W), bp.fold_rows, bp.fold_cols,
+                                bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
     return gx
 
 
