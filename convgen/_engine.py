@@ -15,6 +15,9 @@ import numpy as np
 from . import _dispatch, _geometry, _layout
 
 PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
+DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+LANES = {"f32": 16, "f64": 8}       # elements of one 512-bit vector
+ITEMSIZE = {"f32": 4, "f64": 8}
 
 # Bytes of input a kernel pass should keep in cache (a share of the 2 MB L2 per core):
 # the reduction is split into blocks that fit, resuming from partial sums.
@@ -54,16 +57,11 @@ def threads_for(work):
 SMALL_MAP = 256
 
 
-def lanes_of(p):
-    return 16 if p.dtype == "f32" else 8
-
-
 def _reduction_block(channels, bytes_per_channel, minimum=8):
     """Channels per block so that a block's input fits CACHE_BUDGET."""
     if channels * bytes_per_channel <= CACHE_BUDGET:
         return channels
     return max(minimum, CACHE_BUDGET // bytes_per_channel)
-DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 
 _scratch_pool = threading.local()
@@ -158,14 +156,13 @@ class ForwardPlan:
         self.Hq, self.We = _geometry.ceil_div(hp, p.sh), _geometry.ceil_div(wp, p.sw)
         self.n_planes = p.sh * p.sw
         self.kernel = _dispatch.lookup("fwd", p)
-        lanes = 16 if p.dtype == "f32" else 8
+        lanes, itemsize = LANES[p.dtype], ITEMSIZE[p.dtype]
         self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
         self.x_chan = self.n_planes * self.plane_len
-        itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, CACHE_BUDGET // max(1, p.C * self.x_chan * itemsize)))
@@ -202,7 +199,7 @@ class BackwardDataPlan:
     def __init__(self, fp: ForwardPlan):
         p = fp.problem
         self.kernel = _dispatch.lookup("bwd_data", p)
-        lanes = 16 if p.dtype == "f32" else 8
+        lanes, itemsize = LANES[p.dtype], ITEMSIZE[p.dtype]
         self.top, self.left = _geometry.bwd_data_halo(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.width = max(fp.We, fp.OW + self.left)
         interior = p.sh == p.sw == 1 and p.mode == "zeros"
@@ -223,7 +220,6 @@ class BackwardDataPlan:
             self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
             self.fold_pad_left = p.pad_left
         self.n_planes = len(phases)
-        itemsize = 4 if p.dtype == "f32" else 8
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
         # (images, groups) per block: whole images while they fit, else groups of one image.
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
@@ -324,7 +320,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
         into = weight_grad is not None
         gw = weight_grad if into else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
         if fp.wgrad_by_channel:
-            gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * lanes_of(p))), grad_y.dtype)
+            gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
             fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
                                   threads, into)
