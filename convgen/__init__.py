@@ -3,6 +3,36 @@ OpenMP-parallel Cython kernels.  See README.md and the contract in API.md."""
 
 import numpy as np
 
+
+def _share_torch_openmp():
+    """Some torch wheels vendor libgomp renamed (torch/lib/libgomp-<hash>.so.1).  If
+    torch loads that copy after convgen, each library runs its own OpenMP thread pool,
+    and each pool's idle threads spin on the cores the other's need (see
+    examples/OPENMP.md).  Loading torch's copy first, into the global symbol scope,
+    binds convgen's extensions to it, and torch reuses it: one runtime, one pool.
+    Nothing to do without torch, or when its libgomp keeps the name libgomp.so.1
+    (the dynamic loader then shares it with convgen whichever comes first)."""
+    import importlib.util
+    import os
+    import sys
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        spec = importlib.util.find_spec("torch")
+        libdir = os.path.join(list(spec.submodule_search_locations)[0], "lib")
+        names = sorted(n for n in os.listdir(libdir) if n.startswith("libgomp-") and ".so" in n)
+    except (ImportError, ValueError, AttributeError, TypeError, IndexError, OSError):
+        return
+    if names:
+        import ctypes
+        try:
+            ctypes.CDLL(os.path.join(libdir, names[0]), mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            pass
+
+
+_share_torch_openmp()  # before the first extension module loads
+
 from . import functional, init
 from . import _engine
 from .conv import Conv2d
