@@ -1,0 +1,116 @@
+"""convgen.torch.Conv2d: a drop-in ``torch.nn.Conv2d`` whose forward and backward
+run convgen's kernels.
+
+    from convgen.torch import Conv2d
+    conv = Conv2d(3, 16, 3, padding=1)            # same constructor as torch.nn.Conv2d
+    loss = conv(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward()                               # convgen kernels both ways
+
+The module *is* a ``torch.nn.Conv2d`` (same parameters, initialisation, state_dict,
+repr, optimisers, hooks); only the arithmetic changes.  Tensors and arrays share
+memory both ways (``Tensor.numpy()`` / ``torch.from_numpy``): the only copies are
+the padded input planes the kernels read (which the weight gradient reuses) and a
+contiguous copy of a non-contiguous input or gradient.
+
+convgen computes float32 and float64 on the CPU.  Anything else (another device,
+half precision, mismatched dtypes, a malformed input) goes to
+``torch.nn.Conv2d``'s own implementation, which computes it or raises PyTorch's
+error.  Only this module imports torch; ``import convgen`` does not need it.
+"""
+
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import functional as _F
+
+__all__ = ["Conv2d"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _array(t):
+    """The ndarray viewing tensor t's memory (no copy)."""
+    return t.detach().numpy()
+
+
+def _param_array(t):
+    """A weight or bias as the C-contiguous array the kernels read (a view, unless
+    the tensor is not contiguous, e.g. a channels_last weight)."""
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+class _Conv2dFunction(torch.autograd.Function):
+    """Autograd node: convgen forward; convgen input / weight gradients and a
+    NumPy bias gradient, each only when ``ctx.needs_input_grad`` asks for it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cfg):
+        y, saved = _F.forward(cfg, _array(x), _param_array(weight),
+                              None if bias is None else _param_array(bias))
+        if not ctx.needs_input_grad[1]:
+            # Only the weight gradient reads the input (or its padded planes): drop them.
+            for name in ("x", "xin"):
+                if hasattr(saved, name):
+                    setattr(saved, name, None)
+        ctx.convgen_saved = saved
+        # The kernels' saved arrays share memory with x and weight.  Saving the tensors
+        # too lets autograd's version counters catch an in-place change between forward
+        # and backward, as they do for torch.nn.Conv2d.
+        ctx.save_for_backward(x, weight)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        ctx.saved_tensors  # noqa: B018  (raises if x or the weight changed in place since forward)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = _F.backward(ctx.convgen_saved, _array(grad_output), need_x, need_w, need_b)
+        return (None if gx is None else torch.from_numpy(gx),
+                None if gw is None else torch.from_numpy(gw),
+                None if gb is None else torch.from_numpy(gb),
+                None)
+
+
+class Conv2d(torch.nn.Conv2d):
+    """``torch.nn.Conv2d`` computed by convgen's generated OpenMP kernels.
+
+    Same constructor, attributes and behaviour as ``torch.nn.Conv2d``; forward and
+    backward (input, weight and bias gradients) run convgen for float32 / float64
+    CPU tensors, and fall back to PyTorch otherwise.
+    """
+
+    def _convgen_config(self):
+        """(Config, weight shape) for the module's current attributes: validated once,
+        rebuilt only when one of them changes."""
+        key = (self.in_channels, self.out_channels, self.kernel_size, self.stride,
+               self.padding, self.dilation, self.groups, self.padding_mode)
+        cache = self.__dict__.get("_convgen_cache")
+        if cache is None or cache[0] != key:
+            cfg = _F.Config(*key)
+            shape = (cfg.out_channels, cfg.in_channels // cfg.groups, *cfg.kernel_size)
+            cache = self.__dict__["_convgen_cache"] = (key, cfg, shape)
+        return cache[1], cache[2]
+
+    def _conv_forward(self, input, weight, bias):
+        dtype = weight.dtype
+        cfg, wshape = self._convgen_config()
+        if (type(input) is not torch.Tensor or input.dtype is not dtype or dtype not in _DTYPES
+                or input.device.type != "cpu" or weight.device.type != "cpu" or weight.shape != wshape
+                or (bias is not None and (bias.dtype is not dtype or bias.device.type != "cpu"
+                                          or bias.shape != wshape[:1]))
+                or input.dim() not in (3, 4) or input.shape[-3] != cfg.in_channels
+                or input.is_neg() or weight.is_neg()):
+            return super()._conv_forward(input, weight, bias)
+        try:
+            if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                            or (bias is not None and bias.requires_grad)):
+                return _Conv2dFunction.apply(input, weight, bias, cfg)
+            # Nothing to differentiate: run the kernels without an autograd node.
+            y, _ = _F.forward(cfg, _array(input), _param_array(weight),
+                              None if bias is None else _param_array(bias))
+        except ValueError:
+            # convgen checks sizes before it computes anything: an input too small for
+            # the kernel or the padding.  PyTorch then raises its own error for it.
+            return super()._conv_forward(input, weight, bias)
+        return torch.from_numpy(y)

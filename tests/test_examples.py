@@ -1,0 +1,44 @@
+"""The examples run and learn, in shortened runs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+sys.path.insert(0, EXAMPLES)
+
+
+def test_numpy_sgd_drives_the_loss_down(capsys):
+    import numpy_sgd
+    losses = numpy_sgd.main(["--steps", "8"])
+    assert len(losses) == 8
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.25 * losses[0]
+    out = capsys.readouterr().out
+    assert "step   7  loss" in out and "->" in out
+
+
+def test_numpy_sgd_needs_no_torch():
+    code = ("import sys, runpy; sys.modules['torch'] = None\n"
+            f"sys.argv = ['numpy_sgd.py', '--steps', '2']\n"
+            f"runpy.run_path({os.path.join(EXAMPLES, 'numpy_sgd.py')!r}, run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "step   1  loss" in out
+
+
+def test_digits_short_run_learns_and_matches_torch(capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    import digits_train
+    results = digits_train.main(["--epochs", "3", "--quiet"])
+    ours, ref = results["convgen"], results["torch"]
+    assert ours["accuracy"] >= 0.95, ours
+    assert all(b < a for a, b in zip(ours["losses"], ours["losses"][1:])), ours["losses"]
+    # the same network, weights and batches: the same learning curve up to rounding
+    for a, b in zip(ours["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(b)), (ours["losses"], ref["losses"])
+    assert abs(ours["accuracy"] - ref["accuracy"]) <= 0.02
+    out = capsys.readouterr().out
+    assert "convgen.torch.Conv2d" in out and "torch.nn.Conv2d" in out and "test accuracy" in out

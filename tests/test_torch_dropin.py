@@ -1,0 +1,388 @@
+"""convgen.torch.Conv2d against torch.nn.Conv2d: same numbers forward and backward,
+same autograd behaviour, and tensors that share memory with the kernels' arrays."""
+
+import copy
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import convgen.torch as cgt  # noqa: E402
+from convgen.torch import Conv2d  # noqa: E402
+
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def close(actual, expected, what=""):
+    assert actual.dtype == expected.dtype, what
+    assert actual.shape == expected.shape, what
+    tol = TOL[expected.dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale, msg=what)
+
+
+def pair(*args, dtype=torch.float32, **kwargs):
+    """(convgen drop-in, torch.nn.Conv2d) with the same weights."""
+    torch.manual_seed(0)
+    ours = Conv2d(*args, dtype=dtype, **kwargs)
+    ref = torch.nn.Conv2d(*args, dtype=dtype, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+class Spy:
+    """Records the arrays convgen.functional.forward / backward see and return."""
+
+    def __init__(self, monkeypatch):
+        self.forward, self.backward = [], []
+        fwd, bwd = cgt._F.forward, cgt._F.backward
+
+        def forward(cfg, x, weight, bias):
+            y, saved = fwd(cfg, x, weight, bias)
+            self.forward.append(dict(cfg=cfg, x=x, weight=weight, bias=bias, y=y, saved=saved))
+            return y, saved
+
+        def backward(saved, gy, need_input, need_weight, need_bias):
+            out = bwd(saved, gy, need_input, need_weight, need_bias)
+            self.backward.append(dict(need=(need_input, need_weight, need_bias), out=out))
+            return out
+
+        monkeypatch.setattr(cgt._F, "forward", forward)
+        monkeypatch.setattr(cgt._F, "backward", backward)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return Spy(monkeypatch)
+
+
+def ptr(a):
+    return a.__array_interface__["data"][0]
+
+
+# (constructor args, constructor kwargs, input shape)
+CASES = {
+    "seed": ((3, 16, 3), dict(padding=1), (2, 3, 12, 12)),
+    "reflect": ((3, 4, 3), dict(padding=(1, 2), padding_mode="reflect"), (2, 3, 7, 9)),
+    "replicate": ((3, 4, (3, 2)), dict(padding=2, padding_mode="replicate"), (2, 3, 6, 5)),
+    "circular": ((2, 4, 3), dict(padding=(2, 1), padding_mode="circular"), (1, 2, 5, 8)),
+    "same_even_kernel": ((3, 5, 4), dict(padding="same"), (2, 3, 9, 7)),
+    "same_dilated_reflect": ((2, 3, 3), dict(padding="same", dilation=(2, 3), padding_mode="reflect"),
+                             (1, 2, 9, 11)),
+    "valid": ((3, 4, (2, 5)), dict(padding="valid"), (2, 3, 6, 9)),
+    "groups": ((4, 6, 3), dict(padding=1, groups=2), (2, 4, 7, 6)),
+    "depthwise": ((6, 6, 3), dict(padding=1, groups=6), (2, 6, 9, 9)),
+    "depthwise_x2_strided": ((3, 6, 5), dict(padding=2, groups=3, stride=2), (2, 3, 11, 10)),
+    "dilation": ((3, 4, 3), dict(dilation=(2, 1), padding=1), (2, 3, 9, 8)),
+    "stride2": ((3, 8, 3), dict(stride=2, padding=1), (2, 3, 13, 11)),
+    "stride_2x3_odd": ((3, 4, (3, 5)), dict(stride=(2, 3), padding=(0, 2)), (3, 3, 11, 13)),
+    "pointwise_nobias": ((5, 7, 1), dict(bias=False), (2, 5, 5, 3)),
+    "unbatched": ((3, 4, 3), dict(padding=1), (3, 6, 7)),
+    "unbatched_circular_stride": ((3, 4, 3), dict(padding=1, stride=2, padding_mode="circular"), (3, 7, 6)),
+    "empty_batch": ((3, 4, 3), dict(padding=1), (0, 3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_torch_both_ways(case, dtype, spy):
+    args, kwargs, shape = CASES[case]
+    ours, ref = pair(*args, dtype=dtype, **kwargs)
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    close(ya, yb, "output")
+    gy = torch.randn(yb.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    ya.backward(gy)
+    yb.backward(gy)
+    close(xa.grad, xb.grad, "input gradient")
+    close(ours.weight.grad, ref.weight.grad, "weight gradient")
+    if ref.bias is not None:
+        close(ours.bias.grad, ref.bias.grad, "bias gradient")
+    # convgen computed all of it: one forward, one backward asking for everything
+    assert len(spy.forward) == 1 and len(spy.backward) == 1
+    assert spy.backward[0]["need"] == (True, True, ref.bias is not None)
+
+
+def test_is_a_torch_conv2d():
+    m = Conv2d(3, 16, 3, padding=1)
+    assert isinstance(m, torch.nn.Conv2d) and isinstance(m, torch.nn.Module)
+    assert repr(m) == repr(torch.nn.Conv2d(3, 16, 3, padding=1))
+    assert [n for n, _ in m.named_parameters()] == ["weight", "bias"]
+
+
+def test_seed_examples_verbatim(capsys):
+    conv = Conv2d(3, 16, 3, padding=1)
+    print(conv(torch.randn(1, 3, 32, 32)).shape)
+    output = conv(torch.randn(1, 3, 32, 32))
+    loss = output.sum()
+    loss.backward()
+    print(conv.weight.grad.shape)
+    assert capsys.readouterr().out == "torch.Size([1, 16, 32, 32])\ntorch.Size([16, 3, 3, 3])\n"
+
+
+def test_same_default_initialisation():
+    torch.manual_seed(5)
+    a = Conv2d(4, 8, 3)
+    torch.manual_seed(5)
+    b = torch.nn.Conv2d(4, 8, 3)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_no_grad_and_inference_mode(spy):
+    ours, ref = pair(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with torch.no_grad():
+        y = ours(x)
+    assert y.grad_fn is None and not y.requires_grad
+    close(y, ref(x).detach())
+    with torch.inference_mode():
+        y = ours(x.detach())
+    assert not y.requires_grad
+    close(y, ref(x).detach())
+    assert len(spy.forward) == 2 and not spy.backward
+
+
+def test_input_without_requires_grad_skips_input_gradient(spy):
+    ours, ref = pair(3, 5, 3, padding=1)
+    x = torch.randn(2, 3, 8, 8)
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    assert x.grad is None
+    assert spy.backward[0]["need"] == (False, True, True)
+    assert spy.backward[0]["out"][0] is None
+    close(ours.weight.grad, ref.weight.grad)
+    close(ours.bias.grad, ref.bias.grad)
+
+
+def test_frozen_weight_skips_weight_gradient(spy):
+    ours, ref = pair(3, 5, 3, padding=1)
+    for m in (ours, ref):
+        m.weight.requires_grad_(False)
+    xa = torch.randn(2, 3, 8, 8, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    ours(xa).sum().backward()
+    ref(xb).sum().backward()
+    assert spy.backward[0]["need"] == (True, False, True)
+    assert spy.forward[0]["saved"].xin is None  # the padded input is not kept for nothing
+    assert ours.weight.grad is None
+    close(xa.grad, xb.grad)
+    close(ours.bias.grad, ref.bias.grad)
+
+
+def test_nothing_requires_grad_builds_no_graph(spy):
+    ours, _ = pair(3, 5, 3, padding=1)
+    ours.requires_grad_(False)
+    y = ours(torch.randn(1, 3, 6, 6))
+    assert y.grad_fn is None and len(spy.forward) == 1
+
+
+def test_gradient_accumulation():
+    ours, ref = pair(3, 4, 3, padding=1, stride=2)
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(3):
+        ours(x).sum().backward()
+        ref(x).sum().backward()
+    close(ours.weight.grad, ref.weight.grad)
+    close(ours.bias.grad, ref.bias.grad)
+    ours.zero_grad()
+    ours(x).sum().backward()
+    close(ours.weight.grad * 3, ref.weight.grad)
+
+
+@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                      lambda p: torch.optim.Adam(p, lr=1e-2)], ids=["sgd", "adam"])
+def test_optimizer_steps_match(make_opt):
+    ours, ref = pair(3, 6, 3, padding=1, dtype=torch.float64)
+    opts = make_opt(ours.parameters()), make_opt(ref.parameters())
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x = torch.randn(4, 3, 7, 7, dtype=torch.float64, generator=gen)
+        target = torch.randn(4, 6, 7, 7, dtype=torch.float64, generator=gen)
+        for m, opt in zip((ours, ref), opts):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m(x), target).backward()
+            opt.step()
+    close(ours.weight.detach(), ref.weight.detach())
+    close(ours.bias.detach(), ref.bias.detach())
+
+
+def test_in_a_network_with_other_layers():
+    torch.manual_seed(0)
+    net_a = torch.nn.Sequential(Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                Conv2d(4, 8, 3, groups=4), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3))
+    net_b = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(4, 8, 3, groups=4), torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3))
+    net_b.load_state_dict(net_a.state_dict())
+    x = torch.randn(5, 1, 12, 12)
+    for net in (net_a, net_b):
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 1, 2, 0, 1])).backward()
+    for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
+        close(a.grad, b.grad, name)
+
+
+def test_shares_memory_with_tensors(spy):
+    m = Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(2, 3, 10, 10, requires_grad=True)
+    y = m(x)
+    seen = spy.forward[0]
+    assert ptr(seen["x"]) == x.data_ptr()            # the input is not copied
+    assert ptr(seen["weight"]) == m.weight.data_ptr()  # nor the weight and bias
+    assert ptr(seen["bias"]) == m.bias.data_ptr()
+    assert y.data_ptr() == ptr(seen["y"])            # the output is the kernel's array
+    gy = torch.randn(y.shape)
+    y.backward(gy)
+    gx, gw, gb = spy.backward[0]["out"]
+    assert x.grad.data_ptr() == ptr(gx)              # gradients are the kernels' arrays
+    assert m.weight.grad.data_ptr() == ptr(gw)
+    assert m.bias.grad.data_ptr() == ptr(gb)
+    # no_grad path too
+    with torch.no_grad():
+        y = m(x)
+    assert ptr(spy.forward[1]["x"]) == x.data_ptr() and y.data_ptr() == ptr(spy.forward[1]["y"])
+
+
+def test_non_contiguous_input_and_channels_last_weight():
+    ours, ref = pair(4, 6, 3, padding=1)
+    for m in (ours, ref):
+        m.to(memory_format=torch.channels_last)
+    base = torch.randn(2, 9, 4, 8).permute(0, 2, 3, 1)[..., ::2]  # (2, 4, 8, 5), strided
+    xa, xb = base.clone().requires_grad_(), base.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    close(ya, yb.contiguous())
+    ya.sum().backward()
+    yb.sum().backward()
+    close(xa.grad.contiguous(), xb.grad.contiguous())
+    close(ours.weight.grad.contiguous(), ref.weight.grad.contiguous())
+
+
+def test_expanded_grad_output():
+    """sum().backward() hands an expanded (stride-0) gradient; it is made contiguous."""
+    ours, ref = pair(2, 3, 3)
+    xa = torch.randn(1, 2, 5, 5, requires_grad=True)
+    xb = xa.detach().clone().requires_grad_()
+    ours(xa).sum().backward()
+    ref(xb).sum().backward()
+    close(xa.grad, xb.grad)
+
+
+def test_config_is_cached_and_follows_attribute_changes(spy):
+    m = Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 8, 8)
+    m(x)
+    m(x)
+    assert spy.forward[0]["cfg"] is spy.forward[1]["cfg"]
+    m.padding = (0, 0)
+    m.stride = (2, 2)
+    assert m(x).shape == (1, 4, 3, 3)
+    assert spy.forward[2]["cfg"] is not spy.forward[0]["cfg"]
+    ref = torch.nn.Conv2d(3, 4, 3, stride=2)
+    ref.load_state_dict(m.state_dict())
+    close(m(x), ref(x))
+
+
+def test_weight_modified_in_place_after_forward_is_caught():
+    m = Conv2d(3, 4, 3)
+    y = m(torch.randn(1, 3, 5, 5, requires_grad=True))
+    with torch.no_grad():
+        m.weight.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_input_modified_in_place_after_forward_is_caught():
+    m = Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 5, 5)
+    y = m(x)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_double_backward_is_refused():
+    m = Conv2d(2, 3, 3)
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
+        gx.sum().backward()
+
+
+def test_falls_back_to_torch_for_what_convgen_does_not_compute(spy):
+    ours, ref = pair(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    for m in (ours, ref):
+        m.to(torch.bfloat16)
+    torch.testing.assert_close(ours(x.bfloat16()), ref(x.bfloat16()))  # PyTorch computed it
+    assert not spy.forward
+    ours.float()
+    with pytest.raises(RuntimeError):  # dtype mismatch: PyTorch's own error
+        ours(x.double())
+    with pytest.raises(RuntimeError):  # wrong number of channels
+        ours(torch.randn(1, 5, 6, 6))
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        Conv2d(3, 4, 5)(torch.randn(1, 3, 2, 2))
+    with pytest.raises(RuntimeError, match="Padding size should be less"):
+        Conv2d(3, 4, 3, padding=3, padding_mode="reflect")(torch.randn(1, 3, 3, 3))
+    assert not spy.forward
+
+
+def test_state_dict_copy_and_pickle_round_trip():
+    m = Conv2d(3, 4, 3, padding="same", padding_mode="circular")
+    x = torch.randn(1, 3, 6, 6)
+    y = m(x)  # fills the config cache
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert type(clone) is Conv2d
+        close(clone(x), y)
+    ref = torch.nn.Conv2d(3, 4, 3, padding="same", padding_mode="circular")
+    ref.load_state_dict(m.state_dict())
+    close(ref(x), y)
+
+
+def test_convgen_imports_without_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"  # makes `import torch` fail
+            "import numpy as np, convgen\n"
+            "print(convgen.Conv2d(3, 4, 3, padding=1)(np.zeros((1, 3, 5, 5), np.float32)).shape)\n"
+            "try:\n    import convgen.torch\nexcept ImportError:\n    print('no torch')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1,", "4,", "5,", "5)", "no", "torch"]
+
+
+# ---------------------------------------------------------------------------- OpenMP
+def test_one_openmp_runtime_with_torch():
+    """convgen and torch run on the same OpenMP runtime (one thread pool): a thread
+    count set through either is the other's too.  Two runtimes make each slower by
+    up to two orders of magnitude on a small machine (examples/OPENMP.md)."""
+    import convgen
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert convgen.get_num_threads() == 1
+        convgen.set_num_threads(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_adopts_a_renamed_libgomp_vendored_by_torch(tmp_path):
+    """With a torch that vendors libgomp under another name (libgomp-<hash>.so.1),
+    `import convgen` (even before torch) binds convgen to that copy."""
+    with open("/proc/self/maps") as f:
+        source = next(line.split()[-1] for line in f if "libgomp" in line.rsplit("/", 1)[-1])
+    lib = tmp_path / "torch" / "lib"
+    lib.mkdir(parents=True)
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('a stand-in torch')\n")
+    fake = lib / "libgomp-0123abcd.so.1"
+    shutil.copy(source, fake)
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "import ctypes, numpy as np, convgen\n"
+            f"runtime = ctypes.CDLL({str(fake)!r})\n"
+            "convgen.set_num_threads(3)\n"
+            "print(runtime.omp_get_max_threads())\n"
+            "print(convgen.Conv2d(2, 3, 3, seed=0)(np.ones((2, 2, 6, 6), np.float32)).shape)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["3", "(2, 3, 4, 4)"], out
