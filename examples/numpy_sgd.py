@@ -36,9 +36,9 @@ def main(argv=None):
         losses.append(loss)
         print(f"step {step:3d}  loss {loss:.6f}")
         conv.backward(2 * diff / diff.size)          # dloss/dy; fills weight.grad, bias.grad
-        for p in conv.parameters():
-            p -= args.lr * p.grad                    # in place: p stays a Parameter
-        conv.zero_grad()
+        conv.weight -= args.lr * conv.weight.grad    # in place: still a Parameter
+        conv.bias -= args.lr * conv.bias.grad
+        conv.zero_grad()                             # grads back to None
     print(f"loss {losses[0]:.6f} -> {losses[-1]:.6f}")
     return losses
 

@@ -4,8 +4,8 @@ Each measurement runs in a fresh process (so the OpenMP runtimes start cold and
 import order is controlled); each prints the median over many calls, and the
 driver reports the median over --procs processes.
 
-    python examples/openmp_bench.py            # full table (a few minutes on 2 cores)
-    python examples/openmp_bench.py --quick
+    python examples/openmp_bench.py            # the full table (10-20 minutes on 2 cores)
+    python examples/openmp_bench.py --quick    # 3 processes x 100 calls each
 
 Workloads
   conv   a 16->16 3x3 conv, batch 4, 32x32 (float32): torch's F.conv2d ("T") and

@@ -358,14 +358,16 @@ def test_one_openmp_runtime_with_torch():
     count set through either is the other's too.  Two runtimes make each slower by
     up to two orders of magnitude on a small machine (examples/OPENMP.md)."""
     import convgen
-    before = torch.get_num_threads()
+    before_torch, before_convgen = torch.get_num_threads(), convgen.get_num_threads()
     try:
         torch.set_num_threads(1)
         assert convgen.get_num_threads() == 1
         convgen.set_num_threads(3)
         assert torch.get_num_threads() == 3
     finally:
-        torch.set_num_threads(before)
+        convgen.set_num_threads(before_convgen)
+        torch.set_num_threads(before_torch)
+    assert (convgen.get_num_threads(), torch.get_num_threads()) == (before_convgen, before_torch)
 
 
 def test_adopts_a_renamed_libgomp_vendored_by_torch(tmp_path):
