@@ -22,19 +22,20 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def median_time(record, peer, direction):
-    return record["results"].get(peer, {}).get(direction, {}).get("median")
+def median_time(record, peer, direction, stat="median"):
+    """A peer's seconds per call: the median over rounds (or "min": its fastest round)."""
+    return record["results"].get(peer, {}).get(direction, {}).get(stat)
 
 
-def ratio(record, peer, direction):
-    mine, theirs = median_time(record, "convgen", direction), median_time(record, peer, direction)
+def ratio(record, peer, direction, stat="median"):
+    mine, theirs = median_time(record, "convgen", direction, stat), median_time(record, peer, direction, stat)
     if not mine or not theirs:
         return None
     return theirs / mine
 
 
-def gflops(record, direction, peer="convgen"):
-    t = median_time(record, peer, direction)
+def gflops(record, direction, peer="convgen", stat="median"):
+    t = median_time(record, peer, direction, stat)
     return flops(record, direction) / t / 1e9 if t else None
 
 
@@ -44,8 +45,8 @@ def peak_for(record, peak):
     return peak.get(DTYPE_KEY[record["dtype"]])
 
 
-def pct_peak(record, direction, peak):
-    g, p = gflops(record, direction), peak_for(record, peak)
+def pct_peak(record, direction, peak, stat="median"):
+    g, p = gflops(record, direction, stat=stat), peak_for(record, peak)
     return 100 * g / p if g and p else None
 
 
@@ -54,22 +55,22 @@ def peers_in(records):
     return [p for p in PEER_ORDER if p in present and p != "convgen"]
 
 
-def summarise(records, peak, group_key, groups_order, directions):
+def summarise(records, peak, group_key, groups_order, directions, stat="median"):
     """Rows of geomeans per (direction, group); group "all" first."""
     rows = []
     peers = peers_in(records)
     for d in directions:
-        mine = [r for r in records if d in r["directions"] and median_time(r, "convgen", d)]
+        mine = [r for r in records if d in r["directions"] and median_time(r, "convgen", d, stat)]
         if not mine:
             continue
         groups = ["all"] + [g for g in groups_order if any(group_key(r) == g for r in mine)]
         for g in groups:
             sel = mine if g == "all" else [r for r in mine if group_key(r) == g]
             row = {"direction": d, "group": g, "n": len(sel),
-                   "convgen_gflops": geomean([gflops(r, d) for r in sel]),
-                   "pct_peak": geomean([pct_peak(r, d, peak) for r in sel]), "vs": {}}
+                   "convgen_gflops": geomean([gflops(r, d, stat=stat) for r in sel]),
+                   "pct_peak": geomean([pct_peak(r, d, peak, stat) for r in sel]), "vs": {}}
             for p in peers:
-                rs = [ratio(r, p, d) for r in sel]
+                rs = [ratio(r, p, d, stat) for r in sel]
                 rs = [x for x in rs if x]
                 row["vs"][p] = {"geomean": geomean(rs), "n": len(rs)}
             rows.append(row)
@@ -81,6 +82,8 @@ def summaries(results):
     out = {}
     if results.get("layers"):
         out["layers"] = summarise(results["layers"], peak, lambda r: r["cls"], CLASSES, ("fwd", "bwd"))
+        out["layers_fastest"] = summarise(results["layers"], peak, lambda r: r["cls"], CLASSES, ("fwd", "bwd"),
+                                          stat="min")
     if results.get("micro"):
         out["micro"] = summarise(results["micro"], peak, lambda r: f"{DTYPE_KEY[r['dtype']]} {r['cls']}",
                                  [f"{t} {g}" for t in ("f32", "f64") for g in ("dense", "depthwise", "grouped")],
@@ -152,7 +155,9 @@ def _case_rows(records, peak, peers, with_dir_col, extra=None):
             cells = [f"`{r['name']}`"]
             if with_dir_col:
                 cells += [r["cls"], d]
-            cells += [describe(r), _ms(median_time(r, "convgen", d)), _f(gflops(r, d), "{:.1f}"),
+            spread = r["results"].get("convgen", {}).get(d, {}).get("spread")
+            noisy = " †" if spread is not None and spread > NOISY else ""
+            cells += [describe(r), _ms(median_time(r, "convgen", d)) + noisy, _f(gflops(r, d), "{:.1f}"),
                       _f(pct_peak(r, d, peak), "{:.0f}%")]
             for p in peers:
                 cells += [_ms(median_time(r, p, d)), _x(ratio(r, p, d))]
@@ -160,6 +165,9 @@ def _case_rows(records, peak, peers, with_dir_col, extra=None):
                 cells.append(extra(r, d))
             rows.append(cells)
     return rows
+
+
+NOISY = 0.5   # interquartile spread / median above which a timing is marked † (noisy)
 
 
 def _notes(records):
@@ -221,6 +229,11 @@ def markdown(results, images=()):
         "- Peers: " + ", ".join(f"{p} {i.get('version', i.get('unavailable', '?')[:60])}"
                                 for p, i in meta["peers"].items()) + ".",
         _noise_line(results),
+        *[f"- Re-timed later with `--update` ({u['date']}, load average {u['load_before']} before): "
+          f"{len(u['cases'])} case(s): " + ", ".join(f"`{c}`" for c in u["cases"][:6]) +
+          (", …" if len(u["cases"]) > 6 else "") + "." for u in meta.get("updates", [])],
+        f"- † marks a convgen time whose rounds spread by more than {100 * NOISY:.0f}% (interquartile "
+        "range / median): another job shared the cores; its fastest round is in results.json.",
         "- **Ratios are peer time / convgen time: > 1 means convgen is faster**; bold marks < 1. "
         "Geomeans over the layers of each class (each layer counts in one class).",
         "",
@@ -228,7 +241,11 @@ def markdown(results, images=()):
     if results.get("layers"):
         records = results["layers"]
         peers = peers_in(records)
-        lines += ["## Layer suite: geomeans", "", _summary_table(sums["layers"], peers, "class"), ""]
+        lines += ["## Layer suite: geomeans", "", _summary_table(sums["layers"], peers, "class"), "",
+                  "The same from each peer's *fastest* round instead of its median (a rough estimate of "
+                  "what an idle machine would show; load hurts OpenMP's static schedules most):", "",
+                  _summary_table([r for r in sums["layers_fastest"] if r["group"] == "all"] +
+                                 [r for r in sums["layers_fastest"] if r["group"] != "all"], peers, "class"), ""]
         header = ["layer", "class", "dir", "shape", "convgen ms", "GFLOP/s", "% peak"]
         for p in peers:
             header += [f"{p} ms", f"× {p}"]
@@ -265,9 +282,12 @@ def console_summary(results):
     sums = results.get("summary") or summaries(results)
     lines = [f"FMA peak ({results['meta']['threads']} threads): float32 {_f(peak.get('f32'), '{:.1f}')} GFLOP/s, "
              f"float64 {_f(peak.get('f64'), '{:.1f}')} GFLOP/s.  Ratios: peer time / convgen time (> 1: convgen faster)."]
-    for part, title, group in (("layers", "Layer suite", "class"), ("micro", "Micro-benchmarks", "dtype / groups")):
+    for part, title, group in (("layers", "Layer suite (medians)", "class"),
+                               ("layers_fastest", "Layer suite (each peer's fastest round)", "class"),
+                               ("micro", "Micro-benchmarks (medians)", "dtype / groups")):
         if sums.get(part):
-            lines += ["", title, _summary_table(sums[part], peers_in(results[part]), group).replace("**", "")]
+            records = results["layers" if part.startswith("layers") else part]
+            lines += ["", title, _summary_table(sums[part], peers_in(records), group).replace("**", "")]
     notes = _notes(results.get("layers", []) + results.get("micro", []))
     if notes:
         lines += ["", "Notes:"] + notes

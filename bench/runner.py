@@ -4,6 +4,8 @@ For each case every worker first builds its inputs, warms up and calibrates how
 many calls make one sample (``setup``).  Then, round after round, every peer
 times one sample of every direction, the peers' order rotating each round, so
 slow drifts of a shared machine (other jobs, clock changes) hit all peers alike.
+After its turn a peer is asked to wait until its thread pool has stopped
+spinning (``quiet``), so it does not steal the cores of the peer timed next.
 The figure of merit is the median over rounds of seconds per call.
 """
 
@@ -137,7 +139,7 @@ def check_outputs(case, outputs):
 class Runner:
     """Worker processes for a set of peers, kept alive for the whole run."""
 
-    def __init__(self, peers, threads, repeats, min_time, settle=0.002, check=True, progress=None):
+    def __init__(self, peers, threads, repeats, min_time, settle=True, check=True, progress=None):
         self.peers, self.threads, self.repeats, self.min_time = list(peers), threads, repeats, min_time
         self.settle, self.check = settle, check
         self.progress = progress or Progress(0, enabled=False)
@@ -170,6 +172,8 @@ class Runner:
     def peak(self, repeats=5, seconds=0.1):
         if "convgen" not in self.workers:
             return None
+        for worker in self.workers.values():
+            worker.request(op="quiet")
         return self.workers["convgen"].request(op="peak", threads=self.threads, repeats=repeats, seconds=seconds)
 
     def _request(self, peer, record, **msg):
@@ -189,14 +193,14 @@ class Runner:
                 del self.workers[peer]
             return None
 
-    def run_case(self, case):
-        """Times one case on every peer; returns its record (the case plus results)."""
+    def run_case(self, case, peers=None):
+        """Times one case on every peer (or those named); returns its record (the case plus results)."""
         t_case = time.perf_counter()
         record = dict(case, results={}, skip={}, ran={}, load=_load())
         active = {}   # peer -> directions it runs
         outputs = {}
         record["setup_s"] = {}
-        for peer in list(self.workers):
+        for peer in [p for p in self.workers if peers is None or p in peers]:
             t0 = time.perf_counter()
             ans = self._request(peer, record, op="setup", case=case, min_time=self.min_time, check=self.check)
             record["setup_s"][peer] = time.perf_counter() - t0
@@ -212,6 +216,8 @@ class Runner:
                 record["ran"] = ans["kernel"]
             if ans["outputs"]:
                 outputs[peer] = ans["outputs"]
+            if self.settle:
+                self._request(peer, record, op="quiet")
             dirs = [d for d in case["directions"] if d in ans["inner"]]
             if dirs:
                 active[peer] = dirs
@@ -229,8 +235,11 @@ class Runner:
                         active[peer] = []
                         break
                     record["results"][peer][d]["samples"].append(ans["seconds"])
-                if self.settle:
-                    time.sleep(self.settle)
+                if self.settle and active[peer]:
+                    # let this peer's thread pool stop spinning before the next peer runs
+                    ans = self._request(peer, record, op="quiet")
+                    if ans is not None:
+                        record["settle_s"] = record.get("settle_s", 0.0) + ans["waited"]
             self.progress.step(f"{case['name']} round {r + 1}/{self.repeats}")
         for peer, dirs in record["results"].items():
             for d, res in dirs.items():
@@ -246,5 +255,5 @@ class Runner:
             record["dispatch_ok"] = ran == [case["spec"]] if ran is not None else None
         return record
 
-    def run(self, cases):
-        return [self.run_case(c) for c in cases]
+    def run(self, cases, peers=None):
+        return [self.run_case(c, peers) for c in cases]

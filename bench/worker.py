@@ -10,6 +10,7 @@ Requests (pickled dicts, ``op`` says which) and their answers:
     setup case min_time check   -> per direction: calls per sample ("inner"), or a
                                    skip reason / error; convgen also names its kernels
     time direction              -> seconds per call, over one sample of inner calls
+    quiet                       -> returns once the process's threads stop spinning
     peak threads repeats        -> measured FMA peak (convgen worker only)
     quit
 """
@@ -100,6 +101,32 @@ class Worker:
             if gc_was_enabled:
                 gc.enable()
         return {"seconds": elapsed / inner}
+
+    def quiet(self, msg):
+        """Return once this process stops burning CPU after its last call.
+
+        Thread pools keep spinning after a call returns (libgomp ~4 ms, onnxruntime
+        ~30 ms here), which would steal the cores of the next peer timed; the
+        runner waits for that here.  The process CPU clock counts every thread."""
+        # Other threads' CPU time is only accounted at scheduler ticks (every few ms),
+        # so judge a trailing window of several ticks, not one short step.
+        step, window = msg.get("step", 0.002), msg.get("window", 0.01)
+        start = time.perf_counter()
+        deadline = start + msg.get("timeout", 0.25)
+        steps = []
+        while True:
+            c0, t0 = time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID), time.perf_counter()
+            time.sleep(step)
+            now = time.perf_counter()
+            steps.append((time.clock_gettime(time.CLOCK_PROCESS_CPUTIME_ID) - c0, now - t0))
+            used = wall = 0.0
+            for u, w in reversed(steps):
+                used, wall = used + u, wall + w
+                if wall >= window:
+                    break
+            quiet = wall >= window and used < 0.1 * wall
+            if quiet or now > deadline:
+                return {"waited": now - start, "quiet": quiet}
 
     def peak(self, msg):
         from convgen._generated import _peak

@@ -132,3 +132,21 @@ def test_python_m_bench_quick_one_layer(tmp_path, capsys):
     # a missing layer file is reported, not a crash
     assert bench_main(["--list", "--layers", str(tmp_path / "none.json"), "--only", "nothing"]) == 0
     assert "missing" in capsys.readouterr().err
+
+
+def test_update_merges_into_earlier_results(tmp_path):
+    from bench.__main__ import merge
+
+    def run(names, load):
+        recs = [dict(suite.make_case(n, "layer", 1, 8, 16, 16, 8, 3, padding=1), load=load,
+                     results={"convgen": {"fwd": {"median": load}}}) for n in names]
+        meta = dict(threads=2, mode="full", command="c", date="d", duration_s=1.0, load_before="x",
+                    load_after="y", repeats=3, min_time=0.01)
+        peak = {"best": {"f32": 100.0 * load}, "many": {"f32": 100.0 * load}, "single": {"f32": 50.0}}
+        return {"meta": meta, "peak": peak, "layers": recs, "micro": []}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(run(["a", "b"], 5.0)))
+    merged = merge(str(path), run(["b", "c"], 1.0), print)
+    assert [(r["name"], r["load"]) for r in merged["layers"]] == [("a", 5.0), ("b", 1.0), ("c", 1.0)]
+    assert merged["meta"]["updates"][0]["cases"] == ["b", "c"]
+    assert merged["peak"]["best"]["f32"] == 500.0      # the best peak is kept
