@@ -96,8 +96,8 @@ class Conv2d(torch.nn.Conv2d):
         dtype = weight.dtype
         cfg, wshape = self._convgen_config()
         if (type(input) is not torch.Tensor or input.dtype is not dtype or dtype not in _DTYPES
-                or input.device.type != "cpu" or weight.device.type != "cpu" or weight.shape != wshape
-                or (bias is not None and (bias.dtype is not dtype or bias.device.type != "cpu"
+                or not input.is_cpu or not weight.is_cpu or weight.shape != wshape
+                or (bias is not None and (bias.dtype is not dtype or not bias.is_cpu
                                           or bias.shape != wshape[:1]))
                 or input.dim() not in (3, 4) or input.shape[-3] != cfg.in_channels
                 or input.is_neg() or weight.is_neg()):
