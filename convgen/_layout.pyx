@@ -146,10 +146,10 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
     if x.dtype.itemsize == 4:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=threads):
+        for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
             _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
     else:
-        for c in prange(nc, nogil=True, schedule="static", num_threads=threads):
+        for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
             _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
 
 
@@ -158,7 +158,7 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
     cdef Py_ssize_t c, i, j, start, end
     cdef real* dst
     cdef const real* src
-    for c in prange(nc, schedule="static", num_threads=threads):
+    for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
         dst = gext + c * L
         src = g + c * H * W
         end = 0                      # everything before `end` is written
@@ -216,7 +216,7 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
     cdef real* mid
     cdef const real* src
     cdef const Py_ssize_t* cb
-    for c in prange(nc, schedule="static", num_threads=threads):
+    for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
         for i in range(H * W):
             gx[c * H * W + i] = 0
         for a in range(sh):
@@ -278,7 +278,7 @@ cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C
                              int threads) noexcept nogil:
     cdef Py_ssize_t n, c, i, j
     cdef real* dst
-    for n in prange(N, schedule="static", num_threads=threads):
+    for n in prange(N, schedule="dynamic", chunksize=1, num_threads=threads):
         dst = gT + n * qlen * Cp
         for i in range(qlen * Cp):
             dst[i] = 0
@@ -307,7 +307,7 @@ cdef void _channel_sums(const real* g, real* out, Py_ssize_t N, Py_ssize_t C, Py
                         int threads) noexcept nogil:
     cdef Py_ssize_t c, n, i
     cdef real s
-    for c in prange(C, schedule="static", num_threads=threads):
+    for c in prange(C, schedule="dynamic", chunksize=1 + C // (8 * threads), num_threads=threads):
         s = 0
         for n in range(N):
             for i in range(L):
