@@ -15,7 +15,8 @@ contiguous copy of a non-contiguous input or gradient.
 convgen computes float32 and float64 on the CPU.  Anything else (another device,
 half precision, mismatched dtypes, a malformed input) goes to
 ``torch.nn.Conv2d``'s own implementation, which computes it or raises PyTorch's
-error.  Only this module imports torch; ``import convgen`` does not need it.
+error.  The backward is not itself differentiable (double backward raises).
+Only this module imports torch; ``import convgen`` does not need it.
 """
 
 import numpy as np
@@ -41,8 +42,8 @@ def _param_array(t):
 
 
 class _Conv2dFunction(torch.autograd.Function):
-    """Autograd node: convgen forward; convgen input / weight gradients and a
-    NumPy bias gradient, each only when ``ctx.needs_input_grad`` asks for it."""
+    """Autograd node: convgen's forward, and convgen's input / weight / bias
+    gradients, each only when ``ctx.needs_input_grad`` asks for it."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
