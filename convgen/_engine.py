@@ -306,19 +306,19 @@ def backward_data(grad_y, weight, p: Problem):
 
 
 def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, weight_grad=None,
-                    bias_grad=None):
+                    bias_grad=None, weight_accumulate=True, bias_accumulate=True):
     """Gradients of the weight (OC, C/groups, KH, KW), from the forward's padded
     planes, and of the bias (OC,); None for those not asked for.  weight_grad /
-    bias_grad: C-contiguous arrays to add the gradients into (returned), as .grad
-    accumulates, instead of new ones."""
+    bias_grad: C-contiguous arrays to write the gradients into (and return) instead of
+    new ones, adding to their contents if *_accumulate (as .grad accumulates)."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
     _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
     if need_weight:
-        into = weight_grad is not None
-        gw = weight_grad if into else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
+        into = weight_grad is not None and weight_accumulate
+        gw = weight_grad if weight_grad is not None else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
         if fp.wgrad_by_channel:
             gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
@@ -331,6 +331,9 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
         gb = np.empty(p.OC, dtype=grad_y.dtype)
         _layout.channel_sums(gext, gb, p.N, p.OC, threads)
         if bias_grad is not None:
-            bias_grad += gb
+            if bias_accumulate:
+                bias_grad += gb
+            else:
+                bias_grad[...] = gb
             gb = bias_grad
     return gw, gb

@@ -1,6 +1,7 @@
 """Conv2d: torch.nn.Conv2d's interface and numbers, on NumPy arrays."""
 
 import math
+import sys
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Conv2d:
         self.weight = Parameter(np.empty((cfg.out_channels, cfg.in_channels // cfg.groups, kh, kw), self.dtype))
         self.bias = Parameter(np.empty(cfg.out_channels, self.dtype)) if bias else None
         self._saved = None
+        self._spare_grads = {}
         self.reset_parameters(seed)
 
     # torch.nn.Conv2d's attributes
@@ -91,16 +93,37 @@ class Conv2d:
         if self._saved is None:
             raise RuntimeError("backward() called before forward(): there is no input to differentiate")
         has_bias = self.bias is not None
+        w_out, w_add = self._grad_buffer("weight")
+        b_out, b_add = self._grad_buffer("bias") if has_bias else (None, False)
         gx, gw, gb = F.backward(self._saved, grad_output, True, True, has_bias,
-                                _accumulator(self.weight), _accumulator(self.bias) if has_bias else None)
+                                w_out, b_out, w_add, b_add)
         self.weight.grad = gw    # the same array when it accumulated in place, as torch does
         if has_bias:
             self.bias.grad = gb
         return gx
 
+    def _grad_buffer(self, name):
+        """(array, accumulate) for the next gradient of parameter `name`: its .grad to
+        add into; else the array zero_grad() took away, to overwrite, when nothing else
+        still refers to it (fresh memory costs a page fault per 4 KiB, as much as the
+        weight gradient itself on layers with large weights); else (None, False)."""
+        param = getattr(self, name)
+        spare = self._spare_grads.pop(name, None)
+        if param.grad is not None:
+            return _accumulator(param), True
+        if (spare is not None and sys.getrefcount(spare) <= 2 and spare.shape == param.shape
+                and spare.dtype == param.dtype):
+            return spare, False
+        return None, False
+
     def zero_grad(self, set_to_none=True):
-        for p in self.parameters():
+        for name in ("weight", "bias"):
+            p = getattr(self, name)
+            if p is None:
+                continue
             if set_to_none or p.grad is None:
+                if isinstance(p.grad, np.ndarray) and p.grad.flags.c_contiguous and p.grad.flags.writeable:
+                    self._spare_grads[name] = p.grad   # reused by backward if nobody keeps it
                 p.grad = None
             else:
                 p.grad[...] = 0

@@ -100,10 +100,11 @@ def forward(cfg, x, weight, bias, recycle=None):
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
-             weight_grad=None, bias_grad=None):
+             weight_grad=None, bias_grad=None, weight_accumulate=True, bias_accumulate=True):
     """Gradients (input, weight, bias) of the forward that produced `saved`
-    (None for those not asked for).  weight_grad / bias_grad: arrays to accumulate
-    the parameter gradients into, in place (see _engine.backward_params)."""
+    (None for those not asked for).  weight_grad / bias_grad: C-contiguous arrays to
+    write the parameter gradients into, adding to what they hold if *_accumulate
+    (see _engine.backward_params)."""
     p = saved.problem
     OH, OW = p.output_hw
     expected = (p.N, p.OC, OH, OW) if saved.batched else (p.OC, OH, OW)
@@ -117,14 +118,19 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
             gx = np.zeros((p.N, p.C, p.H, p.W), dtype=gy.dtype)
         if need_weight:
             gw = weight_grad if weight_grad is not None else np.zeros_like(saved.weight)
+            if not weight_accumulate:
+                gw[...] = 0
         if need_bias:
             gb = bias_grad if bias_grad is not None else np.zeros(p.OC, dtype=gy.dtype)
+            if not bias_accumulate:
+                gb[...] = 0
     else:
         if need_input:
             gx = _engine.backward_data(gy, saved.weight, p)
         if need_weight or need_bias:
             xin = saved.input_planes() if need_weight else None
-            gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias, weight_grad, bias_grad)
+            gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias, weight_grad, bias_grad,
+                                             weight_accumulate, bias_accumulate)
     if gx is not None and not saved.batched:
         gx = gx[0]
     return gx, gw, gb
