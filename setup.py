@@ -1,8 +1,11 @@
 """Build: generate the kernels from templates (write-if-changed), then cythonize
 and compile them with OpenMP.
 
-CONVGEN_PORTABLE=1 builds without -march=native (a binary for any x86-64 / arm64);
-CONVGEN_BUILD_JOBS sets how many extensions compile in parallel (default: all cores).
+The build is native (-march=native) by default.  CONVGEN_MARCH=<arch> targets another
+instruction set (e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2);
+CONVGEN_PORTABLE=1 builds for any x86-64 / arm64 (baseline instructions: correct, but
+the 512-bit kernels then run many times slower).  CONVGEN_BUILD_JOBS sets how many
+extensions compile in parallel (default: all cores).
 """
 
 import os
@@ -23,7 +26,7 @@ def compile_args():
     args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unused-function",
             "-Wno-unreachable-code", "-Wno-maybe-uninitialized"]
     if os.environ.get("CONVGEN_PORTABLE", "0") in ("", "0"):
-        args.append("-march=native")
+        args.append("-march=" + (os.environ.get("CONVGEN_MARCH") or "native"))
     return args
 
 
