@@ -305,6 +305,23 @@ def backward_data(grad_y, weight, p: Problem):
     return gx
 
 
+def _weight_grad_exact(grad_y, xin, p: Problem):
+    """Weight gradient in plain NumPy from the padded phase planes, summed over real
+    output pixels only (the path for inputs with infinities or NaNs)."""
+    fp = forward_plan(p)
+    nc, sh, sw = p.N * p.C, p.sh, p.sw
+    planes = xin.reshape(nc, sh, sw, fp.plane_len)[..., :fp.Hq * fp.We].reshape(nc, sh, sw, fp.Hq, fp.We)
+    xpad = planes.transpose(0, 3, 1, 4, 2).reshape(p.N, fp.G, fp.Cg, fp.Hq * sh, fp.We * sw)
+    gy = grad_y.reshape(p.N, fp.G, fp.OCg, fp.OH, fp.OW).astype(np.float64)
+    gw = np.empty((fp.G, fp.OCg, fp.Cg, p.KH, p.KW))
+    for i in range(p.KH):
+        for j in range(p.KW):
+            window = xpad[..., i * p.dh:i * p.dh + sh * (fp.OH - 1) + 1:sh,
+                          j * p.dw:j * p.dw + sw * (fp.OW - 1) + 1:sw]
+            gw[..., i, j] = np.einsum("ngohw,ngchw->goc", gy, window.astype(np.float64))
+    return gw.reshape(p.OC, fp.Cg, p.KH, p.KW).astype(grad_y.dtype)
+
+
 def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, weight_grad=None,
                     bias_grad=None, weight_accumulate=True, bias_accumulate=True):
     """Gradients of the weight (OC, C/groups, KH, KW), from the forward's padded
@@ -319,7 +336,16 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     if need_weight:
         into = weight_grad is not None and weight_accumulate
         gw = weight_grad if weight_grad is not None else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
-        if fp.wgrad_by_channel:
+        if not np.isfinite(xin.sum()):
+            # The kernels also multiply the zero gradient of the flat grid's scratch
+            # columns with input pixels, and 0 * inf is NaN: with an infinite or NaN
+            # input, take the exact (slow) path that visits only real output pixels.
+            exact = _weight_grad_exact(grad_y, xin, p)
+            if into:
+                gw += exact
+            else:
+                gw[...] = exact
+        elif fp.wgrad_by_channel:
             gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
             fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
