@@ -253,17 +253,19 @@ def backward_data_plan(p: Problem) -> BackwardDataPlan:
 
 
 def pad_phase(x, fp: ForwardPlan):
-    """x (N, C, H, W) -> padded phase planes (N, C, n_planes * plane_len)."""
+    """x (N, C, H, W) -> (padded phase planes (N, C, n_planes * plane_len), whether they
+    hold an infinity or a NaN)."""
     p = fp.problem
     xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
-    _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
-                      fp.plane_len, threads_for(fp.work))
-    return xin
+    nonfinite = _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
+                                  fp.plane_len, threads_for(fp.work))
+    return xin, nonfinite
 
 
 def forward(x, weight, bias, p: Problem, recycle=None):
-    """Returns (y, xin): the output and the padded input planes, kept for the weight
-    gradient (so a caller changing x after forward cannot change the gradient).
+    """Returns (y, xin, nonfinite): the output, the padded input planes kept for the
+    weight gradient (so a caller changing x after forward cannot change the gradient),
+    and whether x holds an infinity or a NaN (see backward_params).
     recycle: a dead xin from an earlier call, reused when it has the right size."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
@@ -273,20 +275,22 @@ def forward(x, weight, bias, p: Problem, recycle=None):
     else:
         xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
     if fp.kernel.fused is not None:
-        fp.kernel.fused(x, xin, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
+        flags = np.zeros(p.N * p.C, dtype=np.intc)
+        fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile)
-        return y, xin
+        return y, xin, bool(flags.any())
     yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     x3 = x.reshape(p.N * p.C, p.H, p.W)
+    nonfinite = False
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
-        _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
+        nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
                       fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile)
-    return y, xin
+    return y, xin, nonfinite
 
 
 def backward_data(grad_y, weight, p: Problem):
@@ -338,11 +342,12 @@ def _weight_grad_exact(grad_y, xin, p: Problem):
 
 
 def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, weight_grad=None,
-                    bias_grad=None, weight_accumulate=True, bias_accumulate=True):
+                    bias_grad=None, weight_accumulate=True, bias_accumulate=True, nonfinite=False):
     """Gradients of the weight (OC, C/groups, KH, KW), from the forward's padded
     planes, and of the bias (OC,); None for those not asked for.  weight_grad /
     bias_grad: C-contiguous arrays to write the gradients into (and return) instead of
-    new ones, adding to their contents if *_accumulate (as .grad accumulates)."""
+    new ones, adding to their contents if *_accumulate (as .grad accumulates).
+    nonfinite: the planes hold an infinity or a NaN (from forward / pad_phase)."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
@@ -351,7 +356,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     if need_weight:
         into = weight_grad is not None and weight_accumulate
         gw = weight_grad if weight_grad is not None else np.empty((p.OC, fp.Cg, p.KH, p.KW), dtype=grad_y.dtype)
-        if not np.isfinite(xin.sum()):
+        if nonfinite:
             # The kernels also multiply the zero gradient of the flat grid's scratch
             # columns with input pixels, and 0 * inf is NaN: with an infinite or NaN
             # input, take the exact (slow) path that visits only real output pixels.

@@ -7,5 +7,6 @@ cdef struct PadPlan:
     const Py_ssize_t* cols       # (sw, We) source column of each plane column, -1 for zero
     const Py_ssize_t* interior   # (sw, 2) [lo, hi) of plane columns copying input columns
 
-cdef void pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil
-cdef void pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil
+# Both return 1 if the padded planes hold an infinity or a NaN.
+cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil
+cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil

@@ -68,10 +68,21 @@ cdef inline void* _ptr(cnp.ndarray a) noexcept:
     return cnp.PyArray_DATA(a)
 
 
-cdef inline void _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
+cdef inline int _nonfinite(const real* p, Py_ssize_t n) noexcept nogil:
+    """1 if any of p[:n] is infinite or NaN (v - v is NaN exactly then): one
+    vectorised pass, over data still in cache."""
+    cdef Py_ssize_t j
+    cdef int bad = 0
+    for j in range(n):
+        bad |= (p[j] - p[j]) != 0
+    return bad
+
+
+cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
     """One channel: x (H, W) -> its padded phase planes at xin.  Plain loops rather
     than memcpy/memset: rows are often short (7x7 maps), where a call costs more
-    than the copy."""
+    than the copy.  Returns 1 if the planes hold an infinity or a NaN (the weight
+    gradient then takes its exact path)."""
     cdef Py_ssize_t a, b, i, j, r, s, lo, hi, We = pp.We, sw = pp.sw, Hq = pp.Hq
     cdef real* dst
     cdef const real* src
@@ -110,14 +121,15 @@ cdef inline void _pad_channel(const real* x, real* xin, const PadPlan* pp) noexc
                 dst = dst + We
             for j in range(pp.plane_len - Hq * We):
                 dst[j] = 0
+    return _nonfinite(xin, pp.sh * sw * pp.plane_len)
 
 
-cdef void pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil:
-    _pad_channel(src, dst, pp)
+cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil:
+    return _pad_channel(src, dst, pp)
 
 
-cdef void pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil:
-    _pad_channel(src, dst, pp)
+cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil:
+    return _pad_channel(src, dst, pp)
 
 
 cdef PadPlan _pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
@@ -139,18 +151,20 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
     itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
-    of each plane is zeroed."""
+    of each plane is zeroed.  Returns whether any value is infinite or NaN."""
     cdef Py_ssize_t nc = x.shape[0], c
+    cdef int bad = 0
     cdef PadPlan pp = _pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
     cdef Py_ssize_t src_chan = pp.H * pp.W, dst_chan = pp.sh * pp.sw * plane_len
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
     if x.dtype.itemsize == 4:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
+            bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
     else:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
+            bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
+    return bad > 0
 
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,

@@ -75,14 +75,15 @@ class Saved:
     """What a forward pass keeps for its backward pass: the (contiguous) input, and
     its padded planes when the forward made them."""
 
-    __slots__ = ("problem", "x", "xin", "weight", "batched")
+    __slots__ = ("problem", "x", "xin", "weight", "batched", "nonfinite")
 
-    def __init__(self, problem, x, xin, weight, batched):
+    def __init__(self, problem, x, xin, weight, batched, nonfinite=False):
         self.problem, self.x, self.xin, self.weight, self.batched = problem, x, xin, weight, batched
+        self.nonfinite = nonfinite   # x holds an infinity or a NaN
 
     def input_planes(self):
         if self.xin is None:
-            self.xin = _engine.pad_phase(self.x, _engine.forward_plan(self.problem))
+            self.xin, self.nonfinite = _engine.pad_phase(self.x, _engine.forward_plan(self.problem))
         return self.xin
 
 
@@ -93,10 +94,10 @@ def forward(cfg, x, weight, bias, recycle=None):
     p = cfg.problem(x.shape, x.dtype)
     if p.N == 0:
         OH, OW = p.output_hw
-        y, xin = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None
+        y, xin, nonfinite = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None, False
     else:
-        y, xin = _engine.forward(x, weight, bias, p, recycle.xin if recycle is not None else None)
-    return (y if batched else y[0]), Saved(p, x, xin, weight, batched)
+        y, xin, nonfinite = _engine.forward(x, weight, bias, p, recycle.xin if recycle is not None else None)
+    return (y if batched else y[0]), Saved(p, x, xin, weight, batched, nonfinite)
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
@@ -130,7 +131,7 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
         if need_weight or need_bias:
             xin = saved.input_planes() if need_weight else None
             gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias, weight_grad, bias_grad,
-                                             weight_accumulate, bias_accumulate)
+                                             weight_accumulate, bias_accumulate, saved.nonfinite)
     if gx is not None and not saved.batched:
         gx = gx[0]
     return gx, gw, gb
