@@ -63,11 +63,6 @@ def fallback_keys(key):
             (direction, dtype, ANY, ANY, ANY, groups)]
 
 
-def fallback_key(key):
-    """The generic kernel's key for the direction, dtype and groups kind of `key`."""
-    direction, dtype, _k, _s, _d, groups = key
-    return (direction, dtype, ANY, ANY, ANY, groups)
-
 
 @lru_cache(maxsize=None)
 def _load(key):

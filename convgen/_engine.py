@@ -350,8 +350,12 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     nonfinite: the planes hold an infinity or a NaN (from forward / pad_phase)."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
-    gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
-    _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
+    gext = None
+    if need_bias or (need_weight and not nonfinite and not fp.wgrad_by_channel):
+        # grad_output on the flat grid (zero scratch columns): the pixel-vectorised
+        # weight gradient and the bias gradient read it
+        gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
+        _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
     if need_weight:
         into = weight_grad is not None and weight_accumulate

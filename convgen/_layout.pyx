@@ -15,7 +15,6 @@ pointers (no buffer acquisition: this is on the path of every small call too).
 """
 
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
 cimport numpy as cnp
 cimport openmp
 
