@@ -65,6 +65,12 @@ def kernel_context(spec):
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,
                          cols=[dict(index=v, offset=v * lanes) for v in range(c)])
                     for i, (r, c) in enumerate(spec.tiles)]
+    ctx["cvec"] = None
+    if spec.cvec_tile is not None:
+        pixels, vectors = spec.cvec_tile
+        ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
+                           vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
+                           width=vectors * lanes)
     if not spec.unrolls_taps:
         return ctx
     k, s, d = spec.kernel, spec.stride, spec.dilation

@@ -116,6 +116,19 @@ class KernelSpec:
         return [self.tile]
 
     @property
+    def cvec_tile(self):
+        """Channel-vector register tile (pixels, vectors) of dense forward kernels
+        (3x3 and up), or None: `pixels` output pixels, each broadcast from
+        the input, times `vectors` vectors of output channels from weights packed per
+        call.  No load straddles a cache line (the pixel tiles' shifted loads mostly
+        do), and its tiles can start at each output row, skipping the flat grid's
+        scratch columns (see convgen._engine.ForwardPlan for when it runs).  1x1
+        kernels have no scratch columns to skip."""
+        if self.direction != "fwd" or self.groups != "dense" or self.kernel == 1:
+            return None
+        return (12, 2)
+
+    @property
     def lanes(self):
         return VECTOR_LANES[self.dtype]
 

@@ -22,6 +22,8 @@ class Kernel(NamedTuple):
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
     fused: Callable  # variant with the padding fused in (depthwise forward), or None
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
+    cvec: tuple      # (tile index, pixels, channels per block) of the channel-vector tile, or None
+    pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -70,7 +72,8 @@ def _load(key):
     mod = importlib.import_module(f"convgen._generated.{module}")
     variants = tuple(mod.TILES[name])
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
-                  getattr(mod, name + "_ocvec", None))
+                  getattr(mod, name + "_ocvec", None), getattr(mod, "CVEC_TILES", {}).get(name),
+                  getattr(mod, "pack_weights", None))
 
 
 def lookup(direction, p):

@@ -53,8 +53,18 @@ def threads_for(work):
     return 1 if work < SMALL_WORK else get_num_threads()
 
 
-# Feature maps of at most this many flat pixels get the channel-vectorised weight gradient.
-SMALL_MAP = 256
+# Dense layers run the channel-vector tile from this many input and output channels,
+# and this many output pixels (over the batch) per weight.  Below, packing the weights
+# costs more than the tile saves (measured on ResNet's 14x14 and 7x7 layers).
+CVEC_MIN_CHANNELS = 32
+CVEC_MIN_PIXELS = 1024
+# ... and when its row-aligned tiles compute at most this share of the flat grid's row.
+ROW_TILE_SAVING = 0.9
+
+
+# Flat output pixels above which a single image at stride and dilation 1 keeps the
+# pixel-vectorised weight gradient.
+LARGE_MAP = 2048
 
 
 def _reduction_block(channels, bytes_per_channel, minimum=8):
@@ -173,7 +183,24 @@ class ForwardPlan:
         self.kernel = _dispatch.lookup("fwd", p)
         lanes, itemsize = LANES[p.dtype], ITEMSIZE[p.dtype]
         self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
+        # Dense layers whose flat grid is mostly scratch columns (wide paddings, e.g.
+        # DeepLab's dilated ASPP) run the channel-vector tile, whose tiles start at
+        # each output row and so skip those columns.  Elsewhere it runs no faster than
+        # the pixel tiles on 2 threads, and packing the weights costs a pass over them.
+        self.cvec = None
+        self.row_tiles = 0
+        cvec = self.kernel.cvec
+        if (cvec is not None and self.OCg >= CVEC_MIN_CHANNELS and self.Cg >= CVEC_MIN_CHANNELS and self.kk > 1
+                and p.N * self.OH * self.We >= CVEC_MIN_PIXELS):
+            row_tiles = _geometry.ceil_div(self.OW, cvec[1])
+            if row_tiles * cvec[1] <= ROW_TILE_SAVING * self.We:
+                self.cvec, self.row_tiles = cvec, row_tiles
+                self.tile, chunk, width = cvec
+                self.blocks = _geometry.ceil_div(self.OCg, width)
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
+        if self.row_tiles:
+            self.out_len = _geometry.round_up(max(self.out_len, (self.OH - 1) * self.We + self.row_tiles * chunk),
+                                              chunk)
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
@@ -190,10 +217,19 @@ class ForwardPlan:
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
-        # Small feature maps: a pixel reduction a few vectors long; vectorise the weight
-        # gradient over output channels instead (dense layers with enough channels).
-        self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and self.grad_len <= SMALL_MAP
-                                 and p.OC >= 2 * lanes)
+        # Dense layers with enough channels vectorise the weight gradient over output
+        # channels (no horizontal sums, only real pixels summed), except large single
+        # maps at stride and dilation 1, where the pixel-vectorised kernel scales
+        # better over threads (measured: 56x56 and 128x128 maps, 64 channels).
+        large_plain = p.N == 1 and self.grad_len > LARGE_MAP and p.sh == p.sw == p.dh == p.dw == 1
+        self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
+                                 and self.Cg >= 16 and not large_plain)
+        # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
+        seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)
+        if seg >= self.grad_len:
+            self.ocvec_images, self.ocvec_pixels = max(1, seg // self.grad_len), self.grad_len
+        else:
+            self.ocvec_images, self.ocvec_pixels = 1, seg
         # Weight-gradient reduction segments: images x pixels whose input fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (p.C * self.n_planes * itemsize) // lanes * lanes)
         if seg >= self.grad_len:
@@ -280,7 +316,21 @@ def forward(x, weight, bias, p: Problem, recycle=None):
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile)
         return y, xin, bool(flags.any())
-    yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
+    packed = {}
+    if fp.cvec is not None:
+        width = fp.cvec[2]
+        wp = scratch("wp", (fp.G * fp.blocks * fp.Cg * len(fp.tap_w) * width,), x.dtype)
+        bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
+        fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk, fp.Cg * fp.kk, fp.kk,
+                       fp.tap_w, width, threads)
+        part = None
+        if fp.rblock < fp.Cg:
+            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.OH * fp.row_tiles * fp.cvec[1] * width,),
+                           x.dtype)
+        packed = dict(wp=wp, bp=bp, part=part, row_tiles=fp.row_tiles)
+        yext = None
+    else:
+        yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     x3 = x.reshape(p.N * p.C, p.H, p.W)
     nonfinite = False
     for n0 in range(0, p.N, fp.images):
@@ -289,7 +339,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
-                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile)
+                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, **packed)
     return y, xin, nonfinite
 
 
@@ -373,7 +423,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)
             fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
-                                  threads, into)
+                                  threads, into, fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.OW)
         else:
             fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
                                 fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads, into)

@@ -235,6 +235,28 @@ def test_render_kernel_module(env, direction, dtype):
     assert render.render(template, context.module_context(direction, dtype, SPECS)) == text
 
 
+def test_channel_vector_tiles_only_for_dense_forward(env):
+    """Dense forward kernels of 3x3 and up get a channel-vector tile (and the module a
+    weight packer and a CVEC_TILES entry); nothing else does."""
+    for s in SPECS:
+        ctx = context.kernel_context(s)
+        expect = s.direction == "fwd" and s.groups == "dense" and s.kernel != 1
+        assert (s.cvec_tile is not None) == expect, s.name
+        assert (ctx.get("cvec") is not None) == expect, s.name
+        if expect:
+            pixels, vectors = s.cvec_tile
+            assert ctx["cvec"]["width"] == vectors * s.lanes
+            assert ctx["cvec"]["index"] == len(ctx["tiles"])  # after the pixel tiles
+    text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
+    assert "def pack_weights(" in text
+    dense3 = KernelSpec("fwd", "f32", 3, 1, 1, "dense")
+    suffix = "_c{}x{}".format(*dense3.cvec_tile)
+    assert f"cdef void _{dense3.name}{suffix}_item(" in text
+    assert f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}),' in text
+    one = KernelSpec("fwd", "f32", 1, 1, 1, "dense")
+    assert f"_{one.name}_c" not in text
+
+
 def test_render_dispatch_table_is_python(env):
     text = render.render("dispatch_table.py.j2", context.dispatch_context(SPECS), env)
     assert "DO NOT EDIT" in text and "dispatch_table.py.j2" in text

@@ -16,7 +16,7 @@ from conftest import (assert_close, case_arrays, conv_args, convgen_functional, 
 # tail rows of every tile variant run (dense: an RGB-like input; grouped: 5 -> 7
 # per group; depthwise: channel multiplier 3).
 # "wide": many output channels (not a multiple of any vector width) on a small
-# feature map, where a weight-gradient kernel may vectorise over output channels.
+# feature map.  (tests/test_channel_tiles.py forces the channel-vectorised paths.)
 VARIANTS = {
     "odd": {"dense": dict(C=3, OC=13, groups=1), "grouped": dict(C=10, OC=14, groups=2),
             "depthwise": dict(C=5, OC=15, groups=5)},

@@ -1,0 +1,82 @@
+"""The channel-vector paths of the dense kernels, on every dense spec that has one:
+the forward's channel-vector tile (packed weights, row-aligned tiles, partial sums
+between reduction passes) and the weight gradient vectorised over output channels
+(reduction segments, scratch columns skipped).  The engine picks these paths only
+for some shapes (see convgen._engine); here its thresholds are lowered so that the
+small test problems take them, and each test asserts that they did."""
+
+import numpy as np
+import pytest
+
+from codegen.cases import case_for
+from codegen.table import SPECS
+from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
+                      reference_functional, spec_dtype, torch_functional)
+from convgen import _engine
+
+FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.cvec_tile is not None]
+WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "dense"]
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Thresholds that send every dense test problem down the channel-vector paths,
+    with a cache budget small enough to split reductions into several passes."""
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1)
+    monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
+    monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0)
+    monkeypatch.setattr(_engine, "LARGE_MAP", 1 << 30)
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
+def _case(spec, C, OC):
+    case = case_for(spec)
+    case.update(C=C, OC=OC, groups=1)
+    return case
+
+
+def _plan(case, dtype):
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (pair(case[k]) for k in ("kernel", "stride", "dilation", "padding"))
+    p = _engine.Problem(case["N"], case["C"], case["H"], case["W"], case["OC"], kh, kw, sh, sw, dh, dw,
+                        ph, ph, pw, pw, 1, "zeros", "f32" if dtype == np.float32 else "f64")
+    return _engine.forward_plan(p)
+
+
+def _check(spec, case):
+    dtype = spec_dtype(spec)
+    rng = make_rng("channel-tiles", spec.name, case["C"], case["OC"])
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    got = convgen_functional(spec.direction, x, w, b, gy, **args)
+    assert_close(got, reference_functional(spec.direction, x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+    assert_close(got, torch_functional(spec.direction, x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
+
+
+# 37 output channels: one full block of a channel-vector tile and a partial one;
+# 17 input channels: several reduction passes under the forced cache budget.
+@pytest.mark.parametrize("spec", FWD_SPECS, ids=lambda s: s.name)
+def test_forward_channel_vector_tile(spec, forced):
+    case = _case(spec, 17, 37)
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.kernel.name == spec.name
+    assert fp.cvec is not None and fp.row_tiles > 0
+    assert fp.rblock < fp.Cg  # partial sums between passes
+    _check(spec, case)
+
+
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_by_channel(spec, forced):
+    case = _case(spec, 17, 37)
+    case.update(N=3, H=37, W=35)  # more pixels than one segment holds, at every stride
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.wgrad_kernel.name == spec.name
+    assert fp.wgrad_by_channel
+    # several reduction segments, each adding into the gradient
+    assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
+    _check(spec, case)
