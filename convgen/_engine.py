@@ -201,6 +201,10 @@ class ForwardPlan:
         if self.row_tiles:
             self.out_len = _geometry.round_up(max(self.out_len, (self.OH - 1) * self.We + self.row_tiles * chunk),
                                               chunk)
+        # 1x1 layers reducing over more channels than they output: consecutive work items
+        # share a pixel chunk, which stays in L1 across the channel tiles (otherwise each
+        # tile re-reads it from L2, which cannot feed one multiply-add per load).
+        self.tiles_inner = self.kk == 1 and self.Cg > self.OCg
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
@@ -271,6 +275,7 @@ class BackwardDataPlan:
             self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
             self.fold_pad_left = p.pad_left
         self.n_planes = len(phases)
+        self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
         # (images, groups) per block: whole images while they fit, else groups of one image.
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
@@ -339,7 +344,8 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
-                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, **packed)
+                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile,
+                      tiles_inner=fp.tiles_inner, **packed)
     return y, xin, nonfinite
 
 
@@ -368,7 +374,7 @@ def backward_data(grad_y, weight, p: Problem):
                            threads)
             bp.kernel.run(gypb, weight[g0 * fp.OCg:g1 * fp.OCg], gxphb, n1 - n0, g1 - g0, fp.Cg, fp.OCg,
                           bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads,
-                          bp.tile)
+                          bp.tile, bp.tiles_inner)
             _layout.fold_phases(gxphb, gx2[c0:c1].reshape(c1 - c0, p.H, p.W), bp.fold_rows, bp.fold_cols,
                                 bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
     return gx

@@ -80,3 +80,20 @@ def test_weight_gradient_by_channel(spec, forced):
     # several reduction segments, each adding into the gradient
     assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
     _check(spec, case)
+
+
+# 1x1 kernels reducing over more channels than they output run their work items
+# channel tiles innermost (ForwardPlan / BackwardDataPlan.tiles_inner).
+ONE_BY_ONE = [s for s in SPECS if s.kernel == 1 and s.direction in ("fwd", "bwd_data")]
+
+
+@pytest.mark.parametrize("spec", ONE_BY_ONE, ids=lambda s: s.name)
+def test_one_by_one_channel_tiles_inner(spec):
+    # forward reduces over C, the input gradient over OC
+    C, OC = (40, 13) if spec.direction == "fwd" else (13, 40)
+    case = _case(spec, C, OC)
+    fp = _plan(case, spec_dtype(spec))
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    assert plan.kernel.name == spec.name
+    assert plan.tiles_inner
+    _check(spec, case)
