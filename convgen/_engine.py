@@ -407,9 +407,9 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     fp = forward_plan(p)
     threads = threads_for(fp.work)
     gext = None
-    if need_bias or (need_weight and not nonfinite and not fp.wgrad_by_channel):
+    if need_weight and not nonfinite and not fp.wgrad_by_channel:
         # grad_output on the flat grid (zero scratch columns): the pixel-vectorised
-        # weight gradient and the bias gradient read it
+        # weight gradient reads it
         gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
         _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
@@ -435,7 +435,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                                 fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads, into)
     if need_bias:
         gb = np.empty(p.OC, dtype=grad_y.dtype)
-        _layout.channel_sums(gext, gb, p.N, p.OC, threads)
+        _layout.channel_sums(grad_y.reshape(p.N * p.OC, fp.OH * fp.OW), gb, p.N, p.OC, threads)
         if bias_grad is not None:
             if bias_accumulate:
                 bias_grad += gb

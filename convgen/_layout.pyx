@@ -15,6 +15,7 @@ pointers (no buffer acquisition: this is on the path of every small call too).
 """
 
 from cython.parallel cimport prange
+from libc.string cimport memcpy, memset
 cimport numpy as cnp
 cimport openmp
 
@@ -167,7 +168,7 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
                   Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads) noexcept nogil:
-    cdef Py_ssize_t c, i, j, start, end
+    cdef Py_ssize_t c, i, start, end
     cdef real* dst
     cdef const real* src
     for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
@@ -176,13 +177,10 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
         end = 0                      # everything before `end` is written
         for i in range(H):
             start = (i + top) * width + left
-            for j in range(end, start):
-                dst[j] = 0
-            for j in range(W):
-                dst[start + j] = src[i * W + j]
+            memset(dst + end, 0, (start - end) * sizeof(real))
+            memcpy(dst + start, src + i * W, W * sizeof(real))
             end = start + W
-        for j in range(end, L):
-            dst[j] = 0
+        memset(dst + end, 0, (L - end) * sizeof(real))
 
 
 def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
@@ -315,16 +313,36 @@ def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threa
             _extend_transposed(<double*>src, <double*>dst, N, C, H, W, width, qlen, Cp, threads)
 
 
+cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_t L) noexcept nogil:
+    """Sum of N rows of L values, `stride` apart, in a fixed order (independent of
+    threads): 16 running sums (one vector's lanes), then a tree."""
+    cdef Py_ssize_t n, i, k, w
+    cdef const real* row
+    cdef real acc[16]
+    for k in range(16):
+        acc[k] = 0
+    for n in range(N):
+        row = g + n * stride
+        i = 0
+        while i + 16 <= L:
+            for k in range(16):
+                acc[k] = acc[k] + row[i + k]
+            i = i + 16
+        for k in range(L - i):
+            acc[k] = acc[k] + row[i + k]
+    w = 8
+    while w > 0:
+        for k in range(w):
+            acc[k] = acc[k] + acc[k + w]
+        w = w // 2
+    return acc[0]
+
+
 cdef void _channel_sums(const real* g, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                         int threads) noexcept nogil:
-    cdef Py_ssize_t c, n, i
-    cdef real s
+    cdef Py_ssize_t c
     for c in prange(C, schedule="dynamic", chunksize=1 + C // (8 * threads), num_threads=threads):
-        s = 0
-        for n in range(N):
-            for i in range(L):
-                s = s + g[(n * C + c) * L + i]
-        out[c] = s
+        out[c] = _channel_sum(g + c * L, N, C * L, L)
 
 
 def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int threads):
