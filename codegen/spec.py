@@ -129,6 +129,16 @@ class KernelSpec:
         return (12, 2)
 
     @property
+    def row_block(self):
+        """Row-block tile (rows, vectors) of depthwise forward kernels with every axis
+        fixed, or None: `rows` output rows x `vectors` vectors along a row, one channel.
+        Adjacent rows share input rows, so each input vector loaded serves every tap
+        row that reads it (a pixel tile loads one vector per multiply-add)."""
+        if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
+            return None
+        return (4, 4) if self.dtype == "f32" else (4, 4)
+
+    @property
     def lanes(self):
         return VECTOR_LANES[self.dtype]
 

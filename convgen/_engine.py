@@ -62,6 +62,11 @@ CVEC_MIN_PIXELS = 1024
 ROW_TILE_SAVING = 0.9
 
 
+# Depthwise forward runs its row-block tile when a row's vectors cover at most this
+# many times the flat grid's row (56 pixels: 64 computed for 58).
+ROW_BLOCK_WASTE = 1.15
+
+
 # Flat output pixels above which a single image at stride and dilation 1 keeps the
 # pixel-vectorised weight gradient.
 LARGE_MAP = 2048
@@ -197,7 +202,18 @@ class ForwardPlan:
                 self.cvec, self.row_tiles = cvec, row_tiles
                 self.tile, chunk, width = cvec
                 self.blocks = _geometry.ceil_div(self.OCg, width)
+        # Depthwise forward on rows wide enough for its row-block tile runs that.
+        self.row_block = None
+        block = self.kernel.row_block
+        if block is not None and _geometry.round_up(self.OW, block[1]) <= ROW_BLOCK_WASTE * self.We:
+            self.row_block = block
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
+        if self.row_block:
+            # the last row block reads its rows past OH, and its vectors past OW
+            rows, width = block
+            self.out_len = _geometry.round_up(
+                max(self.out_len, (_geometry.round_up(self.OH, rows) - 1) * self.We
+                    + _geometry.round_up(self.OW, width)), chunk)
         if self.row_tiles:
             self.out_len = _geometry.round_up(max(self.out_len, (self.OH - 1) * self.We + self.row_tiles * chunk),
                                               chunk)
@@ -319,7 +335,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile)
+                        threads, fp.tile, fp.row_block is not None)
         return y, xin, bool(flags.any())
     packed = {}
     if fp.cvec is not None:

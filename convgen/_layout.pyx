@@ -68,6 +68,22 @@ cdef inline void* _ptr(cnp.ndarray a) noexcept:
     return cnp.PyArray_DATA(a)
 
 
+cdef inline int _nonfinite(const real* p, Py_ssize_t n) noexcept nogil:
+    """1 if p[0:n] holds an infinity or a NaN: an all-ones exponent, found with an
+    integer max over the exponent bits (which gcc vectorises; a float test does not)."""
+    cdef Py_ssize_t j
+    cdef unsigned int m32 = 0
+    cdef unsigned long long m64 = 0
+    if real is float:
+        for j in range(n):
+            m32 = max(m32, (<const unsigned int*>p)[j] & 0x7f800000u)
+        return m32 == 0x7f800000u
+    else:
+        for j in range(n):
+            m64 = max(m64, (<const unsigned long long*>p)[j] & 0x7ff0000000000000ull)
+        return m64 == 0x7ff0000000000000ull
+
+
 cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
     """One channel: x (H, W) -> its padded phase planes at xin.  Plain loops rather
     than memcpy/memset: rows are often short (7x7 maps), where a call costs more
@@ -75,8 +91,7 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
     gradient then takes its exact path); checking the unpadded middles suffices, as
     padding only repeats pixels that some middle also copies."""
     cdef Py_ssize_t a, b, i, j, r, s, lo, hi, We = pp.We, sw = pp.sw, Hq = pp.Hq
-    cdef int bad = 0      # v - v != 0 exactly for an infinity or a NaN
-    cdef real v
+    cdef int bad = 0
     cdef real* dst
     cdef const real* src
     cdef const real* mid
@@ -100,20 +115,15 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
                     if sw == 1:
                         mid = src + cb[lo] - lo
                         for j in range(lo, hi):
-                            v = mid[j]
-                            dst[j] = v
-                            bad |= (v - v) != 0
+                            dst[j] = mid[j]
                     elif sw == 2:  # a constant stride lets gcc vectorise the de-interleave
                         mid = src + cb[lo] - 2 * lo
                         for j in range(lo, hi):
-                            v = mid[2 * j]
-                            dst[j] = v
-                            bad |= (v - v) != 0
+                            dst[j] = mid[2 * j]
                     else:
                         for j in range(lo, hi):
-                            v = src[cb[lo] + (j - lo) * sw]
-                            dst[j] = v
-                            bad |= (v - v) != 0
+                            dst[j] = src[cb[lo] + (j - lo) * sw]
+                    bad |= _nonfinite(dst + lo, hi - lo)
                     for j in range(hi, We):
                         s = cb[j]
                         dst[j] = src[s] if s >= 0 else 0

@@ -1,9 +1,14 @@
-"""The channel-vector paths of the dense kernels, on every dense spec that has one:
-the forward's channel-vector tile (packed weights, row-aligned tiles, partial sums
-between reduction passes) and the weight gradient vectorised over output channels
-(reduction segments, scratch columns skipped).  The engine picks these paths only
-for some shapes (see convgen._engine); here its thresholds are lowered so that the
-small test problems take them, and each test asserts that they did."""
+"""Kernel paths that the engine (convgen._engine) picks for some shapes only, forced
+here on every spec that has them, each test asserting that the path really ran:
+
+* the dense forward's channel-vector tile (packed weights, row-aligned tiles, partial
+  sums between reduction passes);
+* the dense weight gradient vectorised over output channels (reduction segments,
+  scratch columns skipped);
+* 1x1 kernels running the channel tiles of a pixel chunk back to back;
+* the depthwise forward's row-block tile (every padding mode, channel multipliers,
+  partial blocks and vectors).
+"""
 
 import numpy as np
 import pytest
@@ -12,7 +17,9 @@ from codegen.cases import case_for
 from codegen.table import SPECS
 from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
                       reference_functional, spec_dtype, torch_functional)
+import convgen
 from convgen import _engine
+from convgen import _reference as ref
 
 FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.cvec_tile is not None]
 WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "dense"]
@@ -27,6 +34,7 @@ def forced(monkeypatch):
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0)
     monkeypatch.setattr(_engine, "LARGE_MAP", 1 << 30)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
     yield
@@ -44,13 +52,14 @@ def _plan(case, dtype):
     pair = lambda v: v if isinstance(v, tuple) else (v, v)
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (pair(case[k]) for k in ("kernel", "stride", "dilation", "padding"))
     p = _engine.Problem(case["N"], case["C"], case["H"], case["W"], case["OC"], kh, kw, sh, sw, dh, dw,
-                        ph, ph, pw, pw, 1, "zeros", "f32" if dtype == np.float32 else "f64")
+                        ph, ph, pw, pw, case["groups"], case.get("padding_mode", "zeros"),
+                        "f32" if dtype == np.float32 else "f64")
     return _engine.forward_plan(p)
 
 
 def _check(spec, case):
     dtype = spec_dtype(spec)
-    rng = make_rng("channel-tiles", spec.name, case["C"], case["OC"])
+    rng = make_rng("kernel-paths", spec.name, case["C"], case["OC"], case.get("padding_mode"))
     x, w, b, gy = case_arrays(case, dtype, rng)
     args = conv_args(case)
     got = convgen_functional(spec.direction, x, w, b, gy, **args)
@@ -97,3 +106,29 @@ def test_one_by_one_channel_tiles_inner(spec):
     assert plan.kernel.name == spec.name
     assert plan.tiles_inner
     _check(spec, case)
+
+
+ROW_BLOCK_SPECS = [s for s in SPECS if s.row_block is not None]
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("multiplier", [1, 3])
+@pytest.mark.parametrize("spec", ROW_BLOCK_SPECS, ids=lambda s: s.name)
+def test_depthwise_row_blocks(spec, multiplier, mode, forced):
+    case = case_for(spec, multiplier=multiplier)   # 11x9 maps: partial blocks and vectors
+    case["padding_mode"] = mode
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.kernel.name == spec.name
+    assert fp.row_block == (spec.row_block[0], spec.row_block[1] * spec.lanes)
+    dtype = spec_dtype(spec)
+    rng = make_rng("row-blocks", spec.name, multiplier, mode)
+    x, w, b, _ = case_arrays(case, dtype, rng)
+    conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], stride=case["stride"], padding=case["padding"],
+                          dilation=case["dilation"], groups=case["groups"], padding_mode=mode, dtype=dtype)
+    conv.weight[...] = w
+    conv.bias[...] = b
+    args = conv_args(case)
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    assert_close(conv(x), expected, dtype, f"{spec.name} {mode} x{multiplier} vs reference")
+    if mode == "zeros":  # (the reference covers the other modes; it is checked against torch's)
+        assert_close(conv(x), torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs torch")
