@@ -38,22 +38,23 @@ def _taps(taps):
     return [dict(i=i, w_index=t.w_index, plane=t.plane, dy=t.dy, dx=t.dx) for i, t in enumerate(taps)]
 
 
-def _row_block(spec):
-    """The row-block tile's loads: each distinct (plane, row, column) input vector the
+def _row_blocks(spec):
+    """Each row-block tile's loads: every distinct (plane, row, column) input vector the
     block reads, with the multiply-adds that use it (output row, weight index).  Output
     row i reads tap (plane, dy, dx) at plane row dy + i, so rows share loads."""
-    if spec.row_block is None:
-        return None
-    rows, vectors = spec.row_block
-    k, s, d = spec.kernel, spec.stride, spec.dilation
-    loads = {}
-    for t in geometry.forward_taps(k, k, s, s, d, d):
-        for i in range(rows):
-            key = (t.plane, t.dy + i, t.dx)
-            loads.setdefault(key, []).append(dict(row=i, w_index=t.w_index))
-    return dict(rows=list(range(rows)), vectors=[dict(index=v, offset=v * spec.lanes) for v in range(vectors)],
-                width=vectors * spec.lanes, taps=sorted({t.w_index for t in geometry.forward_taps(k, k, s, s, d, d)}),
-                loads=[dict(plane=p, drow=r, dx=x, fmas=f) for (p, r, x), f in sorted(loads.items())])
+    blocks = []
+    for index, (rows, vectors) in enumerate(spec.row_blocks):
+        k, s, d = spec.kernel, spec.stride, spec.dilation
+        taps = geometry.forward_taps(k, k, s, s, d, d)
+        loads = {}
+        for t in taps:
+            for i in range(rows):
+                loads.setdefault((t.plane, t.dy + i, t.dx), []).append(dict(row=i, w_index=t.w_index))
+        blocks.append(dict(index=index, suffix=f"_rb{rows}x{vectors}", rows=list(range(rows)),
+                           vectors=[dict(index=v, offset=v * spec.lanes) for v in range(vectors)],
+                           width=vectors * spec.lanes, taps=sorted({t.w_index for t in taps}),
+                           loads=[dict(plane=p, drow=r, dx=x, fmas=f) for (p, r, x), f in sorted(loads.items())]))
+    return blocks
 
 
 def kernel_context(spec):
@@ -89,7 +90,7 @@ def kernel_context(spec):
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                            width=vectors * lanes)
-    ctx["row_block"] = _row_block(spec)
+    ctx["row_blocks"] = _row_blocks(spec)
     if not spec.unrolls_taps:
         return ctx
     k, s, d = spec.kernel, spec.stride, spec.dilation

@@ -129,14 +129,15 @@ class KernelSpec:
         return (12, 2)
 
     @property
-    def row_block(self):
-        """Row-block tile (rows, vectors) of depthwise forward kernels with every axis
-        fixed, or None: `rows` output rows x `vectors` vectors along a row, one channel.
-        Adjacent rows share input rows, so each input vector loaded serves every tap
-        row that reads it (a pixel tile loads one vector per multiply-add)."""
+    def row_blocks(self):
+        """Row-block tiles (rows, vectors) of depthwise forward kernels with every axis
+        fixed (empty elsewhere): `rows` output rows x `vectors` vectors along a row, one
+        channel.  Adjacent rows share input rows, so each input vector loaded serves
+        every tap row that reads it (a pixel tile loads one vector per multiply-add).
+        (A narrow 8x1 block for small maps measured no faster than the pixel tiles.)"""
         if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
-            return None
-        return (4, 4) if self.dtype == "f32" else (4, 4)
+            return []
+        return [(4, 4)]
 
     @property
     def lanes(self):

@@ -24,7 +24,7 @@ class Kernel(NamedTuple):
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
     cvec: tuple      # (tile index, pixels, channels per block) of the channel-vector tile, or None
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
-    row_block: tuple  # (output rows, pixels per row) of the row-block tile (depthwise forward), or None
+    row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -74,7 +74,7 @@ def _load(key):
     variants = tuple(mod.TILES[name])
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   getattr(mod, name + "_ocvec", None), getattr(mod, "CVEC_TILES", {}).get(name),
-                  getattr(mod, "pack_weights", None), getattr(mod, "ROW_BLOCKS", {}).get(name))
+                  getattr(mod, "pack_weights", None), tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())))
 
 
 def lookup(direction, p):

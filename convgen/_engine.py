@@ -63,7 +63,8 @@ ROW_TILE_SAVING = 0.9
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
-# many times the flat grid's row (56 pixels: 64 computed for 58).
+# many times the flat grid's row (56 pixels: 64 computed for 58; on 7x7 and 14x14 maps
+# the pixel tiles are faster).
 ROW_BLOCK_WASTE = 1.15
 
 
@@ -202,15 +203,16 @@ class ForwardPlan:
                 self.cvec, self.row_tiles = cvec, row_tiles
                 self.tile, chunk, width = cvec
                 self.blocks = _geometry.ceil_div(self.OCg, width)
-        # Depthwise forward on rows wide enough for its row-block tile runs that.
+        # Depthwise forward runs a row-block tile on rows it covers with little waste.
         self.row_block = None
-        block = self.kernel.row_block
-        if block is not None and _geometry.round_up(self.OW, block[1]) <= ROW_BLOCK_WASTE * self.We:
-            self.row_block = block
+        for i, (rows, width) in enumerate(self.kernel.row_blocks):
+            if _geometry.round_up(self.OW, width) <= ROW_BLOCK_WASTE * self.We:
+                self.row_block = i
+                break
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
-        if self.row_block:
+        if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW
-            rows, width = block
+            rows, width = self.kernel.row_blocks[self.row_block]
             self.out_len = _geometry.round_up(
                 max(self.out_len, (_geometry.round_up(self.OH, rows) - 1) * self.We
                     + _geometry.round_up(self.OW, width)), chunk)
@@ -335,7 +337,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile, fp.row_block is not None)
+                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block)
         return y, xin, bool(flags.any())
     packed = {}
     if fp.cvec is not None:

@@ -108,27 +108,33 @@ def test_one_by_one_channel_tiles_inner(spec):
     _check(spec, case)
 
 
-ROW_BLOCK_SPECS = [s for s in SPECS if s.row_block is not None]
+ROW_BLOCK_SPECS = [s for s in SPECS if s.row_blocks]
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
 @pytest.mark.parametrize("multiplier", [1, 3])
 @pytest.mark.parametrize("spec", ROW_BLOCK_SPECS, ids=lambda s: s.name)
 def test_depthwise_row_blocks(spec, multiplier, mode, forced):
-    case = case_for(spec, multiplier=multiplier)   # 11x9 maps: partial blocks and vectors
-    case["padding_mode"] = mode
-    fp = _plan(case, spec_dtype(spec))
-    assert fp.kernel.name == spec.name
-    assert fp.row_block == (spec.row_block[0], spec.row_block[1] * spec.lanes)
+    """Every row-block tile of the spec, on maps narrower and wider than it: partial
+    blocks and partial vectors."""
     dtype = spec_dtype(spec)
-    rng = make_rng("row-blocks", spec.name, multiplier, mode)
-    x, w, b, _ = case_arrays(case, dtype, rng)
-    conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], stride=case["stride"], padding=case["padding"],
-                          dilation=case["dilation"], groups=case["groups"], padding_mode=mode, dtype=dtype)
-    conv.weight[...] = w
-    conv.bias[...] = b
-    args = conv_args(case)
-    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
-    assert_close(conv(x), expected, dtype, f"{spec.name} {mode} x{multiplier} vs reference")
-    if mode == "zeros":  # (the reference covers the other modes; it is checked against torch's)
-        assert_close(conv(x), torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs torch")
+    used = set()
+    for W in (9, 70, 133):
+        case = case_for(spec, multiplier=multiplier)
+        case.update(W=W, padding_mode=mode)
+        fp = _plan(case, dtype)
+        assert fp.kernel.name == spec.name and fp.row_block is not None
+        used.add(fp.row_block)
+        rng = make_rng("row-blocks", spec.name, multiplier, mode, W)
+        x, w, b, _ = case_arrays(case, dtype, rng)
+        conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], stride=case["stride"],
+                              padding=case["padding"], dilation=case["dilation"], groups=case["groups"],
+                              padding_mode=mode, dtype=dtype)
+        conv.weight[...] = w
+        conv.bias[...] = b
+        args = conv_args(case)
+        y = conv(x)
+        assert_close(y, ref.conv2d(x, w, b, padding_mode=mode, **args), dtype, f"{spec.name} W={W} vs reference")
+        if mode == "zeros":  # (the reference covers the other modes; it is checked against torch's)
+            assert_close(y, torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} W={W} vs torch")
+    assert used == set(range(len(spec.row_blocks)))
