@@ -76,9 +76,12 @@ def kernel_context(spec):
         # vectors of output channels x columns, no horizontal sums (see the template).
         ctx["ocvec"] = None
         if spec.groups == "dense":
+            cols = [dict(index=c) for c in range(OCVEC_TILE[1])]
             ctx["ocvec"] = dict(vectors=[dict(index=v, offset=v * lanes) for v in range(OCVEC_TILE[0])],
-                                cols=[dict(index=c) for c in range(OCVEC_TILE[1])],
-                                width=OCVEC_TILE[0] * lanes)
+                                cols=cols, width=OCVEC_TILE[0] * lanes,
+                                # columns stored together by one transposed store (<= lanes)
+                                col_groups=[dict(start=g, cols=cols[g:g + lanes])
+                                            for g in range(0, len(cols), lanes)])
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,

@@ -343,3 +343,17 @@ def test_cli_files_and_show():
     assert out.stdout == emit.generated_files()["_bwd_data_f64.pyx"]
     bad = _cli("--show", "nope.pyx")
     assert bad.returncode == 2 and "nope.pyx" in bad.stderr
+
+
+def test_transposed_store_helper_in_header():
+    """The channel-vectorised weight gradient stores through cg_store_transposed_*,
+    in groups of at most one vector's lanes of columns."""
+    for dtype in DTYPES:
+        text = render.render("conv2d_bwd_weight.pyx.j2", context.module_context("bwd_weight", dtype, SPECS))
+        assert f"cg_store_transposed_{dtype}(" in text
+        for s in SPECS:
+            ctx = context.kernel_context(s)
+            if ctx.get("ocvec"):
+                groups = ctx["ocvec"]["col_groups"]
+                assert all(len(g["cols"]) <= s.lanes for g in groups)
+                assert sum(len(g["cols"]) for g in groups) == len(ctx["ocvec"]["cols"])

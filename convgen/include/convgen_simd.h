@@ -35,4 +35,67 @@ static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memo
 CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
 
+/* Transposed store of a block held as column vectors: cols[c] holds column c, lane l
+ * being row l.  Writes (or, with accumulate, adds to) dst[l * stride + c] for
+ * l < n_rows and c < n_cols (both <= the lane count).  The transpose runs in
+ * registers as log2(lanes) rounds of two-vector shuffles (round b swaps bit b of the
+ * row with bit b of the lane), so each row leaves as one contiguous store instead
+ * of n_cols scattered scalar stores. */
+typedef int cg_vi32 __attribute__((vector_size(64)));
+typedef long long cg_vi64 __attribute__((vector_size(64)));
+
+#define CG_MASKS_16(S) \
+    {(0&S)?16+0-S:0, (1&S)?16+1-S:1, (2&S)?16+2-S:2, (3&S)?16+3-S:3, (4&S)?16+4-S:4, (5&S)?16+5-S:5, \
+     (6&S)?16+6-S:6, (7&S)?16+7-S:7, (8&S)?16+8-S:8, (9&S)?16+9-S:9, (10&S)?16+10-S:10, (11&S)?16+11-S:11, \
+     (12&S)?16+12-S:12, (13&S)?16+13-S:13, (14&S)?16+14-S:14, (15&S)?16+15-S:15}, \
+    {(0&S)?16+0:0+S, (1&S)?16+1:1+S, (2&S)?16+2:2+S, (3&S)?16+3:3+S, (4&S)?16+4:4+S, (5&S)?16+5:5+S, \
+     (6&S)?16+6:6+S, (7&S)?16+7:7+S, (8&S)?16+8:8+S, (9&S)?16+9:9+S, (10&S)?16+10:10+S, (11&S)?16+11:11+S, \
+     (12&S)?16+12:12+S, (13&S)?16+13:13+S, (14&S)?16+14:14+S, (15&S)?16+15:15+S}
+#define CG_MASKS_8(S) \
+    {(0&S)?8+0-S:0, (1&S)?8+1-S:1, (2&S)?8+2-S:2, (3&S)?8+3-S:3, (4&S)?8+4-S:4, (5&S)?8+5-S:5, \
+     (6&S)?8+6-S:6, (7&S)?8+7-S:7}, \
+    {(0&S)?8+0:0+S, (1&S)?8+1:1+S, (2&S)?8+2:2+S, (3&S)?8+3:3+S, (4&S)?8+4:4+S, (5&S)?8+5:5+S, \
+     (6&S)?8+6:6+S, (7&S)?8+7:7+S}
+
+#define CG_TRANSPOSE_ROUND(V, MI, r, S, LO, HI, LANES)                           \
+    for (int i_ = 0; i_ < LANES; i_++) if (!(i_ & S)) {                         \
+        V lo_ = __builtin_shuffle(r[i_], r[i_ + S], LO);                         \
+        V hi_ = __builtin_shuffle(r[i_], r[i_ + S], HI);                         \
+        r[i_] = lo_; r[i_ + S] = hi_;                                           \
+    }
+
+static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols,
+                                           int n_cols, int n_rows, int accumulate) {
+    static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
+                         m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};
+    cg_vf32 r[16];
+    for (int c = 0; c < 16; c++) r[c] = c < n_cols ? cols[c] : (cg_vf32){0};
+    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 1, m1[0], m1[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 2, m2[0], m2[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 4, m4[0], m4[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 8, m8[0], m8[1], 16)
+    for (int l = 0; l < n_rows; l++) {
+        float row[16], *d = dst + l * stride;
+        memcpy(row, &r[l], sizeof row);
+        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];
+        else memcpy(d, row, n_cols * sizeof(float));
+    }
+}
+
+static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const cg_vf64 *cols,
+                                           int n_cols, int n_rows, int accumulate) {
+    static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
+    cg_vf64 r[8];
+    for (int c = 0; c < 8; c++) r[c] = c < n_cols ? cols[c] : (cg_vf64){0};
+    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 1, m1[0], m1[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 2, m2[0], m2[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 4, m4[0], m4[1], 8)
+    for (int l = 0; l < n_rows; l++) {
+        double row[8], *d = dst + l * stride;
+        memcpy(row, &r[l], sizeof row);
+        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];
+        else memcpy(d, row, n_cols * sizeof(double));
+    }
+}
+
 #endif
