@@ -348,8 +348,8 @@ def forward(x, weight, bias, p: Problem, recycle=None):
                        fp.tap_w, width, threads)
         part = None
         if fp.rblock < fp.Cg:
-            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.OH * fp.row_tiles * fp.cvec[1] * width,),
-                           x.dtype)
+            part = scratch("part", (fp.images * fp.G * fp.blocks * max(fp.out_len, fp.OH * fp.row_tiles * fp.cvec[1])
+                                    * width,), x.dtype)
         packed = dict(wp=wp, bp=bp, part=part, row_tiles=fp.row_tiles)
         yext = None
     else:
