@@ -117,15 +117,17 @@ class KernelSpec:
 
     @property
     def cvec_tile(self):
-        """Channel-vector register tile (pixels, vectors) of dense forward kernels
-        (3x3 and up), or None: `pixels` output pixels, each broadcast from
+        """Channel-vector register tile (pixels, vectors) of dense forward and
+        stride-1 input-gradient kernels of a fixed size (3x3 and up), or None: `pixels` output pixels, each broadcast from
         the input, times `vectors` vectors of output channels from weights packed per
         call.  No load straddles a cache line (the pixel tiles' shifted loads mostly
         do), and its tiles can start at each output row, skipping the flat grid's
         scratch columns (see convgen._engine.ForwardPlan for when it runs).  1x1
         kernels have no scratch columns to skip."""
-        if self.direction != "fwd" or self.groups != "dense" or self.kernel == 1:
+        if self.groups != "dense" or self.kernel in (1, ANY) or self.direction == "bwd_weight":
             return None
+        if self.direction == "bwd_data" and self.stride != 1:
+            return None  # (wide paddings come with dilation, at stride 1)
         return (12, 2)
 
     @property

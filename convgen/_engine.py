@@ -279,7 +279,22 @@ class BackwardDataPlan:
         out_rows = p.H if interior else fp.Hq
         shift = p.pad_top * self.width + p.pad_left if interior else 0
         self.tile, chunk = self.kernel.pick_tile(fp.Cg, out_rows * self.width)
+        # As in the forward: the channel-vector tile where row-aligned tiles skip many
+        # scratch columns (dilated layers' wide halos).
+        self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
+        self.cvec, self.row_tiles = None, 0
+        cvec = self.kernel.cvec
+        if (cvec is not None and fp.Cg >= CVEC_MIN_CHANNELS and fp.OCg >= CVEC_MIN_CHANNELS and fp.kk > 1
+                and p.N * out_rows * self.width >= CVEC_MIN_PIXELS):
+            row_tiles = _geometry.ceil_div(self.out_cols, cvec[1])
+            if row_tiles * cvec[1] <= ROW_TILE_SAVING * self.width:
+                self.cvec, self.row_tiles = cvec, row_tiles
+                self.tile, chunk, width = cvec
+                self.blocks = _geometry.ceil_div(fp.Cg, width)
         self.out_len = _geometry.round_up(out_rows * self.width, chunk)
+        if self.row_tiles:
+            self.out_len = _geometry.round_up(
+                max(self.out_len, (out_rows - 1) * self.width + self.row_tiles * chunk), chunk)
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
@@ -377,6 +392,23 @@ def backward_data(grad_y, weight, p: Problem):
     gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
     gx2 = gx.reshape(p.N * p.C, p.H * p.W)
     images, groups = bp.block
+    packed = {}
+    if bp.cvec is not None:  # dense: one group
+        width = bp.cvec[2]
+        wps = []
+        zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
+        for i, ws in enumerate(bp.phase_ws):
+            wp = scratch(f"bwd_wp{i}", (max(1, bp.blocks * fp.OCg * len(ws) * width),), grad_y.dtype)
+            if len(ws):
+                bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk,
+                               fp.Cg * fp.kk, ws, width, threads)
+            wps.append(wp)
+        part = None
+        if bp.rblock < fp.OCg:
+            part = scratch("bwd_part", (images * bp.blocks * bp.out_rows * bp.row_tiles * bp.cvec[1] * width,),
+                           grad_y.dtype)
+        packed = dict(wps=wps, bp=zeros, part=part, row_tiles=bp.row_tiles, out_rows=bp.out_rows,
+                      out_cols=bp.out_cols, width=bp.width)
     gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
     for n0 in range(0, p.N, images):
@@ -392,7 +424,7 @@ def backward_data(grad_y, weight, p: Problem):
                            threads)
             bp.kernel.run(gypb, weight[g0 * fp.OCg:g1 * fp.OCg], gxphb, n1 - n0, g1 - g0, fp.Cg, fp.OCg,
                           bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads,
-                          bp.tile, bp.tiles_inner)
+                          bp.tile, bp.tiles_inner, **packed)
             _layout.fold_phases(gxphb, gx2[c0:c1].reshape(c1 - c0, p.H, p.W), bp.fold_rows, bp.fold_cols,
                                 bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
     return gx

@@ -21,7 +21,7 @@ import convgen
 from convgen import _engine
 from convgen import _reference as ref
 
-FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.cvec_tile is not None]
+CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
 WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "dense"]
 
 
@@ -67,15 +67,19 @@ def _check(spec, case):
     assert_close(got, torch_functional(spec.direction, x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
 
 
-# 37 output channels: one full block of a channel-vector tile and a partial one;
-# 17 input channels: several reduction passes under the forced cache budget.
-@pytest.mark.parametrize("spec", FWD_SPECS, ids=lambda s: s.name)
-def test_forward_channel_vector_tile(spec, forced):
-    case = _case(spec, 17, 37)
+# 37 channels: one full block of a channel-vector tile and a partial one, and
+# several reduction passes under the forced cache budget.
+@pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
+def test_channel_vector_tile(spec, forced):
+    """Forward and input gradient: packed weights, row-aligned tiles (here wider than
+    a row, so a tile also computes the start of the next row), partial blocks of
+    channels, and partial sums between reduction passes."""
+    case = _case(spec, 37, 37)
     fp = _plan(case, spec_dtype(spec))
-    assert fp.kernel.name == spec.name
-    assert fp.cvec is not None and fp.row_tiles > 0
-    assert fp.rblock < fp.Cg  # partial sums between passes
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    assert plan.kernel.name == spec.name
+    assert plan.cvec is not None and plan.row_tiles > 0
+    assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
     _check(spec, case)
 
 
