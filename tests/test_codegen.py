@@ -235,12 +235,14 @@ def test_render_kernel_module(env, direction, dtype):
     assert render.render(template, context.module_context(direction, dtype, SPECS)) == text
 
 
-def test_channel_vector_tiles_only_for_dense_forward(env):
-    """Dense forward kernels of 3x3 and up get a channel-vector tile (and the module a
-    weight packer and a CVEC_TILES entry); nothing else does."""
+def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
+    """Dense forward and stride-1 input-gradient kernels of a fixed size, 3x3 and up,
+    get a channel-vector tile (and the module a weight packer and a CVEC_TILES entry);
+    nothing else does."""
     for s in SPECS:
         ctx = context.kernel_context(s)
-        expect = s.direction == "fwd" and s.groups == "dense" and s.kernel != 1
+        expect = (s.groups == "dense" and s.kernel not in (1, ANY)
+                  and (s.direction == "fwd" or (s.direction == "bwd_data" and s.stride == 1)))
         assert (s.cvec_tile is not None) == expect, s.name
         assert (ctx.get("cvec") is not None) == expect, s.name
         if expect:
