@@ -94,7 +94,7 @@ def aligned_empty(shape, dtype):
     for n in shape:
         count *= n
     buf = np.empty(count + ALIGN // dtype.itemsize, dtype=dtype)
-    start = (-buf.ctypes.data % ALIGN) // dtype.itemsize
+    start = (-_layout.address(buf) % ALIGN) // dtype.itemsize
     return buf[start:start + count].reshape(shape)
 
 
@@ -354,7 +354,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile, -1 if fp.row_block is None else fp.row_block)
         return y, xin, bool(flags.any())
-    packed = {}
+    packed = (None, None, None, 0, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, row_tiles, tiles_inner
     if fp.cvec is not None:
         width = fp.cvec[2]
         wp = scratch("wp", (fp.G * fp.blocks * fp.Cg * len(fp.tap_w) * width,), x.dtype)
@@ -365,7 +365,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         if fp.rblock < fp.Cg:
             part = scratch("part", (fp.images * fp.G * fp.blocks * max(fp.out_len, fp.OH * fp.row_tiles * fp.cvec[1])
                                     * width,), x.dtype)
-        packed = dict(wp=wp, bp=bp, part=part, row_tiles=fp.row_tiles)
+        packed = (wp, bp, part, fp.row_tiles, fp.tiles_inner)
         yext = None
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
@@ -377,8 +377,7 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
-                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile,
-                      tiles_inner=fp.tiles_inner, **packed)
+                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
     return y, xin, nonfinite
 
 
@@ -411,6 +410,13 @@ def backward_data(grad_y, weight, p: Problem):
                       out_cols=bp.out_cols, width=bp.width)
     gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
+    if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
+        _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
+        bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
+                      bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
+        _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
+                            bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
+        return gx
     for n0 in range(0, p.N, images):
         n1 = min(p.N, n0 + images)
         for g0 in range(0, fp.G, groups):

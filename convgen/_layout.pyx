@@ -167,7 +167,14 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     cdef Py_ssize_t src_chan = pp.H * pp.W, dst_chan = pp.sh * pp.sw * plane_len
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
-    if x.dtype.itemsize == 4:
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        with nogil:
+            for c in range(nc):
+                if cnp.PyArray_ITEMSIZE(x) == 4:
+                    bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
+                else:
+                    bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
+    elif cnp.PyArray_ITEMSIZE(x) == 4:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
             bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
     else:
@@ -176,21 +183,26 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     return bad > 0
 
 
+cdef inline void _extend_channel(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                                 Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+    cdef Py_ssize_t i, start, end = 0   # everything before `end` is written
+    for i in range(H):
+        start = (i + top) * width + left
+        memset(dst + end, 0, (start - end) * sizeof(real))
+        memcpy(dst + start, src + i * W, W * sizeof(real))
+        end = start + W
+    memset(dst + end, 0, (L - end) * sizeof(real))
+
+
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
                   Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads) noexcept nogil:
-    cdef Py_ssize_t c, i, start, end
-    cdef real* dst
-    cdef const real* src
-    for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-        dst = gext + c * L
-        src = g + c * H * W
-        end = 0                      # everything before `end` is written
-        for i in range(H):
-            start = (i + top) * width + left
-            memset(dst + end, 0, (start - end) * sizeof(real))
-            memcpy(dst + start, src + i * W, W * sizeof(real))
-            end = start + W
-        memset(dst + end, 0, (L - end) * sizeof(real))
+    cdef Py_ssize_t c
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        for c in range(nc):
+            _extend_channel(g + c * H * W, gext + c * L, H, W, L, width, top, left)
+    else:
+        for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
+            _extend_channel(g + c * H * W, gext + c * L, H, W, L, width, top, left)
 
 
 def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
@@ -227,48 +239,60 @@ cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd,
         dst[W - 1] += first[W // 2 + c0]
 
 
-cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
+cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
-                       Py_ssize_t out_len, Py_ssize_t pad_left, int threads) noexcept nogil:
-    cdef Py_ssize_t c, a, b, i, j, r, s, lo, hi
+                       Py_ssize_t out_len, Py_ssize_t pad_left) noexcept nogil:
+    cdef Py_ssize_t a, b, i, j, r, s, lo, hi
     cdef real* dst
     cdef real* mid
     cdef const real* src
     cdef const Py_ssize_t* cb
-    for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-        for i in range(H * W):
-            gx[c * H * W + i] = 0
-        for a in range(sh):
-            for b in range(sw):
-                cb = cols + b * Wq
-                lo = interior[2 * b]
-                hi = interior[2 * b + 1]
-                src = gxph + c * sh * sw * out_len + (a * sw + b) * out_len
-                for i in range(Hq):
-                    r = rows[a * Hq + i]
-                    if r >= 0:
-                        dst = gx + (c * H + r) * W
-                        for j in range(lo):
-                            s = cb[j]
-                            if s >= 0:
-                                dst[s] += src[j]
-                        if sw == 1:  # the unpadded middle of the row: a vectorisable add
-                            mid = dst + cb[lo] - lo
-                            for j in range(lo, hi):
-                                mid[j] += src[j]
-                        elif sw == 2:
-                            pass     # both column phases at once, below
-                        else:
-                            for j in range(lo, hi):
-                                dst[cb[lo] + (j - lo) * sw] += src[j]
-                        for j in range(hi, Wq):
-                            s = cb[j]
-                            if s >= 0:
-                                dst[s] += src[j]
-                        if sw == 2 and b == 1:
-                            _fold_interleaved(dst, src - out_len, src, W, pad_left)
-                    src = src + width
+    for i in range(H * W):
+        gx[c * H * W + i] = 0
+    for a in range(sh):
+        for b in range(sw):
+            cb = cols + b * Wq
+            lo = interior[2 * b]
+            hi = interior[2 * b + 1]
+            src = gxph + c * sh * sw * out_len + (a * sw + b) * out_len
+            for i in range(Hq):
+                r = rows[a * Hq + i]
+                if r >= 0:
+                    dst = gx + (c * H + r) * W
+                    for j in range(lo):
+                        s = cb[j]
+                        if s >= 0:
+                            dst[s] += src[j]
+                    if sw == 1:  # the unpadded middle of the row: a vectorisable add
+                        mid = dst + cb[lo] - lo
+                        for j in range(lo, hi):
+                            mid[j] += src[j]
+                    elif sw == 2:
+                        pass     # both column phases at once, below
+                    else:
+                        for j in range(lo, hi):
+                            dst[cb[lo] + (j - lo) * sw] += src[j]
+                    for j in range(hi, Wq):
+                        s = cb[j]
+                        if s >= 0:
+                            dst[s] += src[j]
+                    if sw == 2 and b == 1:
+                        _fold_interleaved(dst, src - out_len, src, W, pad_left)
+                src = src + width
+
+
+cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
+                       const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
+                       Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
+                       Py_ssize_t out_len, Py_ssize_t pad_left, int threads) noexcept nogil:
+    cdef Py_ssize_t c
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        for c in range(nc):
+            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left)
+    else:
+        for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
+            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left)
 
 
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
@@ -351,8 +375,12 @@ cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_
 cdef void _channel_sums(const real* g, real* out, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                         int threads) noexcept nogil:
     cdef Py_ssize_t c
-    for c in prange(C, schedule="dynamic", chunksize=1 + C // (8 * threads), num_threads=threads):
-        out[c] = _channel_sum(g + c * L, N, C * L, L)
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        for c in range(C):
+            out[c] = _channel_sum(g + c * L, N, C * L, L)
+    else:
+        for c in prange(C, schedule="dynamic", chunksize=1 + C // (8 * threads), num_threads=threads):
+            out[c] = _channel_sum(g + c * L, N, C * L, L)
 
 
 def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int threads):
@@ -366,6 +394,11 @@ def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int
     else:
         with nogil:
             _channel_sums(<double*>src, <double*>dst, N, C, L, threads)
+
+
+def address(cnp.ndarray a):
+    """The address of a's data (what a.ctypes.data gives, without building a ctypes object)."""
+    return <Py_ssize_t>cnp.PyArray_DATA(a)
 
 
 def set_num_threads(int n):

@@ -13,7 +13,7 @@ class Config:
     """Validated, normalised convolution hyper-parameters (no array shapes)."""
 
     __slots__ = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                 "dilation", "groups", "padding_mode", "pads")
+                 "dilation", "groups", "padding_mode", "pads", "_problems")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, padding_mode="zeros"):
@@ -27,13 +27,23 @@ class Config:
         self.padding_mode = _validate.padding_mode_arg(padding_mode)
         # 'same' with a stride is rejected at construction, as in PyTorch.
         self.pads = _validate.resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        self._problems = {}
 
     def problem(self, shape, dtype):
-        """The engine's Problem for an (N, C, H, W) input of this dtype (checks the sizes)."""
-        N, C, H, W = shape
-        _validate.check_padded_size((H, W), self.pads, self.kernel_size, self.dilation, self.padding_mode)
-        return Problem(N, C, H, W, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
-                       *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
+        """The engine's Problem for an (N, C, H, W) input of this dtype (checks the sizes).
+        Remembered per (shape, dtype): on small layers these checks cost as much as the
+        convolution."""
+        key = (shape, dtype)
+        p = self._problems.get(key)
+        if p is None:
+            N, C, H, W = shape
+            _validate.check_padded_size((H, W), self.pads, self.kernel_size, self.dilation, self.padding_mode)
+            p = Problem(N, C, H, W, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
+                        *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
+            if len(self._problems) >= 64:
+                self._problems.clear()
+            self._problems[key] = p
+        return p
 
     def kernel_name(self, dtype, direction="fwd"):
         """Name of the generated kernel that runs this configuration (any input size)."""

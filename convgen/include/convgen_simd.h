@@ -20,13 +20,26 @@ typedef double cg_vf64 __attribute__((vector_size(64)));
     /* acc + x * w with w broadcast: one FMA */                                   \
     static inline V cg_fma_##SFX(V acc, V x, T w) { return acc + x * w; }       \
     static inline V cg_fmav_##SFX(V acc, V x, V y) { return acc + x * y; }      \
-    /* Horizontal sum in a fixed (tree) order, so results do not depend on threads. */ \
-    static inline T cg_hsum_##SFX(V v) {                                          \
-        T a[LANES]; memcpy(a, &v, sizeof v);                                       \
-        for (int w = LANES / 2; w > 0; w /= 2)                                     \
-            for (int i = 0; i < w; i++) a[i] += a[i + w];                          \
-        return a[0];                                                               \
-    }
+
+typedef int cg_vi32 __attribute__((vector_size(64)));
+typedef long long cg_vi64 __attribute__((vector_size(64)));
+
+/* Horizontal sums in a fixed tree order (lane i += lane i + w, for w = lanes/2 .. 1),
+ * so results do not depend on threads; each round is one shuffle and one add. */
+static inline float cg_hsum_f32(cg_vf32 v) {
+    v += __builtin_shuffle(v, (cg_vi32){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
+    v += __builtin_shuffle(v, (cg_vi32){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (cg_vi32){2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3});
+    v += __builtin_shuffle(v, (cg_vi32){1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1});
+    return v[0];
+}
+
+static inline double cg_hsum_f64(cg_vf64 v) {
+    v += __builtin_shuffle(v, (cg_vi64){4, 5, 6, 7, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (cg_vi64){2, 3, 2, 3, 2, 3, 2, 3});
+    v += __builtin_shuffle(v, (cg_vi64){1, 1, 1, 1, 1, 1, 1, 1});
+    return v[0];
+}
 
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
@@ -41,9 +54,6 @@ CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
  * registers as log2(lanes) rounds of two-vector shuffles (round b swaps bit b of the
  * row with bit b of the lane), so each row leaves as one contiguous store instead
  * of n_cols scattered scalar stores. */
-typedef int cg_vi32 __attribute__((vector_size(64)));
-typedef long long cg_vi64 __attribute__((vector_size(64)));
-
 #define CG_MASKS_16(S) \
     {(0&S)?16+0-S:0, (1&S)?16+1-S:1, (2&S)?16+2-S:2, (3&S)?16+3-S:3, (4&S)?16+4-S:4, (5&S)?16+5-S:5, \
      (6&S)?16+6-S:6, (7&S)?16+7-S:7, (8&S)?16+8-S:8, (9&S)?16+9-S:9, (10&S)?16+10-S:10, (11&S)?16+11-S:11, \
