@@ -23,8 +23,10 @@ from codegen import emit  # noqa: E402  (the generator lives beside this file)
 
 
 def compile_args():
+    # -fno-tree-loop-distribute-patterns: keep short copy loops (a 7-pixel row) inline
+    # rather than calls to memcpy/memset (measured: 7x7 depthwise forward, 5% faster).
     args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unused-function",
-            "-Wno-unreachable-code", "-Wno-maybe-uninitialized"]
+            "-Wno-unreachable-code", "-Wno-maybe-uninitialized", "-fno-tree-loop-distribute-patterns"]
     if os.environ.get("CONVGEN_PORTABLE", "0") in ("", "0"):
         args.append("-march=" + (os.environ.get("CONVGEN_MARCH") or "native"))
     return args
