@@ -226,6 +226,11 @@ class ForwardPlan:
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
+        if (self.plane_len * itemsize // 64) % 2 == 0:
+            # An odd number of cache lines per plane: a tile reading the same pixels of
+            # consecutive channels then spreads over L1's sets instead of piling into a
+            # few (a 56x56 plane is 196 lines: 1x1 layers lost a third to conflict misses).
+            self.plane_len += lanes
         self.x_chan = self.n_planes * self.plane_len
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
         # Images per forward pass: padded, then convolved while their planes are in cache.
