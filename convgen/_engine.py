@@ -393,6 +393,14 @@ def backward_data(grad_y, weight, p: Problem):
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+    if bp.kernel.fused is not None:
+        # Depthwise: extend, the phases' tiles and fold, per (image, channel) in cache.
+        per = _geometry.round_up(fp.OCg * bp.plane_len + bp.n_planes * bp.out_len, LANES[p.dtype])
+        buf = scratch("bwd_fused", (threads * per,), grad_y.dtype)
+        bp.kernel.fused(grad_y, weight, gx, buf, p.N, p.C, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
+                        bp.phase_offs, bp.width, bp.top, bp.left, bp.fold_rows, bp.fold_cols, bp.fold_interior,
+                        bp.fold_pad_left, threads)
+        return gx
     gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
     gx2 = gx.reshape(p.N * p.C, p.H * p.W)
     images, groups = bp.block

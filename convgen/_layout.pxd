@@ -10,3 +10,17 @@ cdef struct PadPlan:
 # Both return 1 if the padded planes hold an infinity or a NaN.
 cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil
 cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil
+
+# One channel of extend / fold_phases (see _layout.pyx), for kernels that fuse them.
+cdef struct FoldPlan:
+    Py_ssize_t H, W, sh, sw, Hq, Wq, width, out_len, pad_left
+    const Py_ssize_t* rows
+    const Py_ssize_t* cols
+    const Py_ssize_t* interior
+
+cdef void extend_channel_f32(const float* src, float* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                             Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil
+cdef void extend_channel_f64(const double* src, double* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                             Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil
+cdef void fold_channel_f32(const float* gxph, float* gx, const FoldPlan* fp) noexcept nogil
+cdef void fold_channel_f64(const double* gxph, double* gx, const FoldPlan* fp) noexcept nogil

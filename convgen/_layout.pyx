@@ -304,6 +304,26 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
             _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left)
 
 
+cdef void extend_channel_f32(const float* src, float* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                             Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+    _extend_channel(src, dst, H, W, L, width, top, left)
+
+
+cdef void extend_channel_f64(const double* src, double* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                             Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+    _extend_channel(src, dst, H, W, L, width, top, left)
+
+
+cdef void fold_channel_f32(const float* gxph, float* gx, const FoldPlan* f) noexcept nogil:
+    _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
+                  f.out_len, f.pad_left)
+
+
+cdef void fold_channel_f64(const double* gxph, double* gx, const FoldPlan* f) noexcept nogil:
+    _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
+                  f.out_len, f.pad_left)
+
+
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
                 cnp.ndarray interior, Py_ssize_t width, Py_ssize_t out_len, Py_ssize_t pad_left,
                 int threads):

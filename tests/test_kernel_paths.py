@@ -142,3 +142,22 @@ def test_depthwise_row_blocks(spec, multiplier, mode, forced):
         if mode == "zeros":  # (the reference covers the other modes; it is checked against torch's)
             assert_close(y, torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} W={W} vs torch")
     assert used == set(range(len(spec.row_blocks)))
+
+
+# Depthwise input gradients fuse extend, the phases' tiles and fold per (image, channel),
+# each thread in its own slice of scratch.
+FUSED_BWD_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "depthwise" and not s.is_generic]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("multiplier", [1, 3])
+@pytest.mark.parametrize("spec", FUSED_BWD_SPECS, ids=lambda s: s.name)
+def test_depthwise_input_gradient_fused(spec, multiplier, threads, monkeypatch, restore_threads):
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    convgen.set_num_threads(threads)
+    case = case_for(spec, multiplier=multiplier)
+    fp = _plan(case, spec_dtype(spec))
+    bp = _engine.backward_data_plan(fp.problem)
+    assert bp.kernel.name == spec.name and bp.kernel.fused is not None
+    assert _engine.threads_for(fp.work) == threads
+    _check(spec, case)
