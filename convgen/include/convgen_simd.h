@@ -67,45 +67,47 @@ CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
     {(0&S)?8+0:0+S, (1&S)?8+1:1+S, (2&S)?8+2:2+S, (3&S)?8+3:3+S, (4&S)?8+4:4+S, (5&S)?8+5:5+S, \
      (6&S)?8+6:6+S, (7&S)?8+7:7+S}
 
-#define CG_TRANSPOSE_ROUND(V, MI, r, S, LO, HI, LANES)                           \
+#define CG_TRANSPOSE_ROUND(V, r, S, LO, HI, LANES)                               \
     for (int i_ = 0; i_ < LANES; i_++) if (!(i_ & S)) {                         \
         V lo_ = __builtin_shuffle(r[i_], r[i_ + S], LO);                         \
         V hi_ = __builtin_shuffle(r[i_], r[i_ + S], HI);                         \
         r[i_] = lo_; r[i_ + S] = hi_;                                           \
     }
 
+/* The columns, zero past n_cols, as the rows of the block to transpose. */
+#define CG_LOAD_COLUMNS(V, r, LANES)                                            \
+    V r[LANES];                                                                 \
+    for (int c = 0; c < LANES; c++) r[c] = c < n_cols ? cols[c] : (V){0};
+
+/* The transposed block's rows, n_cols values each, stored (or added) stride apart. */
+#define CG_STORE_ROWS(T, r, LANES)                                              \
+    for (int l = 0; l < n_rows; l++) {                                          \
+        T row[LANES], *d = dst + l * stride;                                    \
+        memcpy(row, &r[l], sizeof row);                                         \
+        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];        \
+        else memcpy(d, row, n_cols * sizeof(T));                                \
+    }
+
 static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols,
                                            int n_cols, int n_rows, int accumulate) {
     static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
                          m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};
-    cg_vf32 r[16];
-    for (int c = 0; c < 16; c++) r[c] = c < n_cols ? cols[c] : (cg_vf32){0};
-    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 1, m1[0], m1[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 2, m2[0], m2[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 4, m4[0], m4[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, cg_vi32, r, 8, m8[0], m8[1], 16)
-    for (int l = 0; l < n_rows; l++) {
-        float row[16], *d = dst + l * stride;
-        memcpy(row, &r[l], sizeof row);
-        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];
-        else memcpy(d, row, n_cols * sizeof(float));
-    }
+    CG_LOAD_COLUMNS(cg_vf32, r, 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 8, m8[0], m8[1], 16)
+    CG_STORE_ROWS(float, r, 16)
 }
 
 static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const cg_vf64 *cols,
                                            int n_cols, int n_rows, int accumulate) {
     static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
-    cg_vf64 r[8];
-    for (int c = 0; c < 8; c++) r[c] = c < n_cols ? cols[c] : (cg_vf64){0};
-    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 1, m1[0], m1[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 2, m2[0], m2[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf64, cg_vi64, r, 4, m4[0], m4[1], 8)
-    for (int l = 0; l < n_rows; l++) {
-        double row[8], *d = dst + l * stride;
-        memcpy(row, &r[l], sizeof row);
-        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];
-        else memcpy(d, row, n_cols * sizeof(double));
-    }
+    CG_LOAD_COLUMNS(cg_vf64, r, 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
+    CG_STORE_ROWS(double, r, 8)
 }
 
 #endif
