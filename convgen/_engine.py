@@ -225,7 +225,8 @@ class ForwardPlan:
         self.tiles_inner = self.kk == 1 and self.Cg > self.OCg
         taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
-        self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach), lanes)
+        # (+ a vector: the weight gradient's last, partial vector of a row loads whole)
+        self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach) + lanes, lanes)
         if (self.plane_len * itemsize // 64) % 2 == 0:
             # An odd number of cache lines per plane: a tile reading the same pixels of
             # consecutive channels then spreads over L1's sets instead of piling into a
@@ -258,11 +259,22 @@ class ForwardPlan:
         else:
             self.ocvec_images, self.ocvec_pixels = 1, seg
         # Weight-gradient reduction segments: images x pixels whose input fits the cache.
+        # Dense layers reduce over grad_output extended onto the flat grid (zero scratch
+        # columns) as one long row per image: long runs of whole vectors, cut into
+        # segments of pixels.  Depthwise and grouped layers read grad_output's own rows
+        # (no extended copy; each row's last vector masked), cut into segments of rows.
         seg = max(16 * lanes, CACHE_BUDGET // (p.C * self.n_planes * itemsize) // lanes * lanes)
-        if seg >= self.grad_len:
-            self.seg_images, self.seg_pixels = max(1, seg // self.grad_len), self.grad_len
+        self.wgrad_flat = p.groups == 1
+        if self.wgrad_flat:
+            self.wgrad_shape = (1, self.grad_len, self.grad_len)  # (rows, columns, input row stride)
+            per_image, seg_rows, seg_cols = self.grad_len, 1, min(seg, self.grad_len)
         else:
-            self.seg_images, self.seg_pixels = 1, seg
+            self.wgrad_shape = (self.OH, self.OW, self.We)
+            per_image, seg_rows, seg_cols = self.OH * self.We, max(1, seg // self.We), self.OW
+        if seg >= per_image:
+            self.wgrad_segments = (max(1, seg // per_image), self.wgrad_shape[0], self.wgrad_shape[1])
+        else:
+            self.wgrad_segments = (1, seg_rows, seg_cols)
 
 
 class BackwardDataPlan:
@@ -475,12 +487,6 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     nonfinite: the planes hold an infinity or a NaN (from forward / pad_phase)."""
     fp = forward_plan(p)
     threads = threads_for(fp.work)
-    gext = None
-    if need_weight and not nonfinite and not fp.wgrad_by_channel:
-        # grad_output on the flat grid (zero scratch columns): the pixel-vectorised
-        # weight gradient reads it
-        gext = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
-        _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gext, fp.We, 0, 0, threads)
     gw = gb = None
     if need_weight:
         into = weight_grad is not None and weight_accumulate
@@ -500,8 +506,12 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
                                   threads, into, fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.OW)
         else:
-            fp.wgrad_kernel.run(xin, gext, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, fp.grad_len,
-                                fp.grad_len, fp.tap_off, fp.seg_images, fp.seg_pixels, threads, into)
+            gy = grad_y
+            if fp.wgrad_flat:
+                gy = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
+                _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gy, fp.We, 0, 0, threads)
+            fp.wgrad_kernel.run(xin, gy, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, *fp.wgrad_shape,
+                                fp.tap_off, *fp.wgrad_segments, threads, into)
     if need_bias:
         gb = np.empty(p.OC, dtype=grad_y.dtype)
         _layout.channel_sums(grad_y.reshape(p.N * p.OC, fp.OH * fp.OW), gb, p.N, p.OC, threads)

@@ -161,3 +161,19 @@ def test_depthwise_input_gradient_fused(spec, multiplier, threads, monkeypatch, 
     assert bp.kernel.name == spec.name and bp.kernel.fused is not None
     assert _engine.threads_for(fp.work) == threads
     _check(spec, case)
+
+
+# Depthwise and grouped weight gradients read grad_output's rows directly (each row's
+# last vector masked), in segments of rows under the forced cache budget.
+ROW_WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups != "dense"]
+
+
+@pytest.mark.parametrize("spec", ROW_WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_by_rows(spec, forced):
+    case = case_for(spec, multiplier=2)
+    case.update(N=3, H=37, W=35)     # rows of 35 (or 18): a partial last vector
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.wgrad_kernel.name == spec.name and not fp.wgrad_flat
+    images, rows, cols = fp.wgrad_segments
+    assert rows < fp.OH and cols == fp.OW and fp.OW % spec.lanes
+    _check(spec, case)

@@ -41,6 +41,25 @@ static inline double cg_hsum_f64(cg_vf64 v) {
     return v[0];
 }
 
+/* The first n (< lanes) values at p, zeros after: AVX-512's masked load where the build
+ * has it (it reads nothing past p + n), else through a zeroed buffer. */
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
+    return (cg_vf32)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+}
+static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
+    return (cg_vf64)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
+}
+#else
+static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
+    float t[16] = {0}; memcpy(t, p, n * sizeof(float)); cg_vf32 v; memcpy(&v, t, sizeof v); return v;
+}
+static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
+    double t[8] = {0}; memcpy(t, p, n * sizeof(double)); cg_vf64 v; memcpy(&v, t, sizeof v); return v;
+}
+#endif
+
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
