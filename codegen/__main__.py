@@ -30,9 +30,10 @@ def main(argv=None):
             parser.error(f"no generated file {args.show!r}; choose from {sorted(files)}")
         sys.stdout.write(files[args.show])
     else:
-        print(f"{'kernel':48s} {'module':18s} tile")
+        print(f"{'kernel':48s} {'module':18s} {'tile':6s} other tiles the runtime may pick")
         for spec in sorted(SPECS, key=lambda s: s.name):
-            print(f"{spec.name:48s} {spec.module:18s} {spec.tile[0]}x{spec.tile[1]}")
+            tile = f"{spec.tile[0]}x{spec.tile[1]}"
+            print(f"{spec.name:48s} {spec.module:18s} {tile:6s} {', '.join(spec.other_tiles)}".rstrip())
         print(f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules")
     return 0
 

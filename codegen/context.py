@@ -30,10 +30,6 @@ TEMPLATES = {
 }
 
 
-# Register tile of the channel-vectorised weight gradient: output-channel vectors x columns.
-OCVEC_TILE = (2, 12)
-
-
 def _taps(taps):
     return [dict(i=i, w_index=t.w_index, plane=t.plane, dy=t.dy, dx=t.dx) for i, t in enumerate(taps)]
 
@@ -75,10 +71,11 @@ def kernel_context(spec):
         # Dense layers also get the channel-vectorised variant for small feature maps:
         # vectors of output channels x columns, no horizontal sums (see the template).
         ctx["ocvec"] = None
-        if spec.groups == "dense":
-            cols = [dict(index=c) for c in range(OCVEC_TILE[1])]
-            ctx["ocvec"] = dict(vectors=[dict(index=v, offset=v * lanes) for v in range(OCVEC_TILE[0])],
-                                cols=cols, width=OCVEC_TILE[0] * lanes,
+        if spec.ocvec_tile is not None:
+            vectors, ncols = spec.ocvec_tile
+            cols = [dict(index=c) for c in range(ncols)]
+            ctx["ocvec"] = dict(vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
+                                cols=cols, width=vectors * lanes,
                                 # columns stored together by one transposed store (<= lanes)
                                 col_groups=[dict(start=g, cols=cols[g:g + lanes])
                                             for g in range(0, len(cols), lanes)])

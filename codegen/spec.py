@@ -131,6 +131,26 @@ class KernelSpec:
         return (12, 2)
 
     @property
+    def ocvec_tile(self):
+        """Register tile (vectors of output channels, columns) of the dense weight
+        gradient's channel-vectorised form (``_ocvec``), or None."""
+        if self.direction != "bwd_weight" or self.groups != "dense":
+            return None
+        return (2, 12)
+
+    @property
+    def other_tiles(self):
+        """The tiles besides ``tile`` that the runtime may pick, as short labels."""
+        labels = []
+        if self.cvec_tile:
+            labels.append("channel-vector {}x{}".format(*self.cvec_tile))
+        if self.ocvec_tile:
+            labels.append("by-channel {}x{}".format(*self.ocvec_tile))
+        labels += ["rows {}x{}".format(*b) for b in self.row_blocks]
+        labels += ["{}x{}".format(*t) for t in self.tiles[1:]]
+        return labels
+
+    @property
     def row_blocks(self):
         """Row-block tiles (rows, vectors) of depthwise forward kernels with every axis
         fixed (empty elsewhere): `rows` output rows x `vectors` vectors along a row, one
