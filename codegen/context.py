@@ -68,7 +68,7 @@ def kernel_context(spec):
     if spec.direction == "bwd_weight":
         ctx["cols"] = [dict(index=c) for c in range(cols)]
         ctx["tiles"] = [dict(index=0, suffix="", rows=ctx["rows"], chunk=0, cols=ctx["cols"])]
-        # Dense layers also get the channel-vectorised variant for small feature maps:
+        # Dense layers also get the channel-vectorised variant (see ForwardPlan for when):
         # vectors of output channels x columns, no horizontal sums (see the template).
         ctx["ocvec"] = None
         if spec.ocvec_tile is not None:
