@@ -171,6 +171,25 @@ def _interior(pad, count, step, size):
     return out
 
 
+def _row_tiles(cvec, out_channels, reduced_channels, kk, images, rows, cols, width):
+    """Row tiles per output row for a kernel's channel-vector tile `cvec` (tile index,
+    pixels, channels per block), or 0 where it should not run: it needs enough
+    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights
+    are packed each call), and row-aligned tiles over the `cols` real pixels of rows
+    `width` apart that skip enough of the flat grid's scratch columns."""
+    if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS or kk == 1
+            or images * rows * width < CVEC_MIN_PIXELS):
+        return 0
+    row_tiles = _geometry.ceil_div(cols, cvec[1])
+    return row_tiles if row_tiles * cvec[1] <= ROW_TILE_SAVING * width else 0
+
+
+def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
+    """Flat output length that also holds the last row's row tiles (which may run past
+    the flat grid's end)."""
+    return _geometry.round_up(max(flat_len, (rows - 1) * width + row_tiles * pixels), pixels)
+
+
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes)."""
@@ -193,16 +212,11 @@ class ForwardPlan:
         # DeepLab's dilated ASPP) run the channel-vector tile, whose tiles start at
         # each output row and so skip those columns.  Elsewhere it runs no faster than
         # the pixel tiles on 2 threads, and packing the weights costs a pass over them.
-        self.cvec = None
-        self.row_tiles = 0
-        cvec = self.kernel.cvec
-        if (cvec is not None and self.OCg >= CVEC_MIN_CHANNELS and self.Cg >= CVEC_MIN_CHANNELS and self.kk > 1
-                and p.N * self.OH * self.We >= CVEC_MIN_PIXELS):
-            row_tiles = _geometry.ceil_div(self.OW, cvec[1])
-            if row_tiles * cvec[1] <= ROW_TILE_SAVING * self.We:
-                self.cvec, self.row_tiles = cvec, row_tiles
-                self.tile, chunk, width = cvec
-                self.blocks = _geometry.ceil_div(self.OCg, width)
+        self.row_tiles = _row_tiles(self.kernel.cvec, self.OCg, self.Cg, self.kk, p.N, self.OH, self.OW, self.We)
+        self.cvec = self.kernel.cvec if self.row_tiles else None
+        if self.cvec is not None:
+            self.tile, chunk, width = self.cvec
+            self.blocks = _geometry.ceil_div(self.OCg, width)
         # Depthwise forward runs a row-block tile on rows it covers with little waste.
         self.row_block = None
         for i, (rows, width) in enumerate(self.kernel.row_blocks):
@@ -217,8 +231,7 @@ class ForwardPlan:
                 max(self.out_len, (_geometry.round_up(self.OH, rows) - 1) * self.We
                     + _geometry.round_up(self.OW, width)), chunk)
         if self.row_tiles:
-            self.out_len = _geometry.round_up(max(self.out_len, (self.OH - 1) * self.We + self.row_tiles * chunk),
-                                              chunk)
+            self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.row_tiles, chunk)
         # 1x1 layers reducing over more channels than they output: consecutive work items
         # share a pixel chunk, which stays in L1 across the channel tiles (otherwise each
         # tile re-reads it from L2, which cannot feed one multiply-add per load).
@@ -299,19 +312,15 @@ class BackwardDataPlan:
         # As in the forward: the channel-vector tile where row-aligned tiles skip many
         # scratch columns (dilated layers' wide halos).
         self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
-        self.cvec, self.row_tiles = None, 0
-        cvec = self.kernel.cvec
-        if (cvec is not None and fp.Cg >= CVEC_MIN_CHANNELS and fp.OCg >= CVEC_MIN_CHANNELS and fp.kk > 1
-                and p.N * out_rows * self.width >= CVEC_MIN_PIXELS):
-            row_tiles = _geometry.ceil_div(self.out_cols, cvec[1])
-            if row_tiles * cvec[1] <= ROW_TILE_SAVING * self.width:
-                self.cvec, self.row_tiles = cvec, row_tiles
-                self.tile, chunk, width = cvec
-                self.blocks = _geometry.ceil_div(fp.Cg, width)
+        self.row_tiles = _row_tiles(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols,
+                                    self.width)
+        self.cvec = self.kernel.cvec if self.row_tiles else None
+        if self.cvec is not None:
+            self.tile, chunk, width = self.cvec
+            self.blocks = _geometry.ceil_div(fp.Cg, width)
         self.out_len = _geometry.round_up(out_rows * self.width, chunk)
         if self.row_tiles:
-            self.out_len = _geometry.round_up(
-                max(self.out_len, (out_rows - 1) * self.width + self.row_tiles * chunk), chunk)
+            self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.row_tiles, chunk)
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
@@ -380,8 +389,8 @@ def forward(x, weight, bias, p: Problem, recycle=None):
                        fp.tap_w, width, threads)
         part = None
         if fp.rblock < fp.Cg:
-            part = scratch("part", (fp.images * fp.G * fp.blocks * max(fp.out_len, fp.OH * fp.row_tiles * fp.cvec[1])
-                                    * width,), x.dtype)
+            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.OH * fp.row_tiles * fp.cvec[1] * width,),
+                           x.dtype)
         packed = (wp, bp, part, fp.row_tiles, fp.tiles_inner)
         yext = None
     else:
@@ -413,8 +422,6 @@ def backward_data(grad_y, weight, p: Problem):
                         bp.phase_offs, bp.width, bp.top, bp.left, bp.fold_rows, bp.fold_cols, bp.fold_interior,
                         bp.fold_pad_left, threads)
         return gx
-    gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
-    gx2 = gx.reshape(p.N * p.C, p.H * p.W)
     images, groups = bp.block
     packed = {}
     if bp.cvec is not None:  # dense: one group
@@ -442,6 +449,8 @@ def backward_data(grad_y, weight, p: Problem):
         _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
                             bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
         return gx
+    gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
+    gx2 = gx.reshape(p.N * p.C, p.H * p.W)
     for n0 in range(0, p.N, images):
         n1 = min(p.N, n0 + images)
         for g0 in range(0, fp.G, groups):

@@ -167,14 +167,15 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     cdef Py_ssize_t src_chan = pp.H * pp.W, dst_chan = pp.sh * pp.sw * plane_len
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
+    cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
     if threads == 1:  # a plain loop: no parallel region to open and join
         with nogil:
             for c in range(nc):
-                if cnp.PyArray_ITEMSIZE(x) == 4:
+                if single:
                     bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
                 else:
                     bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
-    elif cnp.PyArray_ITEMSIZE(x) == 4:
+    elif single:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
             bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
     else:
