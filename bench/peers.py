@@ -92,7 +92,8 @@ class ConvgenPeer(Peer):
             conv.bias[...] = b
             if direction == "fwd":
                 def run():
-                    out["y"] = conv(x)
+                    with cg.no_grad():   # inference, as PyTorch's forward runs under torch.no_grad()
+                        out["y"] = conv(x)
                 return run, lambda: (out["y"],)
             conv(x)
 

@@ -250,7 +250,8 @@ def markdown(results, images=()):
         for p in peers:
             header += [f"{p} ms", f"× {p}"]
         lines += ["## Layer suite: per layer", "",
-                  "fwd = forward with bias; bwd = input + weight + bias gradients.", "",
+                  "fwd = inference forward with bias (under `convgen.no_grad()` / `torch.no_grad()`); "
+                  "bwd = input + weight + bias gradients.", "",
                   _table(header, _case_rows(records, best, peers, True)), ""]
     if results.get("micro"):
         records = results["micro"]

@@ -53,6 +53,28 @@ def _row_blocks(spec):
     return blocks
 
 
+def _channel_block(spec):
+    """The channel-block tile's loads, per tap row: each distinct input column that
+    the tile's pixels read (pixel j, tap column kx reads column j * stride + kx *
+    dilation of the pixel-major copy), with the multiply-adds that use it."""
+    if spec.channel_block is None:
+        return None
+    pixels, _ = spec.channel_block
+    k, s, d = spec.kernel, spec.stride, spec.dilation
+    rows = []
+    for ky in range(k):
+        loads = {}
+        for kx in range(k):
+            for j in range(pixels):
+                loads.setdefault(j * s + kx * d, []).append(dict(pixel=j, tap=ky * k + kx))
+        rows.append(dict(dy=ky * d, loads=[dict(offset=c * spec.lanes, fmas=f) for c, f in sorted(loads.items())]))
+    return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), stride=s, span=(k - 1) * d, tap_rows=rows,
+                # weight vectors, whole transposed blocks of taps
+                weight_vectors=-(-k * k // spec.lanes) * spec.lanes,
+                # vectors a last, partial row tile may read past the copy's end
+                slack=(pixels - 1) * s + (k - 1) * d + 1)
+
+
 def kernel_context(spec):
     """Template values for one kernel."""
     rows, cols = spec.tile
@@ -91,6 +113,7 @@ def kernel_context(spec):
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)
+    ctx["channel_block"] = _channel_block(spec)
     if not spec.unrolls_taps:
         return ctx
     k, s, d = spec.kernel, spec.stride, spec.dilation

@@ -147,6 +147,8 @@ class KernelSpec:
         if self.ocvec_tile:
             labels.append("by-channel {}x{}".format(*self.ocvec_tile))
         labels += ["rows {}x{}".format(*b) for b in self.row_blocks]
+        if self.channel_block:
+            labels.append("channel-block {}x{}".format(*self.channel_block))
         labels += ["{}x{}".format(*t) for t in self.tiles[1:]]
         return labels
 
@@ -160,6 +162,18 @@ class KernelSpec:
         if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
             return []
         return [(4, 4)]
+
+    @property
+    def channel_block(self):
+        """Channel-block tile (pixels, vectors) of depthwise forward kernels with every
+        axis fixed, or None: `pixels` output pixels along a row x one vector of
+        channels, from a per-thread copy of lanes-many channels laid out pixel-major
+        (each pixel a vector of channels).  Every multiply-add is a full vector whatever
+        the map's width, where the per-channel tiles spend most of a 7x7 map's time
+        on overhead; it runs when nothing is kept for a backward (see ForwardPlan)."""
+        if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
+            return None
+        return (self.lanes, 1)
 
     @property
     def lanes(self):

@@ -37,12 +37,14 @@ from . import functional, init
 from . import _engine
 from .conv import Conv2d
 from .functional import output_size
+from .grad_mode import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
 from ._validate import dtype_arg
 from .parameter import Parameter
 
 __version__ = "0.1.0"
 __all__ = ["Conv2d", "Parameter", "functional", "init", "output_size", "kernel_for",
-           "set_num_threads", "get_num_threads"]
+           "set_num_threads", "get_num_threads", "no_grad", "enable_grad", "set_grad_enabled",
+           "is_grad_enabled"]
 
 
 def set_num_threads(n):

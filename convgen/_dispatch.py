@@ -25,6 +25,7 @@ class Kernel(NamedTuple):
     cvec: tuple      # (tile index, pixels, channels per block) of the channel-vector tile, or None
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
+    cblock: Callable  # channel-block variant (depthwise forward, nothing kept), or None
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -74,7 +75,8 @@ def _load(key):
     variants = tuple(mod.TILES[name])
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   getattr(mod, name + "_ocvec", None), getattr(mod, "CVEC_TILES", {}).get(name),
-                  getattr(mod, "pack_weights", None), tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())))
+                  getattr(mod, "pack_weights", None), tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())),
+                  getattr(mod, name + "_cblock", None))
 
 
 def lookup(direction, p):

@@ -25,8 +25,12 @@ CACHE_BUDGET = 1 << 20
 
 
 # Below this many multiply-adds a call runs on one thread: waking a second thread
-# and joining it costs more than it saves (measured on the seed example's layer).
+# and joining it costs more than it saves (measured on the seed example's layer) ...
 SMALL_WORK = 1 << 20
+# ... unless it reads and writes this many values: depthwise layers do few
+# multiply-adds per value (MobileNetV2's 960x7x7: 2 threads, forward 45 -> 38 us,
+# backward 218 -> 153 us).
+SMALL_VALUES = 1 << 16
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -48,9 +52,9 @@ def get_num_threads():
     return _num_threads if _num_threads is not None and here == _OPENMP_DEFAULT else here
 
 
-def threads_for(work):
-    """OpenMP threads for a call doing `work` multiply-adds."""
-    return 1 if work < SMALL_WORK else get_num_threads()
+def threads_for(work, values=0):
+    """OpenMP threads for a call doing `work` multiply-adds over `values` inputs and outputs."""
+    return 1 if work < SMALL_WORK and values < SMALL_VALUES else get_num_threads()
 
 
 # Dense layers run the channel-vector tile from this many input and output channels,
@@ -66,6 +70,9 @@ ROW_TILE_SAVING = 0.9
 # many times the flat grid's row (56 pixels: 64 computed for 58; on 7x7 and 14x14 maps
 # the pixel tiles are faster).
 ROW_BLOCK_WASTE = 1.15
+# Largest per-thread pixel-major copy (a strip of padded rows of 16 channels) of the
+# depthwise forward's channel-block tile: it should stay in L2.
+CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 
 
 # Flat output pixels above which a single image at stride and dilation 1 keeps the
@@ -202,6 +209,7 @@ class ForwardPlan:
         self.OH, self.OW = p.output_hw
         # multiply-adds of one direction (all three cost about the same)
         self.work = p.N * p.OC * self.OH * self.OW * self.Cg * self.kk
+        self.values = p.N * (p.C * p.H * p.W + p.OC * self.OH * self.OW)
         hp, wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
         self.Hq, self.We = _geometry.ceil_div(hp, p.sh), _geometry.ceil_div(wp, p.sw)
         self.n_planes = p.sh * p.sw
@@ -223,6 +231,15 @@ class ForwardPlan:
             if _geometry.round_up(self.OW, width) <= ROW_BLOCK_WASTE * self.We:
                 self.row_block = i
                 break
+        # Depthwise forward (one output channel each) without a backward to keep the
+        # planes for: 16 channels at a time, pixel-major (see KernelSpec.channel_block).
+        self.channel_block = None
+        if self.kernel.cblock is not None and self.OCg == 1:
+            mode = PADDING_MODES[p.mode]
+            self.channel_block = (_phase_sources(-p.pad_top, hp, 1, p.H, hp, mode),
+                                  _phase_sources(-p.pad_left, wp, 1, p.W, wp, mode),
+                                  _interior(p.pad_left, wp, 1, p.W))
+            self._strip_rows = self._channel_block_strips(wp)
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW
@@ -288,6 +305,35 @@ class ForwardPlan:
             self.wgrad_segments = (max(1, seg // per_image), self.wgrad_shape[0], self.wgrad_shape[1])
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
+
+
+    def _channel_block_strips(self, wp):
+        """(largest strip of output rows whose pixel-major copy fits CHANNEL_BLOCK_MAX_BYTES,
+        a function: strip rows -> elements of one thread's copy), or None if one row is
+        too large."""
+        p, lanes = self.problem, LANES[self.problem.dtype]
+        slack = (lanes - 1) * p.sh + (p.KW - 1) * p.dw + 1   # as codegen's channel-block slack
+
+        def per_thread(strip):
+            return _geometry.round_up((((strip - 1) * p.sh + (p.KH - 1) * p.dh + 1) * wp + slack) * lanes, lanes)
+
+        largest = 0
+        while largest < self.OH and per_thread(largest + 1) * ITEMSIZE[p.dtype] <= CHANNEL_BLOCK_MAX_BYTES:
+            largest += 1
+        return (largest, per_thread) if largest else None
+
+    def channel_block_strip(self, threads):
+        """(output rows per work item, elements of each thread's copy) for the channel-block
+        tile on `threads` threads, or None where it does not run.  Images x channel blocks
+        are cut into strips of rows until there are 8 work items per thread (balance)."""
+        if self.channel_block is None or self._strip_rows is None:
+            return None
+        largest, per_thread = self._strip_rows
+        p = self.problem
+        items = p.N * _geometry.ceil_div(p.C, LANES[p.dtype])
+        strips = _geometry.ceil_div(8 * threads, items) if threads > 1 else 1
+        strip = min(largest, _geometry.ceil_div(self.OH, strips))
+        return strip, per_thread(strip)
 
 
 class BackwardDataPlan:
@@ -358,28 +404,40 @@ def pad_phase(x, fp: ForwardPlan):
     p = fp.problem
     xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
     nonfinite = _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
-                                  fp.plane_len, threads_for(fp.work))
+                                  fp.plane_len, threads_for(fp.work, fp.values))
     return xin, nonfinite
 
 
-def forward(x, weight, bias, p: Problem, recycle=None):
+def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     """Returns (y, xin, nonfinite): the output, the padded input planes kept for the
     weight gradient (so a caller changing x after forward cannot change the gradient),
     and whether x holds an infinity or a NaN (see backward_params).
-    recycle: a dead xin from an earlier call, reused when it has the right size."""
+    recycle: a dead xin from an earlier call, reused when it has the right size.
+    keep=False: no backward will follow, so the planes live in reused scratch memory,
+    a block of images (or, depthwise, a channel per thread) at a time, and
+    (y, None, False) is returned."""
     fp = forward_plan(p)
-    threads = threads_for(fp.work)
+    threads = threads_for(fp.work, fp.values)
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
-    if recycle is not None and recycle.shape == (p.N * p.C, fp.x_chan) and recycle.dtype == x.dtype:
+    fused = fp.kernel.fused is not None
+    strip = None if keep else fp.channel_block_strip(threads)
+    if strip is not None:
+        rows, cols, interior = fp.channel_block
+        xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
+        fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
+        return y, None, False
+    if not keep:
+        xin = scratch("fwd_planes", (threads if fused else fp.images * p.C, fp.x_chan), x.dtype)
+    elif recycle is not None and recycle.shape == (p.N * p.C, fp.x_chan) and recycle.dtype == x.dtype:
         xin = recycle
     else:
         xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
-    if fp.kernel.fused is not None:
+    if fused:
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block)
-        return y, xin, bool(flags.any())
+                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep)
+        return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, 0, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, row_tiles, tiles_inner
     if fp.cvec is not None:
         width = fp.cvec[2]
@@ -401,10 +459,12 @@ def forward(x, weight, bias, p: Problem, recycle=None):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
+        if not keep:
+            xb = xin[:(n1 - n0) * p.C]   # the same scratch planes for every block
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
                       fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
-    return y, xin, nonfinite
+    return (y, xin, nonfinite) if keep else (y, None, False)
 
 
 def backward_data(grad_y, weight, p: Problem):
@@ -412,7 +472,7 @@ def backward_data(grad_y, weight, p: Problem):
     Runs in blocks of images, or of groups within an image, whose bordered
     grad_output and phase planes fit in cache across the three passes."""
     fp, bp = forward_plan(p), backward_data_plan(p)
-    threads = threads_for(fp.work)
+    threads = threads_for(fp.work, fp.values)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
     if bp.kernel.fused is not None:
         # Depthwise: extend, the phases' tiles and fold, per (image, channel) in cache.
@@ -495,7 +555,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     new ones, adding to their contents if *_accumulate (as .grad accumulates).
     nonfinite: the planes hold an infinity or a NaN (from forward / pad_phase)."""
     fp = forward_plan(p)
-    threads = threads_for(fp.work)
+    threads = threads_for(fp.work, fp.values)
     gw = gb = None
     if need_weight:
         into = weight_grad is not None and weight_accumulate

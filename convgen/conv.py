@@ -8,7 +8,10 @@ import numpy as np
 from . import functional as F
 from . import init
 from ._validate import dtype_arg, float_array
+from .grad_mode import is_grad_enabled
 from .parameter import Parameter
+
+_NO_GRAD = object()   # Conv2d._saved after a forward under no_grad
 
 
 def _accumulator(param):
@@ -81,9 +84,15 @@ class Conv2d:
 
     def forward(self, x):
         weight, bias = self._params()
+        if not is_grad_enabled():
+            # Inference (convgen.no_grad): nothing kept, so no copy of the input is made.
+            y, _ = F.forward(self._cfg, x, weight, bias, keep_input=False)
+            self._saved = _NO_GRAD
+            return y
         # A new forward ends the previous one's backward: its padded input is reused
         # (only once the input has been validated, so a failed call changes nothing).
-        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=self._saved)
+        recycle = self._saved if self._saved is not _NO_GRAD else None
+        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=recycle)
         return y
 
     __call__ = forward
@@ -92,6 +101,9 @@ class Conv2d:
         """Input gradient of the last forward; adds into weight.grad and bias.grad."""
         if self._saved is None:
             raise RuntimeError("backward() called before forward(): there is no input to differentiate")
+        if self._saved is _NO_GRAD:
+            raise RuntimeError("backward() after a forward under convgen.no_grad(): that forward kept "
+                               "nothing to differentiate")
         has_bias = self.bias is not None
         w_out, w_add = self._grad_buffer("weight")
         b_out, b_add = self._grad_buffer("bias") if has_bias else (None, False)

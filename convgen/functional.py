@@ -92,22 +92,27 @@ class Saved:
         self.nonfinite = nonfinite   # x holds an infinity or a NaN
 
     def input_planes(self):
+        if self.x is None:
+            raise RuntimeError("the forward pass kept no input, so it has no weight gradient")
         if self.xin is None:
             self.xin, self.nonfinite = _engine.pad_phase(self.x, _engine.forward_plan(self.problem))
         return self.xin
 
 
-def forward(cfg, x, weight, bias, recycle=None):
+def forward(cfg, x, weight, bias, recycle=None, keep_input=True):
     """Run cfg on validated weight/bias; returns (y, Saved).  recycle: a Saved whose
-    backward will not be asked for any more (its buffers may be reused)."""
+    backward will not be asked for any more (its buffers may be reused).
+    keep_input=False: no weight gradient will be asked for, so the Saved keeps no
+    input (and the forward skips writing a copy of it)."""
     x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
     p = cfg.problem(x.shape, x.dtype)
     if p.N == 0:
         OH, OW = p.output_hw
         y, xin, nonfinite = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None, False
     else:
-        y, xin, nonfinite = _engine.forward(x, weight, bias, p, recycle.xin if recycle is not None else None)
-    return (y if batched else y[0]), Saved(p, x, xin, weight, batched, nonfinite)
+        xin = recycle.xin if recycle is not None else None
+        y, xin, nonfinite = _engine.forward(x, weight, bias, p, xin, keep=keep_input)
+    return (y if batched else y[0]), Saved(p, x if keep_input else None, xin, weight, batched, nonfinite)
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
@@ -154,7 +159,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if x.ndim not in (3, 4):
         raise ValueError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of shape {x.shape}")
     cfg = _config_for(weight, x.shape[-3], stride, padding, dilation, groups)
-    y, _ = forward(cfg, x, weight, _bias(bias, weight.shape[0], weight.dtype))
+    y, _ = forward(cfg, x, weight, _bias(bias, weight.shape[0], weight.dtype), keep_input=False)
     return y
 
 

@@ -47,13 +47,9 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
+        # Only the weight gradient reads the input (its padded planes): keep them for it alone.
         y, saved = _F.forward(cfg, _array(x), _param_array(weight),
-                              None if bias is None else _param_array(bias))
-        if not ctx.needs_input_grad[1]:
-            # Only the weight gradient reads the input (or its padded planes): drop them.
-            for name in ("x", "xin"):
-                if hasattr(saved, name):
-                    setattr(saved, name, None)
+                              None if bias is None else _param_array(bias), keep_input=ctx.needs_input_grad[1])
         ctx.convgen_saved = saved
         # The kernels' saved arrays share memory with x and weight.  Saving the tensors
         # too lets autograd's version counters catch an in-place change between forward
@@ -109,7 +105,7 @@ class Conv2d(torch.nn.Conv2d):
                 return _Conv2dFunction.apply(input, weight, bias, cfg)
             # Nothing to differentiate: run the kernels without an autograd node.
             y, _ = _F.forward(cfg, _array(input), _param_array(weight),
-                              None if bias is None else _param_array(bias))
+                              None if bias is None else _param_array(bias), keep_input=False)
         except ValueError:
             # convgen checks sizes before it computes anything: an input too small for
             # the kernel or the padding.  PyTorch then raises its own error for it.

@@ -259,6 +259,33 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert f"_{one.name}_c" not in text
 
 
+def test_channel_block_tiles_only_for_fixed_depthwise_forward(env):
+    """Depthwise forward kernels with every axis fixed get a channel-block tile (and a
+    `_cblock` entry point); each multiply-add of a pixel reads the input column
+    pixel * stride + kx * dilation of its tap row, once per tap."""
+    for s in SPECS:
+        ctx = context.kernel_context(s)
+        expect = s.direction == "fwd" and s.groups == "depthwise" and not s.is_generic
+        assert (ctx["channel_block"] is not None if "channel_block" in ctx else False) == expect, s.name
+        if not expect:
+            continue
+        cb, k = ctx["channel_block"], s.kernel
+        assert cb["pixels"] == list(range(s.lanes)) and cb["weight_vectors"] % s.lanes == 0
+        fmas = sorted((row["dy"], load["offset"], f["pixel"], f["tap"])
+                      for row in cb["tap_rows"] for load in row["loads"] for f in load["fmas"])
+        assert fmas == sorted((ky * s.dilation, (j * s.stride + kx * s.dilation) * s.lanes, j, ky * k + kx)
+                              for ky in range(k) for kx in range(k) for j in range(s.lanes))
+        for row in cb["tap_rows"]:   # each input vector is loaded once per tap row
+            offsets = [load["offset"] for load in row["loads"]]
+            assert len(offsets) == len(set(offsets))
+    text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
+    dw = KernelSpec("fwd", "f32", 3, 2, 1, "depthwise")
+    assert f"def {dw.name}_cblock(" in text and f"cdef void _{dw.name}_cb16_item(" in text
+    assert "cg_load_transposed_f32(" in text
+    generic = KernelSpec("fwd", "f32", 3, ANY, ANY, "depthwise")
+    assert f"def {generic.name}(" in text and f"def {generic.name}_cblock(" not in text
+
+
 def test_render_dispatch_table_is_python(env):
     text = render.render("dispatch_table.py.j2", context.dispatch_context(SPECS), env)
     assert "DO NOT EDIT" in text and "dispatch_table.py.j2" in text

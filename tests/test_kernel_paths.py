@@ -7,7 +7,9 @@ here on every spec that has them, each test asserting that the path really ran:
   scratch columns skipped);
 * 1x1 kernels running the channel tiles of a pixel chunk back to back;
 * the depthwise forward's row-block tile (every padding mode, channel multipliers,
-  partial blocks and vectors).
+  partial blocks and vectors);
+* the depthwise forward's channel-block tile, when nothing is kept for a backward
+  (every padding mode, partial channel blocks and row tiles, strips, 1 and 2 threads).
 """
 
 import numpy as np
@@ -177,3 +179,48 @@ def test_weight_gradient_by_rows(spec, forced):
     images, rows, cols = fp.wgrad_segments
     assert rows < fp.OH and cols == fp.OW and fp.OW % spec.lanes
     _check(spec, case)
+
+
+# Depthwise forwards that keep nothing for a backward (convgen.no_grad, functional
+# conv2d) run the channel-block tile per (image, block of channels, strip of rows).
+CHANNEL_BLOCK_SPECS = [s for s in SPECS if s.channel_block]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("spec", CHANNEL_BLOCK_SPECS, ids=lambda s: s.name)
+def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threads):
+    """21 channels (a partial block), rows of 37 pixels (a partial row tile), two
+    images, and a copy budget that cuts each image into strips; the forward that
+    keeps its planes (pixel or row-block tiles) must agree with it."""
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 15)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    _engine.forward_plan.cache_clear()
+    monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
+    used = []
+    scratch = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    convgen.set_num_threads(threads)
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=2, C=21, OC=21, groups=21, H=23, W=37, padding_mode=mode)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name
+    strip, _ = fp.channel_block_strip(threads)
+    assert strip < fp.OH   # several strips per image
+    x, w, b, _ = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode))
+    conv = convgen.Conv2d(21, 21, case["kernel"], stride=case["stride"], padding=case["padding"],
+                          dilation=case["dilation"], groups=21, padding_mode=mode, dtype=dtype)
+    conv.weight[...] = w
+    conv.bias[...] = b
+    with convgen.no_grad():
+        y = conv(x)
+    assert "fwd_pixel_major" in used
+    args = conv_args(case)
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    assert_close(y, expected, dtype, f"{spec.name} vs reference")
+    if mode == "zeros":  # (the reference covers the other modes; it is checked against torch's)
+        assert_close(y, torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs torch")
+    used.clear()
+    assert_close(conv(x), expected, dtype, f"{spec.name}, planes kept, vs reference")
+    assert "fwd_pixel_major" not in used

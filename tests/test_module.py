@@ -243,3 +243,58 @@ def test_in_place_update_keeps_the_parameter():
     p = convgen.Parameter(np.zeros(3))
     p += 1
     assert isinstance(p, convgen.Parameter)
+
+
+# ---- gradient mode ------------------------------------------------------------------
+
+@pytest.mark.parametrize("groups", [1, 6])
+def test_no_grad_forward_keeps_nothing(groups):
+    conv = convgen.Conv2d(6, 6, 3, padding=1, groups=groups, seed=0)
+    x = make_rng("no_grad", groups).standard_normal((2, 6, 9, 9)).astype(np.float32)
+    expected = ref.conv2d(x, conv.weight, conv.bias, padding=1, groups=groups)
+    with convgen.no_grad():
+        assert not convgen.is_grad_enabled()
+        y = conv(x)
+    assert convgen.is_grad_enabled()
+    assert_close(y, expected, np.float32)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        conv.backward(np.ones_like(y))
+    assert conv.weight.grad is None
+    y = conv(x)   # a forward outside no_grad can be differentiated again
+    assert_close(y, expected, np.float32)
+    conv.backward(np.ones_like(y))
+    assert conv.weight.grad is not None
+
+
+def test_grad_mode_nests_decorates_and_restores():
+    @convgen.no_grad()
+    def inference():
+        with convgen.enable_grad():
+            inner = convgen.is_grad_enabled()
+        return inner, convgen.is_grad_enabled()
+
+    assert inference() == (True, False)
+    assert convgen.is_grad_enabled()
+    with pytest.raises(ValueError):
+        with convgen.no_grad():
+            raise ValueError("the mode is restored on the way out")
+    assert convgen.is_grad_enabled()
+    convgen.set_grad_enabled(False)
+    assert not convgen.is_grad_enabled()
+    convgen.set_grad_enabled(True)
+    with convgen.set_grad_enabled(False):
+        assert not convgen.is_grad_enabled()
+    assert convgen.is_grad_enabled()
+    with pytest.raises(TypeError):
+        convgen.set_grad_enabled(0)
+
+
+def test_grad_mode_belongs_to_the_thread():
+    import threading
+    seen = []
+    with convgen.no_grad():
+        t = threading.Thread(target=lambda: seen.append(convgen.is_grad_enabled()))
+        t.start()
+        t.join()
+        assert not convgen.is_grad_enabled()
+    assert seen == [True]

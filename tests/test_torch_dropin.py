@@ -42,9 +42,10 @@ class Spy:
         self.forward, self.backward = [], []
         fwd, bwd = cgt._F.forward, cgt._F.backward
 
-        def forward(cfg, x, weight, bias):
-            y, saved = fwd(cfg, x, weight, bias)
-            self.forward.append(dict(cfg=cfg, x=x, weight=weight, bias=bias, y=y, saved=saved))
+        def forward(cfg, x, weight, bias, keep_input=True):
+            y, saved = fwd(cfg, x, weight, bias, keep_input=keep_input)
+            self.forward.append(dict(cfg=cfg, x=x, weight=weight, bias=bias, y=y, saved=saved,
+                                     keep_input=keep_input))
             return y, saved
 
         def backward(saved, gy, need_input, need_weight, need_bias):
@@ -388,3 +389,16 @@ def test_adopts_a_renamed_libgomp_vendored_by_torch(tmp_path):
             "print(convgen.Conv2d(2, 3, 3, seed=0)(np.ones((2, 2, 6, 6), np.float32)).shape)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["3", "(2, 3, 4, 4)"], out
+
+
+def test_forward_keeps_the_input_only_for_a_weight_gradient(spy):
+    ours, _ = pair(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    with torch.no_grad():
+        ours(x)
+    ours.weight.requires_grad_(False)
+    ours(x).sum().backward()
+    ours.weight.requires_grad_(True)
+    ours(x).sum().backward()
+    assert [f["keep_input"] for f in spy.forward] == [False, False, True]
+    assert spy.forward[1]["saved"].x is None and spy.forward[2]["saved"].x is not None

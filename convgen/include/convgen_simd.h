@@ -51,7 +51,16 @@ static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
 static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
     return (cg_vf64)_mm512_maskz_loadu_pd((__mmask8)((1u << n) - 1), p);
 }
+/* ... and the first n lanes of v stored at p (nothing written past p + n). */
+static inline void cg_store_partial_f32(float *p, cg_vf32 v, int n) {
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+}
+static inline void cg_store_partial_f64(double *p, cg_vf64 v, int n) {
+    _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
+}
 #else
+static inline void cg_store_partial_f32(float *p, cg_vf32 v, int n) { memcpy(p, &v, n * sizeof(float)); }
+static inline void cg_store_partial_f64(double *p, cg_vf64 v, int n) { memcpy(p, &v, n * sizeof(double)); }
 static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
     float t[16] = {0}; memcpy(t, p, n * sizeof(float)); cg_vf32 v; memcpy(&v, t, sizeof v); return v;
 }
@@ -93,18 +102,27 @@ CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
         r[i_] = lo_; r[i_ + S] = hi_;                                           \
     }
 
-/* The columns, zero past n_cols, as the rows of the block to transpose. */
+/* The columns, zero past n_cols, as the rows of the block to transpose (a full
+ * block has its own copy of the loop, free of per-column tests). */
 #define CG_LOAD_COLUMNS(V, r, LANES)                                            \
     V r[LANES];                                                                 \
-    for (int c = 0; c < LANES; c++) r[c] = c < n_cols ? cols[c] : (V){0};
+    if (n_cols == LANES) for (int c = 0; c < LANES; c++) r[c] = cols[c];        \
+    else for (int c = 0; c < LANES; c++) r[c] = c < n_cols ? cols[c] : (V){0};
 
-/* The transposed block's rows, n_cols values each, stored (or added) stride apart. */
-#define CG_STORE_ROWS(T, r, LANES)                                              \
+/* The transposed block's rows, n_cols values each, stored (or added) stride apart:
+ * whole vectors, or masked ones (a variable-length memcpy would be a libc call). */
+#define CG_STORE_ROWS(SFX, r, LANES)                                            \
+    if (n_rows == LANES && n_cols == LANES && !accumulate) {                    \
+        for (int l = 0; l < LANES; l++) cg_store_##SFX(dst + l * stride, r[l]); \
+        return;                                                                 \
+    }                                                                           \
     for (int l = 0; l < n_rows; l++) {                                          \
-        T row[LANES], *d = dst + l * stride;                                    \
-        memcpy(row, &r[l], sizeof row);                                         \
-        if (accumulate) for (int c = 0; c < n_cols; c++) d[c] += row[c];        \
-        else memcpy(d, row, n_cols * sizeof(T));                                \
+        if (n_cols == LANES) {                                                  \
+            cg_store_##SFX(dst + l * stride, accumulate ? cg_load_##SFX(dst + l * stride) + r[l] : r[l]); \
+        } else {                                                                \
+            cg_store_partial_##SFX(dst + l * stride, accumulate ?               \
+                cg_load_partial_##SFX(dst + l * stride, n_cols) + r[l] : r[l], n_cols); \
+        }                                                                       \
     }
 
 static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols,
@@ -116,7 +134,7 @@ static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const c
     CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)
     CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)
     CG_TRANSPOSE_ROUND(cg_vf32, r, 8, m8[0], m8[1], 16)
-    CG_STORE_ROWS(float, r, 16)
+    CG_STORE_ROWS(f32, r, 16)
 }
 
 static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const cg_vf64 *cols,
@@ -126,7 +144,40 @@ static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const 
     CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
-    CG_STORE_ROWS(double, r, 8)
+    CG_STORE_ROWS(f64, r, 8)
+}
+
+/* The reverse: rows[l] (l < n_rows) holds n_cols values at src + l * stride (zero past
+ * them); out[c] receives column c, lane l being row l.  Used to turn lanes-many
+ * channels' pixel rows into per-pixel vectors of channels. */
+static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
+                                          cg_vf32 *out) {
+    static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
+                         m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};
+    cg_vf32 *r = out;
+    if (n_rows == 16 && n_cols == 16)
+        for (int l = 0; l < 16; l++) r[l] = cg_load_f32(src + l * stride);
+    else for (int l = 0; l < 16; l++)
+        r[l] = l >= n_rows ? (cg_vf32){0} : n_cols == 16 ? cg_load_f32(src + l * stride)
+                                                          : cg_load_partial_f32(src + l * stride, n_cols);
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 8, m8[0], m8[1], 16)
+}
+
+static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, int n_rows, int n_cols,
+                                          cg_vf64 *out) {
+    static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
+    cg_vf64 *r = out;
+    if (n_rows == 8 && n_cols == 8)
+        for (int l = 0; l < 8; l++) r[l] = cg_load_f64(src + l * stride);
+    else for (int l = 0; l < 8; l++)
+        r[l] = l >= n_rows ? (cg_vf64){0} : n_cols == 8 ? cg_load_f64(src + l * stride)
+                                                         : cg_load_partial_f64(src + l * stride, n_cols);
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
 }
 
 #endif
