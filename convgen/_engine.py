@@ -467,10 +467,31 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
+@lru_cache(maxsize=256)
+def input_gradient_as_forward(p: Problem):
+    """The input gradient of a zero-padded, stride-1 depthwise layer (one output channel
+    per channel) is a forward depthwise correlation of grad_output with the taps
+    flipped, padded by (k - 1) * dilation - padding on each side: that forward's
+    Problem when its kernel has a channel-block tile (which then computes the
+    gradient with full vectors of channels), else None."""
+    if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
+        return None
+    OH, OW = p.output_hw
+    span_h, span_w = (p.KH - 1) * p.dh, (p.KW - 1) * p.dw
+    pads = (span_h - p.pad_top, span_h - p.pad_bottom, span_w - p.pad_left, span_w - p.pad_right)
+    if min(pads) < 0:
+        return None
+    q = p._replace(H=OH, W=OW, pad_top=pads[0], pad_bottom=pads[1], pad_left=pads[2], pad_right=pads[3])
+    return q if forward_plan(q).channel_block is not None else None
+
+
 def backward_data(grad_y, weight, p: Problem):
     """Gradient of the input (N, C, H, W), padding folded back into its sources.
     Runs in blocks of images, or of groups within an image, whose bordered
     grad_output and phase planes fit in cache across the three passes."""
+    q = input_gradient_as_forward(p)
+    if q is not None:
+        return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work, fp.values)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)

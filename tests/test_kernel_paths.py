@@ -224,3 +224,23 @@ def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threa
     used.clear()
     assert_close(conv(x), expected, dtype, f"{spec.name}, planes kept, vs reference")
     assert "fwd_pixel_major" not in used
+
+
+# The zero-padded stride-1 depthwise input gradient runs as a forward correlation of
+# grad_output with flipped taps (convgen._engine.input_gradient_as_forward).
+DW_GRAD_AS_FORWARD = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "depthwise"
+                      and s.stride == 1 and not s.is_generic]
+
+
+@pytest.mark.parametrize("padding", [0, 1, (2, 0)])
+@pytest.mark.parametrize("spec", DW_GRAD_AS_FORWARD, ids=lambda s: s.name)
+def test_depthwise_input_gradient_as_forward(spec, padding, monkeypatch):
+    used = []
+    scratch = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    case = case_for(spec)
+    case.update(N=2, C=21, OC=21, groups=21, H=23, W=37, padding=padding)
+    fp = _plan(case, spec_dtype(spec))
+    assert _engine.input_gradient_as_forward(fp.problem) is not None
+    _check(spec, case)
+    assert "fwd_pixel_major" in used
