@@ -62,8 +62,13 @@ def threads_for(work, values=0):
 # costs more than the tile saves (measured on ResNet's 14x14 and 7x7 layers).
 CVEC_MIN_CHANNELS = 32
 CVEC_MIN_PIXELS = 1024
-# ... and when its row-aligned tiles compute at most this share of the flat grid's row.
+# ... and when its row-aligned tiles compute at most this share of the flat grid's row,
 ROW_TILE_SAVING = 0.9
+# ... or the rows are this wide: a pixel tile's 64 outputs then read three long rows
+# of each channel, and the channel-vector tile wins (forward, 2 threads: 64 channels
+# at 96x96 and 128x128 1.13-1.19x, 32 channels at 224x224 1.24x; at 56x56 and
+# 64x64 it loses 2-6%; the input gradient gains 6-8% on the wide ones).
+CVEC_WIDE_ROWS = 96
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -181,14 +186,14 @@ def _interior(pad, count, step, size):
 def _row_tiles(cvec, out_channels, reduced_channels, kk, images, rows, cols, width):
     """Row tiles per output row for a kernel's channel-vector tile `cvec` (tile index,
     pixels, channels per block), or 0 where it should not run: it needs enough
-    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights
-    are packed each call), and row-aligned tiles over the `cols` real pixels of rows
-    `width` apart that skip enough of the flat grid's scratch columns."""
+    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights are packed each call), and
+    rows `width` apart either wide (CVEC_WIDE_ROWS) or mostly real pixels (`cols`) that
+    its row-aligned tiles cover, skipping enough of the flat grid's scratch columns."""
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS or kk == 1
             or images * rows * width < CVEC_MIN_PIXELS):
         return 0
     row_tiles = _geometry.ceil_div(cols, cvec[1])
-    return row_tiles if row_tiles * cvec[1] <= ROW_TILE_SAVING * width else 0
+    return row_tiles if width >= CVEC_WIDE_ROWS or row_tiles * cvec[1] <= ROW_TILE_SAVING * width else 0
 
 
 def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):

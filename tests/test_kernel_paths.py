@@ -244,3 +244,16 @@ def test_depthwise_input_gradient_as_forward(spec, padding, monkeypatch):
     assert _engine.input_gradient_as_forward(fp.problem) is not None
     _check(spec, case)
     assert "fwd_pixel_major" in used
+
+
+def test_channel_vector_tile_rule():
+    """When the dense layers run the channel-vector tile: rows mostly scratch columns
+    (wide paddings) or wide rows; enough channels both ways; not 1x1."""
+    cvec = (1, 12, 32)
+    rule = _engine._row_tiles
+    assert rule(cvec, 64, 64, 9, 1, 128, 128, 130) == 11          # 128x128: wide rows
+    assert rule(cvec, 64, 64, 9, 1, 56, 56, 58) == 0              # 56x56: neither
+    assert rule(cvec, 256, 512, 9, 1, 33, 33, 45) == 3            # ASPP: 33 of 45 columns real
+    assert rule(cvec, 64, 16, 9, 1, 128, 128, 130) == 0           # too few reduced channels
+    assert rule(cvec, 64, 64, 1, 1, 128, 128, 128) == 0           # 1x1
+    assert rule(None, 64, 64, 9, 1, 128, 128, 130) == 0           # no such tile
