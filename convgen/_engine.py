@@ -506,7 +506,7 @@ def backward_data(grad_y, weight, p: Problem):
         buf = scratch("bwd_fused", (threads * per,), grad_y.dtype)
         bp.kernel.fused(grad_y, weight, gx, buf, p.N, p.C, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
                         bp.phase_offs, bp.width, bp.top, bp.left, bp.fold_rows, bp.fold_cols, bp.fold_interior,
-                        bp.fold_pad_left, threads)
+                        bp.fold_pad_left, threads, p.mode == "zeros")
         return gx
     images, groups = bp.block
     packed = {}
@@ -533,7 +533,8 @@ def backward_data(grad_y, weight, p: Problem):
         bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
                       bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
         _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                            bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
+                            bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, p.mode == "zeros",
+                            threads)
         return gx
     gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
     gx2 = gx.reshape(p.N * p.C, p.H * p.W)
@@ -552,7 +553,8 @@ def backward_data(grad_y, weight, p: Problem):
                           bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads,
                           bp.tile, bp.tiles_inner, **packed)
             _layout.fold_phases(gxphb, gx2[c0:c1].reshape(c1 - c0, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                                bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, threads)
+                                bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, p.mode == "zeros",
+                                threads)
     return gx
 
 

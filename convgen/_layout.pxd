@@ -14,6 +14,7 @@ cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noex
 # One channel of extend / fold_phases (see _layout.pyx), for kernels that fuse them.
 cdef struct FoldPlan:
     Py_ssize_t H, W, sh, sw, Hq, Wq, width, out_len, pad_left
+    bint once                    # zero padding: each pixel's gradient is stored, not summed
     const Py_ssize_t* rows
     const Py_ssize_t* cols
     const Py_ssize_t* interior

@@ -230,10 +230,11 @@ def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py
 
 
 cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd, Py_ssize_t W,
-                                   Py_ssize_t pad_left) noexcept nogil:
+                                   Py_ssize_t pad_left, bint once) noexcept nogil:
     """Stride 2: input column s of a row gets padded column s + pad_left, which is
     column (s + pad_left) // 2 of phase (s + pad_left) % 2.  Both phases in one pass
-    over the row, so the adds vectorise (an interleave rather than strided stores)."""
+    over the row, so the adds vectorise (an interleave rather than strided stores).
+    once: the row gets nothing else (zero padding), so the values are stored."""
     cdef Py_ssize_t m, half = pad_left // 2
     cdef const real* first
     cdef const real* second
@@ -242,6 +243,13 @@ cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd,
         first, c0, second, c1 = even, half, odd, half
     else:
         first, c0, second, c1 = odd, half, even, half + 1
+    if once:
+        for m in range(W // 2):
+            dst[2 * m] = first[m + c0]
+            dst[2 * m + 1] = second[m + c1]
+        if W % 2:
+            dst[W - 1] = first[W // 2 + c0]
+        return
     for m in range(W // 2):
         dst[2 * m] += first[m + c0]
         dst[2 * m + 1] += second[m + c1]
@@ -252,14 +260,17 @@ cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd,
 cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
-                       Py_ssize_t out_len, Py_ssize_t pad_left) noexcept nogil:
+                       Py_ssize_t out_len, Py_ssize_t pad_left, bint once) noexcept nogil:
+    """once: each input pixel has one padded position (zero padding), so its
+    gradient is stored there rather than summed into a zeroed channel."""
     cdef Py_ssize_t a, b, i, j, r, s, lo, hi
     cdef real* dst
     cdef real* mid
     cdef const real* src
     cdef const Py_ssize_t* cb
-    for i in range(H * W):
-        gx[c * H * W + i] = 0
+    if not once:
+        for i in range(H * W):
+            gx[c * H * W + i] = 0
     for a in range(sh):
         for b in range(sw):
             cb = cols + b * Wq
@@ -276,10 +287,17 @@ cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssiz
                             dst[s] += src[j]
                     if sw == 1:  # the unpadded middle of the row: a vectorisable add
                         mid = dst + cb[lo] - lo
-                        for j in range(lo, hi):
-                            mid[j] += src[j]
+                        if once:
+                            for j in range(lo, hi):
+                                mid[j] = src[j]
+                        else:
+                            for j in range(lo, hi):
+                                mid[j] += src[j]
                     elif sw == 2:
                         pass     # both column phases at once, below
+                    elif once:
+                        for j in range(lo, hi):
+                            dst[cb[lo] + (j - lo) * sw] = src[j]
                     else:
                         for j in range(lo, hi):
                             dst[cb[lo] + (j - lo) * sw] += src[j]
@@ -288,21 +306,23 @@ cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssiz
                         if s >= 0:
                             dst[s] += src[j]
                     if sw == 2 and b == 1:
-                        _fold_interleaved(dst, src - out_len, src, W, pad_left)
+                        _fold_interleaved(dst, src - out_len, src, W, pad_left, once)
                 src = src + width
 
 
 cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
-                       Py_ssize_t out_len, Py_ssize_t pad_left, int threads) noexcept nogil:
+                       Py_ssize_t out_len, Py_ssize_t pad_left, bint once, int threads) noexcept nogil:
     cdef Py_ssize_t c
     if threads == 1:  # a plain loop: no parallel region to open and join
         for c in range(nc):
-            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left)
+            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
+                          once)
     else:
         for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left)
+            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
+                          once)
 
 
 cdef void extend_channel_f32(const float* src, float* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
@@ -317,21 +337,22 @@ cdef void extend_channel_f64(const double* src, double* dst, Py_ssize_t H, Py_ss
 
 cdef void fold_channel_f32(const float* gxph, float* gx, const FoldPlan* f) noexcept nogil:
     _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
-                  f.out_len, f.pad_left)
+                  f.out_len, f.pad_left, f.once)
 
 
 cdef void fold_channel_f64(const double* gxph, double* gx, const FoldPlan* f) noexcept nogil:
     _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
-                  f.out_len, f.pad_left)
+                  f.out_len, f.pad_left, f.once)
 
 
 def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray cols,
                 cnp.ndarray interior, Py_ssize_t width, Py_ssize_t out_len, Py_ssize_t pad_left,
-                int threads):
+                bint once, int threads):
     """gx[c, rows[a, i], cols[b, j]] += gxph[c, p * out_len + i * width + j]: the adjoint
     of pad_phase, so padding's copies send their gradient back to the pixel they copied.
     gx is (channels, H, W); interior as for pad_phase; pad_left: the padding's left
-    columns (stride 2 folds both column phases of a row together)."""
+    columns (stride 2 folds both column phases of a row together); once: zero padding,
+    where each pixel has one source (stored, without zeroing gx first)."""
     cdef Py_ssize_t nc = gx.shape[0], H = gx.shape[1], W = gx.shape[2]
     cdef Py_ssize_t sh = rows.shape[0], sw = cols.shape[0], Hq = rows.shape[1], Wq = cols.shape[1]
     cdef const Py_ssize_t* pr = <Py_ssize_t*>_ptr(rows)
@@ -341,10 +362,12 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
     cdef void* dst = _ptr(gx)
     if gx.dtype.itemsize == 4:
         with nogil:
-            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, threads)
+            _fold_phases(<float*>src, <float*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, once,
+                         threads)
     else:
         with nogil:
-            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, threads)
+            _fold_phases(<double*>src, <double*>dst, nc, H, W, pr, pc, pi, sh, sw, Hq, Wq, width, out_len, pad_left, once,
+                         threads)
 
 
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,

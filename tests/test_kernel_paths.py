@@ -257,3 +257,23 @@ def test_channel_vector_tile_rule():
     assert rule(cvec, 64, 16, 9, 1, 128, 128, 130) == 0           # too few reduced channels
     assert rule(cvec, 64, 64, 1, 1, 128, 128, 128) == 0           # 1x1
     assert rule(None, 64, 64, 9, 1, 128, 128, 130) == 0           # no such tile
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_zero_padding_fold_stores_every_pixel_once(stride, padding):
+    """With zero padding each input pixel has exactly one padded position, so the
+    input gradient's fold stores it there without zeroing gx first: starting from NaN,
+    every pixel must be written, with the same values as the summing fold."""
+    p = _engine.Problem(2, 3, 11, 13, 4, 3, 3, stride, stride, 1, 1, padding, padding, padding, padding, 1,
+                        "zeros", "f64")
+    fp, bp = _engine.forward_plan(p), _engine.backward_data_plan(p)
+    gxph = make_rng("fold", stride, padding).standard_normal((p.N * p.C, bp.n_planes * bp.out_len))
+    folded = []
+    for once in (False, True):
+        gx = np.full((p.N * p.C, p.H, p.W), np.nan)
+        _engine._layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width,
+                                    bp.out_len, bp.fold_pad_left, once, 1)
+        folded.append(gx)
+    assert not np.isnan(folded[1]).any()
+    np.testing.assert_array_equal(folded[0], folded[1])
