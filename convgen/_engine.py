@@ -121,14 +121,18 @@ def scratch(name, shape, dtype):
     alive at the same time; the memory is only valid until the next call that asks
     for the same name (so never return it, or keep it past the call)."""
     pool = _scratch_pool.__dict__
-    dtype = np.dtype(dtype)
+    last = pool.get((name, dtype))
+    if last is not None and last[1] == shape:
+        return last[2]   # the same view as last time (small calls: a view costs a microsecond)
     count = 1
     for n in shape:
         count *= n
-    buf = pool.get((name, dtype))
+    buf = None if last is None else last[0]
     if buf is None or buf.size < count:
-        buf = pool[(name, dtype)] = aligned_empty((max(count, 1),), dtype)
-    return buf[:count].reshape(shape)
+        buf = aligned_empty((max(count, 1),), dtype)
+    view = buf[:count].reshape(shape)
+    pool[(name, dtype)] = (buf, shape, view)
+    return view
 
 
 class Problem(NamedTuple):
@@ -468,8 +472,10 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
         xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
-        if not keep:
+        if not keep and n1 - n0 < fp.images:
             xb = xin[:(n1 - n0) * p.C]   # the same scratch planes for every block
+        elif not keep:
+            xb = xin
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
                       fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
