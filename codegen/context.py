@@ -59,6 +59,8 @@ def _channel_block(spec):
     dilation of the pixel-major copy), with the multiply-adds that use it."""
     if spec.channel_block is None:
         return None
+    if spec.direction == "bwd_data":
+        return _input_gradient_channel_block(spec)
     pixels, _ = spec.channel_block
     k, s, d = spec.kernel, spec.stride, spec.dilation
     rows = []
@@ -73,6 +75,31 @@ def _channel_block(spec):
                 weight_vectors=-(-k * k // spec.lanes) * spec.lanes,
                 # vectors a last, partial row tile may read past the copy's end
                 slack=(pixels - 1) * s + (k - 1) * d + 1)
+
+
+def _input_gradient_channel_block(spec):
+    """The stride-2 depthwise input gradient's channel-block tile, per parity of the
+    padded input row (ra) and of the left padding (e): input pixel j of a tile gets
+    tap (ky, kx) where ky has ra's parity and kx that of j + e, from grad_output row
+    (ra - ky) / 2 and column (j + e - kx) / 2 relative to the tile's (both may be
+    negative: the copy has a zero border).  Each column loaded once per tap row."""
+    pixels, _ = spec.channel_block
+    k, lanes = spec.kernel, spec.lanes
+    variants = []
+    for ra in (0, 1):
+        for e in (0, 1):
+            rows = []
+            for ky in range(ra % 2, k, 2):
+                loads = {}
+                for kx in range(k):
+                    for j in range(pixels):
+                        if (j + e - kx) % 2 == 0:
+                            loads.setdefault((j + e - kx) // 2, []).append(dict(pixel=j, tap=ky * k + kx))
+                rows.append(dict(dy=(ra - ky) // 2,
+                                 loads=[dict(offset=c * lanes, fmas=f) for c, f in sorted(loads.items())]))
+            variants.append(dict(ra=ra, e=e, suffix=f"_{ra}{e}", tap_rows=rows))
+    return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), variants=variants, border=k // 2, kernel=k,
+                weight_vectors=-(-k * k // lanes) * lanes)
 
 
 def kernel_context(spec):

@@ -170,9 +170,13 @@ class KernelSpec:
         channels, from a per-thread copy of lanes-many channels laid out pixel-major
         (each pixel a vector of channels).  Every multiply-add is a full vector whatever
         the map's width, where the per-channel tiles spend most of a 7x7 map's time
-        on overhead; it runs when nothing is kept for a backward (see ForwardPlan)."""
-        if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
+        on overhead; it runs when nothing is kept for a backward (see ForwardPlan).
+        Stride-2 input-gradient kernels have one too: each input pixel sums the taps
+        its parity reaches, from grad_output's pixel-major copy."""
+        if self.groups != "depthwise" or self.is_generic or self.direction == "bwd_weight":
             return None
+        if self.direction == "bwd_data" and (self.stride != 2 or self.dilation != 1):
+            return None  # (stride 1 runs as the forward's, see convgen._engine)
         return (self.lanes, 1)
 
     @property

@@ -321,32 +321,39 @@ class ForwardPlan:
 
 
     def _channel_block_strips(self, wp):
-        """(largest strip of output rows whose pixel-major copy fits CHANNEL_BLOCK_MAX_BYTES,
-        a function: strip rows -> elements of one thread's copy), or None if one row is
-        too large."""
+        """ChannelBlockStrips for the forward's channel-block tile (strips of output rows)."""
         p, lanes = self.problem, LANES[self.problem.dtype]
         slack = (lanes - 1) * p.sh + (p.KW - 1) * p.dw + 1   # as codegen's channel-block slack
 
         def per_thread(strip):
             return _geometry.round_up((((strip - 1) * p.sh + (p.KH - 1) * p.dh + 1) * wp + slack) * lanes, lanes)
 
-        largest = 0
-        while largest < self.OH and per_thread(largest + 1) * ITEMSIZE[p.dtype] <= CHANNEL_BLOCK_MAX_BYTES:
-            largest += 1
-        return (largest, per_thread) if largest else None
+        return ChannelBlockStrips(p, self.OH, per_thread)
 
     def channel_block_strip(self, threads):
-        """(output rows per work item, elements of each thread's copy) for the channel-block
-        tile on `threads` threads, or None where it does not run.  Images x channel blocks
-        are cut into strips of rows until there are 8 work items per thread (balance)."""
-        if self.channel_block is None or self._strip_rows is None:
+        return None if self.channel_block is None else self._strip_rows.pick(threads)
+
+
+class ChannelBlockStrips:
+    """How a channel-block tile cuts its work: images x blocks of channels x strips of
+    `rows` rows, each work item's pixel-major copy per_thread(strip) values long."""
+
+    def __init__(self, p: Problem, rows, per_thread):
+        self.items = p.N * _geometry.ceil_div(p.C, LANES[p.dtype])
+        self.rows, self.per_thread = rows, per_thread
+        self.largest = 0   # the longest strip whose copy fits CHANNEL_BLOCK_MAX_BYTES
+        while self.largest < rows and per_thread(self.largest + 1) * ITEMSIZE[p.dtype] <= CHANNEL_BLOCK_MAX_BYTES:
+            self.largest += 1
+
+    def pick(self, threads):
+        """(rows per work item, values of each thread's copy) on `threads` threads, or None
+        if one row's copy is too large: strips short enough for 8 work items per thread
+        (balance)."""
+        if not self.largest:
             return None
-        largest, per_thread = self._strip_rows
-        p = self.problem
-        items = p.N * _geometry.ceil_div(p.C, LANES[p.dtype])
-        strips = _geometry.ceil_div(8 * threads, items) if threads > 1 else 1
-        strip = min(largest, _geometry.ceil_div(self.OH, strips))
-        return strip, per_thread(strip)
+        strips = _geometry.ceil_div(8 * threads, self.items) if threads > 1 else 1
+        strip = min(self.largest, _geometry.ceil_div(self.rows, strips))
+        return strip, self.per_thread(strip)
 
 
 class BackwardDataPlan:
@@ -399,6 +406,22 @@ class BackwardDataPlan:
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
         fit = max(1, CACHE_BUDGET // group_bytes)
         self.block = (max(1, min(p.N, fit // fp.G)), fp.G) if fit >= fp.G else (1, fit)
+        # Depthwise stride-2 layers (zero padding, one output channel per channel) run the
+        # channel-block tile, over grad_output's zero-bordered pixel-major copy:
+        # (its rows / columns tables, the copy's columns' interior, strips).
+        self.channel_block = None
+        if self.kernel.cblock is not None and p.groups == p.C == p.OC and p.mode == "zeros":
+            border, k = p.KH // 2, p.KH    # as codegen's channel-block border
+            hg = (p.H - 1 + p.pad_top) // 2 + border + 1
+            wg = (_geometry.round_up(p.W, lanes) + p.pad_left) // 2 + border + lanes // 2 + 2
+            rows = _index([u - border if 0 <= u - border < fp.OH else -1 for u in range(hg)]).reshape(1, hg)
+            cols = _index([v - border if 0 <= v - border < fp.OW else -1 for v in range(wg)]).reshape(1, wg)
+            interior = _index([border, min(wg, border + fp.OW)]).reshape(1, 2)
+
+            def per_thread(strip):
+                return ((strip + k) // 2 + 1) * wg * lanes + lanes * lanes
+
+            self.channel_block = (rows, cols, interior, ChannelBlockStrips(p, p.H, per_thread))
 
 
 @lru_cache(maxsize=256)
@@ -510,6 +533,13 @@ def backward_data(grad_y, weight, p: Problem):
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work, fp.values)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+    strip = None if bp.channel_block is None else bp.channel_block[3].pick(threads)
+    if strip is not None:
+        rows, cols, interior, _ = bp.channel_block
+        buf = scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype)
+        bp.kernel.cblock(grad_y, weight, gx, buf, p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip,
+                         threads)
+        return gx
     if bp.kernel.fused is not None:
         # Depthwise: extend, the phases' tiles and fold, per (image, channel) in cache.
         per = _geometry.round_up(fp.OCg * bp.plane_len + bp.n_planes * bp.out_len, LANES[p.dtype])

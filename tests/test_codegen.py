@@ -259,15 +259,29 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert f"_{one.name}_c" not in text
 
 
-def test_channel_block_tiles_only_for_fixed_depthwise_forward(env):
+def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_stride2_input_gradient(env):
     """Depthwise forward kernels with every axis fixed get a channel-block tile (and a
     `_cblock` entry point); each multiply-add of a pixel reads the input column
-    pixel * stride + kx * dilation of its tap row, once per tap."""
+    pixel * stride + kx * dilation of its tap row, once per tap.  So do stride-2
+    input-gradient kernels: pixel j of a row of parity ra, left padding of parity e,
+    gets every tap (ky, kx) of its parities once, from grad_output row (ra - ky) / 2
+    and column (j + e - kx) / 2."""
     for s in SPECS:
         ctx = context.kernel_context(s)
-        expect = s.direction == "fwd" and s.groups == "depthwise" and not s.is_generic
-        assert (ctx["channel_block"] is not None if "channel_block" in ctx else False) == expect, s.name
+        grad = s.direction == "bwd_data" and s.stride == 2 and s.dilation == 1
+        expect = (s.direction == "fwd" or grad) and s.groups == "depthwise" and not s.is_generic
+        assert (ctx.get("channel_block") is not None) == expect, s.name
         if not expect:
+            continue
+        if grad:
+            k, cb = s.kernel, ctx["channel_block"]
+            for v in cb["variants"]:
+                got = sorted((row["dy"], load["offset"], f["pixel"], f["tap"])
+                             for row in v["tap_rows"] for load in row["loads"] for f in load["fmas"])
+                want = sorted(((v["ra"] - ky) // 2, (j + v["e"] - kx) // 2 * s.lanes, j, ky * k + kx)
+                              for ky in range(k) for kx in range(k) for j in cb["pixels"]
+                              if (v["ra"] - ky) % 2 == 0 and (j + v["e"] - kx) % 2 == 0)
+                assert got == want, (s.name, v["suffix"])
             continue
         cb, k = ctx["channel_block"], s.kernel
         assert cb["pixels"] == list(range(s.lanes)) and cb["weight_vectors"] % s.lanes == 0

@@ -9,7 +9,8 @@ here on every spec that has them, each test asserting that the path really ran:
 * the depthwise forward's row-block tile (every padding mode, channel multipliers,
   partial blocks and vectors);
 * the depthwise forward's channel-block tile, when nothing is kept for a backward
-  (every padding mode, partial channel blocks and row tiles, strips, 1 and 2 threads).
+  (every padding mode, partial channel blocks and row tiles, strips, 1 and 2 threads),
+  the stride-1 input gradient computed by it, and the stride-2 input gradient's own.
 """
 
 import numpy as np
@@ -183,7 +184,7 @@ def test_weight_gradient_by_rows(spec, forced):
 
 # Depthwise forwards that keep nothing for a backward (convgen.no_grad, functional
 # conv2d) run the channel-block tile per (image, block of channels, strip of rows).
-CHANNEL_BLOCK_SPECS = [s for s in SPECS if s.channel_block]
+CHANNEL_BLOCK_SPECS = [s for s in SPECS if s.channel_block and s.direction == "fwd"]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -277,3 +278,33 @@ def test_zero_padding_fold_stores_every_pixel_once(stride, padding):
         folded.append(gx)
     assert not np.isnan(folded[1]).any()
     np.testing.assert_array_equal(folded[0], folded[1])
+
+
+# Stride-2 depthwise input gradients (zero padding) run their own channel-block tile.
+GRAD_BLOCK_SPECS = [s for s in SPECS if s.channel_block and s.direction == "bwd_data"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("padding", [0, 1, (2, 1), (1, 2)])
+@pytest.mark.parametrize("spec", GRAD_BLOCK_SPECS, ids=lambda s: s.name)
+def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, monkeypatch, restore_threads):
+    """Both parities of padded rows and of the left padding, a partial channel block
+    (21 channels), partial row tiles (37 and 38 columns), and strips of rows."""
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 14)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    monkeypatch.setattr(_engine, "backward_data_plan", _engine.backward_data_plan.__wrapped__)   # no plans kept
+    used = []
+    scratch = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    convgen.set_num_threads(threads)
+    for W in (37, 38):
+        case = case_for(spec)
+        case.update(N=2, C=21, OC=21, groups=21, H=23, W=W, padding=padding)
+        fp = _plan(case, spec_dtype(spec))
+        bp = _engine.backward_data_plan(fp.problem)
+        assert bp.kernel.name == spec.name and bp.channel_block is not None
+        strip, _ = bp.channel_block[3].pick(threads)
+        assert strip < case["H"]   # several strips
+        used.clear()
+        _check(spec, case)
+        assert "bwd_pixel_major" in used
