@@ -149,17 +149,20 @@ static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const 
 
 /* The reverse: rows[l] (l < n_rows) holds n_cols values at src + l * stride (zero past
  * them); out[c] receives column c, lane l being row l.  Used to turn lanes-many
- * channels' pixel rows into per-pixel vectors of channels. */
+ * channels' pixel rows into per-pixel vectors of channels.  (A full block has its own
+ * copy of the loads, free of per-row tests.) */
+#define CG_LOAD_ROWS(SFX, V, r, LANES)                                          \
+    if (n_rows == LANES && n_cols == LANES)                                     \
+        for (int l = 0; l < LANES; l++) r[l] = cg_load_##SFX(src + l * stride); \
+    else for (int l = 0; l < LANES; l++)                                        \
+        r[l] = l >= n_rows ? (V){0} : n_cols == LANES ? cg_load_##SFX(src + l * stride) \
+                                                      : cg_load_partial_##SFX(src + l * stride, n_cols);
+
 static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
-                                          cg_vf32 *out) {
+                                          cg_vf32 *r) {
     static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
                          m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};
-    cg_vf32 *r = out;
-    if (n_rows == 16 && n_cols == 16)
-        for (int l = 0; l < 16; l++) r[l] = cg_load_f32(src + l * stride);
-    else for (int l = 0; l < 16; l++)
-        r[l] = l >= n_rows ? (cg_vf32){0} : n_cols == 16 ? cg_load_f32(src + l * stride)
-                                                          : cg_load_partial_f32(src + l * stride, n_cols);
+    CG_LOAD_ROWS(f32, cg_vf32, r, 16)
     CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 16)
     CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)
     CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)
@@ -167,14 +170,9 @@ static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, in
 }
 
 static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, int n_rows, int n_cols,
-                                          cg_vf64 *out) {
+                                          cg_vf64 *r) {
     static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
-    cg_vf64 *r = out;
-    if (n_rows == 8 && n_cols == 8)
-        for (int l = 0; l < 8; l++) r[l] = cg_load_f64(src + l * stride);
-    else for (int l = 0; l < 8; l++)
-        r[l] = l >= n_rows ? (cg_vf64){0} : n_cols == 8 ? cg_load_f64(src + l * stride)
-                                                         : cg_load_partial_f64(src + l * stride, n_cols);
+    CG_LOAD_ROWS(f64, cg_vf64, r, 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
