@@ -373,16 +373,30 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
                              Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp,
                              int threads) noexcept nogil:
-    cdef Py_ssize_t n, c, i, j
+    # Blocks of 16 channels per pixel: 16 reads from 16 sequential streams, one cache
+    # line written whole (a channel-outer scatter wrote a line per value: 3 GB/s).
+    cdef Py_ssize_t n, c, c0, cb, i, j, plane = H * W
     cdef real* dst
+    cdef real* d
+    cdef const real* src
     for n in prange(N, schedule="dynamic", chunksize=1, num_threads=threads):
         dst = gT + n * qlen * Cp
-        for i in range(qlen * Cp):
-            dst[i] = 0
-        for c in range(C):
-            for i in range(H):
+        for i in range(H):
+            for c0 in range(0, C, 16):
+                cb = min(16, C - c0)
+                src = g + ((n * C + c0) * H + i) * W
                 for j in range(W):
-                    dst[(i * width + j) * Cp + c] = g[((n * C + c) * H + i) * W + j]
+                    d = dst + (i * width + j) * Cp + c0
+                    for c in range(cb):
+                        d[c] = src[c * plane + j]
+            for j in range(W):           # channels past C
+                d = dst + (i * width + j) * Cp
+                for c in range(C, Cp):
+                    d[c] = 0
+            for j in range(W * Cp + (i * width) * Cp, (i + 1) * width * Cp):   # scratch columns
+                dst[j] = 0
+        for j in range(H * width * Cp, qlen * Cp):
+            dst[j] = 0
 
 
 def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threads):
