@@ -76,7 +76,7 @@ CVEC_WIDE_ROWS = 96
 # the pixel tiles are faster).
 ROW_BLOCK_WASTE = 1.15
 # Largest per-thread pixel-major copy (a strip of padded rows of 16 channels) of the
-# depthwise forward's channel-block tile: it should stay in L2.
+# depthwise channel-block tiles (forward, stride-2 input gradient): it should stay in L2.
 CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 
 
@@ -194,9 +194,10 @@ def _interior(pad, count, step, size):
 def _row_tiles(cvec, out_channels, reduced_channels, kk, images, rows, cols, width):
     """Row tiles per output row for a kernel's channel-vector tile `cvec` (tile index,
     pixels, channels per block), or 0 where it should not run: it needs enough
-    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights are packed each call), and
-    rows `width` apart either wide (CVEC_WIDE_ROWS) or mostly real pixels (`cols`) that
-    its row-aligned tiles cover, skipping enough of the flat grid's scratch columns."""
+    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights
+    are packed each call), and rows `width` apart either wide (CVEC_WIDE_ROWS) or mostly
+    real pixels (`cols`) that its row-aligned tiles cover, skipping enough of the flat
+    grid's scratch columns."""
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS or kk == 1
             or images * rows * width < CVEC_MIN_PIXELS):
         return 0
@@ -318,7 +319,6 @@ class ForwardPlan:
             self.wgrad_segments = (max(1, seg // per_image), self.wgrad_shape[0], self.wgrad_shape[1])
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
-
 
     def _channel_block_strips(self, wp):
         """ChannelBlockStrips for the forward's channel-block tile (strips of output rows)."""
