@@ -85,6 +85,8 @@ def _input_gradient_channel_block(spec):
     negative: the copy has a zero border).  Each column loaded once per tap row."""
     pixels, _ = spec.channel_block
     k, lanes = spec.kernel, spec.lanes
+    if k % 2 == 0:
+        raise ValueError(f"{spec.name}: the stride-2 channel-block tile takes odd kernels (border (k - 1) / 2)")
     variants = []
     for ra in (0, 1):
         for e in (0, 1):
@@ -97,8 +99,9 @@ def _input_gradient_channel_block(spec):
                             loads.setdefault((j + e - kx) // 2, []).append(dict(pixel=j, tap=ky * k + kx))
                 rows.append(dict(dy=(ra - ky) // 2,
                                  loads=[dict(offset=c * lanes, fmas=f) for c, f in sorted(loads.items())]))
-            variants.append(dict(ra=ra, e=e, suffix=f"_{ra}{e}", tap_rows=rows))
-    return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), variants=variants, border=k // 2, kernel=k,
+            variants.append(dict(ra=ra, e=e, suffix=f"_{ra}{e}", tap_rows=rows,
+                                 row_parity=("even", "odd")[ra], pad_parity=("even", "odd")[e]))
+    return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), variants=variants, border=k // 2,
                 weight_vectors=-(-k * k // lanes) * lanes)
 
 
