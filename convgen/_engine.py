@@ -247,13 +247,19 @@ class ForwardPlan:
                 break
         # Depthwise forward (one output channel each) without a backward to keep the
         # planes for: 16 channels at a time, pixel-major (see KernelSpec.channel_block).
+        # (its rows / columns tables, the columns that copy the input, strips)
         self.channel_block = None
         if self.kernel.cblock is not None and self.OCg == 1:
             mode = PADDING_MODES[p.mode]
+            slack = (lanes - 1) * p.sh + (p.KW - 1) * p.dw + 1   # as codegen's channel-block slack
+
+            def per_thread(strip):
+                rows = (strip - 1) * p.sh + (p.KH - 1) * p.dh + 1
+                return _geometry.round_up((rows * wp + slack) * lanes, lanes)
+
             self.channel_block = (_phase_sources(-p.pad_top, hp, 1, p.H, hp, mode),
                                   _phase_sources(-p.pad_left, wp, 1, p.W, wp, mode),
-                                  _interior(p.pad_left, wp, 1, p.W))
-            self._strip_rows = self._channel_block_strips(wp)
+                                  _interior(p.pad_left, wp, 1, p.W), ChannelBlockStrips(p, self.OH, per_thread))
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW
@@ -320,18 +326,12 @@ class ForwardPlan:
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
 
-    def _channel_block_strips(self, wp):
-        """ChannelBlockStrips for the forward's channel-block tile (strips of output rows)."""
-        p, lanes = self.problem, LANES[self.problem.dtype]
-        slack = (lanes - 1) * p.sh + (p.KW - 1) * p.dw + 1   # as codegen's channel-block slack
 
-        def per_thread(strip):
-            return _geometry.round_up((((strip - 1) * p.sh + (p.KH - 1) * p.dh + 1) * wp + slack) * lanes, lanes)
-
-        return ChannelBlockStrips(p, self.OH, per_thread)
-
-    def channel_block_strip(self, threads):
-        return None if self.channel_block is None else self._strip_rows.pick(threads)
+def channel_block_strip(plan, threads):
+    """(rows per work item, values of each thread's copy) for a plan's channel-block tile
+    (ForwardPlan's or BackwardDataPlan's) on `threads` threads, or None where it does
+    not run."""
+    return None if plan.channel_block is None else plan.channel_block[3].pick(threads)
 
 
 class ChannelBlockStrips:
@@ -456,9 +456,9 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     threads = threads_for(fp.work, fp.values)
     y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
     fused = fp.kernel.fused is not None
-    strip = None if keep else fp.channel_block_strip(threads)
+    strip = None if keep else channel_block_strip(fp, threads)
     if strip is not None:
-        rows, cols, interior = fp.channel_block
+        rows, cols, interior, _ = fp.channel_block
         xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
         fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
         return y, None, False
@@ -494,11 +494,10 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
-        xb, x3b, yb = (xin, x3, y) if n1 - n0 == p.N else (xin[n0 * p.C:n1 * p.C], x3[n0 * p.C:n1 * p.C], y[n0:n1])
-        if not keep and n1 - n0 < fp.images:
-            xb = xin[:(n1 - n0) * p.C]   # the same scratch planes for every block
-        elif not keep:
-            xb = xin
+        x3b, yb = (x3, y) if n1 - n0 == p.N else (x3[n0 * p.C:n1 * p.C], y[n0:n1])
+        # kept planes: each block its own; scratch planes: the same ones for every block
+        first = n0 * p.C if keep else 0
+        xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
         nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
                       fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
@@ -533,7 +532,7 @@ def backward_data(grad_y, weight, p: Problem):
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work, fp.values)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-    strip = None if bp.channel_block is None else bp.channel_block[3].pick(threads)
+    strip = channel_block_strip(bp, threads)
     if strip is not None:
         rows, cols, interior, _ = bp.channel_block
         buf = scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype)
@@ -569,12 +568,8 @@ def backward_data(grad_y, weight, p: Problem):
     gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
     if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
-        _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gyp, bp.width, bp.top, bp.left, threads)
-        bp.kernel.run(gyp, weight, gxph, p.N, fp.G, fp.Cg, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
-                      bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
-        _layout.fold_phases(gxph, gx.reshape(p.N * p.C, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                            bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, p.mode == "zeros",
-                            threads)
+        _input_gradient_block(p, fp, bp, grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), weight, gyp, gxph,
+                              gx.reshape(p.N * p.C, p.H, p.W), p.N, fp.G, threads, packed)
         return gx
     gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
     gx2 = gx.reshape(p.N * p.C, p.H * p.W)
@@ -586,16 +581,20 @@ def backward_data(grad_y, weight, p: Problem):
             # images or groups of one image
             oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
             c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
-            gypb, gxphb = gyp[:oc1 - oc0], gxph[:c1 - c0]
-            _layout.extend(gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW), gypb, bp.width, bp.top, bp.left,
-                           threads)
-            bp.kernel.run(gypb, weight[g0 * fp.OCg:g1 * fp.OCg], gxphb, n1 - n0, g1 - g0, fp.Cg, fp.OCg,
-                          bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.phase_ws, bp.rblock, threads,
-                          bp.tile, bp.tiles_inner, **packed)
-            _layout.fold_phases(gxphb, gx2[c0:c1].reshape(c1 - c0, p.H, p.W), bp.fold_rows, bp.fold_cols,
-                                bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left, p.mode == "zeros",
-                                threads)
+            _input_gradient_block(p, fp, bp, gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW),
+                                  weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:oc1 - oc0], gxph[:c1 - c0],
+                                  gx2[c0:c1].reshape(c1 - c0, p.H, p.W), n1 - n0, g1 - g0, threads, packed)
     return gx
+
+
+def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, threads, packed):
+    """One block of images x groups of the input gradient: grad_output's rows gy extended
+    into gyp, the phases' tiles into gxph, folded into gx's rows."""
+    _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
+    bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
+                  bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
+    _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
+                        bp.fold_pad_left, p.mode == "zeros", threads)
 
 
 def _weight_grad_exact(grad_y, xin, p: Problem):

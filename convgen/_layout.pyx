@@ -15,7 +15,6 @@ pointers (no buffer acquisition: this is on the path of every small call too).
 """
 
 from cython.parallel cimport prange
-from libc.string cimport memcpy, memset
 cimport numpy as cnp
 cimport openmp
 
@@ -257,7 +256,7 @@ cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd,
         dst[W - 1] += first[W // 2 + c0]
 
 
-cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W,
+cdef inline void _fold_channel(Py_ssize_t c, const real* gxph, real* gx, Py_ssize_t H, Py_ssize_t W,
                        const Py_ssize_t* rows, const Py_ssize_t* cols, const Py_ssize_t* interior,
                        Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t Hq, Py_ssize_t Wq, Py_ssize_t width,
                        Py_ssize_t out_len, Py_ssize_t pad_left, bint once) noexcept nogil:
@@ -317,11 +316,11 @@ cdef void _fold_phases(const real* gxph, real* gx, Py_ssize_t nc, Py_ssize_t H, 
     cdef Py_ssize_t c
     if threads == 1:  # a plain loop: no parallel region to open and join
         for c in range(nc):
-            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
+            _fold_channel(c, gxph, gx, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
                           once)
     else:
         for c in prange(nc, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            _fold_channel(c, gxph, gx, nc, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
+            _fold_channel(c, gxph, gx, H, W, rows, cols, interior, sh, sw, Hq, Wq, width, out_len, pad_left,
                           once)
 
 
@@ -336,12 +335,12 @@ cdef void extend_channel_f64(const double* src, double* dst, Py_ssize_t H, Py_ss
 
 
 cdef void fold_channel_f32(const float* gxph, float* gx, const FoldPlan* f) noexcept nogil:
-    _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
+    _fold_channel(0, gxph, gx, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
                   f.out_len, f.pad_left, f.once)
 
 
 cdef void fold_channel_f64(const double* gxph, double* gx, const FoldPlan* f) noexcept nogil:
-    _fold_channel(0, gxph, gx, 1, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
+    _fold_channel(0, gxph, gx, f.H, f.W, f.rows, f.cols, f.interior, f.sh, f.sw, f.Hq, f.Wq, f.width,
                   f.out_len, f.pad_left, f.once)
 
 

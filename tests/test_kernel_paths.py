@@ -207,7 +207,7 @@ def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threa
     case.update(N=2, C=21, OC=21, groups=21, H=23, W=37, padding_mode=mode)
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name
-    strip, _ = fp.channel_block_strip(threads)
+    strip, _ = _engine.channel_block_strip(fp, threads)
     assert strip < fp.OH   # several strips per image
     x, w, b, _ = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode))
     conv = convgen.Conv2d(21, 21, case["kernel"], stride=case["stride"], padding=case["padding"],
@@ -303,7 +303,7 @@ def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, 
         fp = _plan(case, spec_dtype(spec))
         bp = _engine.backward_data_plan(fp.problem)
         assert bp.kernel.name == spec.name and bp.channel_block is not None
-        strip, _ = bp.channel_block[3].pick(threads)
+        strip, _ = _engine.channel_block_strip(bp, threads)
         assert strip < case["H"]   # several strips
         used.clear()
         _check(spec, case)
