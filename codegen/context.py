@@ -53,10 +53,16 @@ def _row_blocks(spec):
     return blocks
 
 
+def _weight_vectors(spec):
+    """Vectors a channel-block tile keeps its taps in: whole transposed blocks of lanes taps."""
+    return -(-spec.kernel ** 2 // spec.lanes) * spec.lanes
+
+
 def _channel_block(spec):
-    """The channel-block tile's loads, per tap row: each distinct input column that
-    the tile's pixels read (pixel j, tap column kx reads column j * stride + kx *
-    dilation of the pixel-major copy), with the multiply-adds that use it."""
+    """The forward's channel-block tile's loads, per tap row: each distinct input column
+    that the tile's pixels read (pixel j, tap column kx reads column j * stride + kx *
+    dilation of the pixel-major copy), with the multiply-adds that use it.  (The
+    input gradient's: see _input_gradient_channel_block.)"""
     if spec.channel_block is None:
         return None
     if spec.direction == "bwd_data":
@@ -71,8 +77,7 @@ def _channel_block(spec):
                 loads.setdefault(j * s + kx * d, []).append(dict(pixel=j, tap=ky * k + kx))
         rows.append(dict(dy=ky * d, loads=[dict(offset=c * spec.lanes, fmas=f) for c, f in sorted(loads.items())]))
     return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), stride=s, span=(k - 1) * d, tap_rows=rows,
-                # weight vectors, whole transposed blocks of taps
-                weight_vectors=-(-k * k // spec.lanes) * spec.lanes,
+                weight_vectors=_weight_vectors(spec),
                 # vectors a last, partial row tile may read past the copy's end
                 slack=(pixels - 1) * s + (k - 1) * d + 1)
 
@@ -102,7 +107,7 @@ def _input_gradient_channel_block(spec):
             variants.append(dict(ra=ra, e=e, suffix=f"_{ra}{e}", tap_rows=rows,
                                  row_parity=("even", "odd")[ra], pad_parity=("even", "odd")[e]))
     return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), variants=variants, border=k // 2,
-                weight_vectors=-(-k * k // lanes) * lanes)
+                weight_vectors=_weight_vectors(spec))
 
 
 def kernel_context(spec):

@@ -118,9 +118,9 @@ class KernelSpec:
     @property
     def cvec_tile(self):
         """Channel-vector register tile (pixels, vectors) of dense forward and
-        stride-1 input-gradient kernels of a fixed size (3x3 and up), or None: `pixels` output pixels, each broadcast from
-        the input, times `vectors` vectors of output channels from weights packed per
-        call.  No load straddles a cache line (the pixel tiles' shifted loads mostly
+        stride-1 input-gradient kernels of a fixed size (3x3 and up), or None: `pixels`
+        output pixels, each broadcast from the input, times `vectors` vectors of output
+        channels from weights packed per call.  No load straddles a cache line (the pixel tiles' shifted loads mostly
         do), and its tiles can start at each output row, skipping the flat grid's
         scratch columns (see convgen._engine.ForwardPlan for when it runs).  1x1
         kernels have no scratch columns to skip."""
