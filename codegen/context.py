@@ -144,7 +144,10 @@ def kernel_context(spec):
     ctx["cvec"] = None
     if spec.cvec_tile is not None:
         pixels, vectors = spec.cvec_tile
+        # (the input is in blocks of `lanes` channels, pixel-major: pixel p's value of a
+        # channel is p * lanes values after pixel 0's)
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
+                           broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(pixels)],
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)

@@ -124,11 +124,11 @@ class KernelSpec:
         do), and its tiles can start at each output row, skipping the flat grid's
         scratch columns (see convgen._engine.ForwardPlan for when it runs).  1x1
         kernels have no scratch columns to skip."""
-        if self.groups != "dense" or self.kernel in (1, ANY) or self.direction == "bwd_weight":
+        if self.groups != "dense" or self.kernel is ANY or self.direction == "bwd_weight":
             return None
         if self.direction == "bwd_data" and self.stride != 1:
             return None  # (wide paddings come with dilation, at stride 1)
-        return (12, 2)
+        return (14, 2)
 
     @property
     def ocvec_tile(self):

@@ -26,6 +26,7 @@ class Kernel(NamedTuple):
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
     cblock: Callable  # channel-block variant (depthwise forward, nothing kept), or None
+    pad_blocked: Callable  # copies input into the channel-vector tile's layout (its module's pad_blocked)
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that wastes least work on `out_rows` output
@@ -76,7 +77,7 @@ def _load(key):
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   getattr(mod, name + "_ocvec", None), getattr(mod, "CVEC_TILES", {}).get(name),
                   getattr(mod, "pack_weights", None), tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())),
-                  getattr(mod, name + "_cblock", None))
+                  getattr(mod, name + "_cblock", None), getattr(mod, "pad_blocked", None))
 
 
 def lookup(direction, p):

@@ -57,18 +57,21 @@ def threads_for(work, values=0):
     return 1 if work < SMALL_WORK and values < SMALL_VALUES else get_num_threads()
 
 
-# Dense layers run the channel-vector tile from this many input and output channels,
-# and this many output pixels (over the batch) per weight.  Below, packing the weights
-# costs more than the tile saves (measured on ResNet's 14x14 and 7x7 layers).
+# Dense layers run the channel-vector tile (over the input in blocks of channels,
+# pixel-major) from this many input and output channels and this many output pixels
+# (over the batch) per weight: its weights are packed each call.
+# (Forward, 2 threads: ResNet's strided 3x3 at 28x28 1.18x faster than the pixel
+# tiles, DeepLab's rate-2 layer 1.09x; at 14x14 and 7x7 packing costs more than it saves.)
 CVEC_MIN_CHANNELS = 32
-CVEC_MIN_PIXELS = 1024
-# ... and when its row-aligned tiles compute at most this share of the flat grid's row,
-ROW_TILE_SAVING = 0.9
-# ... or the rows are this wide: a pixel tile's 64 outputs then read three long rows
-# of each channel, and the channel-vector tile wins (forward, 2 threads: 64 channels
-# at 96x96 and 128x128 1.13-1.19x, 32 channels at 224x224 1.24x; at 56x56 and
-# 64x64 it loses 2-6%; the input gradient gains 6-8% on the wide ones).
-CVEC_WIDE_ROWS = 96
+CVEC_MIN_PIXELS = 512
+# ... and where its blocks of output channels compute at most this share more than the
+# channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
+# ran 1.3x slower than the pixel tiles).
+CVEC_CHANNEL_WASTE = 1.2
+# Its tiles start at each output row where that computes less than this share of the
+# flat grid's rows, whose scratch columns they skip (wide paddings: DeepLab's ASPP
+# computes 42 of every 45 pixels); elsewhere they run along the flat grid.
+ROW_TILE_SAVING = 1.0
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -191,18 +194,17 @@ def _interior(pad, count, step, size):
     return out
 
 
-def _row_tiles(cvec, out_channels, reduced_channels, kk, images, rows, cols, width):
-    """Row tiles per output row for a kernel's channel-vector tile `cvec` (tile index,
-    pixels, channels per block), or 0 where it should not run: it needs enough
-    channels both ways, a kernel larger than 1x1, enough pixels per weight (the weights
-    are packed each call), and rows `width` apart either wide (CVEC_WIDE_ROWS) or mostly
-    real pixels (`cols`) that its row-aligned tiles cover, skipping enough of the flat
-    grid's scratch columns."""
-    if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS or kk == 1
-            or images * rows * width < CVEC_MIN_PIXELS):
-        return 0
+def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width):
+    """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block)
+    runs: None where it should not (too few channels either way, too few output pixels
+    per weight), else its row tiles per output row (rows `width` apart, `cols` real
+    pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
+    if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
+            or images * rows * width < CVEC_MIN_PIXELS
+            or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
+        return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
-    return row_tiles if width >= CVEC_WIDE_ROWS or row_tiles * cvec[1] <= ROW_TILE_SAVING * width else 0
+    return row_tiles if row_tiles * cvec[1] < ROW_TILE_SAVING * width else 0
 
 
 def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
@@ -230,12 +232,11 @@ class ForwardPlan:
         self.kernel = _dispatch.lookup("fwd", p)
         lanes, itemsize = LANES[p.dtype], ITEMSIZE[p.dtype]
         self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
-        # Dense layers whose flat grid is mostly scratch columns (wide paddings, e.g.
-        # DeepLab's dilated ASPP) run the channel-vector tile, whose tiles start at
-        # each output row and so skip those columns.  Elsewhere it runs no faster than
-        # the pixel tiles on 2 threads, and packing the weights costs a pass over them.
-        self.row_tiles = _row_tiles(self.kernel.cvec, self.OCg, self.Cg, self.kk, p.N, self.OH, self.OW, self.We)
-        self.cvec = self.kernel.cvec if self.row_tiles else None
+        # Dense layers with enough channels run the channel-vector tile over the input
+        # in blocks of channels, pixel-major (see pad_blocked).
+        layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.N, self.OH, self.OW, self.We)
+        self.cvec = None if layout is None else self.kernel.cvec
+        self.row_tiles = layout or 0
         if self.cvec is not None:
             self.tile, chunk, width = self.cvec
             self.blocks = _geometry.ceil_div(self.OCg, width)
@@ -269,6 +270,8 @@ class ForwardPlan:
                     + _geometry.round_up(self.OW, width)), chunk)
         if self.row_tiles:
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.row_tiles, chunk)
+        # output pixels the channel-vector tiles compute (their partial sums' length)
+        self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
         # 1x1 layers reducing over more channels than they output: consecutive work items
         # share a pixel chunk, which stays in L1 across the channel tiles (otherwise each
         # tile re-reads it from L2, which cannot feed one multiply-add per load).
@@ -283,10 +286,16 @@ class ForwardPlan:
             # few (a 56x56 plane is 196 lines: 1x1 layers lost a third to conflict misses).
             self.plane_len += lanes
         self.x_chan = self.n_planes * self.plane_len
+        # The channel-vector tile's input: blocks of `lanes` channels, each pixel-major.
+        self.in_blocks = _geometry.ceil_div(p.C, lanes)
+        self.block_len = self.x_chan * lanes
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
+        if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
+            self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, CACHE_BUDGET // max(1, p.C * self.x_chan * itemsize)))
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
+        self.block_off = self.tap_off * lanes   # the same taps in the pixel-major blocks
         self.tap_w = _index([t.w_index for t in taps])
         mode = PADDING_MODES[p.mode]
         self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
@@ -378,15 +387,16 @@ class BackwardDataPlan:
         # As in the forward: the channel-vector tile where row-aligned tiles skip many
         # scratch columns (dilated layers' wide halos).
         self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
-        self.row_tiles = _row_tiles(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols,
-                                    self.width)
-        self.cvec = self.kernel.cvec if self.row_tiles else None
+        layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, p.N, out_rows, self.out_cols, self.width)
+        self.cvec = None if layout is None else self.kernel.cvec
+        self.row_tiles = layout or 0
         if self.cvec is not None:
             self.tile, chunk, width = self.cvec
             self.blocks = _geometry.ceil_div(fp.Cg, width)
         self.out_len = _geometry.round_up(out_rows * self.width, chunk)
         if self.row_tiles:
             self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.row_tiles, chunk)
+        self.tiled_len = out_rows * self.row_tiles * chunk if self.row_tiles else self.out_len  # as the forward's
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
@@ -400,8 +410,22 @@ class BackwardDataPlan:
             self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
             self.fold_pad_left = p.pad_left
         self.n_planes = len(phases)
+        # The channel-vector tile reads grad_output bordered alike, in blocks of `lanes`
+        # channels, pixel-major: pad_blocked's one-phase tables (rows, columns,
+        # interior), its planes' length and the taps' offsets there.
+        if self.cvec is not None:
+            rows = _geometry.ceil_div(self.plane_len, self.width)
+            self.block_plane = _geometry.round_up(rows * self.width, lanes)
+            self.block_tables = (
+                _index([i - self.top if 0 <= i - self.top < fp.OH else -1 for i in range(rows)]).reshape(1, rows),
+                _index([j - self.left if 0 <= j - self.left < fp.OW else -1
+                        for j in range(self.width)]).reshape(1, self.width),
+                _index([self.left, self.left + fp.OW]).reshape(1, 2))
+            self.block_offs = [offs * lanes for offs in self.phase_offs]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
+        if self.cvec is not None:  # as the forward's
+            self.rblock = min(fp.OCg, _geometry.round_up(self.rblock, lanes))
         # (images, groups) per block: whole images while they fit, else groups of one image.
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
         fit = max(1, CACHE_BUDGET // group_bytes)
@@ -463,7 +487,9 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
         return y, None, False
     if not keep:
-        xin = scratch("fwd_planes", (threads if fused else fp.images * p.C, fp.x_chan), x.dtype)
+        # (the channel-vector tile reads only its pixel-major blocks)
+        xin = None if fp.cvec is not None else scratch("fwd_planes", (threads if fused else fp.images * p.C,
+                                                                       fp.x_chan), x.dtype)
     elif recycle is not None and recycle.shape == (p.N * p.C, fp.x_chan) and recycle.dtype == x.dtype:
         xin = recycle
     else:
@@ -477,16 +503,16 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     packed = (None, None, None, 0, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, row_tiles, tiles_inner
     if fp.cvec is not None:
         width = fp.cvec[2]
-        wp = scratch("wp", (fp.G * fp.blocks * fp.Cg * len(fp.tap_w) * width,), x.dtype)
+        wp = scratch("wp", (fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width,), x.dtype)
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
         fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk, fp.Cg * fp.kk, fp.kk,
                        fp.tap_w, width, threads)
         part = None
         if fp.rblock < fp.Cg:
-            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.OH * fp.row_tiles * fp.cvec[1] * width,),
-                           x.dtype)
+            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
         packed = (wp, bp, part, fp.row_tiles, fp.tiles_inner)
         yext = None
+        xblocks = scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     x3 = x.reshape(p.N * p.C, p.H, p.W)
@@ -495,12 +521,20 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
         x3b, yb = (x3, y) if n1 - n0 == p.N else (x3[n0 * p.C:n1 * p.C], y[n0:n1])
-        # kept planes: each block its own; scratch planes: the same ones for every block
-        first = n0 * p.C if keep else 0
-        xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
-        nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
-        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, fp.x_chan,
-                      fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
+        if xin is not None:
+            # kept planes: each block its own; scratch planes: the same ones for every block
+            first = n0 * p.C if keep else 0
+            xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
+            nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
+        x_chan, tap_off = fp.x_chan, fp.tap_off
+        if fp.cvec is not None:
+            # the channel-vector tile reads its own copy: blocks of channels, pixel-major
+            xb = xblocks[:(n1 - n0) * fp.in_blocks]
+            fp.kernel.pad_blocked(x3b, xb, p.C, fp.rows, fp.cols, fp.col_interior, fp.plane_len, p.pad_left,
+                                  threads)
+            x_chan, tap_off = fp.block_len, fp.block_off
+        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, x_chan,
+                      fp.kk, tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
@@ -554,18 +588,22 @@ def backward_data(grad_y, weight, p: Problem):
         wps = []
         zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
         for i, ws in enumerate(bp.phase_ws):
-            wp = scratch(f"bwd_wp{i}", (max(1, bp.blocks * fp.OCg * len(ws) * width),), grad_y.dtype)
+            wp = scratch(f"bwd_wp{i}", (max(1, bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width),),
+                         grad_y.dtype)
             if len(ws):
                 bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk,
                                fp.Cg * fp.kk, ws, width, threads)
             wps.append(wp)
         part = None
         if bp.rblock < fp.OCg:
-            part = scratch("bwd_part", (images * bp.blocks * bp.out_rows * bp.row_tiles * bp.cvec[1] * width,),
-                           grad_y.dtype)
+            part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
         packed = dict(wps=wps, bp=zeros, part=part, row_tiles=bp.row_tiles, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width)
-    gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
+    if bp.cvec is None:
+        gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
+    else:  # dense: one group
+        gyp = scratch("gyp_blocked", (images * _geometry.ceil_div(p.OC, LANES[p.dtype]),
+                                      bp.block_plane * LANES[p.dtype]), grad_y.dtype)
     gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
     if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
         _input_gradient_block(p, fp, bp, grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), weight, gyp, gxph,
@@ -581,18 +619,25 @@ def backward_data(grad_y, weight, p: Problem):
             # images or groups of one image
             oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
             c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
+            gyp_rows = (n1 - n0) * len(gyp) // images if bp.cvec is not None else oc1 - oc0
             _input_gradient_block(p, fp, bp, gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW),
-                                  weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:oc1 - oc0], gxph[:c1 - c0],
+                                  weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:gyp_rows], gxph[:c1 - c0],
                                   gx2[c0:c1].reshape(c1 - c0, p.H, p.W), n1 - n0, g1 - g0, threads, packed)
     return gx
 
 
 def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, threads, packed):
     """One block of images x groups of the input gradient: grad_output's rows gy extended
-    into gyp, the phases' tiles into gxph, folded into gx's rows."""
-    _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
-    bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
-                  bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
+    into gyp (pixel-major blocks for the channel-vector tile), the phases' tiles into
+    gxph, folded into gx's rows."""
+    if bp.cvec is None:
+        _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
+        x_chan, offs = bp.plane_len, bp.phase_offs
+    else:
+        bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads)
+        x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
+    bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
+                  offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
     _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
                         bp.fold_pad_left, p.mode == "zeros", threads)
 

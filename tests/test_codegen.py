@@ -236,12 +236,12 @@ def test_render_kernel_module(env, direction, dtype):
 
 
 def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
-    """Dense forward and stride-1 input-gradient kernels of a fixed size, 3x3 and up,
-    get a channel-vector tile (and the module a weight packer and a CVEC_TILES entry);
-    nothing else does."""
+    """Dense forward and stride-1 input-gradient kernels of a fixed size get a
+    channel-vector tile (and the module a weight packer, a blocked-input copier and a
+    CVEC_TILES entry); nothing else does."""
     for s in SPECS:
         ctx = context.kernel_context(s)
-        expect = (s.groups == "dense" and s.kernel not in (1, ANY)
+        expect = (s.groups == "dense" and s.kernel is not ANY
                   and (s.direction == "fwd" or (s.direction == "bwd_data" and s.stride == 1)))
         assert (s.cvec_tile is not None) == expect, s.name
         assert (ctx.get("cvec") is not None) == expect, s.name
@@ -250,13 +250,13 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
             assert ctx["cvec"]["width"] == vectors * s.lanes
             assert ctx["cvec"]["index"] == len(ctx["tiles"])  # after the pixel tiles
     text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
-    assert "def pack_weights(" in text
+    assert "def pack_weights(" in text and "def pad_blocked(" in text
     dense3 = KernelSpec("fwd", "f32", 3, 1, 1, "dense")
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
     assert f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}),' in text
-    one = KernelSpec("fwd", "f32", 1, 1, 1, "dense")
-    assert f"_{one.name}_c" not in text
+    generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")
+    assert f"_{generic.name}_c" not in text
 
 
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_stride2_input_gradient(env):

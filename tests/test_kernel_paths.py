@@ -28,13 +28,15 @@ CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
 WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "dense"]
 
 
-@pytest.fixture
-def forced(monkeypatch):
+@pytest.fixture(params=["row tiles", "flat tiles"])
+def forced(monkeypatch, request):
     """Thresholds that send every dense test problem down the channel-vector paths,
-    with a cache budget small enough to split reductions into several passes."""
+    its tiles starting at each row or running along the flat grid, with a cache
+    budget small enough to split reductions into several passes."""
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1)
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
-    monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0)
+    monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
+    monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if request.param == "row tiles" else 0.0)
     monkeypatch.setattr(_engine, "LARGE_MAP", 1 << 30)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
@@ -74,14 +76,15 @@ def _check(spec, case):
 # several reduction passes under the forced cache budget.
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
 def test_channel_vector_tile(spec, forced):
-    """Forward and input gradient: packed weights, row-aligned tiles (here wider than
-    a row, so a tile also computes the start of the next row), partial blocks of
-    channels, and partial sums between reduction passes."""
+    """Forward and input gradient: the input in pixel-major blocks of channels, packed
+    weights, row-aligned tiles (here wider than a row, so a tile also computes the
+    start of the next row) or tiles along the flat grid, partial blocks of channels,
+    and partial sums between reduction passes."""
     case = _case(spec, 37, 37)
     fp = _plan(case, spec_dtype(spec))
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.kernel.name == spec.name
-    assert plan.cvec is not None and plan.row_tiles > 0
+    assert plan.cvec is not None and (plan.row_tiles > 0) == (_engine.ROW_TILE_SAVING > 1)
     assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
     _check(spec, case)
 
@@ -248,16 +251,20 @@ def test_depthwise_input_gradient_as_forward(spec, padding, monkeypatch):
 
 
 def test_channel_vector_tile_rule():
-    """When the dense layers run the channel-vector tile: rows mostly scratch columns
-    (wide paddings) or wide rows; enough channels both ways; not 1x1."""
-    cvec = (1, 12, 32)
-    rule = _engine._row_tiles
-    assert rule(cvec, 64, 64, 9, 1, 128, 128, 130) == 11          # 128x128: wide rows
-    assert rule(cvec, 64, 64, 9, 1, 56, 56, 58) == 0              # 56x56: neither
-    assert rule(cvec, 256, 512, 9, 1, 33, 33, 45) == 3            # ASPP: 33 of 45 columns real
-    assert rule(cvec, 64, 16, 9, 1, 128, 128, 130) == 0           # too few reduced channels
-    assert rule(cvec, 64, 64, 1, 1, 128, 128, 128) == 0           # 1x1
-    assert rule(None, 64, 64, 9, 1, 128, 128, 130) == 0           # no such tile
+    """When the dense layers run the channel-vector tile (enough channels both ways,
+    enough output pixels per packed weight), and whether its tiles start at each row
+    (where that computes fewer pixels than the flat grid's rows)."""
+    cvec = (1, 14, 32)
+    rule = _engine._cvec_layout
+    assert rule(cvec, 64, 64, 1, 128, 128, 130) == 0            # 128x128: 140 of 130 columns: flat
+    assert rule(cvec, 64, 64, 1, 56, 56, 58) == 4               # 56x56: 56 of 58 columns
+    assert rule(cvec, 256, 512, 1, 33, 33, 45) == 3             # ASPP: 42 of 45 columns
+    assert rule(cvec, 64, 256, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
+    assert rule(cvec, 256, 256, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
+    assert rule(cvec, 64, 16, 1, 128, 128, 130) is None         # too few reduced channels
+    assert rule(cvec, 16, 64, 1, 128, 128, 130) is None         # too few output channels
+    assert rule(cvec, 48, 64, 1, 35, 35, 39) is None            # 48 channels in 2 blocks of 32
+    assert rule(None, 64, 64, 1, 128, 128, 130) is None         # no such tile
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
