@@ -146,8 +146,12 @@ def kernel_context(spec):
         pixels, vectors = spec.cvec_tile
         # (the input is in blocks of `lanes` channels, pixel-major: pixel p's value of a
         # channel is p * lanes values after pixel 0's)
+        tail = spec.cvec_tail
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
                            broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(pixels)],
+                           tail=dict(pixels=list(range(tail)),
+                                     broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(tail)]),
+                           slot=pixels * vectors * lanes,   # one tile's partial sums
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)

@@ -131,6 +131,12 @@ class KernelSpec:
         return (14, 2)
 
     @property
+    def cvec_tail(self):
+        """Pixels of the channel-vector tile's narrower twin, which takes a row's last few
+        pixels (DeepLab's 33-pixel rows: 14 + 14 + 7 instead of 3 x 14), or None."""
+        return None if self.cvec_tile is None else self.cvec_tile[0] // 2
+
+    @property
     def ocvec_tile(self):
         """Register tile (vectors of output channels, columns) of the dense weight
         gradient's channel-vectorised form (``_ocvec``), or None."""

@@ -22,7 +22,7 @@ class Kernel(NamedTuple):
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
     fused: Callable  # variant with the padding fused in (depthwise forward), or None
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
-    cvec: tuple      # (tile index, pixels, channels per block) of the channel-vector tile, or None
+    cvec: tuple      # (tile index, pixels, channels per block, tail pixels) of the channel-vector tile, or None
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
     cblock: Callable  # channel-block variant (depthwise forward, nothing kept), or None

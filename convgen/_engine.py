@@ -195,8 +195,8 @@ def _interior(pad, count, step, size):
 
 
 def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width):
-    """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block)
-    runs: None where it should not (too few channels either way, too few output pixels
+    """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
+    pixels of its tail tile) runs: None where it should not (too few channels either way, too few output pixels
     per weight), else its row tiles per output row (rows `width` apart, `cols` real
     pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
@@ -204,7 +204,9 @@ def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width
             or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
-    return row_tiles if row_tiles * cvec[1] < ROW_TILE_SAVING * width else 0
+    rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a tail tile's if it can
+    computed = (row_tiles - 1) * cvec[1] + (cvec[3] if rest <= cvec[3] else cvec[1])
+    return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
 def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
@@ -238,7 +240,7 @@ class ForwardPlan:
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
-            self.tile, chunk, width = self.cvec
+            self.tile, chunk, width, _ = self.cvec
             self.blocks = _geometry.ceil_div(self.OCg, width)
         # Depthwise forward runs a row-block tile on rows it covers with little waste.
         self.row_block = None
@@ -391,7 +393,7 @@ class BackwardDataPlan:
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
-            self.tile, chunk, width = self.cvec
+            self.tile, chunk, width, _ = self.cvec
             self.blocks = _geometry.ceil_div(fp.Cg, width)
         self.out_len = _geometry.round_up(out_rows * self.width, chunk)
         if self.row_tiles:

@@ -254,7 +254,9 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     dense3 = KernelSpec("fwd", "f32", 3, 1, 1, "dense")
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
-    assert f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}),' in text
+    assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
+            f'{dense3.cvec_tail}),') in text
+    assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
     generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")
     assert f"_{generic.name}_c" not in text
 

@@ -28,20 +28,32 @@ CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
 WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "dense"]
 
 
-@pytest.fixture(params=["row tiles", "flat tiles"])
-def forced(monkeypatch, request):
+def _force_channel_vectors(monkeypatch, row_tiles):
     """Thresholds that send every dense test problem down the channel-vector paths,
     its tiles starting at each row or running along the flat grid, with a cache
     budget small enough to split reductions into several passes."""
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1)
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
-    monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if request.param == "row tiles" else 0.0)
+    monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "LARGE_MAP", 1 << 30)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
+
+
+@pytest.fixture(params=["row tiles", "flat tiles"])
+def forced(monkeypatch, request):
+    _force_channel_vectors(monkeypatch, request.param == "row tiles")
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
+@pytest.fixture
+def forced_rows(monkeypatch):
+    _force_channel_vectors(monkeypatch, True)
     yield
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
@@ -86,6 +98,23 @@ def test_channel_vector_tile(spec, forced):
     assert plan.kernel.name == spec.name
     assert plan.cvec is not None and (plan.row_tiles > 0) == (_engine.ROW_TILE_SAVING > 1)
     assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
+    _check(spec, case)
+
+
+@pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
+def test_channel_vector_tail_tile(spec, forced_rows):
+    """Rows whose last tile has at most the tail tile's pixels end with that narrower
+    tile (here rows of 14 + 1..7 or 2 x 14 + 1..7 pixels)."""
+    tail = spec.cvec_tail
+    for W in range(16, 64):
+        case = _case(spec, 37, 21)
+        case.update(W=W)
+        fp = _plan(case, spec_dtype(spec))
+        cols = fp.OW if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem).out_cols
+        if cols > spec.cvec_tile[0] and 1 <= cols % spec.cvec_tile[0] <= tail:
+            break
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    assert plan.cvec is not None and plan.row_tiles == -(-cols // spec.cvec_tile[0])
     _check(spec, case)
 
 
@@ -254,11 +283,13 @@ def test_channel_vector_tile_rule():
     """When the dense layers run the channel-vector tile (enough channels both ways,
     enough output pixels per packed weight), and whether its tiles start at each row
     (where that computes fewer pixels than the flat grid's rows)."""
-    cvec = (1, 14, 32)
+    cvec = (1, 14, 32, 7)
     rule = _engine._cvec_layout
     assert rule(cvec, 64, 64, 1, 128, 128, 130) == 0            # 128x128: 140 of 130 columns: flat
     assert rule(cvec, 64, 64, 1, 56, 56, 58) == 4               # 56x56: 56 of 58 columns
-    assert rule(cvec, 256, 512, 1, 33, 33, 45) == 3             # ASPP: 42 of 45 columns
+    assert rule(cvec, 256, 512, 1, 33, 33, 45) == 3             # ASPP: 14 + 14 + a tail of 7 of 45 columns
+    assert rule(cvec, 64, 48, 1, 35, 35, 39) == 3               # 14 + 14 + 7 of 39 columns
+    assert rule(cvec, 64, 64, 1, 32, 32, 34) == 0               # 14 + 14 + 14 > 34 columns: flat
     assert rule(cvec, 64, 256, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
     assert rule(cvec, 256, 256, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
     assert rule(cvec, 64, 16, 1, 128, 128, 130) is None         # too few reduced channels
