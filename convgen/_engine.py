@@ -83,11 +83,6 @@ ROW_BLOCK_WASTE = 1.15
 CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 
 
-# Flat output pixels above which a single image at stride and dilation 1 keeps the
-# pixel-vectorised weight gradient.
-LARGE_MAP = 2048
-
-
 def _reduction_block(channels, bytes_per_channel, minimum=8):
     """Channels per block so that a block's input fits CACHE_BUDGET, the blocks as
     even as they can be: each pass reloads and stores the partial sums, which a last
@@ -307,12 +302,11 @@ class ForwardPlan:
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
         # Dense layers with enough channels vectorise the weight gradient over output
-        # channels (no horizontal sums, only real pixels summed), except large single
-        # maps at stride and dilation 1, where the pixel-vectorised kernel scales
-        # better over threads (measured: 56x56 and 128x128 maps, 64 channels).
-        large_plain = p.N == 1 and self.grad_len > LARGE_MAP and p.sh == p.sw == p.dh == p.dw == 1
+        # channels (no horizontal sums, only real pixels summed).  (Large single maps
+        # used to keep the pixel-vectorised kernel; on 2 threads it now runs 3-8% slower
+        # there: ResNet's 56x56 3x3 and 1x1, the 128x128 reflect layer.)
         self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
-                                 and self.Cg >= 16 and not large_plain)
+                                 and self.Cg >= 16)
         # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)
         if seg >= self.grad_len:

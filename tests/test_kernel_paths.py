@@ -36,7 +36,6 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
-    monkeypatch.setattr(_engine, "LARGE_MAP", 1 << 30)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
