@@ -117,17 +117,16 @@ class KernelSpec:
 
     @property
     def cvec_tile(self):
-        """Channel-vector register tile (pixels, vectors) of dense forward and
-        stride-1 input-gradient kernels of a fixed size (3x3 and up), or None: `pixels`
-        output pixels, each broadcast from the input, times `vectors` vectors of output
-        channels from weights packed per call.  No load straddles a cache line (the pixel tiles' shifted loads mostly
-        do), and its tiles can start at each output row, skipping the flat grid's
-        scratch columns (see convgen._engine.ForwardPlan for when it runs).  1x1
-        kernels have no scratch columns to skip."""
+        """Channel-vector register tile (pixels, vectors) of dense forward and input-gradient
+        kernels of a fixed size, or None: `pixels` output pixels, each broadcast from the
+        input (held in blocks of `lanes` channels, pixel-major), times `vectors` vectors
+        of output channels from weights packed per call.  Its tiles can start at each
+        output row, skipping the flat grid's scratch columns (see convgen._engine for
+        when it runs)."""
         if self.groups != "dense" or self.kernel is ANY or self.direction == "bwd_weight":
             return None
-        if self.direction == "bwd_data" and self.stride != 1:
-            return None  # (wide paddings come with dilation, at stride 1)
+        if self.direction == "bwd_data" and not self.unrolls_taps:
+            return None  # (its phases' taps must be known)
         return (14, 2)
 
     @property

@@ -236,13 +236,13 @@ def test_render_kernel_module(env, direction, dtype):
 
 
 def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
-    """Dense forward and stride-1 input-gradient kernels of a fixed size get a
+    """Dense forward and input-gradient kernels of a fixed size (whose taps unroll) get a
     channel-vector tile (and the module a weight packer, a blocked-input copier and a
     CVEC_TILES entry); nothing else does."""
     for s in SPECS:
         ctx = context.kernel_context(s)
         expect = (s.groups == "dense" and s.kernel is not ANY
-                  and (s.direction == "fwd" or (s.direction == "bwd_data" and s.stride == 1)))
+                  and (s.direction == "fwd" or (s.direction == "bwd_data" and s.unrolls_taps)))
         assert (s.cvec_tile is not None) == expect, s.name
         assert (ctx.get("cvec") is not None) == expect, s.name
         if expect:
