@@ -152,6 +152,7 @@ def kernel_context(spec):
                            tail=dict(pixels=list(range(tail)),
                                      broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(tail)]),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
+                           panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)

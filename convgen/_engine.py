@@ -68,6 +68,9 @@ CVEC_MIN_PIXELS = 512
 # channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
 # ran 1.3x slower than the pixel tiles).
 CVEC_CHANNEL_WASTE = 1.2
+# 1x1 layers at stride 1 without padding copy their input into the tile's layout a
+# pixel chunk at a time (see ForwardPlan.panels).
+PANELS = True
 # Its tiles start at each output row where that computes less than this share of the
 # flat grid's rows, whose scratch columns they skip (wide paddings: DeepLab's ASPP
 # computes 42 of every 45 pixels); elsewhere they run along the flat grid.
@@ -289,6 +292,11 @@ class ForwardPlan:
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
         if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
             self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
+        # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
+        # the blocked copy: each work item copies its pixel chunk into a panel in L1.
+        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.groups == 1
+                       and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0 and not self.row_tiles
+                       and PANELS)
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, CACHE_BUDGET // max(1, p.C * self.x_chan * itemsize)))
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
@@ -419,6 +427,9 @@ class BackwardDataPlan:
                 _index([self.left, self.left + fp.OW]).reshape(1, 2))
             self.block_offs = [offs * lanes for offs in self.phase_offs]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
+        # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
+        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
+                       and self.width == fp.OW and not self.row_tiles and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
         if self.cvec is not None:  # as the forward's
             self.rblock = min(fp.OCg, _geometry.round_up(self.rblock, lanes))
@@ -508,11 +519,19 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
         packed = (wp, bp, part, fp.row_tiles, fp.tiles_inner)
         yext = None
-        xblocks = scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
+        xblocks = None if fp.panels else scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     x3 = x.reshape(p.N * p.C, p.H, p.W)
     nonfinite = False
+    if fp.panels:
+        if xin is not None:  # the planes kept for the weight gradient
+            nonfinite = _layout.pad_phase(x3, xin, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
+        panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.cvec[1]), x.dtype)
+        fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
+                      0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.Cg, threads, fp.tile, *packed,
+                      panels=panels)
+        return (y, xin, nonfinite) if keep else (y, None, False)
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
@@ -595,7 +614,10 @@ def backward_data(grad_y, weight, p: Problem):
             part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
         packed = dict(wps=wps, bp=zeros, part=part, row_tiles=bp.row_tiles, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width)
-    if bp.cvec is None:
+    if bp.panels:  # each thread's panel
+        gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
+                                     * bp.cvec[1]), grad_y.dtype)
+    elif bp.cvec is None:
         gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     else:  # dense: one group
         gyp = scratch("gyp_blocked", (images * _geometry.ceil_div(p.OC, LANES[p.dtype]),
@@ -615,7 +637,9 @@ def backward_data(grad_y, weight, p: Problem):
             # images or groups of one image
             oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
             c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
-            gyp_rows = (n1 - n0) * len(gyp) // images if bp.cvec is not None else oc1 - oc0
+            # (grad_output's extended rows, or its blocks, or the threads' panels)
+            gyp_rows = (len(gyp) if bp.panels else (n1 - n0) * len(gyp) // images if bp.cvec is not None
+                        else oc1 - oc0)
             _input_gradient_block(p, fp, bp, gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW),
                                   weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:gyp_rows], gxph[:c1 - c0],
                                   gx2[c0:c1].reshape(c1 - c0, p.H, p.W), n1 - n0, g1 - g0, threads, packed)
@@ -626,6 +650,12 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
     """One block of images x groups of the input gradient: grad_output's rows gy extended
     into gyp (pixel-major blocks for the channel-vector tile), the phases' tiles into
     gxph, folded into gx's rows."""
+    if bp.panels:
+        bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
+                      bp.phase_offs, bp.phase_ws, fp.OCg, threads, bp.tile, bp.tiles_inner, **packed, panels=gyp)
+        _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
+                            bp.fold_pad_left, p.mode == "zeros", threads)
+        return
     if bp.cvec is None:
         _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
         x_chan, offs = bp.plane_len, bp.phase_offs

@@ -5,7 +5,8 @@ here on every spec that has them, each test asserting that the path really ran:
   sums between reduction passes);
 * the dense weight gradient vectorised over output channels (reduction segments,
   scratch columns skipped);
-* 1x1 kernels running the channel tiles of a pixel chunk back to back;
+* 1x1 kernels running the channel tiles of a pixel chunk back to back, and at stride 1
+  without padding reading their input in place through per-thread panels;
 * the depthwise forward's row-block tile (every padding mode, channel multipliers,
   partial blocks and vectors);
 * the depthwise forward's channel-block tile, when nothing is kept for a backward
@@ -53,6 +54,14 @@ def forced(monkeypatch, request):
 @pytest.fixture
 def forced_rows(monkeypatch):
     _force_channel_vectors(monkeypatch, True)
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
+@pytest.fixture
+def forced_flat(monkeypatch):
+    _force_channel_vectors(monkeypatch, False)
     yield
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
@@ -143,6 +152,26 @@ def test_one_by_one_channel_tiles_inner(spec):
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.kernel.name == spec.name
     assert plan.tiles_inner
+    _check(spec, case)
+
+
+# ... and those of them at stride 1 without padding that run the channel-vector tile read
+# their input (grad_output) in place, a pixel chunk at a time copied into a panel.
+PANEL_SPECS = [s for s in ONE_BY_ONE if s.stride == 1 and s.cvec_tile is not None]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", PANEL_SPECS, ids=lambda s: s.name)
+def test_one_by_one_panels(spec, threads, forced_flat, monkeypatch, restore_threads):
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    convgen.set_num_threads(threads)
+    C, OC = (40, 21) if spec.direction == "fwd" else (21, 40)   # a partial block of channels
+    case = _case(spec, C, OC)
+    case.update(N=2)   # 2 x 11 x 9 pixels: the last chunk of each image partial
+    fp = _plan(case, spec_dtype(spec))
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    assert plan.kernel.name == spec.name
+    assert plan.panels and _engine.threads_for(fp.work) == threads
     _check(spec, case)
 
 
