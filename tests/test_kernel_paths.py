@@ -38,6 +38,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "CVEC_IMAGE_BUDGET", 4096)   # one image per pass
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
@@ -106,6 +107,7 @@ def test_channel_vector_tile(spec, forced):
     assert plan.kernel.name == spec.name
     assert plan.cvec is not None and (plan.row_tiles > 0) == (_engine.ROW_TILE_SAVING > 1)
     assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
+    assert (fp.images if spec.direction == "fwd" else plan.block[0]) < case["N"]   # passes per image
     _check(spec, case)
 
 
