@@ -148,7 +148,7 @@ class KernelSpec:
         """The tiles besides ``tile`` that the runtime may pick, as short labels."""
         labels = []
         if self.cvec_tile:
-            labels.append("channel-vector {}x{}".format(*self.cvec_tile))
+            labels.append("channel-vector {}x{} (tail {})".format(*self.cvec_tile, self.cvec_tail))
         if self.ocvec_tile:
             labels.append("by-channel {}x{}".format(*self.ocvec_tile))
         labels += ["rows {}x{}".format(*b) for b in self.row_blocks]
