@@ -199,9 +199,10 @@ def _interior(pad, count, step, size):
 
 def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width):
     """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
-    pixels of its tail tile) runs: None where it should not (too few channels either way, too few output pixels
-    per weight), else its row tiles per output row (rows `width` apart, `cols` real
-    pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
+    pixels of its tail tile) runs: None where it should not (too few channels either way,
+    too few output pixels per weight, too many idle lanes in the blocks of output
+    channels), else its row tiles per output row (rows `width` apart, `cols` real pixels
+    each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
             or images * rows * width < CVEC_MIN_PIXELS
             or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
@@ -394,8 +395,9 @@ class BackwardDataPlan:
         out_rows = p.H if interior else fp.Hq
         shift = p.pad_top * self.width + p.pad_left if interior else 0
         self.tile, chunk = self.kernel.pick_tile(fp.Cg, out_rows * self.width)
-        # As in the forward: the channel-vector tile where row-aligned tiles skip many
-        # scratch columns (dilated layers' wide halos).
+        # As in the forward: the channel-vector tile on dense layers with enough channels,
+        # over grad_output in pixel-major blocks (its row tiles skip a dilated layer's
+        # wide halo).
         self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
         layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, p.N, out_rows, self.out_cols, self.width)
         self.cvec = None if layout is None else self.kernel.cvec
@@ -609,8 +611,8 @@ def backward_data(grad_y, weight, p: Problem):
         wps = []
         zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
         for i, ws in enumerate(bp.phase_ws):
-            wp = scratch(f"bwd_wp{i}", (max(1, bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width),),
-                         grad_y.dtype)
+            wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
+            wp = scratch(f"bwd_wp{i}", (max(1, wp_len),), grad_y.dtype)
             if len(ws):
                 bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk,
                                fp.Cg * fp.kk, ws, width, threads)
