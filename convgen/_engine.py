@@ -422,6 +422,9 @@ class BackwardDataPlan:
             self.fold_rows, self.fold_cols, self.fold_interior = fp.rows, fp.cols, fp.col_interior
             self.fold_pad_left = p.pad_left
         self.n_planes = len(phases)
+        # Stride 1 with zero padding: the one phase's flat rows are the input's rows, and
+        # the kernels store their real pixels straight into gx (no fold pass).
+        self.direct = interior
         # The channel-vector tile reads grad_output bordered alike, in blocks of `lanes`
         # channels, pixel-major: pad_blocked's one-phase tables (rows, columns,
         # interior), its planes' length and the taps' offsets there.
@@ -658,22 +661,23 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
     """One block of images x groups of the input gradient: grad_output's rows gy extended
     into gyp (pixel-major blocks for the channel-vector tile), the phases' tiles into
     gxph, folded into gx's rows."""
+    # (the channel-vector tile's arguments, and gx where the kernels store straight into it)
+    kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {})}
     if bp.panels:
         bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
-                      bp.phase_offs, bp.phase_ws, fp.OCg, threads, bp.tile, bp.tiles_inner, **packed, panels=gyp)
+                      bp.phase_offs, bp.phase_ws, fp.OCg, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
+    else:
+        if bp.cvec is None:
+            _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
+            x_chan, offs = bp.plane_len, bp.phase_offs
+        else:
+            bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads)
+            x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
+        bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
+                      offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs)
+    if not bp.direct:
         _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
                             bp.fold_pad_left, p.mode == "zeros", threads)
-        return
-    if bp.cvec is None:
-        _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
-        x_chan, offs = bp.plane_len, bp.phase_offs
-    else:
-        bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads)
-        x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
-    bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
-                  offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed)
-    _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
-                        bp.fold_pad_left, p.mode == "zeros", threads)
 
 
 def _weight_grad_exact(grad_y, xin, p: Problem):
