@@ -111,6 +111,32 @@ def test_channel_vector_tile(spec, forced):
     _check(spec, case)
 
 
+# The pixel tiles of dense and grouped forward and input-gradient kernels, with a cache
+# budget that splits the reduction into passes: partial sums in the flat grid between
+# passes, the last pass into y (forward) or, at stride 1 with zero padding, straight into
+# gx (input gradient).
+PIXEL_TILE_SPECS = [s for s in SPECS if s.direction in ("fwd", "bwd_data") and s.groups != "depthwise"]
+
+
+@pytest.mark.parametrize("spec", PIXEL_TILE_SPECS, ids=lambda s: s.name)
+def test_pixel_tile_reduction_passes(spec, monkeypatch):
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # no channel-vector tile
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    try:
+        case = case_for(spec)
+        case.update(C=case["C"] * 6, OC=case["OC"] * 6)   # (36 channels: several passes of 8 or more)
+        fp = _plan(case, spec_dtype(spec))
+        plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+        assert plan.kernel.name == spec.name and plan.cvec is None
+        assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
+        _check(spec, case)
+    finally:
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
+
+
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
 def test_channel_vector_tail_tile(spec, forced_rows):
     """Rows whose last tile has at most the tail tile's pixels end with that narrower
