@@ -1,11 +1,17 @@
 # Declarations the generated kernel modules cimport (see _layout.pyx).
 
+cimport numpy as cnp
+
 cdef struct PadPlan:
     # One channel (H, W) -> sh*sw phase planes of Hq rows x We columns, plane_len apart.
     Py_ssize_t H, W, sh, sw, Hq, We, plane_len
     const Py_ssize_t* rows       # (sh, Hq) source row of each plane row, -1 for zero
     const Py_ssize_t* cols       # (sw, We) source column of each plane column, -1 for zero
     const Py_ssize_t* interior   # (sw, 2) [lo, hi) of plane columns copying input columns
+
+# The PadPlan of pad_phase's source tables (rows (sh, Hq), cols (sw, We), interior (sw, 2)).
+cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
+                      Py_ssize_t W, Py_ssize_t plane_len)
 
 # Both return 1 if the padded planes hold an infinity or a NaN.
 cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil

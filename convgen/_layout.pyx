@@ -140,8 +140,10 @@ cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noex
     return _pad_channel(src, dst, pp)
 
 
-cdef PadPlan _pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
-                       Py_ssize_t W, Py_ssize_t plane_len):
+cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
+                     Py_ssize_t W, Py_ssize_t plane_len):
+    """The PadPlan of source tables rows (sh, Hq) / cols (sw, We) / interior (sw, 2) for
+    an (H, W) channel into planes plane_len apart (the arrays must outlive it)."""
     cdef PadPlan pp
     pp.H, pp.W = H, W
     pp.sh, pp.sw = rows.shape[0], cols.shape[0]
@@ -162,7 +164,7 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     of each plane is zeroed.  Returns whether any value is infinite or NaN."""
     cdef Py_ssize_t nc = x.shape[0], c
     cdef int bad = 0
-    cdef PadPlan pp = _pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
+    cdef PadPlan pp = pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
     cdef Py_ssize_t src_chan = pp.H * pp.W, dst_chan = pp.sh * pp.sw * plane_len
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
