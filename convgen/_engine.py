@@ -303,6 +303,8 @@ class ForwardPlan:
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.groups == 1
                        and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0 and not self.row_tiles
                        and PANELS)
+        if self.panels:
+            self.rblock = self.Cg   # (a pixel chunk's panel holds every channel: one pass)
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -443,7 +445,7 @@ class BackwardDataPlan:
                        and self.width == fp.OW and not self.row_tiles and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
         if self.cvec is not None:  # as the forward's
-            self.rblock = min(fp.OCg, _geometry.round_up(self.rblock, lanes))
+            self.rblock = fp.OCg if self.panels else min(fp.OCg, _geometry.round_up(self.rblock, lanes))
         # (images, groups) per block: whole images while they fit, else groups of one image.
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
         fit = max(1, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET) // group_bytes)
@@ -540,7 +542,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             nonfinite = _layout.pad_phase(x3, xin, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
         panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.cvec[1]), x.dtype)
         fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
-                      0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.Cg, threads, fp.tile, *packed,
+                      0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
                       panels=panels)
         return (y, xin, nonfinite) if keep else (y, None, False)
     for n0 in range(0, p.N, fp.images):
@@ -665,7 +667,7 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
     kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {})}
     if bp.panels:
         bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
-                      bp.phase_offs, bp.phase_ws, fp.OCg, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
+                      bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
     else:
         if bp.cvec is None:
             _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
