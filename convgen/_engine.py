@@ -347,6 +347,17 @@ class ForwardPlan:
             self.wgrad_segments = (max(1, seg // per_image), self.wgrad_shape[0], self.wgrad_shape[1])
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
+        # The calls' fixed arguments, gathered once (small layers: each attribute looked up
+        # per call costs a share of the convolution's few microseconds).
+        self.y_shape = (p.N, p.OC, self.OH, self.OW)
+        self.x3_shape = (p.N * p.C, p.H, p.W)
+        self.pad_args = (self.rows, self.cols, self.col_interior, self.plane_len)
+        self.run_args = (self.G, self.Cg, self.OCg, self.out_len, self.block_len if self.cvec else self.x_chan,
+                         self.kk, self.block_off if self.cvec else self.tap_off, self.tap_w, self.We, self.OH,
+                         self.OW, self.rblock)
+        # One pass of the pixel tiles over every image, from planes padded beforehand.
+        self.one_pass = (self.cvec is None and self.kernel.fused is None and self.images >= p.N
+                         and self.rblock >= self.Cg)
 
 
 def channel_block_strip(plan, threads):
@@ -498,14 +509,15 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     (y, None, False) is returned."""
     fp = forward_plan(p)
     threads = threads_for(fp.work, fp.values)
-    y = np.empty((p.N, p.OC, fp.OH, fp.OW), dtype=x.dtype)
+    y = np.empty(fp.y_shape, dtype=x.dtype)
+    if not keep and fp.channel_block is not None:
+        strip = channel_block_strip(fp, threads)
+        if strip is not None:
+            rows, cols, interior, _ = fp.channel_block
+            xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
+            fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
+            return y, None, False
     fused = fp.kernel.fused is not None
-    strip = None if keep else channel_block_strip(fp, threads)
-    if strip is not None:
-        rows, cols, interior, _ = fp.channel_block
-        xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
-        fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
-        return y, None, False
     if not keep:
         # (the channel-vector tile reads only its pixel-major blocks)
         xin = None if fp.cvec is not None else scratch("fwd_planes", (threads if fused else fp.images * p.C,
@@ -514,6 +526,12 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         xin = recycle
     else:
         xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
+    x3 = x.reshape(fp.x3_shape)
+    if fp.one_pass:
+        # (most small layers: every image in one pass of the pixel tiles)
+        nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
+        fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile)
+        return (y, xin, nonfinite) if keep else (y, None, False)
     if fused:
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
@@ -535,11 +553,10 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         xblocks = None if fp.panels else scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
-    x3 = x.reshape(p.N * p.C, p.H, p.W)
     nonfinite = False
     if fp.panels:
         if xin is not None:  # the planes kept for the weight gradient
-            nonfinite = _layout.pad_phase(x3, xin, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
+            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
         panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.cvec[1]), x.dtype)
         fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
                       0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
@@ -553,16 +570,12 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             # kept planes: each block its own; scratch planes: the same ones for every block
             first = n0 * p.C if keep else 0
             xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
-            nonfinite |= _layout.pad_phase(x3b, xb, fp.rows, fp.cols, fp.col_interior, fp.plane_len, threads)
-        x_chan, tap_off = fp.x_chan, fp.tap_off
+            nonfinite |= _layout.pad_phase(x3b, xb, *fp.pad_args, threads)
         if fp.cvec is not None:
             # the channel-vector tile reads its own copy: blocks of channels, pixel-major
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
-            fp.kernel.pad_blocked(x3b, xb, p.C, fp.rows, fp.cols, fp.col_interior, fp.plane_len, p.pad_left,
-                                  threads)
-            x_chan, tap_off = fp.block_len, fp.block_off
-        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, fp.G, fp.Cg, fp.OCg, fp.out_len, x_chan,
-                      fp.kk, tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed)
+            fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads)
+        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 

@@ -7,11 +7,22 @@ import numpy as np
 
 from . import functional as F
 from . import init
-from ._validate import dtype_arg, float_array
+from ._validate import dtype_arg, float_array, input_array
 from .grad_mode import is_grad_enabled
 from .parameter import Parameter
 
 _NO_GRAD = object()   # Conv2d._saved after a forward under no_grad
+
+
+class _Checked:
+    """The input shape, dtype, parameter shapes and Problem of a validated forward."""
+
+    __slots__ = ("x_shape", "dtype", "w_shape", "b_shape", "batched", "problem")
+
+    def __init__(self, x_shape, weight, bias, batched, problem):
+        self.x_shape, self.dtype, self.w_shape = x_shape, weight.dtype, weight.shape
+        self.b_shape = None if bias is None else bias.shape
+        self.batched, self.problem = batched, problem
 
 
 def _accumulator(param):
@@ -47,6 +58,7 @@ class Conv2d:
         self.weight = Parameter(np.empty((cfg.out_channels, cfg.in_channels // cfg.groups, kh, kw), self.dtype))
         self.bias = Parameter(np.empty(cfg.out_channels, self.dtype)) if bias else None
         self._saved = None
+        self._last = None   # see _checked
         self._spare_grads = {}
         self.reset_parameters(seed)
 
@@ -82,17 +94,36 @@ class Conv2d:
             raise ValueError(f"weight must have shape {expected}, got {weight.shape}")
         return weight, F._bias(self.bias, self.out_channels, weight.dtype)
 
-    def forward(self, x):
+    def _checked(self, x):
+        """(x as C-contiguous (N, C, H, W), batched, weight, bias, Problem), validated; or
+        what the last call validated, when x and the parameters are still contiguous
+        arrays of the shapes and dtype it checked (small layers: the checks and lookups
+        cost as much as the convolution)."""
+        last, weight, bias = self._last, self.weight, self.bias
+        if (last is not None and type(x) is np.ndarray and x.shape == last.x_shape and x.dtype is last.dtype
+                and x.flags.c_contiguous and isinstance(weight, np.ndarray) and weight.shape == last.w_shape
+                and weight.dtype is last.dtype and weight.flags.c_contiguous
+                and (bias is None if last.b_shape is None else
+                     isinstance(bias, np.ndarray) and bias.shape == last.b_shape and bias.dtype is last.dtype
+                     and bias.flags.c_contiguous)):
+            return (x if last.batched else x[None]), last.batched, weight, bias, last.problem
         weight, bias = self._params()
+        x4, batched = input_array(x, self.in_channels, weight.dtype)
+        p = self._cfg.problem(x4.shape, x4.dtype)
+        self.__dict__["_last"] = _Checked(np.shape(x), weight, bias, batched, p)
+        return x4, batched, weight, bias, p
+
+    def forward(self, x):
+        x, batched, weight, bias, p = self._checked(x)
         if not is_grad_enabled():
             # Inference (convgen.no_grad): nothing kept, so no copy of the input is made.
-            y, _ = F.forward(self._cfg, x, weight, bias, keep_input=False)
-            self._saved = _NO_GRAD
+            y, _ = F.run_forward(p, x, batched, weight, bias, keep_input=False)
+            self.__dict__["_saved"] = _NO_GRAD
             return y
         # A new forward ends the previous one's backward: its padded input is reused
         # (only once the input has been validated, so a failed call changes nothing).
         recycle = self._saved if self._saved is not _NO_GRAD else None
-        y, self._saved = F.forward(self._cfg, x, weight, bias, recycle=recycle)
+        y, self.__dict__["_saved"] = F.run_forward(p, x, batched, weight, bias, recycle=recycle)
         return y
 
     __call__ = forward

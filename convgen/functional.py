@@ -105,7 +105,12 @@ def forward(cfg, x, weight, bias, recycle=None, keep_input=True):
     keep_input=False: no weight gradient will be asked for, so the Saved keeps no
     input (and the forward skips writing a copy of it)."""
     x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
-    p = cfg.problem(x.shape, x.dtype)
+    return run_forward(cfg.problem(x.shape, x.dtype), x, batched, weight, bias, recycle, keep_input)
+
+
+def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True):
+    """forward() on arguments already checked: x C-contiguous (N, C, H, W), weight and
+    bias C-contiguous, of x's dtype, and of the shapes Problem p expects."""
     if p.N == 0:
         OH, OW = p.output_hw
         y, xin, nonfinite = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None, False

@@ -206,6 +206,62 @@ def test_assigned_weights_are_used():
     assert_close(conv(x), ref.conv2d(x, conv.weight), np.float64)
 
 
+def test_repeated_calls_recheck_what_changed():
+    """A call like the last one skips the checks; any change to the input or the
+    parameters that the checks would catch, or that changes the result, still counts."""
+    rng = make_rng("repeat")
+    conv = convgen.Conv2d(3, 4, 3, padding=1, seed=0)
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+
+    def expect(y, x_, w=None, b="module"):
+        w = conv.weight if w is None else w
+        assert_close(y, ref.conv2d(x_.astype(np.float64), w.astype(np.float64),
+                                   None if b is None else conv.bias.astype(np.float64),
+                                   padding=1), np.float32)
+
+    for _ in range(2):
+        expect(conv(x), x)
+    conv.weight[0] += 1                         # values changed in place: used
+    expect(conv(x), x)
+    x2 = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    expect(conv(x2), x2)                        # another shape
+    expect(conv(x[0]), x[0])                    # unbatched, then batched again
+    expect(conv(x), x)
+    xt = np.asfortranarray(x)
+    expect(conv(xt), x)                         # same shape, not contiguous
+    expect(conv(convgen.Parameter(x)), x)       # an ndarray subclass
+    with pytest.raises(TypeError):
+        conv(x.astype(np.float64))              # same shape, other dtype
+    bias = conv.bias
+    conv.bias = None
+    expect(conv(x), x, b=None)                  # bias dropped
+    conv.bias = bias
+    expect(conv(x), x)
+    w = conv.weight
+    with pytest.raises(ValueError, match="weight must have shape"):
+        conv.weight = np.zeros((4, 3, 3, 2), np.float32)
+        conv(x)
+    conv.weight = w
+    w.shape = (4, 3, 9)                         # reshaped in place
+    with pytest.raises(ValueError):
+        conv(x)
+    w.shape = (4, 3, 3, 3)
+    expect(conv(x), x)
+    strided = np.zeros((4, 3, 3, 6), np.float32)[..., ::2]
+    strided[...] = w
+    conv.weight = w
+    object.__setattr__(conv, "weight", strided)  # a non-contiguous weight
+    expect(conv(x), x, w=strided)
+    # depthwise inference hands the input itself to the kernel
+    dw = convgen.Conv2d(16, 16, 3, groups=16, seed=0)
+    x = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    with convgen.no_grad():
+        for xi in (x, np.asfortranarray(x), x):
+            y = dw(xi)
+            assert_close(y, ref.conv2d(x.astype(np.float64), dw.weight.astype(np.float64),
+                                       dw.bias.astype(np.float64), groups=16), np.float32)
+
+
 def test_kernel_name():
     conv = convgen.Conv2d(8, 16, 3, padding=1)
     assert conv.kernel_name == "conv2d_fwd_f32_k3x3_s1_d1_dense"
