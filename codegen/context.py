@@ -67,6 +67,12 @@ def _channel_block(spec):
         return None
     if spec.direction == "bwd_data":
         return _input_gradient_channel_block(spec)
+    if spec.direction == "bwd_weight":
+        lanes, taps = spec.channel_block
+        tap_list = [dict(i=t) for t in range(taps)]
+        # (a transposed store takes at most `lanes` taps: one per column)
+        return dict(suffix=f"_cb{lanes}", taps=tap_list,
+                    tap_groups=[dict(start=g, taps=tap_list[g:g + lanes]) for g in range(0, taps, lanes)])
     pixels, _ = spec.channel_block
     k, s, d = spec.kernel, spec.stride, spec.dilation
     rows = []
@@ -123,6 +129,7 @@ def kernel_context(spec):
         phases=None,
     )
     if spec.direction == "bwd_weight":
+        ctx["channel_block"] = _channel_block(spec)
         ctx["cols"] = [dict(index=c) for c in range(cols)]
         ctx["tiles"] = [dict(index=0, suffix="", rows=ctx["rows"], chunk=0, cols=ctx["cols"])]
         # Dense layers also get the channel-vectorised variant (see ForwardPlan for when):

@@ -177,9 +177,13 @@ class KernelSpec:
         the map's width, where the per-channel tiles spend most of a 7x7 map's time
         on overhead; it runs when nothing is kept for a backward (see ForwardPlan).
         Stride-2 input-gradient kernels have one too: each input pixel sums the taps
-        its parity reaches, from grad_output's pixel-major copy."""
-        if self.groups != "depthwise" or self.is_generic or self.direction == "bwd_weight":
+        its parity reaches, from grad_output's pixel-major copy.  Weight-gradient
+        kernels of up to 5x5 have (lanes, taps): every tap's sum over the pixels for a
+        vector of channels, in registers, from both operands' pixel-major copies."""
+        if self.groups != "depthwise" or self.is_generic:
             return None
+        if self.direction == "bwd_weight":
+            return (self.lanes, self.kernel ** 2) if self.kernel <= 5 else None
         if self.direction == "bwd_data" and (self.stride != 2 or self.dilation != 1):
             return None  # (stride 1 runs as the forward's, see convgen._engine)
         return (self.lanes, 1)

@@ -261,19 +261,28 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert f"_{generic.name}_c" not in text
 
 
-def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_stride2_input_gradient(env):
+def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):
     """Depthwise forward kernels with every axis fixed get a channel-block tile (and a
     `_cblock` entry point); each multiply-add of a pixel reads the input column
     pixel * stride + kx * dilation of its tap row, once per tap.  So do stride-2
     input-gradient kernels: pixel j of a row of parity ra, left padding of parity e,
     gets every tap (ky, kx) of its parities once, from grad_output row (ra - ky) / 2
-    and column (j + e - kx) / 2."""
+    and column (j + e - kx) / 2.  Weight-gradient kernels up to 5x5 keep every tap in a
+    register, stored in groups of at most a vector's lanes."""
     for s in SPECS:
         ctx = context.kernel_context(s)
         grad = s.direction == "bwd_data" and s.stride == 2 and s.dilation == 1
-        expect = (s.direction == "fwd" or grad) and s.groups == "depthwise" and not s.is_generic
+        wgrad = s.direction == "bwd_weight" and s.kernel is not None and s.kernel <= 5
+        expect = (s.direction == "fwd" or grad or wgrad) and s.groups == "depthwise" and not s.is_generic
         assert (ctx.get("channel_block") is not None) == expect, s.name
         if not expect:
+            continue
+        if wgrad:
+            cb = ctx["channel_block"]
+            assert [t["i"] for t in cb["taps"]] == list(range(s.kernel ** 2))
+            groups = [[t["i"] for t in g["taps"]] for g in cb["tap_groups"]]
+            assert sum(groups, []) == list(range(s.kernel ** 2)) and max(map(len, groups)) <= s.lanes
+            assert all(g["start"] == g["taps"][0]["i"] for g in cb["tap_groups"])
             continue
         if grad:
             k, cb = s.kernel, ctx["channel_block"]
@@ -299,6 +308,14 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_stride2_input_
     assert f"def {dw.name}_cblock(" in text and f"cdef void _{dw.name}_cb16_item(" in text
     assert "cg_load_transposed_f32(" in text
     generic = KernelSpec("fwd", "f32", 3, ANY, ANY, "depthwise")
+    assert f"def {generic.name}(" in text and f"def {generic.name}_cblock(" not in text
+    text = render.render("conv2d_bwd_weight.pyx.j2", context.module_context("bwd_weight", "f64", SPECS), env)
+    wg = KernelSpec("bwd_weight", "f64", 5, 1, 1, "depthwise")   # 25 taps: 4 transposed stores of <= 8
+    assert f"def {wg.name}_cblock(" in text and f"cdef void _{wg.name}_cb8_item(" in text
+    item = text[text.index(f"cdef void _{wg.name}_cb8_item("):text.index(f"def {wg.name}_cblock(")]
+    assert item.count("cg_store_transposed_f64(") == 4 and item.count("cg_fmav_f64(") == 25
+    assert "a_24 = cg_fmav_f64(a_24, g, cg_load_f64(xr + ow * 8 + o_24))" in item
+    generic = KernelSpec("bwd_weight", "f64", ANY, ANY, ANY, "depthwise")
     assert f"def {generic.name}(" in text and f"def {generic.name}_cblock(" not in text
 
 

@@ -402,3 +402,58 @@ def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, 
         used.clear()
         _check(spec, case)
         assert "bwd_pixel_major" in used
+
+
+# Depthwise weight gradients on small maps run by blocks of channels; larger maps keep
+# the per-channel rows.
+WGRAD_BLOCK_SPECS = [s for s in SPECS if s.channel_block and s.direction == "bwd_weight"]
+DEPTHWISE_WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "depthwise"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", WGRAD_BLOCK_SPECS, ids=lambda s: s.name)
+def test_depthwise_weight_gradient_channel_block(spec, threads, monkeypatch, restore_threads):
+    """A partial channel block (21 channels), two images, a non-square map, and the
+    module's gradient accumulating into .grad (non-zero padding modes too)."""
+    monkeypatch.setattr(_engine, "WGRAD_CHANNEL_BLOCK_PIXELS", 1 << 30)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
+    used = []
+    scratch = _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    convgen.set_num_threads(threads)
+    case = case_for(spec)
+    case.update(N=2, C=21, OC=21, groups=21, H=13, W=10)
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_channel_block
+    _check(spec, case)
+    assert "wgrad_pixel_major" in used
+    dtype = spec_dtype(spec)
+    rng = make_rng("wgrad-channel-block", spec.name)
+    k = case["kernel"][0]
+    conv = convgen.Conv2d(21, 21, k, stride=case["stride"], padding=k // 2, groups=21,
+                          padding_mode="reflect", dtype=dtype, seed=0)
+    x = rng.standard_normal((2, 21, 13, 10)).astype(dtype)
+    y = conv(x)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    used.clear()
+    conv.backward(gy)
+    conv.backward(gy)   # accumulates
+    assert "wgrad_pixel_major" in used
+    want = ref.conv2d_weight(ref.pad(x.astype(np.float64), (k // 2,) * 4, "reflect"), conv.weight.shape,
+                             gy.astype(np.float64), stride=case["stride"], groups=21)
+    assert_close(conv.weight.grad, 2 * want, dtype, f"{spec.name}: accumulated .grad vs reference")
+
+
+@pytest.mark.parametrize("spec", DEPTHWISE_WGRAD_SPECS, ids=lambda s: s.name)
+def test_depthwise_weight_gradient_rows(spec, monkeypatch, restore_threads):
+    """The per-channel rows, which large maps keep, on every depthwise spec."""
+    monkeypatch.setattr(_engine, "WGRAD_CHANNEL_BLOCK_PIXELS", 0)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)
+    convgen.set_num_threads(2)
+    case = case_for(spec)
+    case.update(C=21, OC=21, groups=21)
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.wgrad_kernel.name == spec.name and not fp.wgrad_channel_block
+    _check(spec, case)
