@@ -112,7 +112,9 @@ class KernelSpec:
         the output channels (e.g. an RGB input's gradient) would leave most rows of
         the primary tile idle."""
         if self.direction == "bwd_data" and self.groups == "dense":
-            return [self.tile, (3, 8)]
+            return [self.tile, (3, 8), (8, 3)]
+        if self.direction == "fwd" and self.groups == "dense":
+            return [self.tile, (8, 3)]
         return [self.tile]
 
     @property

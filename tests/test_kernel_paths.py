@@ -22,7 +22,7 @@ from codegen.table import SPECS
 from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
                       reference_functional, spec_dtype, torch_functional)
 import convgen
-from convgen import _engine
+from convgen import _dispatch, _engine
 from convgen import _reference as ref
 
 CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
@@ -135,6 +135,36 @@ def test_pixel_tile_reduction_passes(spec, monkeypatch):
     finally:
         _engine.forward_plan.cache_clear()
         _engine.backward_data_plan.cache_clear()
+
+
+# Every compiled pixel tile of each forward and input-gradient kernel (dense ones have
+# 6x4 and 8x3 tiles, their input gradients a 3x8 as well), each forced in turn:
+# partial row tiles (13 output channels), partial chunks, one and several passes.
+MULTI_TILE_SPECS = [s for s in PIXEL_TILE_SPECS if len(s.tiles) > 1]
+
+
+@pytest.mark.parametrize("spec", MULTI_TILE_SPECS, ids=lambda s: s.name)
+def test_every_pixel_tile(spec, monkeypatch):
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # no channel-vector tile
+    monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
+    monkeypatch.setattr(_engine, "backward_data_plan", _engine.backward_data_plan.__wrapped__)
+    forced, pick = {}, _dispatch.Kernel.pick_tile
+
+    def pick_forced(kernel, rows, pixels):   # (this spec's kernel only: the input gradient's forward plan picks its own)
+        return (forced["i"], kernel.variants[forced["i"]][2]) if kernel.name == spec.name else pick(kernel, rows, pixels)
+    monkeypatch.setattr(_dispatch.Kernel, "pick_tile", pick_forced)
+    for budget in (1 << 20, 2048):   # one reduction pass, several
+        monkeypatch.setattr(_engine, "CACHE_BUDGET", budget)
+        for i, (rows, cols) in enumerate(spec.tiles):
+            forced["i"] = i
+            case = case_for(spec)
+            case.update(C=13, OC=13)
+            fp = _plan(case, spec_dtype(spec))
+            plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+            assert plan.kernel.name == spec.name and plan.cvec is None and plan.tile == i
+            assert plan.kernel.variants[i][:2] == (rows, cols)
+            assert (plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)) == (budget == 2048)
+            _check(spec, case)
 
 
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
