@@ -35,6 +35,10 @@ cdef extern from "convgen_simd.h" nogil:
     cg_vf64 cg_fma_f64(cg_vf64 acc, cg_vf64 x, double w)
     float cg_hsum_f32(cg_vf32 v)
     double cg_hsum_f64(cg_vf64 v)
+    void cg_store_f32(float* p, cg_vf32 v)
+    void cg_store_f64(double* p, cg_vf64 v)
+    void cg_load_transposed_f32(const float* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf32* out)
+    void cg_load_transposed_f64(const double* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf64* out)
 
 ctypedef fused real:
     float
@@ -387,33 +391,54 @@ def fold_phases(cnp.ndarray gxph, cnp.ndarray gx, cnp.ndarray rows, cnp.ndarray 
                          threads)
 
 
+cdef void _transposed_row(const real* src, Py_ssize_t plane, Py_ssize_t C, Py_ssize_t W, real* dst,
+                          Py_ssize_t Cp) noexcept nogil:
+    """dst[j * Cp + c] = src[c * plane + j] for c < C, j < W: blocks of a vector's lanes
+    of channels x as many pixels through an in-register transpose, each pixel's channels
+    leaving as whole vectors (zeros past C up to the next multiple of the lanes)."""
+    cdef Py_ssize_t lanes = 16 if real is float else 8
+    cdef Py_ssize_t c0, j0, j, n
+    cdef cg_vf32 c32[16]
+    cdef cg_vf64 c64[8]
+    c0 = 0
+    while c0 < C:   # (a while loop: range() with a run-time step would be Python's)
+        j0 = 0
+        while j0 < W:
+            n = min(lanes, W - j0)
+            if real is float:
+                cg_load_transposed_f32(src + c0 * plane + j0, plane, <int>min(lanes, C - c0), <int>n, c32)
+                for j in range(n):
+                    cg_store_f32(dst + (j0 + j) * Cp + c0, c32[j])
+            else:
+                cg_load_transposed_f64(src + c0 * plane + j0, plane, <int>min(lanes, C - c0), <int>n, c64)
+                for j in range(n):
+                    cg_store_f64(dst + (j0 + j) * Cp + c0, c64[j])
+            j0 = j0 + lanes
+        c0 = c0 + lanes
+
+
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
                              Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp,
                              int threads) noexcept nogil:
-    # Blocks of 16 channels per pixel: 16 reads from 16 sequential streams, one cache
-    # line written whole (a channel-outer scatter wrote a line per value: 3 GB/s).
-    cdef Py_ssize_t n, c, c0, cb, i, j, plane = H * W
+    # In parallel over (image, row): one image is most layers' case.  (A channel-outer
+    # scatter wrote a line per value: 3 GB/s.)  Cp is a multiple of the lanes.
+    cdef Py_ssize_t item, n, i, j, c
+    cdef Py_ssize_t lanes = 16 if real is float else 8
+    cdef Py_ssize_t Cb = (C + lanes - 1) // lanes * lanes   # channels the transposes write
     cdef real* dst
-    cdef real* d
-    cdef const real* src
-    for n in prange(N, schedule="dynamic", chunksize=1, num_threads=threads):
-        dst = gT + n * qlen * Cp
-        for i in range(H):
-            for c0 in range(0, C, 16):
-                cb = min(16, C - c0)
-                src = g + ((n * C + c0) * H + i) * W
-                for j in range(W):
-                    d = dst + (i * width + j) * Cp + c0
-                    for c in range(cb):
-                        d[c] = src[c * plane + j]
-            for j in range(W):           # channels past C
-                d = dst + (i * width + j) * Cp
-                for c in range(C, Cp):
-                    d[c] = 0
-            for j in range(W * Cp + (i * width) * Cp, (i + 1) * width * Cp):   # scratch columns
-                dst[j] = 0
-        for j in range(H * width * Cp, qlen * Cp):
+    for item in prange(N * H, schedule="dynamic", chunksize=1 + N * H // (8 * threads), num_threads=threads):
+        n = item // H
+        i = item % H
+        dst = gT + (n * qlen + i * width) * Cp
+        _transposed_row(g + n * C * H * W + i * W, H * W, C, W, dst, Cp)
+        for j in range(W):           # channels past the transposed blocks
+            for c in range(Cb, Cp):
+                dst[j * Cp + c] = 0
+        for j in range(W * Cp, width * Cp):   # scratch columns
             dst[j] = 0
+        if i == H - 1:               # the image's rows past the last
+            for j in range(H * width * Cp, qlen * Cp):
+                gT[n * qlen * Cp + j] = 0
 
 
 def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threads):
