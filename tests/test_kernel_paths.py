@@ -83,6 +83,14 @@ def _plan(case, dtype):
     return _engine.forward_plan(p)
 
 
+def _scratch_names(monkeypatch):
+    """The names of the scratch buffers the engine asks for from now on, in order (so a
+    test can tell which path ran)."""
+    used, scratch = [], _engine.scratch
+    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    return used
+
+
 def _check(spec, case):
     dtype = spec_dtype(spec)
     rng = make_rng("kernel-paths", spec.name, case["C"], case["OC"], case.get("padding_mode"))
@@ -316,9 +324,7 @@ def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threa
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     _engine.forward_plan.cache_clear()
     monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
-    used = []
-    scratch = _engine.scratch
-    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    used = _scratch_names(monkeypatch)
     convgen.set_num_threads(threads)
     dtype = spec_dtype(spec)
     case = case_for(spec)
@@ -354,9 +360,7 @@ DW_GRAD_AS_FORWARD = [s for s in SPECS if s.direction == "bwd_data" and s.groups
 @pytest.mark.parametrize("padding", [0, 1, (2, 0)])
 @pytest.mark.parametrize("spec", DW_GRAD_AS_FORWARD, ids=lambda s: s.name)
 def test_depthwise_input_gradient_as_forward(spec, padding, monkeypatch):
-    used = []
-    scratch = _engine.scratch
-    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    used = _scratch_names(monkeypatch)
     case = case_for(spec)
     case.update(N=2, C=21, OC=21, groups=21, H=23, W=37, padding=padding)
     fp = _plan(case, spec_dtype(spec))
@@ -417,9 +421,7 @@ def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, 
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 14)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     monkeypatch.setattr(_engine, "backward_data_plan", _engine.backward_data_plan.__wrapped__)   # no plans kept
-    used = []
-    scratch = _engine.scratch
-    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    used = _scratch_names(monkeypatch)
     convgen.set_num_threads(threads)
     for W in (37, 38):
         case = case_for(spec)
@@ -448,9 +450,7 @@ def test_depthwise_weight_gradient_channel_block(spec, threads, monkeypatch, res
     monkeypatch.setattr(_engine, "WGRAD_CHANNEL_BLOCK_PIXELS", 1 << 30)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
-    used = []
-    scratch = _engine.scratch
-    monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    used = _scratch_names(monkeypatch)
     convgen.set_num_threads(threads)
     case = case_for(spec)
     case.update(N=2, C=21, OC=21, groups=21, H=13, W=10)
