@@ -223,6 +223,24 @@ def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
     return _geometry.round_up(max(flat_len, (rows - 1) * width + row_tiles * pixels), pixels)
 
 
+def _padding_taps(taps, rows, cols, out_rows, out_cols, row_tiles, pixels):
+    """uint8 (out_rows * row_tiles, taps): 1 where row tile j of output row i (real
+    output columns j * pixels onwards) reads only padding through a tap, or None if no
+    tile does.  taps: (a, b, dy, dx) each: output pixel (i, o) reads the grid's flat
+    position (i + dy) * width + o + dx, whose row's source is in rows[a] and column's in
+    cols[b] (width = len(cols[b]); -1: padding; a row past the table counts as data)."""
+    skip = np.zeros((out_rows * row_tiles, len(taps)), np.uint8)
+    width, n_rows = cols.shape[1], rows.shape[1]
+    i = np.arange(out_rows)[:, None]
+    for t, (a, b, dy, dx) in enumerate(taps):
+        for j in range(row_tiles):
+            flat = (i + dy) * width + np.arange(j * pixels, min(out_cols, (j + 1) * pixels))[None, :] + dx
+            r, c = flat // width, flat % width
+            padding = (r < n_rows) & ((rows[a, np.minimum(r, n_rows - 1)] < 0) | (cols[b, c] < 0))
+            skip[j::row_tiles, t] = padding.all(axis=1)
+    return skip if skip.any() else None
+
+
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes)."""
@@ -319,6 +337,13 @@ class ForwardPlan:
         self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
         self.cols = _phase_sources(-p.pad_left, self.We, p.sw, p.W, wp, mode)
         self.col_interior = _interior(p.pad_left, self.We, p.sw, p.W)
+        # Zero padding: the channel-vector row tiles skip their taps that read only padding
+        # (DeepLab's ASPP at rate 6: a fifth of them), as long as the weights are finite
+        # (0 * inf is NaN).
+        self.tap_skip = None
+        if self.cvec is not None and self.row_tiles and p.mode == "zeros":
+            self.tap_skip = _padding_taps([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
+                                          self.cols, self.OH, self.OW, self.row_tiles, self.cvec[1])
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
@@ -459,6 +484,15 @@ class BackwardDataPlan:
                         for j in range(self.width)]).reshape(1, self.width),
                 _index([self.left, self.left + fp.OW]).reshape(1, 2))
             self.block_offs = [offs * lanes for offs in self.phase_offs]
+            # As the forward's: the row tiles skip the taps that read only grad_output's
+            # zero border, where each tile stores its own row only (into gx directly; a
+            # tile storing into the phase planes also writes the start of the next row).
+            self.tap_skips = None
+            if self.row_tiles and self.direct:
+                skip = _padding_taps([(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]],
+                                     self.block_tables[0], self.block_tables[1], out_rows, self.out_cols,
+                                     self.row_tiles, self.cvec[1])
+                self.tap_skips = None if skip is None else [skip]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
@@ -548,12 +582,14 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
                         threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep)
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, 0, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, row_tiles, tiles_inner
+    skip = None
     if fp.cvec is not None:
         width = fp.cvec[2]
         wp = scratch("wp", (fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width,), x.dtype)
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
-        fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk, fp.Cg * fp.kk, fp.kk,
-                       fp.tap_w, width, threads)
+        nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk,
+                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads)
+        skip = None if nonfinite_weight else fp.tap_skip
         part = None
         if fp.rblock < fp.Cg:
             part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
@@ -584,7 +620,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             # the channel-vector tile reads its own copy: blocks of channels, pixel-major
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads)
-        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed)
+        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
@@ -637,18 +673,19 @@ def backward_data(grad_y, weight, p: Problem):
         width = bp.cvec[2]
         wps = []
         zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
+        nonfinite_weight = False
         for i, ws in enumerate(bp.phase_ws):
             wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
             wp = scratch(f"bwd_wp{i}", (max(1, wp_len),), grad_y.dtype)
             if len(ws):
-                bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk,
-                               fp.Cg * fp.kk, ws, width, threads)
+                nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk,
+                                                   fp.kk, fp.Cg * fp.kk, ws, width, threads)
             wps.append(wp)
         part = None
         if bp.rblock < fp.OCg:
             part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
         packed = dict(wps=wps, bp=zeros, part=part, row_tiles=bp.row_tiles, out_rows=bp.out_rows,
-                      out_cols=bp.out_cols, width=bp.width)
+                      out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
                                      * bp.cvec[1]), grad_y.dtype)

@@ -145,6 +145,62 @@ def test_pixel_tile_reduction_passes(spec, monkeypatch):
         _engine.backward_data_plan.cache_clear()
 
 
+# Row tiles skip the taps through which they read only zero padding: the forward's, and
+# the input gradient's where it stores into gx (stride 1, zero padding).
+SKIP_SPECS = [s for s in CVEC_SPECS if s.kernel != 1 and (s.direction == "fwd" or s.stride == 1)]
+
+
+@pytest.mark.parametrize("spec", SKIP_SPECS, ids=lambda s: s.name)
+def test_channel_vector_tiles_skip_padding_taps(spec, forced_rows):
+    """A wide zero padding (every tap of the first and last rows and of some row tiles
+    reads only padding): same results as without the skipping, against the reference
+    and torch.  In the forward an infinite or NaN weight turns the skipping off, so
+    0 * inf is NaN at the border as in the reference.  (The input gradient has no
+    padding terms in its definition: where its border makes NaN is the implementation's
+    choice, and the reference's matrices make more.)"""
+    k = spec.kernel
+    d = spec.dilation or 3
+    case = _case(spec, 37, 37)
+    # (the input gradient reads grad_output's border where the forward pads little;
+    # rows of 33: two row tiles and a tail)
+    case.update(padding=d * (k - 1) if spec.direction == "fwd" else 0, dilation=d, H=10, W=33)
+    fp = _plan(case, spec_dtype(spec))
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    skip = plan.tap_skip if spec.direction == "fwd" else plan.tap_skips[0]
+    assert plan.kernel.name == spec.name and plan.row_tiles > 1
+    assert skip is not None and 0.1 < skip.mean() < 0.9
+    _check(spec, case)
+    if spec.direction != "fwd":
+        return
+    dtype = spec_dtype(spec)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("skip", spec.name))
+    w[0, 0, 0, 0], w[1, 2, k - 1, k - 1] = np.inf, np.nan
+    args = conv_args(case)
+    got = convgen_functional(spec.direction, x, w, b, gy, **args)[0]
+    want = reference_functional(spec.direction, x, w, b, gy, **args)[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(got[finite], want[finite], dtype, f"{spec.name}, non-finite weights")
+
+
+def test_padding_taps_table():
+    """The skip table of a 3x3 kernel, dilation 2, padding 2, on 4 output rows of 5
+    pixels in row tiles of 3: output (i, o) reads padded input (i + 2 dy, o + 2 dx)."""
+    rows = np.array([[-1, -1, 0, 1, 2, 3, -1, -1]], np.intp)           # padded rows -> source
+    cols = np.array([[-1, -1, 0, 1, 2, 3, 4, -1, -1]], np.intp)        # padded columns -> source
+    taps = [(0, 0, 2 * ky, 2 * kx) for ky in range(3) for kx in range(3)]
+    skip = _engine._padding_taps(taps, rows, cols, 4, 5, 2, 3)
+    for i in range(4):
+        for j in range(2):
+            for t, (_, _, dy, dx) in enumerate(taps):
+                reads = [(i + dy, o + dx) for o in range(3 * j, min(5, 3 * j + 3))]
+                padding = all(rows[0, r] < 0 or cols[0, c] < 0 for r, c in reads)
+                assert skip[i * 2 + j, t] == padding, (i, j, t)
+    assert skip[0, 0] and not skip[0, 4]     # row 0 reads the top padding through dy = 0
+    assert _engine._padding_taps(taps, rows[:, 1:-1] * 0, cols * 0 + 1, 4, 5, 2, 3) is None
+
+
 # Every compiled pixel tile of each forward and input-gradient kernel (dense ones have
 # 6x4 and 8x3 tiles, their input gradients a 3x8 as well), each forced in turn:
 # partial row tiles (13 output channels), partial chunks, one and several passes.
