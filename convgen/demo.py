@@ -1,5 +1,6 @@
 """python -m convgen.demo: the seed example, then a short timing against NumPy im2col."""
 
+import multiprocessing
 import time
 
 import numpy as np
@@ -17,13 +18,29 @@ def _median_time(fn, repeats):
 
 
 def im2col_conv(x, w, pad):
-    """The textbook NumPy approach: unfold patches, one BLAS matmul."""
+    """The textbook NumPy approach: unfold patches into columns (channel x tap, pixel),
+    then one BLAS matmul per image whose result is already (out channel, pixel)."""
     n, c, h, wd = x.shape
     oc, _, kh, kw = w.shape
     xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh, ow = h + 2 * pad - kh + 1, wd + 2 * pad - kw + 1
     cols = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(2, 3))  # n c oh ow kh kw
-    cols = cols.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * wd, c * kh * kw)
-    return (cols @ w.reshape(oc, -1).T).reshape(n, h, wd, oc).transpose(0, 3, 1, 2)
+    cols = cols.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, oh * ow)
+    return (w.reshape(oc, -1) @ cols).reshape(n, oc, oh, ow)
+
+
+def _time_im2col(args):
+    x, w, repeats = args
+    im2col_conv(x, w, 1)
+    return _median_time(lambda: im2col_conv(x, w, 1), repeats)
+
+
+def _im2col_times(cases):
+    """im2col_conv's median times on (x, w, repeats) cases, measured in a fresh process:
+    in this one convgen's OpenMP threads, still spinning after a call, would fight
+    NumPy's BLAS threads for the cores and slow both (on 2 cores, NumPy 3-4x)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.map(_time_im2col, cases)
 
 
 def main():
@@ -35,16 +52,18 @@ def main():
     print(f"{conv!r} runs {conv.kernel_name} on {convgen.get_num_threads()} thread(s)")
 
     # A short timing: the seed example and a ResNet-50 3x3 layer.
-    print(f"\n{'layer':28s} {'convgen':>10s} {'im2col+BLAS':>12s} {'ratio':>7s} {'GFLOP/s':>8s}")
+    # (NumPy in a process of its own, first: see _im2col_times)
+    cases = []
     for name, c, oc, hw, repeats in [("seed 3->16 32x32", 3, 16, 32, 200),
                                      ("resnet50 3x3 64->64 56x56", 64, 64, 56, 20)]:
         layer = convgen.Conv2d(c, oc, 3, padding=1, bias=False, seed=1)
         xx = np.random.default_rng(1).standard_normal((1, c, hw, hw)).astype(np.float32)
-        w = np.asarray(layer.weight)
+        cases.append((name, layer, xx, np.asarray(layer.weight), repeats, 2 * oc * hw * hw * c * 9))
+    numpy_times = _im2col_times([(xx, w, repeats) for _, _, xx, w, repeats, _ in cases])
+    print(f"\n{'layer':28s} {'convgen':>10s} {'im2col+BLAS':>12s} {'ratio':>7s} {'GFLOP/s':>8s}")
+    for (name, layer, xx, w, repeats, flops), t_np in zip(cases, numpy_times):
         assert np.allclose(layer(xx), im2col_conv(xx, w, 1), rtol=1e-3, atol=1e-3)
         t_cg = _median_time(lambda: layer(xx), repeats)
-        t_np = _median_time(lambda: im2col_conv(xx, w, 1), repeats)
-        flops = 2 * oc * hw * hw * c * 9
         print(f"{name:28s} {t_cg * 1e6:8.1f}us {t_np * 1e6:10.1f}us {t_np / t_cg:6.1f}x {flops / t_cg / 1e9:8.1f}")
 
 

@@ -42,3 +42,17 @@ def test_digits_short_run_learns_and_matches_torch(capsys):
     assert abs(ours["accuracy"] - ref["accuracy"]) <= 0.02
     out = capsys.readouterr().out
     assert "convgen.torch.Conv2d" in out and "torch.nn.Conv2d" in out and "test accuracy" in out
+
+
+def test_demo_the_main_job():
+    """`make demo`: the seed example's shape, then convgen against NumPy im2col (timed in a
+    process of its own) on two layers, each row with positive times and a ratio."""
+    out = subprocess.run([sys.executable, "-m", "convgen.demo"], capture_output=True, text=True, check=True,
+                         timeout=300).stdout
+    lines = out.splitlines()
+    assert lines[0] == "(1, 16, 32, 32)" and "runs conv2d_fwd_f32_k3x3_s1_d1_dense" in lines[1]
+    rows = [line for line in lines if line.startswith(("seed", "resnet50"))]
+    assert len(rows) == 2
+    for row in rows:
+        convgen_us, numpy_us, ratio = (float(v.rstrip("usx")) for v in row.split()[-4:-1])
+        assert convgen_us > 0 and numpy_us > 0 and abs(ratio - numpy_us / convgen_us) < 0.06 * ratio
