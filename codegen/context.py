@@ -153,11 +153,11 @@ def kernel_context(spec):
         pixels, vectors = spec.cvec_tile
         # (the input is in blocks of `lanes` channels, pixel-major: pixel p's value of a
         # channel is p * lanes values after pixel 0's)
-        tail = spec.cvec_tail
+        def twin(n):   # a narrower tile: n pixels
+            return dict(pixels=list(range(n)), broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(n)])
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
                            broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(pixels)],
-                           tail=dict(pixels=list(range(tail)),
-                                     broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(tail)]),
+                           tail=twin(spec.cvec_tail), short_tail=twin(spec.cvec_short_tail),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
                            vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],

@@ -134,8 +134,14 @@ class KernelSpec:
     @property
     def cvec_tail(self):
         """Pixels of the channel-vector tile's narrower twin, which takes a row's last few
-        pixels (DeepLab's 33-pixel rows: 14 + 14 + 7 instead of 3 x 14), or None."""
+        pixels (Inception's 35-pixel rows: 14 + 14 + 7 instead of 3 x 14), or None."""
         return None if self.cvec_tile is None else self.cvec_tile[0] // 2
+
+    @property
+    def cvec_short_tail(self):
+        """Pixels of a still narrower twin, for a row's last few pixels or fewer (DeepLab's
+        33-pixel rows: 14 + 14 + 5, nothing wasted), or None."""
+        return None if self.cvec_tile is None else self.cvec_tile[0] // 2 - 2
 
     @property
     def ocvec_tile(self):

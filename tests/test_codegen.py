@@ -257,6 +257,10 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
             f'{dense3.cvec_tail}),') in text
     assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
+    short = text[text.index(f"cdef inline void _{dense3.name}{suffix}_short_tail("):]
+    short = short[:short.index("\ncdef ")]
+    assert dense3.cvec_short_tail < dense3.cvec_tail < dense3.cvec_tile[0]
+    assert f"a_{dense3.cvec_short_tail - 1}_1 = " in short and f"a_{dense3.cvec_short_tail}_0" not in short
     generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")
     assert f"_{generic.name}_c" not in text
 

@@ -231,18 +231,21 @@ def test_every_pixel_tile(spec, monkeypatch):
             _check(spec, case)
 
 
+@pytest.mark.parametrize("twin", ["tail", "short tail"])
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
-def test_channel_vector_tail_tile(spec, forced_rows):
-    """Rows whose last tile has at most the tail tile's pixels end with that narrower
-    tile (here rows of 14 + 1..7 or 2 x 14 + 1..7 pixels)."""
-    tail = spec.cvec_tail
+def test_channel_vector_tail_tile(spec, twin, forced_rows):
+    """Rows whose last tile has at most a narrower twin's pixels end with that twin
+    (here rows of 14 + 6..7 or 1..5 pixels, or 2 x 14 + as many)."""
+    low, high = ((spec.cvec_short_tail + 1, spec.cvec_tail) if twin == "tail" else (1, spec.cvec_short_tail))
     for W in range(16, 64):
         case = _case(spec, 37, 21)
         case.update(W=W)
         fp = _plan(case, spec_dtype(spec))
         cols = fp.OW if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem).out_cols
-        if cols > spec.cvec_tile[0] and 1 <= cols % spec.cvec_tile[0] <= tail:
+        if cols > spec.cvec_tile[0] and low <= cols % spec.cvec_tile[0] <= high:
             break
+    else:
+        raise AssertionError(f"no width ends in the {twin}")
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.cvec is not None and plan.row_tiles == -(-cols // spec.cvec_tile[0])
     _check(spec, case)
