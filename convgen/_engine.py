@@ -537,8 +537,7 @@ def pad_phase(x, fp: ForwardPlan):
     hold an infinity or a NaN)."""
     p = fp.problem
     xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
-    nonfinite = _layout.pad_phase(x.reshape(p.N * p.C, p.H, p.W), xin, fp.rows, fp.cols, fp.col_interior,
-                                  fp.plane_len, threads_for(fp.work, fp.values))
+    nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads_for(fp.work, fp.values))
     return xin, nonfinite
 
 
