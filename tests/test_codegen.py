@@ -321,6 +321,15 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     assert "a_24 = cg_fmav_f64(a_24, g, cg_load_f64(xr + ow * 8 + o_24))" in item
     generic = KernelSpec("bwd_weight", "f64", ANY, ANY, ANY, "depthwise")
     assert f"def {generic.name}(" in text and f"def {generic.name}_cblock(" not in text
+    # Dense weight gradients: one channel-vectorised tile, run by two entry points (split
+    # over tiles, or over pixels into partial gradients) that differ in grad_output's layout.
+    dense = KernelSpec("bwd_weight", "f64", 1, 1, 1, "dense")
+    tile = f"_{dense.name}_ocvec_tile("
+    assert f"def {dense.name}_ocvec(" in text and f"def {dense.name}_ocvec_chunks(" in text
+    assert text.count(tile) == 3   # defined once, called by each entry point
+    assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == len(
+        [s for s in SPECS if s.direction == "bwd_weight" and s.dtype == "f64" and s.groups == "dense"])
+    assert f"def {wg.name}_ocvec_chunks(" not in text
 
 
 def test_render_dispatch_table_is_python(env):

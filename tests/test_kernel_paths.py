@@ -252,15 +252,73 @@ def test_channel_vector_tail_tile(spec, twin, forced_rows):
 
 
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
-def test_weight_gradient_by_channel(spec, forced):
+def test_weight_gradient_by_channel(spec, forced, monkeypatch):
+    monkeypatch.setattr(_engine, "_wgrad_chunk_rows", lambda *a: 0)   # split over tiles, not pixels
     case = _case(spec, 17, 37)
     case.update(N=3, H=37, W=35)  # more pixels than one segment holds, at every stride
     fp = _plan(case, spec_dtype(spec))
     assert fp.wgrad_kernel.name == spec.name
-    assert fp.wgrad_by_channel
+    assert fp.wgrad_by_channel and not fp.wgrad_chunk_rows
     # several reduction segments, each adding into the gradient
     assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
     _check(spec, case)
+
+
+@pytest.fixture
+def chunk_rows(monkeypatch):
+    """Output rows per work item of the weight gradient split over pixels, forced."""
+    rows = 5
+    monkeypatch.setattr(_engine, "_wgrad_chunk_rows", lambda *a: rows)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    _engine.forward_plan.cache_clear()
+    yield rows
+    _engine.forward_plan.cache_clear()
+
+
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_pixel_chunks(spec, chunk_rows, monkeypatch, restore_threads):
+    """The dense weight gradient split over pixels (the kernels' _ocvec_chunks): three
+    images of chunks of 5 output rows, the last of each image partial; 37 output channels,
+    so the last tile's second vector lies past the last channel; accumulating into a
+    gradient; on 1 and 2 threads, with the same bits."""
+    dtype = spec_dtype(spec)
+    case = _case(spec, 17, 37)
+    case.update(N=3, H=37, W=35)
+    fp = _plan(case, dtype)
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_chunk_rows == chunk_rows
+    assert fp.OH % chunk_rows and fp.OH > chunk_rows
+    used = _scratch_names(monkeypatch)
+    _check(spec, case)
+    assert "wgrad_partial" in used and "gT" not in used
+    x, w, b, gy = case_arrays(case, dtype, make_rng("pixel-chunks", spec.name))
+    grads = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        assert _engine.threads_for(fp.work, fp.values) == threads
+        conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], **conv_args(case), dtype=dtype)
+        conv.weight[...] = w
+        conv(x)
+        conv.backward(gy)
+        first = conv.weight.grad.copy()
+        conv(x)
+        conv.backward(gy)   # adds into .grad
+        grads.append(first)
+        assert_close(conv.weight.grad, 2 * first, dtype, f"{spec.name}: accumulated")
+    assert np.array_equal(grads[0], grads[1]), "differs between 1 and 2 threads"
+
+
+def test_weight_gradient_pixel_chunk_rule():
+    """Split over pixels where the partial gradients are small beside the data, in
+    WGRAD_CHUNKS items per image (or one per image in a batch), never one item only."""
+    def rows(N, OH, C, OC, k):   # square maps, stride 1, 'same' padding
+        return _engine._wgrad_chunk_rows(N, OH, OH, C, OC, k * k, (OH + k - 1) ** 2, 4)
+    assert rows(1, 56, 256, 64, 1) == 14            # ResNet's 1x1: 4 items of 14 rows
+    assert rows(1, 56, 64, 64, 3) == 14             # ResNet's 56x56 3x3
+    assert rows(32, 32, 64, 64, 3) == 32            # CIFAR's batch of 32: an image per item
+    assert rows(1, 128, 64, 64, 3) == 15            # 128x128, 8 MB: items of at most 1 MB
+    assert rows(1, 14, 256, 256, 3) == 0            # partials 20x the data
+    assert rows(1, 28, 128, 128, 3) == 0            # ~1x: not yet
+    assert rows(1, 1, 64, 64, 1) == 0               # one row: one item
 
 
 # 1x1 kernels reducing over more channels than they output run their work items
