@@ -94,19 +94,25 @@ ROW_BLOCK_WASTE = 1.15
 # depthwise channel-block tiles (forward, stride-2 input gradient): it should stay in L2.
 CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 
+# Multiply-adds per output element that a reduction pass does at least (_reduction_block).
+PASS_MIN_MACS = 64
+
 # The weight gradient split over pixels (_wgrad_chunk_rows): work items it aims at
 # (enough for a few threads, few partial gradients to add), and their largest size.
 WGRAD_CHUNKS = 4
 WGRAD_CHUNK_BYTES = 1 << 20
 
 
-def _reduction_block(channels, bytes_per_channel, minimum=8):
+def _reduction_block(channels, bytes_per_channel, taps):
     """Channels per block so that a block's input fits CACHE_BUDGET, the blocks as
     even as they can be: each pass reloads and stores the partial sums, which a last
     pass over a few channels would pay for little work (ResNet's 256->64 1x1: passes
-    of 83, 83, 83 and 7 channels took 0.95 ms, 4 x 64 0.82 ms)."""
+    of 83, 83, 83 and 7 channels took 0.95 ms, 4 x 64 0.82 ms).  For the same reason a
+    pass does at least PASS_MIN_MACS multiply-adds per output (float64 64->64 1x1 at
+    56x56: one pass 0.29 ms, two 0.36 ms)."""
     if channels * bytes_per_channel <= CACHE_BUDGET:
         return channels
+    minimum = max(8, _geometry.ceil_div(PASS_MIN_MACS, taps))
     blocks = _geometry.ceil_div(channels, max(minimum, CACHE_BUDGET // bytes_per_channel))
     return _geometry.ceil_div(channels, blocks)
 
@@ -339,7 +345,7 @@ class ForwardPlan:
         # The channel-vector tile's input: blocks of `lanes` channels, each pixel-major.
         self.in_blocks = _geometry.ceil_div(p.C, lanes)
         self.block_len = self.x_chan * lanes
-        self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize)
+        self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
         if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
             self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
@@ -524,7 +530,7 @@ class BackwardDataPlan:
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
                        and self.width == fp.OW and not self.row_tiles and PANELS)
-        self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize)
+        self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
         if self.cvec is not None:  # as the forward's
             self.rblock = fp.OCg if self.panels else min(fp.OCg, _geometry.round_up(self.rblock, lanes))
         # (images, groups) per block: whole images while they fit, else groups of one image.

@@ -38,6 +38,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
     monkeypatch.setattr(_engine, "CVEC_IMAGE_BUDGET", 4096)   # one image per pass
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
@@ -130,6 +131,7 @@ PIXEL_TILE_SPECS = [s for s in SPECS if s.direction in ("fwd", "bwd_data") and s
 def test_pixel_tile_reduction_passes(spec, monkeypatch):
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # no channel-vector tile
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
     try:
@@ -217,6 +219,7 @@ def test_every_pixel_tile(spec, monkeypatch):
     def pick_forced(kernel, rows, pixels):   # (this spec's kernel only: the input gradient's forward plan picks its own)
         return (forced["i"], kernel.variants[forced["i"]][2]) if kernel.name == spec.name else pick(kernel, rows, pixels)
     monkeypatch.setattr(_dispatch.Kernel, "pick_tile", pick_forced)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
     for budget in (1 << 20, 2048):   # one reduction pass, several
         monkeypatch.setattr(_engine, "CACHE_BUDGET", budget)
         for i, (rows, cols) in enumerate(spec.tiles):
@@ -604,3 +607,15 @@ def test_depthwise_weight_gradient_rows(spec, monkeypatch, restore_threads):
     fp = _plan(case, spec_dtype(spec))
     assert fp.wgrad_kernel.name == spec.name and not fp.wgrad_channel_block
     _check(spec, case)
+
+
+def test_reduction_passes_do_enough_work():
+    """A reduction pass (its partial sums stored and reloaded) fits its input in
+    CACHE_BUDGET, but does at least PASS_MIN_MACS multiply-adds per output."""
+    plane = 3144 * 8   # bytes of a float64 channel of ResNet's 56x56 maps
+    assert _engine.CACHE_BUDGET // plane == 41
+    assert _engine._reduction_block(64, plane, 1) == 64     # 1x1: one pass of 64
+    assert _engine._reduction_block(64, plane, 9) == 32     # 3x3: two of 32
+    assert _engine._reduction_block(512, plane, 9) == 40    # 13 even passes of 39-40 ...
+    assert _engine._reduction_block(512, plane, 1) == 64    # ... but 1x1 passes of 64
+    assert _engine._reduction_block(40, plane, 9) == 40     # fits: one pass
