@@ -97,10 +97,12 @@ CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
 
-# The weight gradient split over pixels (_wgrad_chunk_rows): work items it aims at
-# (enough for a few threads, few partial gradients to add), and their largest size.
+# The weight gradient split over pixels (_wgrad_chunks): work items it aims at per
+# image (enough for a few threads, few partial gradients to add), their largest size
+# per image, and their most in all (each sums a weight gradient of its own).
 WGRAD_CHUNKS = 4
 WGRAD_CHUNK_BYTES = 1 << 20
+WGRAD_MAX_CHUNKS = 16
 
 
 def _reduction_block(channels, bytes_per_channel, taps):
@@ -234,21 +236,24 @@ def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
     return _geometry.round_up(max(flat_len, (rows - 1) * width + row_tiles * pixels), pixels)
 
 
-def _wgrad_chunk_rows(N, OH, OW, C, OC, kk, x_chan, itemsize):
-    """Output rows per work item of the weight gradient split over pixels (the kernels'
-    `_ocvec_chunks`), or 0 where that does not pay.  Each work item writes a whole
-    weight gradient of its own, so the split pays where those partials are small beside
-    the data read; it aims at WGRAD_CHUNKS items of at most WGRAD_CHUNK_BYTES.
+def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
+    """(output rows, images) per work item of the weight gradient split over pixels (the
+    kernels' `_ocvec_chunks`), or None where that does not pay.  Each work item sums a
+    whole weight gradient of its own, so the split pays where those partials are small
+    beside the data read.  It aims at WGRAD_CHUNKS items of at most WGRAD_CHUNK_BYTES
+    per image, and at most WGRAD_MAX_CHUNKS items (the same rows of several images each).
     (Measured, 2 threads, against the split over tiles: partials at 6-35% of the data
     1.09-1.29x -- ResNet's 1x1 and 56x56 3x3, the 128x128 reflect layer, CIFAR's batch
     of 32, float64 1x1 2.3x; at 110% 0.96x, at 500-2000% 0.66-0.95x.)"""
     image_bytes = (OC * OH * OW + C * x_chan) * itemsize
     per_image = min(OH, max(_geometry.ceil_div(WGRAD_CHUNKS, N), _geometry.ceil_div(image_bytes, WGRAD_CHUNK_BYTES)))
     rows = _geometry.ceil_div(OH, per_image)
-    items = N * _geometry.ceil_div(OH, rows)
+    per_image = _geometry.ceil_div(OH, rows)
+    images = _geometry.ceil_div(N, max(1, WGRAD_MAX_CHUNKS // per_image))
+    items = _geometry.ceil_div(N, images) * per_image
     if items < 2 or 2 * items * OC * C * kk > N * (OC * OH * OW + C * x_chan):
-        return 0
-    return rows
+        return None
+    return rows, images
 
 
 def _padding_taps(taps, rows, cols, out_rows, out_cols, row_tiles, pixels):
@@ -382,10 +387,9 @@ class ForwardPlan:
         self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
                                  and self.Cg >= 16)
         # Layers whose weight gradient is small beside their data split it over pixels.
-        self.wgrad_chunk_rows = 0
+        self.wgrad_chunks = None
         if self.wgrad_by_channel:
-            self.wgrad_chunk_rows = _wgrad_chunk_rows(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan,
-                                                      itemsize)
+            self.wgrad_chunks = _wgrad_chunks(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan, itemsize)
         # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)
         if seg >= self.grad_len:
@@ -817,15 +821,15 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             buf = scratch("wgrad_pixel_major", (threads, (fp.x_chan + fp.OH * fp.OW) * lanes), grad_y.dtype)
             fp.wgrad_kernel.cblock(xin, grad_y, gw, buf, p.N, p.C, fp.x_chan, fp.OH, fp.OW, fp.We, fp.tap_off,
                                    threads, into)
-        elif fp.wgrad_chunk_rows:
+        elif fp.wgrad_chunks is not None:
             lanes = LANES[p.dtype]
-            rows = fp.wgrad_chunk_rows
-            items = p.N * _geometry.ceil_div(fp.OH, rows)
+            rows, images = fp.wgrad_chunks
+            chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
             panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
                                               rows * fp.We * lanes), grad_y.dtype)
-            partial = scratch("wgrad_partial", (items, gw.size), grad_y.dtype)
+            partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
             fp.wgrad_kernel.ocvec_chunks(xin, grad_y, gw, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
-                                         fp.OH, fp.OW, fp.We, fp.tap_off, rows, threads, into)
+                                         fp.OH, fp.OW, fp.We, fp.tap_off, rows, images, threads, into)
         elif fp.wgrad_by_channel:
             gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
             _layout.extend_transposed(grad_y, gT, fp.We, threads)

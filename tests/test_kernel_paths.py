@@ -256,40 +256,41 @@ def test_channel_vector_tail_tile(spec, twin, forced_rows):
 
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
 def test_weight_gradient_by_channel(spec, forced, monkeypatch):
-    monkeypatch.setattr(_engine, "_wgrad_chunk_rows", lambda *a: 0)   # split over tiles, not pixels
+    monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: None)   # split over tiles, not pixels
     case = _case(spec, 17, 37)
     case.update(N=3, H=37, W=35)  # more pixels than one segment holds, at every stride
     fp = _plan(case, spec_dtype(spec))
     assert fp.wgrad_kernel.name == spec.name
-    assert fp.wgrad_by_channel and not fp.wgrad_chunk_rows
+    assert fp.wgrad_by_channel and fp.wgrad_chunks is None
     # several reduction segments, each adding into the gradient
     assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
     _check(spec, case)
 
 
-@pytest.fixture
-def chunk_rows(monkeypatch):
-    """Output rows per work item of the weight gradient split over pixels, forced."""
-    rows = 5
-    monkeypatch.setattr(_engine, "_wgrad_chunk_rows", lambda *a: rows)
+@pytest.fixture(params=[1, 2], ids=["an image per item", "two images per item"])
+def chunks(monkeypatch, request):
+    """(output rows, images) per work item of the weight gradient split over pixels, forced."""
+    forced = (5, request.param)
+    monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: forced)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     _engine.forward_plan.cache_clear()
-    yield rows
+    yield forced
     _engine.forward_plan.cache_clear()
 
 
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
-def test_weight_gradient_pixel_chunks(spec, chunk_rows, monkeypatch, restore_threads):
+def test_weight_gradient_pixel_chunks(spec, chunks, monkeypatch, restore_threads):
     """The dense weight gradient split over pixels (the kernels' _ocvec_chunks): three
-    images of chunks of 5 output rows, the last of each image partial; 37 output channels,
-    so the last tile's second vector lies past the last channel; accumulating into a
-    gradient; on 1 and 2 threads, with the same bits."""
+    images in items of 5 output rows, the last of each image partial, of one image or of
+    two (the last item one); 37 output channels, so the last tile's second vector lies past
+    the last channel; accumulating into a gradient; on 1 and 2 threads, with the same bits."""
     dtype = spec_dtype(spec)
     case = _case(spec, 17, 37)
     case.update(N=3, H=37, W=35)
     fp = _plan(case, dtype)
-    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_chunk_rows == chunk_rows
-    assert fp.OH % chunk_rows and fp.OH > chunk_rows
+    rows, images = chunks
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_chunks == chunks
+    assert fp.OH % rows and fp.OH > rows
     used = _scratch_names(monkeypatch)
     _check(spec, case)
     assert "wgrad_partial" in used and "gT" not in used
@@ -312,16 +313,20 @@ def test_weight_gradient_pixel_chunks(spec, chunk_rows, monkeypatch, restore_thr
 
 def test_weight_gradient_pixel_chunk_rule():
     """Split over pixels where the partial gradients are small beside the data, in
-    WGRAD_CHUNKS items per image (or one per image in a batch), never one item only."""
-    def rows(N, OH, C, OC, k):   # square maps, stride 1, 'same' padding
-        return _engine._wgrad_chunk_rows(N, OH, OH, C, OC, k * k, (OH + k - 1) ** 2, 4)
-    assert rows(1, 56, 256, 64, 1) == 14            # ResNet's 1x1: 4 items of 14 rows
-    assert rows(1, 56, 64, 64, 3) == 14             # ResNet's 56x56 3x3
-    assert rows(32, 32, 64, 64, 3) == 32            # CIFAR's batch of 32: an image per item
-    assert rows(1, 128, 64, 64, 3) == 15            # 128x128, 8 MB: items of at most 1 MB
-    assert rows(1, 14, 256, 256, 3) == 0            # partials 20x the data
-    assert rows(1, 28, 128, 128, 3) == 0            # ~1x: not yet
-    assert rows(1, 1, 64, 64, 1) == 0               # one row: one item
+    WGRAD_CHUNKS items per image (or one per image in a batch), WGRAD_MAX_CHUNKS at
+    most, never one item only."""
+    def chunks(N, OH, C, OC, k):   # square maps, stride 1, 'same' padding
+        return _engine._wgrad_chunks(N, OH, OH, C, OC, k * k, (OH + k - 1) ** 2, 4)
+    assert chunks(1, 56, 256, 64, 1) == (14, 1)     # ResNet's 1x1: 4 items of 14 rows
+    assert chunks(1, 56, 64, 64, 3) == (14, 1)      # ResNet's 56x56 3x3
+    assert chunks(16, 32, 64, 64, 3) == (32, 1)     # an image per item ...
+    assert chunks(32, 32, 64, 64, 3) == (32, 2)     # ... CIFAR's batch of 32: two, 16 items
+    assert chunks(256, 32, 64, 64, 3) == (32, 16)
+    assert chunks(1, 128, 64, 64, 3) == (15, 1)     # 128x128, 8 MB: items of at most 1 MB
+    assert chunks(8, 128, 64, 64, 3) == (15, 8)     # ... 9 row ranges of 8 images
+    assert chunks(1, 14, 256, 256, 3) is None       # partials 20x the data
+    assert chunks(1, 28, 128, 128, 3) is None       # ~1x: not yet
+    assert chunks(1, 1, 64, 64, 1) is None          # one row: one item
 
 
 # 1x1 kernels reducing over more channels than they output run their work items
