@@ -22,7 +22,7 @@ class Kernel(NamedTuple):
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
     fused: Callable  # variant with the padding fused in (depthwise forward), or None
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
-    ocvec_chunks: Callable  # the same split over pixels (1x1 layers), or None
+    ocvec_chunks: Callable  # the same, split over pixels (weight gradients small beside the data), or None
     cvec: tuple      # (tile index, pixels, channels per block, tail pixels) of the channel-vector tile, or None
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
@@ -77,9 +77,10 @@ def _load(key):
     mod = importlib.import_module(f"convgen._generated.{module}")
     variants = tuple(mod.TILES[name])
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
-                  getattr(mod, name + "_ocvec", None), getattr(mod, name + "_ocvec_chunks", None), getattr(mod, "CVEC_TILES", {}).get(name),
-                  getattr(mod, "pack_weights", None), tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())),
-                  getattr(mod, name + "_cblock", None), getattr(mod, "pad_blocked", None))
+                  getattr(mod, name + "_ocvec", None), getattr(mod, name + "_ocvec_chunks", None),
+                  getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
+                  tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),
+                  getattr(mod, "pad_blocked", None))
 
 
 def lookup(direction, p):
