@@ -122,6 +122,22 @@ def test_functional_bad_arguments(kwargs, match):
         F.conv2d_weight(X, W.shape, gy, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(stride=1.0), TypeError, "stride"),
+    (dict(stride=True), TypeError, "stride"),
+    (dict(padding=(1, 1.0)), TypeError, "padding"),
+    (dict(groups=True), ValueError, "groups"),
+    (dict(dilation=np.array([1, 1])), TypeError, "dilation"),
+])
+def test_functional_remembered_arguments_still_checked(kwargs, exc, match):
+    """Functional calls remember their validated arguments (functional._config_for); an
+    argument equal to a remembered one but of another type is still checked."""
+    F.conv2d(X, W, stride=1, padding=(1, 1), dilation=(1, 1), groups=1)
+    F.conv2d(X, W, stride=[1, 1], padding=1)   # lists: remembered as tuples of their items
+    with pytest.raises(exc, match=match):
+        F.conv2d(X, W, **{**dict(stride=1, padding=(1, 1), dilation=(1, 1), groups=1), **kwargs})
+
+
 @pytest.mark.parametrize("hw, kernel, padding, dilation", [
     ((2, 6), 3, 0, 1), ((6, 2), 3, 0, 1), ((4, 4), 7, 1, 1), ((5, 5), 3, 0, 3), ((1, 1), 2, 0, 1),
 ])
