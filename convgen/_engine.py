@@ -98,11 +98,13 @@ CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 PASS_MIN_MACS = 64
 
 # The weight gradient split over pixels (_wgrad_chunks): work items it aims at per
-# image (enough for a few threads, few partial gradients to add), their largest size
-# per image, and their most in all (each sums a weight gradient of its own).
-WGRAD_CHUNKS = 4
+# image, their largest size per image, and their most in all (each sums a weight
+# gradient of its own).  Enough items for OpenMP's default threads, 4 at least (on 2
+# threads 4 items ran faster than 8 or 16: fewer partials), but not set by the threads
+# of a call: the split, and so the bits of the result, must not depend on them.
+WGRAD_CHUNKS = max(4, _OPENMP_DEFAULT)
 WGRAD_CHUNK_BYTES = 1 << 20
-WGRAD_MAX_CHUNKS = 16
+WGRAD_MAX_CHUNKS = max(16, 2 * _OPENMP_DEFAULT)
 
 
 def _reduction_block(channels, bytes_per_channel, taps):

@@ -311,10 +311,13 @@ def test_weight_gradient_pixel_chunks(spec, chunks, monkeypatch, restore_threads
     assert np.array_equal(grads[0], grads[1]), "differs between 1 and 2 threads"
 
 
-def test_weight_gradient_pixel_chunk_rule():
+def test_weight_gradient_pixel_chunk_rule(monkeypatch):
     """Split over pixels where the partial gradients are small beside the data, in
     WGRAD_CHUNKS items per image (or one per image in a batch), WGRAD_MAX_CHUNKS at
-    most, never one item only."""
+    most, never one item only.  (Those two as on 2 cores: they grow with OpenMP's
+    default threads.)"""
+    monkeypatch.setattr(_engine, "WGRAD_CHUNKS", 4)
+    monkeypatch.setattr(_engine, "WGRAD_MAX_CHUNKS", 16)
     def chunks(N, OH, C, OC, k):   # square maps, stride 1, 'same' padding
         return _engine._wgrad_chunks(N, OH, OH, C, OC, k * k, (OH + k - 1) ** 2, 4)
     assert chunks(1, 56, 256, 64, 1) == (14, 1)     # ResNet's 1x1: 4 items of 14 rows
