@@ -571,10 +571,34 @@ def backward_data_plan(p: Problem) -> BackwardDataPlan:
     return BackwardDataPlan(forward_plan(p))
 
 
+@lru_cache(maxsize=256)
+def strided_pointwise(p: Problem):
+    """A 1x1 layer with a stride and no padding reads only the input's pixels a stride
+    apart: it is the stride-1 layer on those pixels, whose Problem this returns (else
+    None).  Its forward runs on them gathered, its input gradient is that layer's spread
+    back with zeros between, and its weight gradient reads their planes: a quarter of
+    the input at stride 2, one phase instead of four."""
+    if p.KH != 1 or p.KW != 1 or (p.sh, p.sw) == (1, 1) or any((p.pad_top, p.pad_bottom, p.pad_left, p.pad_right)):
+        return None
+    OH, OW = p.output_hw
+    return p._replace(H=OH, W=OW, sh=1, sw=1, dh=1, dw=1, mode="zeros")
+
+
+def _subsampled(x, p, q, threads):
+    """x's pixels that the strided 1x1 layer p reads, as the (N, C, OH, OW) input of q
+    (scratch: valid until the next call)."""
+    xs = scratch("strided_input", (q.N, q.C, q.H, q.W), x.dtype)
+    _layout.subsample(x.reshape(p.N * p.C, p.H, p.W), xs.reshape(q.N * q.C, q.H, q.W), p.sh, p.sw, threads)
+    return xs
+
+
 def pad_phase(x, fp: ForwardPlan):
     """x (N, C, H, W) -> (padded phase planes (N, C, n_planes * plane_len), whether they
     hold an infinity or a NaN)."""
     p = fp.problem
+    q = strided_pointwise(p)
+    if q is not None:   # (the planes of the stride-1 layer it runs as)
+        return pad_phase(_subsampled(x, p, q, threads_for(fp.work, fp.values)), forward_plan(q))
     xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
     nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads_for(fp.work, fp.values))
     return xin, nonfinite
@@ -588,6 +612,10 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     keep=False: no backward will follow, so the planes live in reused scratch memory,
     a block of images (or, depthwise, a channel per thread) at a time, and
     (y, None, False) is returned."""
+    q = strided_pointwise(p)
+    if q is not None:
+        fq = forward_plan(q)
+        return forward(_subsampled(x, p, q, threads_for(fq.work, fq.values)), weight, bias, q, recycle, keep)
     fp = forward_plan(p)
     threads = threads_for(fp.work, fp.values)
     y = np.empty(fp.y_shape, dtype=x.dtype)
@@ -687,6 +715,14 @@ def backward_data(grad_y, weight, p: Problem):
     q = input_gradient_as_forward(p)
     if q is not None:
         return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
+    q = strided_pointwise(p)
+    if q is not None:
+        gq = backward_data(grad_y, weight, q)
+        gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+        fq = forward_plan(q)
+        _layout.spread(gq.reshape(q.N * q.C, q.H, q.W), gx.reshape(p.N * p.C, p.H, p.W), p.sh, p.sw,
+                       threads_for(fq.work, fq.values))
+        return gx
     fp, bp = forward_plan(p), backward_data_plan(p)
     threads = threads_for(fp.work, fp.values)
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
@@ -803,6 +839,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     bias_grad: C-contiguous arrays to write the gradients into (and return) instead of
     new ones, adding to their contents if *_accumulate (as .grad accumulates).
     nonfinite: the planes hold an infinity or a NaN (from forward / pad_phase)."""
+    p = strided_pointwise(p) or p   # (its planes are those of the stride-1 layer it runs as)
     fp = forward_plan(p)
     threads = threads_for(fp.work, fp.values)
     gw = gb = None

@@ -456,6 +456,69 @@ def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threa
             _extend_transposed(<double*>src, <double*>dst, N, C, H, W, width, qlen, Cp, threads)
 
 
+cdef void _strided_channel(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                           Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, bint spread) noexcept nogil:
+    """One channel: the (OH, OW) pixels of an (H, W) one at rows sh apart and columns sw
+    apart gathered into src -> dst (spread=False), or spread back from src into dst with
+    zeros everywhere else (spread=True)."""
+    cdef Py_ssize_t i, j
+    cdef real* d
+    cdef const real* s
+    if not spread:
+        for i in range(OH):
+            s = src + i * sh * W
+            d = dst + i * OW
+            for j in range(OW):
+                d[j] = s[j * sw]
+        return
+    for i in range(H):
+        d = dst + i * W
+        for j in range(W):
+            d[j] = 0
+        if i % sh == 0 and i // sh < OH:
+            s = src + (i // sh) * OW
+            for j in range(OW):
+                d[j * sw] = s[j]
+
+
+cdef void _strided(const real* src, real* dst, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                   Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, bint spread, int threads) noexcept nogil:
+    cdef Py_ssize_t c, src_chan = OH * OW if spread else H * W, dst_chan = H * W if spread else OH * OW
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        for c in range(nc):
+            _strided_channel(src + c * src_chan, dst + c * dst_chan, H, W, OH, OW, sh, sw, spread)
+    else:
+        for c in prange(nc, schedule="static", num_threads=threads):
+            _strided_channel(src + c * src_chan, dst + c * dst_chan, H, W, OH, OW, sh, sw, spread)
+
+
+def subsample(cnp.ndarray x, cnp.ndarray out, Py_ssize_t sh, Py_ssize_t sw, int threads):
+    """out[c, i, j] = x[c, i * sh, j * sw]; x is (N*C, H, W), out (N*C, OH, OW)."""
+    cdef Py_ssize_t nc = x.shape[0], H = x.shape[1], W = x.shape[2], OH = out.shape[1], OW = out.shape[2]
+    cdef void* src = _ptr(x)
+    cdef void* dst = _ptr(out)
+    if x.dtype.itemsize == 4:
+        with nogil:
+            _strided(<float*>src, <float*>dst, nc, H, W, OH, OW, sh, sw, False, threads)
+    else:
+        with nogil:
+            _strided(<double*>src, <double*>dst, nc, H, W, OH, OW, sh, sw, False, threads)
+
+
+def spread(cnp.ndarray g, cnp.ndarray gx, Py_ssize_t sh, Py_ssize_t sw, int threads):
+    """gx[c, i * sh, j * sw] = g[c, i, j], zero everywhere else; g is (N*C, OH, OW), gx
+    (N*C, H, W)."""
+    cdef Py_ssize_t nc = g.shape[0], OH = g.shape[1], OW = g.shape[2], H = gx.shape[1], W = gx.shape[2]
+    cdef void* src = _ptr(g)
+    cdef void* dst = _ptr(gx)
+    if g.dtype.itemsize == 4:
+        with nogil:
+            _strided(<float*>src, <float*>dst, nc, H, W, OH, OW, sh, sw, True, threads)
+    else:
+        with nogil:
+            _strided(<double*>src, <double*>dst, nc, H, W, OH, OW, sh, sw, True, threads)
+
+
 cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_t L) noexcept nogil:
     """Sum of N rows of L values, `stride` apart, in a fixed order (independent of
     threads): 16 running sums (element i adds into sum i % 16), then a tree, in

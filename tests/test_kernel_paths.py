@@ -627,3 +627,59 @@ def test_reduction_passes_do_enough_work():
     assert _engine._reduction_block(512, plane, 9) == 40    # 13 even passes of 39-40 ...
     assert _engine._reduction_block(512, plane, 1) == 64    # ... but 1x1 passes of 64
     assert _engine._reduction_block(40, plane, 9) == 40     # fits: one pass
+
+
+# 1x1 layers with a stride and no padding run as the stride-1 layer on the pixels they
+# read (convgen._engine.strided_pointwise): gathered for the forward and the weight
+# gradient's planes, the input gradient spread back with zeros between.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("stride", [(2, 2), (3, 1), (2, 3)])
+@pytest.mark.parametrize("channels, groups", [((40, 48), 1), ((12, 18), 3), ((16, 16), 16)],
+                         ids=["dense", "grouped", "depthwise"])
+def test_strided_pointwise(dtype, stride, channels, groups, monkeypatch, restore_threads):
+    (C, OC), dtype = channels, np.dtype(dtype)
+    case = dict(N=2, C=C, OC=OC, H=11, W=9, kernel=(1, 1), stride=stride, padding=(0, 0), dilation=(1, 1),
+                groups=groups)
+    fp = _plan(case, dtype)
+    q = _engine.strided_pointwise(fp.problem)
+    assert q is not None and (q.H, q.W) == fp.problem.output_hw == (-(-11 // stride[0]), -(-9 // stride[1]))
+    called = []
+    for name in ("subsample", "spread"):
+        real = getattr(_engine._layout, name)
+        monkeypatch.setattr(_engine._layout, name, lambda *a, real=real, name=name: called.append(name) or real(*a))
+    rng = make_rng("strided-pointwise", stride, C, OC, groups, dtype.name)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        for direction in ("fwd", "bwd_data", "bwd_weight"):
+            got = convgen_functional(direction, x, w, b, gy, **args)
+            what = f"{direction}, {threads} thread(s)"
+            assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs reference")
+            assert_close(got, torch_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs torch")
+    assert called.count("subsample") >= 4 and called.count("spread") == 2   # (forward, weight planes; input grad)
+    # The module: a training step, .grad accumulating, and an infinity the layer never reads.
+    conv = convgen.Conv2d(C, OC, 1, stride=stride, groups=groups, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    x[0, 0, 1, 1] = np.inf   # row 1: read at no stride here
+    y = conv(x)
+    assert np.isfinite(y).all()
+    assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
+    gx = conv.backward(gy)
+    assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module input gradient")
+    assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "module weight grad")
+
+
+def test_strided_pointwise_only_without_padding():
+    """A padded strided 1x1 layer reads padding too: it runs the generic kernel, and
+    kernel_for names the kernel that really runs."""
+    padded = _plan(dict(N=1, C=8, OC=8, H=9, W=9, kernel=(1, 1), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
+                        groups=1), np.float32)
+    assert _engine.strided_pointwise(padded.problem) is None
+    for direction in ("fwd", "bwd_data", "bwd_weight"):
+        assert convgen.kernel_for(64, 64, 1, 2, 0, direction=direction) == f"conv2d_{direction}_f32_k1x1_s1_d1_dense"
+        assert convgen.kernel_for(64, 64, 1, 2, 1, direction=direction) == f"conv2d_{direction}_f32_kany_sany_dany_dense"
+    x = make_rng("padded-strided-1x1").standard_normal((1, 8, 9, 9)).astype(np.float32)
+    w = np.ones((8, 8, 1, 1), np.float32)
+    y = convgen.functional.conv2d(x, w, stride=2, padding=1)
+    assert_close(y, ref.conv2d(x, w, None, stride=2, padding=1), np.float32, "padded strided 1x1")
