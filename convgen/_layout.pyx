@@ -492,31 +492,28 @@ cdef void _strided(const real* src, real* dst, Py_ssize_t nc, Py_ssize_t H, Py_s
             _strided_channel(src + c * src_chan, dst + c * dst_chan, H, W, OH, OW, sh, sw, spread)
 
 
-def subsample(cnp.ndarray x, cnp.ndarray out, Py_ssize_t sh, Py_ssize_t sw, int threads):
-    """out[c, i, j] = x[c, i * sh, j * sw]; x is (N*C, H, W), out (N*C, OH, OW)."""
-    cdef Py_ssize_t nc = x.shape[0], H = x.shape[1], W = x.shape[2], OH = out.shape[1], OW = out.shape[2]
-    cdef void* src = _ptr(x)
-    cdef void* dst = _ptr(out)
-    if x.dtype.itemsize == 4:
+cdef void _strided_arrays(cnp.ndarray src, cnp.ndarray dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,
+                          Py_ssize_t OW, Py_ssize_t sh, Py_ssize_t sw, bint spread, int threads):
+    cdef Py_ssize_t nc = src.shape[0]
+    cdef void* s = _ptr(src)
+    cdef void* d = _ptr(dst)
+    if src.dtype.itemsize == 4:
         with nogil:
-            _strided(<float*>src, <float*>dst, nc, H, W, OH, OW, sh, sw, False, threads)
+            _strided(<float*>s, <float*>d, nc, H, W, OH, OW, sh, sw, spread, threads)
     else:
         with nogil:
-            _strided(<double*>src, <double*>dst, nc, H, W, OH, OW, sh, sw, False, threads)
+            _strided(<double*>s, <double*>d, nc, H, W, OH, OW, sh, sw, spread, threads)
+
+
+def subsample(cnp.ndarray x, cnp.ndarray out, Py_ssize_t sh, Py_ssize_t sw, int threads):
+    """out[c, i, j] = x[c, i * sh, j * sw]; x is (N*C, H, W), out (N*C, OH, OW)."""
+    _strided_arrays(x, out, x.shape[1], x.shape[2], out.shape[1], out.shape[2], sh, sw, False, threads)
 
 
 def spread(cnp.ndarray g, cnp.ndarray gx, Py_ssize_t sh, Py_ssize_t sw, int threads):
     """gx[c, i * sh, j * sw] = g[c, i, j], zero everywhere else; g is (N*C, OH, OW), gx
     (N*C, H, W)."""
-    cdef Py_ssize_t nc = g.shape[0], OH = g.shape[1], OW = g.shape[2], H = gx.shape[1], W = gx.shape[2]
-    cdef void* src = _ptr(g)
-    cdef void* dst = _ptr(gx)
-    if g.dtype.itemsize == 4:
-        with nogil:
-            _strided(<float*>src, <float*>dst, nc, H, W, OH, OW, sh, sw, True, threads)
-    else:
-        with nogil:
-            _strided(<double*>src, <double*>dst, nc, H, W, OH, OW, sh, sw, True, threads)
+    _strided_arrays(g, gx, gx.shape[1], gx.shape[2], g.shape[1], g.shape[2], sh, sw, True, threads)
 
 
 cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_t L) noexcept nogil:
