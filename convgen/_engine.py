@@ -598,7 +598,8 @@ def pad_phase(x, fp: ForwardPlan):
     p = fp.problem
     q = strided_pointwise(p)
     if q is not None:   # (the planes of the stride-1 layer it runs as)
-        return pad_phase(_subsampled(x, p, q, threads_for(fp.work, fp.values)), forward_plan(q))
+        fq = forward_plan(q)
+        return pad_phase(_subsampled(x, p, q, threads_for(fq.work, fq.values)), fq)
     xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
     nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads_for(fp.work, fp.values))
     return xin, nonfinite
