@@ -209,18 +209,23 @@ cdef inline void _extend_channel(const real* src, real* dst, Py_ssize_t H, Py_ss
                                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
     # Plain loops, not memcpy/memset calls: rows are short (a call per 7-pixel row
     # costs more than its copy), and gcc vectorises these in place.
-    cdef Py_ssize_t i, j, start, end = 0   # everything before `end` is written
+    # Values that would land at L or past it are left out: no kernel reads them (an input
+    # gradient padded by more than its kernel's span never reads grad_output's last rows).
+    cdef Py_ssize_t i, j, n, start, end = 0   # everything before `end` is written
     cdef const real* s
     cdef real* d
     for i in range(H):
         start = (i + top) * width + left
+        if start >= L:
+            break
         for j in range(end, start):
             dst[j] = 0
         s = src + i * W
         d = dst + start
-        for j in range(W):
+        n = min(W, L - start)
+        for j in range(n):
             d[j] = s[j]
-        end = start + W
+        end = start + n
     for j in range(end, L):
         dst[j] = 0
 
@@ -237,8 +242,8 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
 
 
 def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
-    """gext[c, (i + top) * width + j + left] = g[c, i, j]; zero everywhere else.
-    g is (channels, H, W), gext (channels, L)."""
+    """gext[c, (i + top) * width + j + left] = g[c, i, j] where that is before L; zero
+    everywhere else.  g is (channels, H, W), gext (channels, L)."""
     cdef Py_ssize_t nc = g.shape[0], H = g.shape[1], W = g.shape[2], L = gext.shape[1]
     cdef void* src = _ptr(g)
     cdef void* dst = _ptr(gext)

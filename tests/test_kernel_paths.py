@@ -22,7 +22,7 @@ from codegen.table import SPECS
 from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
                       reference_functional, spec_dtype, torch_functional)
 import convgen
-from convgen import _dispatch, _engine
+from convgen import _dispatch, _engine, _layout
 from convgen import _reference as ref
 
 CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
@@ -184,6 +184,24 @@ def test_channel_vector_tiles_skip_padding_taps(spec, forced_rows):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     finite = np.isfinite(want)
     assert_close(got[finite], want[finite], dtype, f"{spec.name}, non-finite weights")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_extend_stays_in_its_planes(dtype):
+    """extend writes nothing past its planes' length L, even where grad_output's last
+    rows would land there (an input gradient padded by more than its kernel's span
+    reads none of them; they used to be written past the planes' end)."""
+    g = np.arange(1, 2 * 6 * 7 + 1, dtype=dtype).reshape(2, 6, 7)
+    width, top, left, L = 10, 2, 1, 47   # row 4 of g starts at 61, row 3 is cut at 47
+    big = np.full((2, L + 32), -7.0, dtype)
+    for c in range(2):
+        gext = big[c, :L].reshape(1, L)   # (contiguous: one channel at a time)
+        _layout.extend(g[c:c + 1], gext, width, top, left, 1)
+    want = np.zeros((2, 8 * width), dtype)
+    for i in range(6):
+        want[:, (i + top) * width + left:(i + top) * width + left + 7] = g[:, i]
+    np.testing.assert_array_equal(big[:, :L], want[:, :L])
+    assert (big[:, L:] == -7.0).all()
 
 
 def test_padding_taps_table():

@@ -53,6 +53,8 @@ SHAPES = [
     cfg("square-generic-k4-s1", kernel=4, padding=2),
     cfg("square-generic-k3-d3", H=8, W=8, kernel=3, dilation=3, padding=3),
     cfg("pad-larger-than-kernel", H=3, W=3, kernel=3, padding=4),
+    # (the input gradient reads none of grad_output's last rows, which its planes do not hold)
+    cfg("pad-beyond-dilated-span", H=5, W=9, kernel=3, dilation=2, padding=(7, 6)),
     # 3x3 with strides / dilations outside the specialised table
     cfg("k3-s1-d6-aspp", H=14, W=13, kernel=3, dilation=6, padding=6),
     cfg("k3-s3", H=10, W=11, kernel=3, stride=3, padding=1),
