@@ -139,9 +139,10 @@ class KernelSpec:
 
     @property
     def cvec_short_tail(self):
-        """Pixels of a still narrower twin, for a row's last few pixels or fewer (DeepLab's
-        33-pixel rows: 14 + 14 + 5, nothing wasted), or None."""
-        return None if self.cvec_tile is None else self.cvec_tile[0] // 2 - 2
+        """Pixels of a still narrower twin, for a row's last few pixels or fewer, or for
+        the edge columns whose taps read padding (DeepLab's ASPP at rate 6, 33-pixel
+        rows: 6 + 14 + 7 + 6, its edge tiles skipping a column of taps), or None."""
+        return None if self.cvec_tile is None else self.cvec_tile[0] // 2 - 1
 
     @property
     def ocvec_tile(self):

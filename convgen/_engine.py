@@ -84,6 +84,9 @@ PANELS = True
 # flat grid's rows, whose scratch columns they skip (wide paddings: DeepLab's ASPP
 # computes 42 of every 45 pixels); elsewhere they run along the flat grid.
 ROW_TILE_SAVING = 1.0
+# What a row tile pays per tap and row besides its pixels, in pixels (its weight loads
+# and loop; see _row_tiling).
+ROW_TILE_OVERHEAD = 2
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -232,10 +235,22 @@ def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
-def _row_tiled_length(flat_len, rows, width, row_tiles, pixels):
-    """Flat output length that also holds the last row's row tiles (which may run past
-    the flat grid's end)."""
-    return _geometry.round_up(max(flat_len, (rows - 1) * width + row_tiles * pixels), pixels)
+def _tile_forms(cvec):
+    """The pixels of a channel-vector tile and of its narrower twins (tail, short tail)."""
+    return cvec[1], cvec[3], cvec[4]
+
+
+def _form(pixels, forms):
+    """The pixels computed by a row tile of `pixels`: it runs the narrowest form that
+    holds them."""
+    return min(f for f in forms if f >= pixels)
+
+
+def _row_tiled_length(flat_len, rows, width, tile_cols, forms, pixels):
+    """Flat output length that also holds the last row's row tiles (which may compute
+    past the flat grid's end), in whole chunks of `pixels`."""
+    extent = max(s + _form(n, forms) for s, n in tile_cols)
+    return _geometry.round_up(max(flat_len, (rows - 1) * width + extent), pixels)
 
 
 def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
@@ -258,22 +273,63 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
     return rows, images
 
 
-def _padding_taps(taps, rows, cols, out_rows, out_cols, row_tiles, pixels):
-    """uint8 (out_rows * row_tiles, taps): 1 where row tile j of output row i (real
-    output columns j * pixels onwards) reads only padding through a tap, or None if no
-    tile does.  taps: (a, b, dy, dx) each: output pixel (i, o) reads the grid's flat
-    position (i + dy) * width + o + dx, whose row's source is in rows[a] and column's in
-    cols[b] (width = len(cols[b]); -1: padding; a row past the table counts as data)."""
-    skip = np.zeros((out_rows * row_tiles, len(taps)), np.uint8)
+def _padding_masks(taps, rows, cols, out_rows, out_cols):
+    """bool (taps, out_rows, out_cols): True where output pixel (i, o) reads only zero
+    padding through a tap.  taps: (a, b, dy, dx) each: output pixel (i, o) reads the
+    grid's flat position (i + dy) * width + o + dx, whose row's source is in rows[a] and
+    column's in cols[b] (width = len(cols[b]); -1: padding; a row past the table counts
+    as data)."""
     width, n_rows = cols.shape[1], rows.shape[1]
-    i = np.arange(out_rows)[:, None]
+    flat = (np.arange(out_rows)[:, None] * width + np.arange(out_cols)[None, :])
+    masks = np.zeros((len(taps), out_rows, out_cols), bool)
     for t, (a, b, dy, dx) in enumerate(taps):
-        for j in range(row_tiles):
-            flat = (i + dy) * width + np.arange(j * pixels, min(out_cols, (j + 1) * pixels))[None, :] + dx
-            r, c = flat // width, flat % width
-            padding = (r < n_rows) & ((rows[a, np.minimum(r, n_rows - 1)] < 0) | (cols[b, c] < 0))
-            skip[j::row_tiles, t] = padding.all(axis=1)
-    return skip if skip.any() else None
+        r, c = np.divmod(flat + dy * width + dx, width)
+        masks[t] = (r < n_rows) & ((rows[a, np.minimum(r, n_rows - 1)] < 0) | (cols[b, c] < 0))
+    return masks
+
+
+def _row_tiling(masks, forms, overhead=ROW_TILE_OVERHEAD):
+    """How row tiles cover each output row: (tile_cols, skip).  tile_cols (tiles, 2):
+    each tile's first column and its pixels, the same in every row; skip uint8
+    (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
+    tap (which it then skips), or None where no tile does.  masks: _padding_masks.
+    forms: the pixels of the tile's forms (see _form).
+
+    The split minimises the pixels computed, counting a tap a tile skips as free, by
+    dynamic programming over the columns: a tile pays (its form's pixels + overhead)
+    per tap and row it runs, and once more per row (its start and store).  So a tile
+    boundary lands where a tap starts or stops reading padding when that pays: DeepLab's
+    ASPP (dilation 6, 33 columns) splits 6 + 14 + 7 + 6, its edge tiles skipping a
+    column of taps, instead of 14 + 14 + 6."""
+    taps, out_rows, out_cols = masks.shape
+    widest = max(forms)
+    # padding[t, i, s]: columns of [0, s) in row i that read padding through tap t
+    padding = np.zeros((taps, out_rows, out_cols + 1), np.int32)
+    np.cumsum(masks, axis=2, out=padding[:, :, 1:])
+    best = np.full(out_cols + 1, np.inf)
+    best[0], choice = 0.0, np.zeros(out_cols + 1, np.intp)
+    run_cost = []   # run_cost[n - 1][s]: cost of a tile of n pixels at column s
+    for n in range(1, min(widest, out_cols) + 1):
+        form = _form(n, forms)
+        starts = np.arange(out_cols - n + 1)
+        skipped = (padding[:, :, starts + n] - padding[:, :, starts]) == n   # (taps, rows, starts)
+        runs = taps * out_rows - skipped.sum(axis=(0, 1)) + out_rows
+        run_cost.append(runs * (form + overhead))
+    for end in range(1, out_cols + 1):
+        for n in range(1, min(widest, end) + 1):
+            cost = best[end - n] + run_cost[n - 1][end - n]
+            if cost < best[end]:
+                best[end], choice[end] = cost, n
+    tiles, end = [], out_cols
+    while end > 0:
+        tiles.append((end - choice[end], choice[end]))
+        end -= choice[end]
+    tile_cols = np.array(tiles[::-1], dtype=np.intp).reshape(-1, 2)
+    skip = np.zeros((out_rows, len(tile_cols), taps), np.uint8)
+    for j, (s, n) in enumerate(tile_cols):
+        skip[:, j, :] = masks[:, :, s:s + n].all(axis=2).T
+    skip = skip.reshape(out_rows * len(tile_cols), taps)
+    return tile_cols, (skip if skip.any() else None)
 
 
 class ForwardPlan:
@@ -301,7 +357,7 @@ class ForwardPlan:
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
-            self.tile, chunk, width, _ = self.cvec
+            self.tile, chunk, width = self.cvec[:3]
             self.blocks = _geometry.ceil_div(self.OCg, width)
         # Depthwise forward runs a row-block tile on rows it covers with little waste.
         self.row_block = None
@@ -331,15 +387,30 @@ class ForwardPlan:
             self.out_len = _geometry.round_up(
                 max(self.out_len, (_geometry.round_up(self.OH, rows) - 1) * self.We
                     + _geometry.round_up(self.OW, width)), chunk)
+        taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
+        mode = PADDING_MODES[p.mode]
+        self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
+        self.cols = _phase_sources(-p.pad_left, self.We, p.sw, p.W, wp, mode)
+        self.col_interior = _interior(p.pad_left, self.We, p.sw, p.W)
+        # The channel-vector row tiles: where each starts in a row and, with zero padding,
+        # the taps through which it reads only padding, which it skips (DeepLab's ASPP
+        # at rate 6: over a quarter of them) as long as the weights are finite (0 * inf
+        # is NaN).
+        self.tile_cols, self.tap_skip = None, None
         if self.row_tiles:
-            self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.row_tiles, chunk)
+            masks = (_padding_masks([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
+                                    self.cols, self.OH, self.OW) if p.mode == "zeros"
+                     else np.zeros((len(taps), self.OH, self.OW), bool))
+            self.tile_cols, self.tap_skip = _row_tiling(masks, _tile_forms(self.cvec))
+            self.row_tiles = len(self.tile_cols)
+            self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols,
+                                             _tile_forms(self.cvec), chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
         self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
         # 1x1 layers reducing over more channels than they output: consecutive work items
         # share a pixel chunk, which stays in L1 across the channel tiles (otherwise each
         # tile re-reads it from L2, which cannot feed one multiply-add per load).
         self.tiles_inner = self.kk == 1 and self.Cg > self.OCg
-        taps = _geometry.forward_taps(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         # (+ a vector: the weight gradient's last, partial vector of a row loads whole)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach) + lanes, lanes)
@@ -368,17 +439,6 @@ class ForwardPlan:
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
         self.block_off = self.tap_off * lanes   # the same taps in the pixel-major blocks
         self.tap_w = _index([t.w_index for t in taps])
-        mode = PADDING_MODES[p.mode]
-        self.rows = _phase_sources(-p.pad_top, self.Hq, p.sh, p.H, hp, mode)
-        self.cols = _phase_sources(-p.pad_left, self.We, p.sw, p.W, wp, mode)
-        self.col_interior = _interior(p.pad_left, self.We, p.sw, p.W)
-        # Zero padding: the channel-vector row tiles skip their taps that read only padding
-        # (DeepLab's ASPP at rate 6: a fifth of them), as long as the weights are finite
-        # (0 * inf is NaN).
-        self.tap_skip = None
-        if self.cvec is not None and self.row_tiles and p.mode == "zeros":
-            self.tap_skip = _padding_taps([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
-                                          self.cols, self.OH, self.OW, self.row_tiles, self.cvec[1])
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
@@ -489,14 +549,35 @@ class BackwardDataPlan:
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
-            self.tile, chunk, width, _ = self.cvec
+            self.tile, chunk, width = self.cvec[:3]
             self.blocks = _geometry.ceil_div(fp.Cg, width)
+        phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.out_len = _geometry.round_up(out_rows * self.width, chunk)
+
+        def bordered(rows):
+            """pad_blocked's one-phase tables of grad_output bordered by the halo, for
+            `rows` rows: rows, columns and the columns that copy grad_output."""
+            return (_index([i - self.top if 0 <= i - self.top < fp.OH else -1 for i in range(rows)]).reshape(1, rows),
+                    _index([j - self.left if 0 <= j - self.left < fp.OW else -1
+                            for j in range(self.width)]).reshape(1, self.width),
+                    _index([self.left, self.left + fp.OW]).reshape(1, 2))
+
+        # As the forward's row tiles.  They skip the taps that read only grad_output's
+        # zero border where they store into gx (stride 1, zero padding: one phase).
+        self.tile_cols, self.tap_skips = None, None
         if self.row_tiles:
-            self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.row_tiles, chunk)
+            masks = np.zeros((1, out_rows, self.out_cols), bool)
+            if interior:
+                taps = [(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]]
+                masks = _padding_masks(taps, bordered(out_rows + max(t[2] for t in taps) + 1)[0],
+                                       bordered(0)[1], out_rows, self.out_cols)
+            self.tile_cols, skip = _row_tiling(masks, _tile_forms(self.cvec))
+            self.tap_skips = None if skip is None else [skip]
+            self.row_tiles = len(self.tile_cols)
+            self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.tile_cols,
+                                             _tile_forms(self.cvec), chunk)
         self.tiled_len = out_rows * self.row_tiles * chunk if self.row_tiles else self.out_len  # as the forward's
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
-        phases = _geometry.bwd_data_phases(p.KH, p.KW, p.sh, p.sw, p.dh, p.dw)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
         self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
         if interior:  # output row i, column j is input pixel (i, j)
@@ -517,21 +598,8 @@ class BackwardDataPlan:
         if self.cvec is not None:
             rows = _geometry.ceil_div(self.plane_len, self.width)
             self.block_plane = _geometry.round_up(rows * self.width, lanes)
-            self.block_tables = (
-                _index([i - self.top if 0 <= i - self.top < fp.OH else -1 for i in range(rows)]).reshape(1, rows),
-                _index([j - self.left if 0 <= j - self.left < fp.OW else -1
-                        for j in range(self.width)]).reshape(1, self.width),
-                _index([self.left, self.left + fp.OW]).reshape(1, 2))
+            self.block_tables = bordered(rows)
             self.block_offs = [offs * lanes for offs in self.phase_offs]
-            # As the forward's: the row tiles skip the taps that read only grad_output's
-            # zero border, where each tile stores its own row only (into gx directly; a
-            # tile storing into the phase planes also writes the start of the next row).
-            self.tap_skips = None
-            if self.row_tiles and self.direct:
-                skip = _padding_taps([(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]],
-                                     self.block_tables[0], self.block_tables[1], out_rows, self.out_cols,
-                                     self.row_tiles, self.cvec[1])
-                self.tap_skips = None if skip is None else [skip]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
@@ -648,7 +716,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
                         threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep)
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
-    packed = (None, None, None, 0, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, row_tiles, tiles_inner
+    packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
     if fp.cvec is not None:
         width = fp.cvec[2]
@@ -660,7 +728,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         part = None
         if fp.rblock < fp.Cg:
             part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
-        packed = (wp, bp, part, fp.row_tiles, fp.tiles_inner)
+        packed = (wp, bp, part, fp.tile_cols, fp.tiles_inner)
         yext = None
         xblocks = None if fp.panels else scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
     else:
@@ -759,7 +827,7 @@ def backward_data(grad_y, weight, p: Problem):
         part = None
         if bp.rblock < fp.OCg:
             part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
-        packed = dict(wps=wps, bp=zeros, part=part, row_tiles=bp.row_tiles, out_rows=bp.out_rows,
+        packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]

@@ -255,7 +255,7 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
-            f'{dense3.cvec_tail}),') in text
+            f'{dense3.cvec_tail}, {dense3.cvec_short_tail}),') in text
     assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
     short = text[text.index(f"cdef inline void _{dense3.name}{suffix}_short_tail("):]
     short = short[:short.index("\ncdef ")]

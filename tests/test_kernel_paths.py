@@ -204,21 +204,55 @@ def test_extend_stays_in_its_planes(dtype):
     assert (big[:, L:] == -7.0).all()
 
 
-def test_padding_taps_table():
-    """The skip table of a 3x3 kernel, dilation 2, padding 2, on 4 output rows of 5
-    pixels in row tiles of 3: output (i, o) reads padded input (i + 2 dy, o + 2 dx)."""
+def test_padding_masks():
+    """The masks of a 3x3 kernel, dilation 2, padding 2, on 4 output rows of 5 pixels:
+    output (i, o) reads padded input (i + 2 dy, o + 2 dx)."""
     rows = np.array([[-1, -1, 0, 1, 2, 3, -1, -1]], np.intp)           # padded rows -> source
     cols = np.array([[-1, -1, 0, 1, 2, 3, 4, -1, -1]], np.intp)        # padded columns -> source
     taps = [(0, 0, 2 * ky, 2 * kx) for ky in range(3) for kx in range(3)]
-    skip = _engine._padding_taps(taps, rows, cols, 4, 5, 2, 3)
-    for i in range(4):
-        for j in range(2):
-            for t, (_, _, dy, dx) in enumerate(taps):
-                reads = [(i + dy, o + dx) for o in range(3 * j, min(5, 3 * j + 3))]
-                padding = all(rows[0, r] < 0 or cols[0, c] < 0 for r, c in reads)
-                assert skip[i * 2 + j, t] == padding, (i, j, t)
-    assert skip[0, 0] and not skip[0, 4]     # row 0 reads the top padding through dy = 0
-    assert _engine._padding_taps(taps, rows[:, 1:-1] * 0, cols * 0 + 1, 4, 5, 2, 3) is None
+    masks = _engine._padding_masks(taps, rows, cols, 4, 5)
+    for t, (_, _, dy, dx) in enumerate(taps):
+        for i in range(4):
+            for o in range(5):
+                assert masks[t, i, o] == (rows[0, i + dy] < 0 or cols[0, o + dx] < 0), (t, i, o)
+    assert masks[0, 0, 0] and not masks[4, 0, 0]     # row 0 reads the top padding through dy = 0
+
+
+def _check_tiling(tile_cols, skip, masks, forms):
+    """tile_cols covers each row's columns in order, each tile within the widest form;
+    skip marks exactly the (row, tile, tap) that read only padding."""
+    starts, pixels = tile_cols[:, 0], tile_cols[:, 1]
+    assert starts[0] == 0 and (starts[1:] == starts[:-1] + pixels[:-1]).all()
+    assert starts[-1] + pixels[-1] == masks.shape[2] and (pixels >= 1).all() and (pixels <= max(forms)).all()
+    want = np.array([[masks[t, i, s:s + n].all() for t in range(len(masks))]
+                     for i in range(masks.shape[1]) for s, n in tile_cols], np.uint8)
+    if want.any():
+        np.testing.assert_array_equal(skip, want)
+    else:
+        assert skip is None
+
+
+def test_row_tiling():
+    """Without padding the row tiles are the widest that fit (33 columns: 14 + 14 + 5);
+    with a dilation-6 padding (DeepLab's ASPP) they split where a column of taps starts
+    and stops reading padding, and the edge tiles skip those taps."""
+    forms = (14, 7, 6)
+    plain = np.zeros((9, 4, 33), bool)
+    tile_cols, skip = _engine._row_tiling(plain, forms)
+    assert tile_cols.tolist() == [[0, 14], [14, 14], [28, 5]] and skip is None
+    H = W = 33
+    rows = np.array([[i - 6 if 0 <= i - 6 < H else -1 for i in range(H + 12)]], np.intp)
+    cols = np.array([[j - 6 if 0 <= j - 6 < W else -1 for j in range(W + 12)]], np.intp)
+    taps = [(0, 0, 6 * ky, 6 * kx) for ky in range(3) for kx in range(3)]
+    masks = _engine._padding_masks(taps, rows, cols, H, W)
+    tile_cols, skip = _engine._row_tiling(masks, forms)
+    assert tile_cols.tolist() == [[0, 6], [6, 14], [20, 7], [27, 6]]
+    _check_tiling(tile_cols, skip, masks, forms)
+    # (random masks: still a cover, and an exact skip table)
+    rng = np.random.default_rng(0)
+    for out_cols in (1, 5, 29, 40):
+        masks = rng.random((4, 3, out_cols)) < 0.7
+        _check_tiling(*_engine._row_tiling(masks, forms), masks, forms)
 
 
 # Every compiled pixel tile of each forward and input-gradient kernel (dense ones have
@@ -256,7 +290,7 @@ def test_every_pixel_tile(spec, monkeypatch):
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
 def test_channel_vector_tail_tile(spec, twin, forced_rows):
     """Rows whose last tile has at most a narrower twin's pixels end with that twin
-    (here rows of 14 + 6..7 or 1..5 pixels, or 2 x 14 + as many)."""
+    (here rows of 14 + 7 or 1..6 pixels, or 2 x 14 + as many)."""
     low, high = ((spec.cvec_short_tail + 1, spec.cvec_tail) if twin == "tail" else (1, spec.cvec_short_tail))
     for W in range(16, 64):
         case = _case(spec, 37, 21)
@@ -268,7 +302,7 @@ def test_channel_vector_tail_tile(spec, twin, forced_rows):
     else:
         raise AssertionError(f"no width ends in the {twin}")
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
-    assert plan.cvec is not None and plan.row_tiles == -(-cols // spec.cvec_tile[0])
+    assert plan.cvec is not None and any(low <= n <= high for _, n in plan.tile_cols)
     _check(spec, case)
 
 
