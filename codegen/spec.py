@@ -120,12 +120,12 @@ class KernelSpec:
     @property
     def cvec_tile(self):
         """Channel-vector register tile (pixels, vectors) of dense forward and input-gradient
-        kernels of a fixed size, or None: `pixels` output pixels, each broadcast from the
-        input (held in blocks of `lanes` channels, pixel-major), times `vectors` vectors
-        of output channels from weights packed per call.  Its tiles can start at each
-        output row, skipping the flat grid's scratch columns (see convgen._engine for
-        when it runs)."""
-        if self.groups != "dense" or self.kernel is ANY or self.direction == "bwd_weight":
+        kernels, or None: `pixels` output pixels, each broadcast from the input (held in
+        blocks of `lanes` channels, pixel-major), times `vectors` vectors of output
+        channels from weights packed per call.  Its tiles can start at each output row,
+        skipping the flat grid's scratch columns (see convgen._engine for when it runs).
+        The generic forward kernel loops over its taps at run time."""
+        if self.groups != "dense" or self.direction == "bwd_weight":
             return None
         if self.direction == "bwd_data" and not self.unrolls_taps:
             return None  # (its phases' taps must be known)

@@ -236,13 +236,12 @@ def test_render_kernel_module(env, direction, dtype):
 
 
 def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
-    """Dense forward and input-gradient kernels of a fixed size (whose taps unroll) get a
-    channel-vector tile (and the module a weight packer, a blocked-input copier and a
-    CVEC_TILES entry); nothing else does."""
+    """Dense forward kernels (the generic one too) and dense input-gradient kernels whose
+    taps unroll get a channel-vector tile (and the module a weight packer, a
+    blocked-input copier and a CVEC_TILES entry); nothing else does."""
     for s in SPECS:
         ctx = context.kernel_context(s)
-        expect = (s.groups == "dense" and s.kernel is not ANY
-                  and (s.direction == "fwd" or (s.direction == "bwd_data" and s.unrolls_taps)))
+        expect = s.groups == "dense" and (s.direction == "fwd" or (s.direction == "bwd_data" and s.unrolls_taps))
         assert (s.cvec_tile is not None) == expect, s.name
         assert (ctx.get("cvec") is not None) == expect, s.name
         if expect:
@@ -257,12 +256,14 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
             f'{dense3.cvec_tail}, {dense3.cvec_short_tail}),') in text
     assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
+    generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")   # (its taps in a loop: no unrolled tap)
+    generic_tile = text[text.index(f"cdef inline void _{generic.name}{suffix}_tile("):]
+    generic_tile = generic_tile[:generic_tile.index("cdef inline void", 10)]
+    assert "for t in range(a.ntaps):" in generic_tile and "# tap 0:" not in generic_tile
     short = text[text.index(f"cdef inline void _{dense3.name}{suffix}_short_tail("):]
     short = short[:short.index("\ncdef ")]
     assert dense3.cvec_short_tail < dense3.cvec_tail < dense3.cvec_tile[0]
     assert f"a_{dense3.cvec_short_tail - 1}_1 = " in short and f"a_{dense3.cvec_short_tail}_0" not in short
-    generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")
-    assert f"_{generic.name}_c" not in text
 
 
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):

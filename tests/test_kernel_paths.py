@@ -160,12 +160,12 @@ def test_channel_vector_tiles_skip_padding_taps(spec, forced_rows):
     0 * inf is NaN at the border as in the reference.  (The input gradient has no
     padding terms in its definition: where its border makes NaN is the implementation's
     choice, and the reference's matrices make more.)"""
-    k = spec.kernel
     d = spec.dilation or 3
     case = _case(spec, 37, 37)
+    kh, kw = case["kernel"]
     # (the input gradient reads grad_output's border where the forward pads little;
     # rows of 33: two row tiles and a tail)
-    case.update(padding=d * (k - 1) if spec.direction == "fwd" else 0, dilation=d, H=10, W=33)
+    case.update(padding=(d * (kh - 1), d * (kw - 1)) if spec.direction == "fwd" else 0, dilation=d, H=10, W=33)
     fp = _plan(case, spec_dtype(spec))
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     skip = plan.tap_skip if spec.direction == "fwd" else plan.tap_skips[0]
@@ -176,7 +176,7 @@ def test_channel_vector_tiles_skip_padding_taps(spec, forced_rows):
         return
     dtype = spec_dtype(spec)
     x, w, b, gy = case_arrays(case, dtype, make_rng("skip", spec.name))
-    w[0, 0, 0, 0], w[1, 2, k - 1, k - 1] = np.inf, np.nan
+    w[0, 0, 0, 0], w[1, 2, kh - 1, kw - 1] = np.inf, np.nan
     args = conv_args(case)
     got = convgen_functional(spec.direction, x, w, b, gy, **args)[0]
     want = reference_functional(spec.direction, x, w, b, gy, **args)[0]
