@@ -428,9 +428,10 @@ class ForwardPlan:
             self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
         # the blocked copy: each work item copies its pixel chunk into a panel in L1.
-        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.groups == 1
-                       and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0 and not self.row_tiles
-                       and PANELS)
+        # (Only the 1x1 kernels have panel tiles: stride and dilation 1.)
+        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.dh == p.dw == 1
+                       and p.groups == 1 and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
+                       and not self.row_tiles and PANELS)
         if self.panels:
             self.rblock = self.Cg   # (a pixel chunk's panel holds every channel: one pass)
         # Images per forward pass: padded, then convolved while their planes are in cache.
@@ -602,7 +603,10 @@ class BackwardDataPlan:
             self.block_offs = [offs * lanes for offs in self.phase_offs]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
+        # (Zero padding only shifts grad_output's grid against the input's, which the panels
+        # do not: a padded 1x1 layer's input gradient came out wrong.)
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
+                       and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
                        and self.width == fp.OW and not self.row_tiles and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
         if self.cvec is not None:  # as the forward's

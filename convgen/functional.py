@@ -13,7 +13,7 @@ class Config:
     """Validated, normalised convolution hyper-parameters (no array shapes)."""
 
     __slots__ = ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                 "dilation", "groups", "padding_mode", "pads", "_problems")
+                 "dilation", "run_dilation", "groups", "padding_mode", "pads", "_problems")
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  dilation=1, groups=1, padding_mode="zeros"):
@@ -27,6 +27,9 @@ class Config:
         self.padding_mode = _validate.padding_mode_arg(padding_mode)
         # 'same' with a stride is rejected at construction, as in PyTorch.
         self.pads = _validate.resolve_padding(self.padding, self.kernel_size, self.stride, self.dilation)
+        # Along an axis where the kernel is 1 wide its dilation changes nothing: the
+        # kernels run it as 1 (so a dilated 1x1 layer runs the 1x1 kernel).
+        self.run_dilation = tuple(1 if k == 1 else d for k, d in zip(self.kernel_size, self.dilation))
         self._problems = {}
 
     def problem(self, shape, dtype):
@@ -38,7 +41,7 @@ class Config:
         if p is None:
             N, C, H, W = shape
             _validate.check_padded_size((H, W), self.pads, self.kernel_size, self.dilation, self.padding_mode)
-            p = Problem(N, C, H, W, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
+            p = Problem(N, C, H, W, self.out_channels, *self.kernel_size, *self.stride, *self.run_dilation,
                         *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
             if len(self._problems) >= 64:
                 self._problems.clear()
@@ -48,7 +51,7 @@ class Config:
     def kernel_name(self, dtype, direction="fwd"):
         """Name of the generated kernel that runs this configuration (any input size)."""
         shape = (1, self.in_channels, 1, 1)
-        p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.dilation,
+        p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.run_dilation,
                     *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
         return _dispatch.lookup(direction, _engine.strided_pointwise(p) or p).name
 

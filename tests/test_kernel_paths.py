@@ -147,6 +147,24 @@ def test_pixel_tile_reduction_passes(spec, monkeypatch):
         _engine.backward_data_plan.cache_clear()
 
 
+# Shapes that took the 1x1 panel paths wrongly (found by a fuzz run): a zero-padded 1x1
+# layer's input gradient with more output than input channels, on rows the row tiles do
+# not pay on (29 columns); a 1x1 kernel with a dilation, whose dilation changes nothing.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", [
+    dict(N=1, C=32, OC=64, H=29, W=29, kernel=(1, 1), stride=(1, 1), padding=(1, 2), dilation=(1, 1), groups=1),
+    dict(N=1, C=64, OC=32, H=32, W=32, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(2, 3), groups=1),
+], ids=["padded-1x1-input-gradient", "dilated-1x1"])
+def test_pointwise_panel_paths(case, dtype):
+    rng = make_rng("pointwise-panels", case["C"], case["OC"])
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    for direction in ("fwd", "bwd_data", "bwd_weight"):
+        got = convgen_functional(direction, x, w, b, gy, **args)
+        assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{direction} vs reference")
+        assert_close(got, torch_functional(direction, x, w, b, gy, **args), dtype, f"{direction} vs torch")
+
+
 # Row tiles skip the taps through which they read only zero padding: the forward's, and
 # the input gradient's where it stores into gx (stride 1, zero padding).
 SKIP_SPECS = [s for s in CVEC_SPECS if s.kernel != 1 and (s.direction == "fwd" or s.stride == 1)]
