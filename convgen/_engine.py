@@ -398,13 +398,13 @@ class ForwardPlan:
         # is NaN).
         self.tile_cols, self.tap_skip = None, None
         if self.row_tiles:
+            forms = _tile_forms(self.cvec)
             masks = (_padding_masks([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
                                     self.cols, self.OH, self.OW) if p.mode == "zeros"
                      else np.zeros((len(taps), self.OH, self.OW), bool))
-            self.tile_cols, self.tap_skip = _row_tiling(masks, _tile_forms(self.cvec))
+            self.tile_cols, self.tap_skip = _row_tiling(masks, forms)
             self.row_tiles = len(self.tile_cols)
-            self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols,
-                                             _tile_forms(self.cvec), chunk)
+            self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
         self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
         # 1x1 layers reducing over more channels than they output: consecutive work items
@@ -567,16 +567,16 @@ class BackwardDataPlan:
         # zero border where they store into gx (stride 1, zero padding: one phase).
         self.tile_cols, self.tap_skips = None, None
         if self.row_tiles:
+            forms = _tile_forms(self.cvec)
             masks = np.zeros((1, out_rows, self.out_cols), bool)
             if interior:
                 taps = [(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]]
-                masks = _padding_masks(taps, bordered(out_rows + max(t[2] for t in taps) + 1)[0],
-                                       bordered(0)[1], out_rows, self.out_cols)
-            self.tile_cols, skip = _row_tiling(masks, _tile_forms(self.cvec))
+                rows, cols, _ = bordered(out_rows + max(t[2] for t in taps) + 1)
+                masks = _padding_masks(taps, rows, cols, out_rows, self.out_cols)
+            self.tile_cols, skip = _row_tiling(masks, forms)
             self.tap_skips = None if skip is None else [skip]
             self.row_tiles = len(self.tile_cols)
-            self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.tile_cols,
-                                             _tile_forms(self.cvec), chunk)
+            self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.tile_cols, forms, chunk)
         self.tiled_len = out_rows * self.row_tiles * chunk if self.row_tiles else self.out_len  # as the forward's
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
