@@ -23,6 +23,12 @@ def _load_geometry():
 
 geometry = _load_geometry()
 
+# The fields after the columns in a row of the dense weight gradient's tile table
+# (emitted into the modules as OCVEC_FIELDS; convgen._engine._wgrad_tiles fills it): the
+# columns used, the column of the gradient's row where the first is stored (the others
+# after it), the output pixels' rectangle [h0, h1) x [w0, w1).
+OCVEC_FIELDS = ("used", "store", "h0", "h1", "w0", "w1")
+
 TEMPLATES = {
     "fwd": "conv2d_fwd.pyx.j2",
     "bwd_data": "conv2d_bwd_data.pyx.j2",
@@ -140,6 +146,8 @@ def kernel_context(spec):
             cols = [dict(index=c) for c in range(ncols)]
             ctx["ocvec"] = dict(vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
                                 cols=cols, width=vectors * lanes,
+                                # where each field sits in a row of the tiles' table
+                                field={f: ncols + i for i, f in enumerate(OCVEC_FIELDS)},
                                 # columns stored together by one transposed store (<= lanes)
                                 col_groups=[dict(start=g, cols=cols[g:g + lanes])
                                             for g in range(0, len(cols), lanes)])
@@ -197,6 +205,7 @@ def module_context(direction, dtype, specs, template=None):
         vec=f"cg_v{dtype}",
         sfx=dtype,
         lanes={"f32": 16, "f64": 8}[dtype],
+        ocvec_fields=repr(OCVEC_FIELDS),
         kernels=[kernel_context(s) for s in sorted(specs, key=lambda s: s.name) if s.direction == direction and s.dtype == dtype],
     )
 

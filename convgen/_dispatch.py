@@ -29,6 +29,8 @@ class Kernel(NamedTuple):
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
     cblock: Callable  # channel-block variant (depthwise forward, nothing kept), or None
     pad_blocked: Callable  # copies input into the channel-vector tile's layout (its module's pad_blocked)
+    ocvec_columns: int  # columns per tile of ocvec / ocvec_chunks (0 without them)
+    ocvec_fields: tuple  # the fields after the columns in a row of their tile table
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that costs least on `out_rows` output channels by
@@ -81,7 +83,8 @@ def _load(key):
                   getattr(mod, name + "_ocvec", None), getattr(mod, name + "_ocvec_chunks", None),
                   getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),
-                  getattr(mod, "pad_blocked", None))
+                  getattr(mod, "pad_blocked", None), getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0),
+                  getattr(mod, "OCVEC_FIELDS", ()))
 
 
 def lookup(direction, p):

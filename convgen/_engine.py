@@ -105,6 +105,13 @@ PASS_MIN_MACS = 64
 # gradient of its own).  Enough items for OpenMP's default threads, 4 at least (on 2
 # threads 4 items ran faster than 8 or 16: fewer partials), but not set by the threads
 # of a call: the split, and so the bits of the result, must not depend on them.
+# The dense weight gradient's tiles take one tap of a block of channels each (rather
+# than consecutive columns) where that visits fewer than WGRAD_TAP_ORDER_SAVING of the
+# pixels, counting WGRAD_TILE_OVERHEAD pixels per tile and WGRAD_TAPS_LAST_PIXELS per
+# (channel, tap) column for turning the tap-major sums around (see _wgrad_tiles).
+WGRAD_TAP_ORDER_SAVING = 0.95
+WGRAD_TILE_OVERHEAD = 16
+WGRAD_TAPS_LAST_PIXELS = 3
 WGRAD_CHUNKS = max(4, _OPENMP_DEFAULT)
 WGRAD_CHUNK_BYTES = 1 << 20
 WGRAD_MAX_CHUNKS = max(16, 2 * _OPENMP_DEFAULT)
@@ -273,6 +280,51 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
     return rows, images
 
 
+def _wgrad_tiles(masks, C, kk, columns, fields, overhead=WGRAD_TILE_OVERHEAD):
+    """The dense weight gradient's tile table (the kernels' `_ocvec` and `_ocvec_chunks`)
+    and whether it sums tap-major.  The table: a row per tile of `columns` columns
+    (channel * kk + tap, the last repeated past the used ones), then `fields` (the
+    modules' OCVEC_FIELDS).  masks: _padding_masks (taps, OH, OW), True where a tap
+    reads only zero padding.
+
+    Two orders: consecutive columns (each tile a run of the weight's (channel, tap)
+    columns), or one tap of `columns` consecutive channels per tile (the taps of a block
+    of channels one after another, so their input stays in cache), which visits only
+    the output pixels' rectangle where that tap reads data and stores its columns into
+    a tap-major gradient, (OC, kk, C), that _layout.taps_last then turns into the
+    weight's layout.  The tap order is taken where it visits fewer pixels, counting
+    `overhead` pixels per tile and WGRAD_TAPS_LAST_PIXELS per column for the turn; with
+    much padding (DeepLab's ASPP at rate 6: its corner taps read data on 67% of the
+    pixels) it visits a fifth fewer."""
+    valid = ~masks
+    rows_any, cols_any = valid.any(axis=2), valid.any(axis=1)   # (taps, OH), (taps, OW)
+
+    def rect(taps):
+        r, c = rows_any[taps].any(axis=0), cols_any[taps].any(axis=0)
+        if not r.any() or not c.any():
+            return 0, 0, 0, 0
+        (h,), (w,) = np.nonzero(r), np.nonzero(c)
+        return h[0], h[-1] + 1, w[0], w[-1] + 1
+
+    def row(cols, store):
+        cols = list(cols)
+        h0, h1, w0, w1 = rect(sorted({c % kk for c in cols}))
+        values = dict(used=len(cols), store=store, h0=h0, h1=h1, w0=w0, w1=w1)
+        return cols + [cols[-1]] * (columns - len(cols)) + [values[f] for f in fields]
+
+    def cost(table):
+        f = {name: columns + i for i, name in enumerate(fields)}
+        return sum((r[f["h1"]] - r[f["h0"]]) * (r[f["w1"]] - r[f["w0"]]) + overhead for r in table)
+
+    by_column = [row(range(s, min(C * kk, s + columns)), s) for s in range(0, C * kk, columns)]
+    if kk == 1:
+        return np.array(by_column, dtype=np.intp), False
+    by_tap = [row(range(c0 * kk + t, min(C, c0 + columns) * kk, kk), t * C + c0)
+              for c0 in range(0, C, columns) for t in range(kk)]
+    tap_major = cost(by_tap) + WGRAD_TAPS_LAST_PIXELS * C * kk < WGRAD_TAP_ORDER_SAVING * cost(by_column)
+    return np.array(by_tap if tap_major else by_column, dtype=np.intp), tap_major
+
+
 def _padding_masks(taps, rows, cols, out_rows, out_cols):
     """bool (taps, out_rows, out_cols): True where output pixel (i, o) reads only zero
     padding through a tap.  taps: (a, b, dy, dx) each: output pixel (i, o) reads the
@@ -399,10 +451,7 @@ class ForwardPlan:
         self.tile_cols, self.tap_skip = None, None
         if self.row_tiles:
             forms = _tile_forms(self.cvec)
-            masks = (_padding_masks([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
-                                    self.cols, self.OH, self.OW) if p.mode == "zeros"
-                     else np.zeros((len(taps), self.OH, self.OW), bool))
-            self.tile_cols, self.tap_skip = _row_tiling(masks, forms)
+            self.tile_cols, self.tap_skip = _row_tiling(self.padding_masks(taps), forms)
             self.row_tiles = len(self.tile_cols)
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
@@ -449,6 +498,11 @@ class ForwardPlan:
         # there: ResNet's 56x56 3x3 and 1x1, the 128x128 reflect layer.)
         self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
                                  and self.Cg >= 16)
+        self.wgrad_tiles, self.wgrad_tap_major = None, False
+        if self.wgrad_by_channel:
+            self.wgrad_tiles, self.wgrad_tap_major = _wgrad_tiles(
+                self.padding_masks(taps), self.Cg, self.kk, self.wgrad_kernel.ocvec_columns,
+                self.wgrad_kernel.ocvec_fields)
         # Layers whose weight gradient is small beside their data split it over pixels.
         self.wgrad_chunks = None
         if self.wgrad_by_channel:
@@ -492,6 +546,15 @@ class ForwardPlan:
         # One pass of the pixel tiles over every image, from planes padded beforehand.
         self.one_pass = (self.cvec is None and self.kernel.fused is None and self.images >= p.N
                          and self.rblock >= self.Cg)
+
+    def padding_masks(self, taps):
+        """_padding_masks of the forward's taps: True where an output pixel reads only
+        zero padding through a tap (nowhere unless the padding is zeros)."""
+        p = self.problem
+        if p.mode != "zeros":
+            return np.zeros((len(taps), self.OH, self.OW), bool)
+        return _padding_masks([(t.plane // p.sw, t.plane % p.sw, t.dy, t.dx) for t in taps], self.rows,
+                              self.cols, self.OH, self.OW)
 
 
 def channel_block_strip(plan, threads):
@@ -933,20 +996,27 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             buf = scratch("wgrad_pixel_major", (threads, (fp.x_chan + fp.OH * fp.OW) * lanes), grad_y.dtype)
             fp.wgrad_kernel.cblock(xin, grad_y, gw, buf, p.N, p.C, fp.x_chan, fp.OH, fp.OW, fp.We, fp.tap_off,
                                    threads, into)
-        elif fp.wgrad_chunks is not None:
-            lanes = LANES[p.dtype]
-            rows, images = fp.wgrad_chunks
-            chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
-            panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
-                                              rows * fp.We * lanes), grad_y.dtype)
-            partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
-            fp.wgrad_kernel.ocvec_chunks(xin, grad_y, gw, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
-                                         fp.OH, fp.OW, fp.We, fp.tap_off, rows, images, threads, into)
         elif fp.wgrad_by_channel:
-            gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
-            _layout.extend_transposed(grad_y, gT, fp.We, threads)
-            fp.wgrad_kernel.ocvec(xin, gT, gw, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
-                                  threads, into, fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.OW)
+            # (tap-major tiles sum into (OC, kk, C), then turned into the weight's layout)
+            out, out_into = (scratch("wgrad_tap_major", gw.shape, gw.dtype), False) if fp.wgrad_tap_major \
+                else (gw, into)
+            if fp.wgrad_chunks is not None:
+                lanes = LANES[p.dtype]
+                rows, images = fp.wgrad_chunks
+                chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
+                panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
+                                                  rows * fp.We * lanes), grad_y.dtype)
+                partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
+                fp.wgrad_kernel.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
+                                             fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
+                                             threads, out_into)
+            else:
+                gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
+                _layout.extend_transposed(grad_y, gT, fp.We, threads)
+                fp.wgrad_kernel.ocvec(xin, gT, out, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
+                                      fp.wgrad_tiles, threads, out_into, fp.ocvec_images, fp.ocvec_pixels, fp.We)
+            if fp.wgrad_tap_major:
+                _layout.taps_last(out, gw, fp.kk, into, threads)
         else:
             gy = grad_y
             if fp.wgrad_flat:

@@ -585,6 +585,37 @@ def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int
             _channel_sums(<double*>src, <double*>dst, N, C, L, threads)
 
 
+cdef void _taps_last(const real* src, real* dst, Py_ssize_t rows, Py_ssize_t kk, Py_ssize_t C,
+                     bint accumulate, int threads) noexcept nogil:
+    cdef Py_ssize_t o, t, c
+    cdef const real* s
+    cdef real* d
+    for o in prange(rows, schedule="static", num_threads=threads):
+        for t in range(kk):
+            s = src + (o * kk + t) * C
+            d = dst + o * kk * C + t
+            if accumulate:
+                for c in range(C):
+                    d[c * kk] += s[c]
+            else:
+                for c in range(C):
+                    d[c * kk] = s[c]
+
+
+def taps_last(cnp.ndarray src, cnp.ndarray dst, Py_ssize_t kk, bint accumulate, int threads):
+    """dst[o, c, t] = src[o, t, c] (or +=): a weight gradient summed tap-major, (rows,
+    kk, C), into the weight's layout (rows, C, kk).  Both C-contiguous."""
+    cdef Py_ssize_t rows = dst.shape[0], C = dst.size // (rows * kk)
+    cdef void* s = _ptr(src)
+    cdef void* d = _ptr(dst)
+    if src.dtype.itemsize == 4:
+        with nogil:
+            _taps_last(<float*>s, <float*>d, rows, kk, C, accumulate, threads)
+    else:
+        with nogil:
+            _taps_last(<double*>s, <double*>d, rows, kk, C, accumulate, threads)
+
+
 def address(cnp.ndarray a):
     """The address of a's data (what a.ctypes.data gives, without building a ctypes object)."""
     return <Py_ssize_t>cnp.PyArray_DATA(a)

@@ -331,6 +331,15 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == len(
         [s for s in SPECS if s.direction == "bwd_weight" and s.dtype == "f64" and s.groups == "dense"])
     assert f"def {wg.name}_ocvec_chunks(" not in text
+    # Its tile table's layout: the fields' order from codegen, their places in the tile
+    # after the columns (12 of them), each tile's columns stored from its `store` field.
+    assert f"OCVEC_FIELDS = {context.OCVEC_FIELDS!r}" in text
+    columns = text[text.index("OCVEC_COLUMNS = {"):]
+    columns = columns[:columns.index("}")]
+    assert f'    "{dense.name}": 12,' in columns and f'"{wg.name}"' not in columns
+    body = text[text.index(tile):text.index(f"def {dense.name}_ocvec(")]
+    assert "store = tile[13]" in body and "h0 = tile[14], h1 = tile[15]" in body
+    assert "cg_store_transposed_inlined_f64(gw + (o0 + 8) * ncols + store + 8," in body
 
 
 def test_render_dispatch_table_is_python(env):

@@ -4,7 +4,8 @@ here on every spec that has them, each test asserting that the path really ran:
 * the dense forward's channel-vector tile (packed weights, row-aligned tiles, partial
   sums between reduction passes);
 * the dense weight gradient vectorised over output channels (reduction segments,
-  scratch columns skipped);
+  scratch columns skipped, both tile orders: consecutive columns, or one tap of a block
+  of channels visiting only the pixels where it reads data);
 * 1x1 kernels running the channel tiles of a pixel chunk back to back, and at stride 1
   without padding reading their input in place through per-thread panels;
 * the depthwise forward's row-block tile (every padding mode, channel multipliers,
@@ -379,6 +380,113 @@ def test_weight_gradient_pixel_chunks(spec, chunks, monkeypatch, restore_threads
         grads.append(first)
         assert_close(conv.weight.grad, 2 * first, dtype, f"{spec.name}: accumulated")
     assert np.array_equal(grads[0], grads[1]), "differs between 1 and 2 threads"
+
+
+@pytest.fixture(params=["consecutive", "by tap"])
+def wgrad_order(monkeypatch, request):
+    """The dense weight gradient's tile order (see _engine._wgrad_tiles), forced."""
+    by_tap = request.param == "by tap"
+    monkeypatch.setattr(_engine, "WGRAD_TAP_ORDER_SAVING", 1e9 if by_tap else 0.0)
+    _engine.forward_plan.cache_clear()
+    yield by_tap
+    _engine.forward_plan.cache_clear()
+
+
+@pytest.mark.parametrize("split", ["tiles", "pixel chunks"])
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_tile_orders(spec, split, wgrad_order, monkeypatch, restore_threads):
+    """Both tile orders of the dense weight gradient, split over tiles or over pixels,
+    with a padding so wide that some taps read only padding on whole rows and columns
+    of the output (their tiles visit a rectangle of it, or none of it): 17 channels, so
+    the last block of channels is partial; against the reference and torch, and with
+    the same bits on 1 and 2 threads."""
+    dtype = spec_dtype(spec)
+    monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: (5, 1) if split == "pixel chunks" else None)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    case = _case(spec, 17, 37)
+    kh, kw = case["kernel"]
+    d = case["dilation"] if isinstance(case["dilation"], int) else case["dilation"][0]
+    case.update(N=2, H=13, W=11, padding=(d * (kh - 1) + 1, d * (kw - 1)))
+    fp = _plan(case, dtype)
+    tiles = fp.wgrad_tiles
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_by_channel and tiles is not None
+    f = {name: fp.wgrad_kernel.ocvec_columns + i for i, name in enumerate(fp.wgrad_kernel.ocvec_fields)}
+    assert fp.wgrad_tap_major == (wgrad_order and fp.kk > 1)
+    if fp.wgrad_tap_major:
+        areas = (tiles[:, f["h1"]] - tiles[:, f["h0"]]) * (tiles[:, f["w1"]] - tiles[:, f["w0"]])
+        assert areas.min() < fp.OH * fp.OW
+    used = _scratch_names(monkeypatch)
+    _check(spec, case)
+    assert ("wgrad_tap_major" in used) == fp.wgrad_tap_major
+    x, w, b, gy = case_arrays(case, dtype, make_rng("wgrad-order", spec.name))
+    grads = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        assert _engine.threads_for(fp.work, fp.values) == threads
+        conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], **conv_args(case), dtype=dtype)
+        conv.weight[...] = w
+        conv(x)
+        conv.backward(gy)
+        grads.append(conv.weight.grad.copy())
+    assert np.array_equal(grads[0], grads[1]), "differs between 1 and 2 threads"
+
+
+def test_wgrad_tiles(monkeypatch):
+    """Every (channel, tap) column in exactly one tile, stored at its place in the
+    weight's layout or, by tap, in the tap-major one; DeepLab's ASPP (rate 6, 33x33)
+    takes one tap of 12 channels per tile, each visiting that tap's rectangle (its
+    corner taps 27 x 27 pixels), and so would 17 channels if forced (a partial block);
+    ResNet's 14x14 3x3 layer keeps consecutive columns."""
+    fields = ("used", "store", "h0", "h1", "w0", "w1")
+    f = {name: 12 + i for i, name in enumerate(fields)}
+    H = W = 33
+    rows = np.array([[i - 6 if 0 <= i - 6 < H else -1 for i in range(H + 12)]], np.intp)
+    cols = np.array([[j - 6 if 0 <= j - 6 < W else -1 for j in range(W + 12)]], np.intp)
+    taps = [(0, 0, 6 * ky, 6 * kx) for ky in range(3) for kx in range(3)]
+    masks = _engine._padding_masks(taps, rows, cols, H, W)
+    span = {0: (6, 33), 1: (0, 33), 2: (0, 27)}
+    for C in (512, 17):
+        if C == 17:
+            monkeypatch.setattr(_engine, "WGRAD_TAP_ORDER_SAVING", 1e9)
+        tiles, tap_major = _engine._wgrad_tiles(masks, C, 9, 12, fields)
+        assert tap_major and len(tiles) == -(-C // 12) * 9
+        assert sorted(c for t in tiles for c in t[:t[f["used"]]]) == list(range(C * 9))
+        for t in tiles:
+            tap, c0 = t[0] % 9, t[0] // 9
+            assert list(t[:t[f["used"]]]) == list(range(t[0], t[0] + 9 * t[f["used"]], 9))
+            assert t[f["store"]] == tap * C + c0   # (tap-major: (OC, 9, C))
+            ky, kx = divmod(tap, 3)
+            assert (t[f["h0"]], t[f["h1"]]) == span[ky] and (t[f["w0"]], t[f["w1"]]) == span[kx]
+    monkeypatch.undo()
+    H = W = 14
+    rows = np.array([[i - 1 if 0 <= i - 1 < H else -1 for i in range(H + 2)]], np.intp)
+    cols = np.array([[j - 1 if 0 <= j - 1 < W else -1 for j in range(W + 2)]], np.intp)
+    masks = _engine._padding_masks([(0, 0, ky, kx) for ky in range(3) for kx in range(3)], rows, cols, H, W)
+    tiles, tap_major = _engine._wgrad_tiles(masks, 256, 9, 12, fields)
+    assert not tap_major and len(tiles) == 256 * 9 // 12
+    assert [c for t in tiles for c in t[:t[f["used"]]]] == list(range(256 * 9))
+    assert (tiles[:, f["store"]] == tiles[:, 0]).all()
+    # (without padding, or a tap reading only padding: the full map, or nothing)
+    tiles, tap_major = _engine._wgrad_tiles(np.zeros((9, 5, 5), bool), 24, 9, 12, fields)
+    assert not tap_major and (tiles[:, f["h0"]:] == [0, 5, 0, 5]).all()
+    masks = np.zeros((9, 5, 5), bool)
+    masks[0] = True
+    monkeypatch.setattr(_engine, "WGRAD_TAP_ORDER_SAVING", 1e9)
+    tiles, tap_major = _engine._wgrad_tiles(masks, 24, 9, 12, fields)
+    empty = tiles[:, 0] % 9 == 0
+    assert tap_major and (tiles[empty, f["h0"]:] == 0).all() and (tiles[~empty, f["h0"]:] == [0, 5, 0, 5]).all()
+
+
+def test_taps_last():
+    """_layout.taps_last turns a tap-major (rows, kk, C) gradient into (rows, C, kk),
+    or adds it there."""
+    for dtype in (np.float32, np.float64):
+        src = np.arange(5 * 9 * 7, dtype=dtype).reshape(5, 9, 7)
+        dst = np.empty((5, 7, 3, 3), dtype)
+        _layout.taps_last(src, dst, 9, False, 2)
+        np.testing.assert_array_equal(dst, src.transpose(0, 2, 1).reshape(5, 7, 3, 3))
+        _layout.taps_last(src, dst, 9, True, 1)
+        np.testing.assert_array_equal(dst, 2 * src.transpose(0, 2, 1).reshape(5, 7, 3, 3))
 
 
 def test_weight_gradient_pixel_chunk_rule(monkeypatch):
