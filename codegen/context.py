@@ -89,7 +89,7 @@ def _channel_block(spec):
                 loads.setdefault(j * s + kx * d, []).append(dict(pixel=j, tap=ky * k + kx))
         rows.append(dict(dy=ky * d, loads=[dict(offset=c * spec.lanes, fmas=f) for c, f in sorted(loads.items())]))
     return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), stride=s, span=(k - 1) * d, tap_rows=rows,
-                weight_vectors=_weight_vectors(spec),
+                weight_vectors=_weight_vectors(spec), columns=_store_columns(pixels, spec.lanes),
                 # vectors a last, partial row tile may read past the copy's end
                 slack=(pixels - 1) * s + (k - 1) * d + 1)
 
@@ -119,7 +119,14 @@ def _input_gradient_channel_block(spec):
             variants.append(dict(ra=ra, e=e, suffix=f"_{ra}{e}", tap_rows=rows,
                                  row_parity=("even", "odd")[ra], pad_parity=("even", "odd")[e]))
     return dict(suffix=f"_cb{pixels}", pixels=list(range(pixels)), variants=variants, border=k // 2,
-                weight_vectors=_weight_vectors(spec))
+                weight_vectors=_weight_vectors(spec), columns=_store_columns(pixels, lanes))
+
+
+def _store_columns(pixels, lanes):
+    """Length of the array of column vectors that a tile of `pixels` pixels hands to the
+    transposed store, `lanes` columns at a time: whole blocks, so that gcc sees no read
+    past its end (it cannot tell that the store reads only the first n_cols)."""
+    return geometry.round_up(pixels, lanes)
 
 
 def kernel_context(spec):
@@ -162,9 +169,11 @@ def kernel_context(spec):
         # (the input is in blocks of `lanes` channels, pixel-major: pixel p's value of a
         # channel is p * lanes values after pixel 0's)
         def twin(n):   # a narrower tile: n pixels
-            return dict(pixels=list(range(n)), broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(n)])
+            return dict(pixels=list(range(n)), broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(n)],
+                        columns=_store_columns(n, lanes))
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
                            broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(pixels)],
+                           columns=_store_columns(pixels, lanes),
                            tail=twin(spec.cvec_tail), short_tail=twin(spec.cvec_short_tail),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
