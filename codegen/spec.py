@@ -124,11 +124,10 @@ class KernelSpec:
         blocks of `lanes` channels, pixel-major), times `vectors` vectors of output
         channels from weights packed per call.  Its tiles can start at each output row,
         skipping the flat grid's scratch columns (see convgen._engine for when it runs).
-        The generic forward kernel loops over its taps at run time."""
+        The generic kernels loop over their taps at run time (the input gradient's over
+        each phase's)."""
         if self.groups != "dense" or self.direction == "bwd_weight":
             return None
-        if self.direction == "bwd_data" and not self.unrolls_taps:
-            return None  # (its phases' taps must be known)
         return (14, 2)
 
     @property

@@ -236,12 +236,12 @@ def test_render_kernel_module(env, direction, dtype):
 
 
 def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
-    """Dense forward kernels (the generic one too) and dense input-gradient kernels whose
-    taps unroll get a channel-vector tile (and the module a weight packer, a
-    blocked-input copier and a CVEC_TILES entry); nothing else does."""
+    """Dense forward and input-gradient kernels (the generic ones too) get a
+    channel-vector tile (and the module a weight packer, a blocked-input copier and a
+    CVEC_TILES entry); nothing else does."""
     for s in SPECS:
         ctx = context.kernel_context(s)
-        expect = s.groups == "dense" and (s.direction == "fwd" or (s.direction == "bwd_data" and s.unrolls_taps))
+        expect = s.groups == "dense" and s.direction in ("fwd", "bwd_data")
         assert (s.cvec_tile is not None) == expect, s.name
         assert (ctx.get("cvec") is not None) == expect, s.name
         if expect:
@@ -264,6 +264,18 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     short = short[:short.index("\ncdef ")]
     assert dense3.cvec_short_tail < dense3.cvec_tail < dense3.cvec_tile[0]
     assert f"a_{dense3.cvec_short_tail - 1}_1 = " in short and f"a_{dense3.cvec_short_tail}_0" not in short
+    # The generic input gradient: one tile for every phase, its taps in a loop; run()
+    # sends any phase to it (a kernel of fixed stride has one per phase).
+    text = render.render("conv2d_bwd_data.pyx.j2", context.module_context("bwd_data", "f32", SPECS), env)
+    generic = KernelSpec("bwd_data", "f32", ANY, ANY, ANY, "dense")
+    tile = text[text.index(f"cdef inline void _{generic.name}{suffix}_tile("):]
+    tile = tile[:tile.index("cdef inline void", 10)]
+    assert "for t in range(a.ntaps):" in tile and "# tap 0:" not in tile
+    run = text[text.index(f"def {generic.name}("):]
+    run = run[:run.index("\n# ---- ")]
+    assert f"        elif tile == {len(generic.tiles)}:\n" in run and "_item" in run and "_phase0_item" not in run
+    strided = KernelSpec("bwd_data", "f32", 3, 2, 1, "dense")
+    assert f"cdef void _{strided.name}{suffix}_phase3_item(" in text
 
 
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):
