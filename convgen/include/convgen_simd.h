@@ -151,8 +151,8 @@ static inline void cg_store_transposed_f64(double *dst, ptrdiff_t stride, const 
                                            int n_cols, int n_rows, int accumulate) CG_STORE_TRANSPOSED_F64
 
 /* The same, always inlined: for the weight gradient's channel-vectorised tile, where gcc
- * otherwise makes it a call per tile (5% slower on 7x7 maps).  (Inlined everywhere, the
- * forward kernels' many tiles would compile for a minute longer.) */
+ * otherwise makes it a call per tile (5% slower on 7x7 maps).  (Forced into every tile,
+ * the forward and input-gradient modules' among them, it made the build about 40 s longer.) */
 static inline __attribute__((always_inline)) void
 cg_store_transposed_inlined_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols, int n_cols, int n_rows,
                                 int accumulate) CG_STORE_TRANSPOSED_F32
