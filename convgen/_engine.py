@@ -302,31 +302,37 @@ def _wgrad_tiles(masks, C, kk, columns, fields, overhead=WGRAD_TILE_OVERHEAD):
     pixels) it visits a fifth fewer."""
     valid = ~masks
     rows_any, cols_any = valid.any(axis=2), valid.any(axis=1)   # (taps, OH), (taps, OW)
+    OH, OW = rows_any.shape[1], cols_any.shape[1]
+    # Each tap's rectangle, [h0, h1) x [w0, w1); an empty one (a tap reading only
+    # padding) as (OH, 0, OW, 0), which a min / max over a tile's taps ignores.
+    first = lambda a, n: np.where(a.any(axis=1), a.argmax(axis=1), n)
+    last = lambda a: np.where(a.any(axis=1), a.shape[1] - a[:, ::-1].argmax(axis=1), 0)
+    rects = np.stack([first(rows_any, OH), last(rows_any), first(cols_any, OW), last(cols_any)], axis=1)
 
-    def rect(taps):
-        r, c = rows_any[taps].any(axis=0), cols_any[taps].any(axis=0)
-        if not r.any() or not c.any():
-            return 0, 0, 0, 0
-        (h,), (w,) = np.nonzero(r), np.nonzero(c)
-        return h[0], h[-1] + 1, w[0], w[-1] + 1
+    def table(cols, used, store):
+        """The rows of tiles of columns `cols` (tiles, columns): their rectangle the
+        bounding box of their taps' (all zero if empty)."""
+        taps = cols % kk
+        box = np.stack([rects[taps, 0].min(axis=1), rects[taps, 1].max(axis=1),
+                        rects[taps, 2].min(axis=1), rects[taps, 3].max(axis=1)], axis=1)
+        box[(box[:, 1] == 0) | (box[:, 3] == 0)] = 0
+        values = dict(used=used, store=store, h0=box[:, 0], h1=box[:, 1], w0=box[:, 2], w1=box[:, 3])
+        return np.concatenate([cols, np.stack([values[f] for f in fields], axis=1)], axis=1).astype(np.intp)
 
-    def row(cols, store):
-        cols = list(cols)
-        h0, h1, w0, w1 = rect(sorted({c % kk for c in cols}))
-        values = dict(used=len(cols), store=store, h0=h0, h1=h1, w0=w0, w1=w1)
-        return cols + [cols[-1]] * (columns - len(cols)) + [values[f] for f in fields]
-
-    def cost(table):
+    def cost(t):
         f = {name: columns + i for i, name in enumerate(fields)}
-        return sum((r[f["h1"]] - r[f["h0"]]) * (r[f["w1"]] - r[f["w0"]]) + overhead for r in table)
+        return int(((t[:, f["h1"]] - t[:, f["h0"]]) * (t[:, f["w1"]] - t[:, f["w0"]]) + overhead).sum())
 
-    by_column = [row(range(s, min(C * kk, s + columns)), s) for s in range(0, C * kk, columns)]
+    j = np.arange(columns)
+    starts = np.arange(0, C * kk, columns)
+    by_column = table(np.minimum(starts[:, None] + j, C * kk - 1), np.minimum(columns, C * kk - starts), starts)
     if kk == 1:
-        return np.array(by_column, dtype=np.intp), False
-    by_tap = [row(range(c0 * kk + t, min(C, c0 + columns) * kk, kk), t * C + c0)
-              for c0 in range(0, C, columns) for t in range(kk)]
+        return by_column, False
+    c0, t = np.divmod(np.arange(_geometry.ceil_div(C, columns) * kk), kk)   # tile (c0, t), taps inner
+    c0 = c0 * columns
+    by_tap = table(np.minimum(c0[:, None] + j, C - 1) * kk + t[:, None], np.minimum(columns, C - c0), t * C + c0)
     tap_major = cost(by_tap) + WGRAD_TAPS_LAST_PIXELS * C * kk < WGRAD_TAP_ORDER_SAVING * cost(by_column)
-    return np.array(by_tap if tap_major else by_column, dtype=np.intp), tap_major
+    return (by_tap if tap_major else by_column), tap_major
 
 
 def _padding_masks(taps, rows, cols, out_rows, out_cols):
@@ -453,9 +459,11 @@ class ForwardPlan:
         # at rate 6: over a quarter of them) as long as the weights are finite (0 * inf
         # is NaN).
         self.tile_cols, self.tap_skip = None, None
+        masks = None   # (the taps' padding masks, made when first needed: also below)
         if self.row_tiles:
             forms = _tile_forms(self.cvec)
-            self.tile_cols, self.tap_skip = _row_tiling(self.padding_masks(taps), forms)
+            masks = self.padding_masks(taps)
+            self.tile_cols, self.tap_skip = _row_tiling(masks, forms)
             self.row_tiles = len(self.tile_cols)
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
@@ -505,8 +513,8 @@ class ForwardPlan:
         self.wgrad_tiles, self.wgrad_tap_major = None, False
         if self.wgrad_by_channel:
             self.wgrad_tiles, self.wgrad_tap_major = _wgrad_tiles(
-                self.padding_masks(taps), self.Cg, self.kk, self.wgrad_kernel.ocvec_columns,
-                self.wgrad_kernel.ocvec_fields)
+                self.padding_masks(taps) if masks is None else masks, self.Cg, self.kk,
+                self.wgrad_kernel.ocvec_columns, self.wgrad_kernel.ocvec_fields)
         # Layers whose weight gradient is small beside their data split it over pixels.
         self.wgrad_chunks = None
         if self.wgrad_by_channel:
