@@ -129,6 +129,15 @@ def _store_columns(pixels, lanes):
     return geometry.round_up(pixels, lanes)
 
 
+def _phase_runs(phases):
+    """The input gradient's runs of its tiles: one per stride phase that has taps, named
+    by a suffix and picked at run time by the phase's index; a kernel whose phases come
+    at run time (phases None) has one run for all of them, its taps in a loop."""
+    if phases is None:
+        return [dict(index=None, suffix="", taps=None)]
+    return [dict(index=ph["index"], suffix=f"_phase{ph['index']}", taps=ph["taps"]) for ph in phases if ph["taps"]]
+
+
 def kernel_context(spec):
     """Template values for one kernel."""
     rows, cols = spec.tile
@@ -181,23 +190,24 @@ def kernel_context(spec):
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)
     ctx["channel_block"] = _channel_block(spec)
-    if not spec.unrolls_taps:
-        return ctx
-    k, s, d = spec.kernel, spec.stride, spec.dilation
-    if not spec.is_generic:
-        if spec.direction == "fwd":
-            ctx["taps"] = _taps(geometry.forward_taps(k, k, s, s, d, d))
+    if spec.unrolls_taps:
+        k, s, d = spec.kernel, spec.stride, spec.dilation
+        if not spec.is_generic:
+            if spec.direction == "fwd":
+                ctx["taps"] = _taps(geometry.forward_taps(k, k, s, s, d, d))
+            else:
+                ctx["phases"] = [dict(index=p, taps=_taps(taps))
+                                 for p, taps in enumerate(geometry.bwd_data_phases(k, k, s, s, d, d))]
         else:
-            ctx["phases"] = [dict(index=p, taps=_taps(taps))
-                             for p, taps in enumerate(geometry.bwd_data_phases(k, k, s, s, d, d))]
-        return ctx
-    # Stride / dilation at run time: the taps come in weight order (as the runtime's
-    # geometry lists them), their offsets from the table the kernel receives.
-    any_taps = [dict(i=i, w_index=i, plane="any", dy="any", dx="any") for i in range(k * k)]
-    if spec.direction == "fwd":
-        ctx["taps"] = any_taps
-    else:
-        ctx["phases"] = [dict(index=0, taps=[dict(t, plane=0) for t in any_taps])]
+            # Stride / dilation at run time: the taps come in weight order (as the runtime's
+            # geometry lists them), their offsets from the table the kernel receives.
+            any_taps = [dict(i=i, w_index=i, plane="any", dy="any", dx="any") for i in range(k * k)]
+            if spec.direction == "fwd":
+                ctx["taps"] = any_taps
+            else:
+                ctx["phases"] = [dict(index=0, taps=[dict(t, plane=0) for t in any_taps])]
+    if spec.direction == "bwd_data":
+        ctx["phase_runs"] = _phase_runs(ctx["phases"])
     return ctx
 
 

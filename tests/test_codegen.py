@@ -144,6 +144,12 @@ def test_context_bwd_data_phases_3x3_stride2():
     got = [sorted(t["w_index"] for t in p["taps"]) for p in phases]
     assert got == [[0, 2, 6, 8], [1, 7], [3, 5], [4]]
     assert ctx["taps"] is None
+    # its tiles run once per phase, each named and picked by the phase's index
+    assert [(r["index"], r["suffix"], r["taps"]) for r in ctx["phase_runs"]] == [
+        (p["index"], f"_phase{p['index']}", p["taps"]) for p in phases]
+    # (a phase without taps gets no run: stride 2, dilation 2 reads only phase 0)
+    ctx = context.kernel_context(KernelSpec("bwd_data", "f32", 3, 2, 2, "dense"))
+    assert [r["suffix"] for r in ctx["phase_runs"]] == ["_phase0"]
 
 
 SHAPES = sorted({(sp.kernel, sp.stride, sp.dilation) for sp in SPECS if not sp.is_generic}
@@ -195,6 +201,8 @@ def test_context_bwd_data_phases_cover_every_tap(k, s, d):
 def test_context_generic_has_no_taps(s):
     ctx = context.kernel_context(s)
     assert ctx["taps"] is None and ctx["phases"] is None
+    if s.direction == "bwd_data":   # one run of its tiles for every phase, taps in a loop
+        assert ctx["phase_runs"] == [dict(index=None, suffix="", taps=None)]
 
 
 def test_module_and_dispatch_context():
