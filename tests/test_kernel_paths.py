@@ -237,6 +237,14 @@ def test_padding_masks():
     assert masks[0, 0, 0] and not masks[4, 0, 0]     # row 0 reads the top padding through dy = 0
 
 
+def _square_3x3_masks(size, d):
+    """_padding_masks of a 3x3 kernel at dilation d, padding d ('same'), on a size x size
+    map: d = 6 on 33 x 33 is DeepLab's ASPP."""
+    sources = np.array([[i - d if 0 <= i - d < size else -1 for i in range(size + 2 * d)]], np.intp)
+    taps = [(0, 0, d * ky, d * kx) for ky in range(3) for kx in range(3)]
+    return _engine._padding_masks(taps, sources, sources, size, size)
+
+
 def _check_tiling(tile_cols, skip, masks, forms):
     """tile_cols covers each row's columns in order, each tile within the widest form;
     skip marks exactly the (row, tile, tap) that read only padding."""
@@ -259,11 +267,7 @@ def test_row_tiling():
     plain = np.zeros((9, 4, 33), bool)
     tile_cols, skip = _engine._row_tiling(plain, forms)
     assert tile_cols.tolist() == [[0, 14], [14, 14], [28, 5]] and skip is None
-    H = W = 33
-    rows = np.array([[i - 6 if 0 <= i - 6 < H else -1 for i in range(H + 12)]], np.intp)
-    cols = np.array([[j - 6 if 0 <= j - 6 < W else -1 for j in range(W + 12)]], np.intp)
-    taps = [(0, 0, 6 * ky, 6 * kx) for ky in range(3) for kx in range(3)]
-    masks = _engine._padding_masks(taps, rows, cols, H, W)
+    masks = _square_3x3_masks(33, 6)
     tile_cols, skip = _engine._row_tiling(masks, forms)
     assert tile_cols.tolist() == [[0, 6], [6, 14], [20, 7], [27, 6]]
     _check_tiling(tile_cols, skip, masks, forms)
@@ -436,11 +440,7 @@ def test_wgrad_tiles(monkeypatch):
     ResNet's 14x14 3x3 layer keeps consecutive columns."""
     fields = ("used", "store", "h0", "h1", "w0", "w1")
     f = {name: 12 + i for i, name in enumerate(fields)}
-    H = W = 33
-    rows = np.array([[i - 6 if 0 <= i - 6 < H else -1 for i in range(H + 12)]], np.intp)
-    cols = np.array([[j - 6 if 0 <= j - 6 < W else -1 for j in range(W + 12)]], np.intp)
-    taps = [(0, 0, 6 * ky, 6 * kx) for ky in range(3) for kx in range(3)]
-    masks = _engine._padding_masks(taps, rows, cols, H, W)
+    masks = _square_3x3_masks(33, 6)
     span = {0: (6, 33), 1: (0, 33), 2: (0, 27)}
     for C in (512, 17):
         if C == 17:
@@ -455,10 +455,7 @@ def test_wgrad_tiles(monkeypatch):
             ky, kx = divmod(tap, 3)
             assert (t[f["h0"]], t[f["h1"]]) == span[ky] and (t[f["w0"]], t[f["w1"]]) == span[kx]
     monkeypatch.undo()
-    H = W = 14
-    rows = np.array([[i - 1 if 0 <= i - 1 < H else -1 for i in range(H + 2)]], np.intp)
-    cols = np.array([[j - 1 if 0 <= j - 1 < W else -1 for j in range(W + 2)]], np.intp)
-    masks = _engine._padding_masks([(0, 0, ky, kx) for ky in range(3) for kx in range(3)], rows, cols, H, W)
+    masks = _square_3x3_masks(14, 1)
     tiles, tap_major = _engine._wgrad_tiles(masks, 256, 9, 12, fields)
     assert not tap_major and len(tiles) == 256 * 9 // 12
     assert [c for t in tiles for c in t[:t[f["used"]]]] == list(range(256 * 9))
