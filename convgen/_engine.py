@@ -64,6 +64,12 @@ def threads_for(work, values=0):
 # tiles, DeepLab's rate-2 layer 1.09x; at 14x14 and 7x7 packing costs more than it saves.)
 CVEC_MIN_CHANNELS = 32
 CVEC_MIN_PIXELS = 512
+# ... or, 1x1 layers, this many: the pixel tiles would waste a third of a 14x14 map, which
+# the 14-pixel channel-vector tile divides exactly (2 threads: ResNet's 1024 -> 256 at 14x14
+# forward 0.71 -> 0.56 ms, input gradient 0.68 -> 0.55; 256 -> 1024 0.52 -> 0.47 and
+# 0.77 -> 0.64; a batch of four 7x7 maps, 512 -> 2048, input gradient 4.1 -> 2.9; on one
+# 7x7 map it would be 1.25-1.75x slower).
+CVEC_MIN_PIXELS_1X1 = 128
 # ... and where its blocks of output channels compute at most this share more than the
 # channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
 # ran 1.3x slower than the pixel tiles).
@@ -78,8 +84,15 @@ CVEC_IMAGE_BUDGET = 4 << 20
 # 28x28 equal, 56x56 0.85x; 5x5 at 7x7 2.4x).
 WGRAD_CHANNEL_BLOCK_PIXELS = 256
 # 1x1 layers at stride 1 without padding copy their input into the tile's layout a
-# pixel chunk at a time (see ForwardPlan.panels).
+# run of pixel chunks at a time (see ForwardPlan.panels).
 PANELS = True
+# A work item's panel holds this many bytes of input (a run of pixel chunks, every
+# channel), as long as the call still has PANEL_MIN_ITEMS work items: the copy then reads
+# rows of a few hundred pixels rather than one chunk's (2 threads: ResNet's 256 -> 64 at
+# 56x56 0.62 -> 0.51 ms, a batch of 8 of it 7.0 -> 3.8 ms; 64 -> 256's input gradient
+# 0.61 -> 0.53).
+PANEL_BUDGET = 256 << 10
+PANEL_MIN_ITEMS = 8
 # Its tiles start at each output row where that computes less than this share of the
 # flat grid's rows, whose scratch columns they skip (wide paddings: DeepLab's ASPP
 # computes 42 of every 45 pixels); elsewhere they run along the flat grid.
@@ -230,20 +243,32 @@ def _interior(pad, count, step, size):
     return out
 
 
-def _cvec_layout(cvec, out_channels, reduced_channels, images, rows, cols, width):
+def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width):
     """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
     pixels of its tail tile) runs: None where it should not (too few channels either way,
     too few output pixels per weight, too many idle lanes in the blocks of output
     channels), else its row tiles per output row (rows `width` apart, `cols` real pixels
     each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
-            or images * rows * width < CVEC_MIN_PIXELS
+            or images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1)
             or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
     rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a tail tile's if it can
     computed = (row_tiles - 1) * cvec[1] + (cvec[3] if rest <= cvec[3] else cvec[1])
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
+
+
+def _panel_pixels(p: "Problem", channels, chunk):
+    """The length, in pixels, of a panel's block of channels for a 1x1 layer reducing
+    over `channels`: a multiple of chunk, plus a pixel where that makes its cache lines
+    odd in number (blocks a multiple of 4 KB apart would pile into a few of L1's sets)."""
+    lanes, itemsize = LANES[p.dtype], ITEMSIZE[p.dtype]
+    per_chunk = _geometry.round_up(channels, lanes) * chunk * itemsize
+    chunks = _geometry.ceil_div(p.H * p.W, chunk)
+    most = max(1, p.N * chunks // PANEL_MIN_ITEMS)
+    pixels = chunk * max(1, min(chunks, most, PANEL_BUDGET // per_chunk))
+    return pixels + 1 if pixels * lanes * itemsize // 64 % 2 == 0 else pixels
 
 
 def _tile_forms(cvec):
@@ -415,7 +440,7 @@ class ForwardPlan:
         self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
         # Dense layers with enough channels run the channel-vector tile over the input
         # in blocks of channels, pixel-major (see pad_blocked).
-        layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.N, self.OH, self.OW, self.We)
+        layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We)
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
@@ -495,6 +520,7 @@ class ForwardPlan:
                        and not self.row_tiles and PANELS)
         if self.panels:
             self.rblock = self.Cg   # (a pixel chunk's panel holds every channel: one pass)
+            self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -621,7 +647,7 @@ class BackwardDataPlan:
         # over grad_output in pixel-major blocks (its row tiles skip a dilated layer's
         # wide halo).
         self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
-        layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, p.N, out_rows, self.out_cols, self.width)
+        layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols, self.width)
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
@@ -686,6 +712,8 @@ class BackwardDataPlan:
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
         if self.cvec is not None:  # as the forward's
             self.rblock = fp.OCg if self.panels else min(fp.OCg, _geometry.round_up(self.rblock, lanes))
+        if self.panels:
+            self.panel_pixels = _panel_pixels(p, fp.OCg, self.cvec[1])
         # (images, groups) per block: whole images while they fit, else groups of one image.
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
         fit = max(1, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET) // group_bytes)
@@ -816,7 +844,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     if fp.panels:
         if xin is not None:  # the planes kept for the weight gradient
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-        panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.cvec[1]), x.dtype)
+        panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.panel_pixels), x.dtype)
         fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
                       0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
                       panels=panels)
@@ -910,7 +938,7 @@ def backward_data(grad_y, weight, p: Problem):
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
-                                     * bp.cvec[1]), grad_y.dtype)
+                                     * bp.panel_pixels), grad_y.dtype)
     elif bp.cvec is None:
         gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     else:  # dense: one group

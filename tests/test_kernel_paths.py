@@ -23,7 +23,7 @@ from codegen.table import SPECS
 from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
                       reference_functional, spec_dtype, torch_functional)
 import convgen
-from convgen import _dispatch, _engine, _layout
+from convgen import _dispatch, _engine, _geometry, _layout
 from convgen import _reference as ref
 
 CVEC_SPECS = [s for s in SPECS if s.cvec_tile is not None]
@@ -522,22 +522,32 @@ def test_one_by_one_channel_tiles_inner(spec):
 
 
 # ... and those of them at stride 1 without padding that run the channel-vector tile read
-# their input (grad_output) in place, a pixel chunk at a time copied into a panel.
+# their input (grad_output) in place, a run of pixel chunks at a time copied into a panel.
 PANEL_SPECS = [s for s in ONE_BY_ONE if s.stride == 1 and s.cvec_tile is not None]
 
 
+@pytest.mark.parametrize("panel_chunks", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", PANEL_SPECS, ids=lambda s: s.name)
-def test_one_by_one_panels(spec, threads, forced_flat, monkeypatch, restore_threads):
+def test_one_by_one_panels(spec, threads, panel_chunks, forced_flat, monkeypatch, restore_threads):
+    """2 x 11 x 9 pixels: the last chunk of each image is partial and, at 3 chunks per
+    panel, so is its last panel (two chunks of 3)."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     convgen.set_num_threads(threads)
     C, OC = (40, 21) if spec.direction == "fwd" else (21, 40)   # a partial block of channels
+    lanes, itemsize = (16, 4) if spec_dtype(spec) == np.float32 else (8, 8)
+    chunk = spec.cvec_tile[0]
+    monkeypatch.setattr(_engine, "PANEL_MIN_ITEMS", 1)
+    # (the panel holds the 40 channels reduced over, rounded up to a vector)
+    monkeypatch.setattr(_engine, "PANEL_BUDGET", panel_chunks * chunk * _geometry.round_up(40, lanes) * itemsize)
     case = _case(spec, C, OC)
-    case.update(N=2)   # 2 x 11 x 9 pixels: the last chunk of each image partial
+    case.update(N=2)
     fp = _plan(case, spec_dtype(spec))
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.kernel.name == spec.name
     assert plan.panels and _engine.threads_for(fp.work) == threads
+    assert plan.panel_pixels // chunk == panel_chunks and plan.panel_pixels % 2 == 1   # (odd: see _panel_pixels)
+    assert (case["H"], case["W"]) == (11, 9) and _geometry.ceil_div(11 * 9, chunk) % panel_chunks == (panel_chunks - 1)
     _check(spec, case)
 
 
@@ -675,17 +685,20 @@ def test_channel_vector_tile_rule():
     (where that computes fewer pixels than the flat grid's rows)."""
     cvec = (1, 14, 32, 7)
     rule = _engine._cvec_layout
-    assert rule(cvec, 64, 64, 1, 128, 128, 130) == 0            # 128x128: 140 of 130 columns: flat
-    assert rule(cvec, 64, 64, 1, 56, 56, 58) == 4               # 56x56: 56 of 58 columns
-    assert rule(cvec, 256, 512, 1, 33, 33, 45) == 3             # ASPP: 14 + 14 + a tail of 7 of 45 columns
-    assert rule(cvec, 64, 48, 1, 35, 35, 39) == 3               # 14 + 14 + 7 of 39 columns
-    assert rule(cvec, 64, 64, 1, 32, 32, 34) == 0               # 14 + 14 + 14 > 34 columns: flat
-    assert rule(cvec, 64, 256, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
-    assert rule(cvec, 256, 256, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
-    assert rule(cvec, 64, 16, 1, 128, 128, 130) is None         # too few reduced channels
-    assert rule(cvec, 16, 64, 1, 128, 128, 130) is None         # too few output channels
-    assert rule(cvec, 48, 64, 1, 35, 35, 39) is None            # 48 channels in 2 blocks of 32
-    assert rule(None, 64, 64, 1, 128, 128, 130) is None         # no such tile
+    assert rule(cvec, 64, 64, 9, 1, 128, 128, 130) == 0            # 128x128: 140 of 130 columns: flat
+    assert rule(cvec, 64, 64, 9, 1, 56, 56, 58) == 4               # 56x56: 56 of 58 columns
+    assert rule(cvec, 256, 512, 9, 1, 33, 33, 45) == 3             # ASPP: 14 + 14 + a tail of 7 of 45 columns
+    assert rule(cvec, 64, 48, 25, 1, 35, 35, 39) == 3              # 14 + 14 + 7 of 39 columns
+    assert rule(cvec, 64, 64, 9, 1, 32, 32, 34) == 0               # 14 + 14 + 14 > 34 columns: flat
+    assert rule(cvec, 64, 256, 1, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
+    assert rule(cvec, 256, 256, 9, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
+    assert rule(cvec, 256, 1024, 1, 1, 14, 14, 14) == 0            # ... but 1x1: 14 tiles of 14 pixels
+    assert rule(cvec, 512, 2048, 1, 1, 7, 7, 7) is None            # ... down to 7x7
+    assert rule(cvec, 512, 2048, 1, 4, 7, 7, 7) == 0               # ... a batch of four of them
+    assert rule(cvec, 64, 16, 9, 1, 128, 128, 130) is None         # too few reduced channels
+    assert rule(cvec, 16, 64, 9, 1, 128, 128, 130) is None         # too few output channels
+    assert rule(cvec, 48, 64, 9, 1, 35, 35, 39) is None            # 48 channels in 2 blocks of 32
+    assert rule(None, 64, 64, 9, 1, 128, 128, 130) is None         # no such tile
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
