@@ -69,12 +69,23 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 }
 #endif
 
+/* Copies n values (n >= 0) from src to dst, which do not overlap: whole vectors, then
+ * one partial vector (rows of a tile's staged output into the output's rows). */
+#define CG_DEFINE_COPY(SFX, T, LANES)                                               \
+    static inline void cg_copy_##SFX(T *dst, const T *src, ptrdiff_t n) {           \
+        ptrdiff_t i = 0;                                                            \
+        for (; i + LANES <= n; i += LANES) cg_store_##SFX(dst + i, cg_load_##SFX(src + i)); \
+        if (i < n) cg_store_partial_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i)), (int)(n - i)); \
+    }
+
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
 
 CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
+CG_DEFINE_COPY(f32, float, 16)
+CG_DEFINE_COPY(f64, double, 8)
 
 /* Transposed store of a block held as column vectors: cols[c] holds column c, lane l
  * being row l.  Writes (or, with accumulate, adds to) dst[l * stride + c] for
