@@ -214,6 +214,8 @@ def kernel_context(spec):
 def module_context(direction, dtype, specs, template=None):
     """Template values for one extension module: every kernel of a direction and dtype."""
     template = template or TEMPLATES[direction]
+    kernels = [kernel_context(s) for s in sorted(specs, key=lambda s: s.name)
+               if s.direction == direction and s.dtype == dtype]
     return dict(
         banner=banner(template),
         template=template,
@@ -225,8 +227,19 @@ def module_context(direction, dtype, specs, template=None):
         sfx=dtype,
         lanes={"f32": 16, "f64": 8}[dtype],
         ocvec_fields=repr(OCVEC_FIELDS),
-        kernels=[kernel_context(s) for s in sorted(specs, key=lambda s: s.name) if s.direction == direction and s.dtype == dtype],
+        ocvec=_shared_ocvec(kernels),
+        kernels=kernels,
     )
+
+
+def _shared_ocvec(kernels):
+    """The dense weight gradients' channel-vectorised tile, generated once per module for
+    every kernel that has it (it takes its columns and their taps from a table at run
+    time, so nothing in it depends on the kernel), or None."""
+    tiles = [k["ocvec"] for k in kernels if k.get("ocvec")]
+    if any(t != tiles[0] for t in tiles):
+        raise ValueError("the dense weight-gradient kernels of a module must share one ocvec tile")
+    return tiles[0] if tiles else None
 
 
 def banner(template):

@@ -79,12 +79,13 @@ def _load(key):
     module, name, tile = KERNELS[key]
     mod = importlib.import_module(f"convgen._generated.{module}")
     variants = tuple(mod.TILES[name])
+    # (the dense weight gradients of a module share its ocvec / ocvec_chunks)
+    ocvec_columns = getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0)
+    ocvec = (mod.ocvec, mod.ocvec_chunks) if ocvec_columns else (None, None)
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
-                  getattr(mod, name + "_ocvec", None), getattr(mod, name + "_ocvec_chunks", None),
-                  getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
+                  *ocvec, getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),
-                  getattr(mod, "pad_blocked", None), getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0),
-                  getattr(mod, "OCVEC_FIELDS", ()))
+                  getattr(mod, "pad_blocked", None), ocvec_columns, getattr(mod, "OCVEC_FIELDS", ()))
 
 
 def lookup(direction, p):

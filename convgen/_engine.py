@@ -290,8 +290,8 @@ def _row_tiled_length(flat_len, rows, width, tile_cols, forms, pixels):
 
 
 def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
-    """(output rows, images) per work item of the weight gradient split over pixels (the
-    kernels' `_ocvec_chunks`), or None where that does not pay.  Each work item sums a
+    """(output rows, images) per work item of the weight gradient split over pixels (its
+    module's `ocvec_chunks`), or None where that does not pay.  Each work item sums a
     whole weight gradient of its own, so the split pays where those partials are small
     beside the data read.  It aims at WGRAD_CHUNKS items of at most WGRAD_CHUNK_BYTES
     per image, and at most WGRAD_MAX_CHUNKS items (the same rows of several images each).
@@ -310,7 +310,7 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
 
 
 def _wgrad_tiles(masks, C, kk, columns, fields, overhead=WGRAD_TILE_OVERHEAD):
-    """The dense weight gradient's tile table (the kernels' `_ocvec` and `_ocvec_chunks`)
+    """The dense weight gradient's tile table (its module's `ocvec` and `ocvec_chunks`)
     and whether it sums tap-major.  The table: a row per tile of `columns` columns
     (channel * kk + tap, the last repeated past the used ones), then `fields` (the
     modules' OCVEC_FIELDS).  masks: _padding_masks (taps, OH, OW), True where a tap

@@ -342,22 +342,22 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     assert "a_24 = cg_fmav_f64(a_24, g, cg_load_f64(xr + ow * 8 + o_24))" in item
     generic = KernelSpec("bwd_weight", "f64", ANY, ANY, ANY, "depthwise")
     assert f"def {generic.name}(" in text and f"def {generic.name}_cblock(" not in text
-    # Dense weight gradients: one channel-vectorised tile, run by two entry points (split
-    # over tiles, or over pixels into partial gradients) that differ in grad_output's layout.
+    # Dense weight gradients: one channel-vectorised tile per module, shared by every dense
+    # kernel, run by two entry points (split over tiles, or over pixels into partial
+    # gradients) that differ in grad_output's layout.
     dense = KernelSpec("bwd_weight", "f64", 1, 1, 1, "dense")
-    tile = f"_{dense.name}_ocvec_tile("
-    assert f"def {dense.name}_ocvec(" in text and f"def {dense.name}_ocvec_chunks(" in text
-    assert text.count(tile) == 3   # defined once, called by each entry point
-    assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == len(
-        [s for s in SPECS if s.direction == "bwd_weight" and s.dtype == "f64" and s.groups == "dense"])
-    assert f"def {wg.name}_ocvec_chunks(" not in text
+    tile = "cdef void _ocvec_tile("
+    assert "def ocvec(" in text and "def ocvec_chunks(" in text
+    assert text.count(tile) == 1 and text.count("_ocvec_tile(") == 3   # defined once, called by each entry point
+    assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == 1
+    assert "_ocvec" not in text.replace("_ocvec_tile(", "")   # no per-kernel copies
     # Its tile table's layout: the fields' order from codegen, their places in the tile
     # after the columns (12 of them), each tile's columns stored from its `store` field.
     assert f"OCVEC_FIELDS = {context.OCVEC_FIELDS!r}" in text
     columns = text[text.index("OCVEC_COLUMNS = {"):]
     columns = columns[:columns.index("}")]
     assert f'    "{dense.name}": 12,' in columns and f'"{wg.name}"' not in columns
-    body = text[text.index(tile):text.index(f"def {dense.name}_ocvec(")]
+    body = text[text.index(tile):text.index("def ocvec(")]
     assert "store = tile[13]" in body and "h0 = tile[14], h1 = tile[15]" in body
     assert "cg_store_transposed_inlined_f64(gw + (o0 + 8) * ncols + store + 8," in body
 
@@ -462,3 +462,15 @@ def test_transposed_store_helper_in_header():
                 groups = ctx["ocvec"]["col_groups"]
                 assert all(len(g["cols"]) <= s.lanes for g in groups)
                 assert sum(len(g["cols"]) for g in groups) == len(ctx["ocvec"]["cols"])
+
+
+def test_weight_gradient_module_shares_one_ocvec_tile():
+    """The dense weight gradients of a module share one channel-vectorised tile: the
+    context gives it once, and refuses kernels whose tiles differ."""
+    ctx = context.module_context("bwd_weight", "f32", SPECS)
+    dense = [k for k in ctx["kernels"] if k["ocvec"]]
+    assert len(dense) > 1 and all(k["ocvec"] == ctx["ocvec"] for k in dense)
+    assert context.module_context("fwd", "f32", SPECS)["ocvec"] is None
+    odd = dict(dense[0], ocvec=dict(dense[0]["ocvec"], width=1))
+    with pytest.raises(ValueError, match="share one ocvec tile"):
+        context._shared_ocvec([odd, dense[1]])

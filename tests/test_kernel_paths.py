@@ -355,7 +355,7 @@ def chunks(monkeypatch, request):
 
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
 def test_weight_gradient_pixel_chunks(spec, chunks, monkeypatch, restore_threads):
-    """The dense weight gradient split over pixels (the kernels' _ocvec_chunks): three
+    """The dense weight gradient split over pixels (its module's ocvec_chunks): three
     images in items of 5 output rows, the last of each image partial, of one image or of
     two (the last item one); 37 output channels, so the last tile's second vector lies past
     the last channel; accumulating into a gradient; on 1 and 2 threads, with the same bits."""
