@@ -585,21 +585,32 @@ def channel_sums(cnp.ndarray g, cnp.ndarray out, Py_ssize_t N, Py_ssize_t C, int
             _channel_sums(<double*>src, <double*>dst, N, C, L, threads)
 
 
-cdef void _taps_last(const real* src, real* dst, Py_ssize_t rows, Py_ssize_t kk, Py_ssize_t C,
-                     bint accumulate, int threads) noexcept nogil:
-    cdef Py_ssize_t o, t, c
+cdef inline void _taps_last_row(const real* src, real* dst, Py_ssize_t o, Py_ssize_t kk, Py_ssize_t C,
+                                bint accumulate) noexcept nogil:
+    """Output channel o of taps_last."""
+    cdef Py_ssize_t t, c
     cdef const real* s
     cdef real* d
-    for o in prange(rows, schedule="static", num_threads=threads):
-        for t in range(kk):
-            s = src + (o * kk + t) * C
-            d = dst + o * kk * C + t
-            if accumulate:
-                for c in range(C):
-                    d[c * kk] += s[c]
-            else:
-                for c in range(C):
-                    d[c * kk] = s[c]
+    for t in range(kk):
+        s = src + (o * kk + t) * C
+        d = dst + o * kk * C + t
+        if accumulate:
+            for c in range(C):
+                d[c * kk] += s[c]
+        else:
+            for c in range(C):
+                d[c * kk] = s[c]
+
+
+cdef void _taps_last(const real* src, real* dst, Py_ssize_t rows, Py_ssize_t kk, Py_ssize_t C,
+                     bint accumulate, int threads) noexcept nogil:
+    cdef Py_ssize_t o
+    if threads == 1:  # a plain loop: no parallel region to open and join
+        for o in range(rows):
+            _taps_last_row(src, dst, o, kk, C, accumulate)
+    else:
+        for o in prange(rows, schedule="static", num_threads=threads):
+            _taps_last_row(src, dst, o, kk, C, accumulate)
 
 
 def taps_last(cnp.ndarray src, cnp.ndarray dst, Py_ssize_t kk, bint accumulate, int threads):
