@@ -309,7 +309,7 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
     return rows, images
 
 
-def _wgrad_tiles(masks, C, kk, columns, fields, overhead=WGRAD_TILE_OVERHEAD):
+def _wgrad_tiles(masks, C, kk, columns, fields, overhead=None):
     """The dense weight gradient's tile table (its module's `ocvec` and `ocvec_chunks`)
     and whether it sums tap-major.  The table: a row per tile of `columns` columns
     (channel * kk + tap, the last repeated past the used ones), then `fields` (the
@@ -322,9 +322,10 @@ def _wgrad_tiles(masks, C, kk, columns, fields, overhead=WGRAD_TILE_OVERHEAD):
     the output pixels' rectangle where that tap reads data and stores its columns into
     a tap-major gradient, (OC, kk, C), that _layout.taps_last then turns into the
     weight's layout.  The tap order is taken where it visits fewer pixels, counting
-    `overhead` pixels per tile and WGRAD_TAPS_LAST_PIXELS per column for the turn; with
-    much padding (DeepLab's ASPP at rate 6: its corner taps read data on 67% of the
-    pixels) it visits a fifth fewer."""
+    `overhead` (default WGRAD_TILE_OVERHEAD, read at each call) pixels per tile and
+    WGRAD_TAPS_LAST_PIXELS per column for the turn; with much padding (DeepLab's ASPP
+    at rate 6: its corner taps read data on 67% of the pixels) it visits a fifth fewer."""
+    overhead = WGRAD_TILE_OVERHEAD if overhead is None else overhead
     valid = ~masks
     rows_any, cols_any = valid.any(axis=2), valid.any(axis=1)   # (taps, OH), (taps, OW)
     OH, OW = rows_any.shape[1], cols_any.shape[1]
@@ -375,7 +376,7 @@ def _padding_masks(taps, rows, cols, out_rows, out_cols):
     return masks
 
 
-def _row_tiling(masks, forms, overhead=ROW_TILE_OVERHEAD):
+def _row_tiling(masks, forms, overhead=None):
     """How row tiles cover each output row: (tile_cols, skip).  tile_cols (tiles, 2):
     each tile's first column and its pixels, the same in every row; skip uint8
     (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
@@ -387,7 +388,9 @@ def _row_tiling(masks, forms, overhead=ROW_TILE_OVERHEAD):
     per tap and row it runs, and once more per row (its start and store).  So a tile
     boundary lands where a tap starts or stops reading padding when that pays: DeepLab's
     ASPP (dilation 6, 33 columns) splits 6 + 14 + 7 + 6, its edge tiles skipping a
-    column of taps, instead of 14 + 14 + 6."""
+    column of taps, instead of 14 + 14 + 6.  overhead: ROW_TILE_OVERHEAD unless given
+    (read at each call, so that tests and experiments can change it)."""
+    overhead = ROW_TILE_OVERHEAD if overhead is None else overhead
     taps, out_rows, out_cols = masks.shape
     widest = max(forms)
     # padding[t, i, s]: columns of [0, s) in row i that read padding through tap t
