@@ -309,7 +309,7 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
     return rows, images
 
 
-def _wgrad_tiles(masks, C, kk, columns, fields, overhead=None):
+def _wgrad_tiles(masks, C, kk, columns, fields):
     """The dense weight gradient's tile table (its module's `ocvec` and `ocvec_chunks`)
     and whether it sums tap-major.  The table: a row per tile of `columns` columns
     (channel * kk + tap, the last repeated past the used ones), then `fields` (the
@@ -322,10 +322,9 @@ def _wgrad_tiles(masks, C, kk, columns, fields, overhead=None):
     the output pixels' rectangle where that tap reads data and stores its columns into
     a tap-major gradient, (OC, kk, C), that _layout.taps_last then turns into the
     weight's layout.  The tap order is taken where it visits fewer pixels, counting
-    `overhead` (default WGRAD_TILE_OVERHEAD, read at each call) pixels per tile and
-    WGRAD_TAPS_LAST_PIXELS per column for the turn; with much padding (DeepLab's ASPP
-    at rate 6: its corner taps read data on 67% of the pixels) it visits a fifth fewer."""
-    overhead = WGRAD_TILE_OVERHEAD if overhead is None else overhead
+    WGRAD_TILE_OVERHEAD pixels per tile and WGRAD_TAPS_LAST_PIXELS per column for the
+    turn; with much padding (DeepLab's ASPP at rate 6: its corner taps read data on 67%
+    of the pixels) it visits a fifth fewer."""
     valid = ~masks
     rows_any, cols_any = valid.any(axis=2), valid.any(axis=1)   # (taps, OH), (taps, OW)
     OH, OW = rows_any.shape[1], cols_any.shape[1]
@@ -347,7 +346,7 @@ def _wgrad_tiles(masks, C, kk, columns, fields, overhead=None):
 
     def cost(t):
         f = {name: columns + i for i, name in enumerate(fields)}
-        return int(((t[:, f["h1"]] - t[:, f["h0"]]) * (t[:, f["w1"]] - t[:, f["w0"]]) + overhead).sum())
+        return int(((t[:, f["h1"]] - t[:, f["h0"]]) * (t[:, f["w1"]] - t[:, f["w0"]]) + WGRAD_TILE_OVERHEAD).sum())
 
     j = np.arange(columns)
     starts = np.arange(0, C * kk, columns)
@@ -376,7 +375,7 @@ def _padding_masks(taps, rows, cols, out_rows, out_cols):
     return masks
 
 
-def _row_tiling(masks, forms, overhead=None):
+def _row_tiling(masks, forms):
     """How row tiles cover each output row: (tile_cols, skip).  tile_cols (tiles, 2):
     each tile's first column and its pixels, the same in every row; skip uint8
     (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
@@ -384,13 +383,12 @@ def _row_tiling(masks, forms, overhead=None):
     forms: the pixels of the tile's forms (see _form).
 
     The split minimises the pixels computed, counting a tap a tile skips as free, by
-    dynamic programming over the columns: a tile pays (its form's pixels + overhead)
-    per tap and row it runs, and once more per row (its start and store).  So a tile
+    dynamic programming over the columns: a tile pays (its form's pixels +
+    ROW_TILE_OVERHEAD) per tap and row it runs, and once more per row (its start and
+    store).  So a tile
     boundary lands where a tap starts or stops reading padding when that pays: DeepLab's
     ASPP (dilation 6, 33 columns) splits 6 + 14 + 7 + 6, its edge tiles skipping a
-    column of taps, instead of 14 + 14 + 6.  overhead: ROW_TILE_OVERHEAD unless given
-    (read at each call, so that tests and experiments can change it)."""
-    overhead = ROW_TILE_OVERHEAD if overhead is None else overhead
+    column of taps, instead of 14 + 14 + 6."""
     taps, out_rows, out_cols = masks.shape
     widest = max(forms)
     # padding[t, i, s]: columns of [0, s) in row i that read padding through tap t
@@ -404,7 +402,7 @@ def _row_tiling(masks, forms, overhead=None):
         starts = np.arange(out_cols - n + 1)
         skipped = (padding[:, :, starts + n] - padding[:, :, starts]) == n   # (taps, rows, starts)
         runs = taps * out_rows - skipped.sum(axis=(0, 1)) + out_rows
-        run_cost.append(runs * (form + overhead))
+        run_cost.append(runs * (form + ROW_TILE_OVERHEAD))
     for end in range(1, out_cols + 1):
         for n in range(1, min(widest, end) + 1):
             cost = best[end - n] + run_cost[n - 1][end - n]
@@ -516,13 +514,14 @@ class ForwardPlan:
         if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
             self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
-        # the blocked copy: each work item copies its pixel chunk into a panel in L1.
+        # the blocked copy: each work item copies a run of pixel chunks into its thread's
+        # panel, which stays in cache while every channel tile runs over it.
         # (Only the 1x1 kernels have panel tiles: stride and dilation 1.)
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.dh == p.dw == 1
                        and p.groups == 1 and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
                        and not self.row_tiles and PANELS)
         if self.panels:
-            self.rblock = self.Cg   # (a pixel chunk's panel holds every channel: one pass)
+            self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
@@ -539,14 +538,12 @@ class ForwardPlan:
         # there: ResNet's 56x56 3x3 and 1x1, the 128x128 reflect layer.)
         self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
                                  and self.Cg >= 16)
-        self.wgrad_tiles, self.wgrad_tap_major = None, False
+        self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = None, False, None
         if self.wgrad_by_channel:
             self.wgrad_tiles, self.wgrad_tap_major = _wgrad_tiles(
                 self.padding_masks(taps) if masks is None else masks, self.Cg, self.kk,
                 self.wgrad_kernel.ocvec_columns, self.wgrad_kernel.ocvec_fields)
-        # Layers whose weight gradient is small beside their data split it over pixels.
-        self.wgrad_chunks = None
-        if self.wgrad_by_channel:
+            # Layers whose weight gradient is small beside their data split it over pixels.
             self.wgrad_chunks = _wgrad_chunks(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan, itemsize)
         # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)

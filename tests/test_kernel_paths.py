@@ -535,7 +535,7 @@ def test_one_by_one_panels(spec, threads, panel_chunks, forced_flat, monkeypatch
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     convgen.set_num_threads(threads)
     C, OC = (40, 21) if spec.direction == "fwd" else (21, 40)   # a partial block of channels
-    lanes, itemsize = (16, 4) if spec_dtype(spec) == np.float32 else (8, 8)
+    lanes, itemsize = spec.lanes, spec_dtype(spec).itemsize
     chunk = spec.cvec_tile[0]
     monkeypatch.setattr(_engine, "PANEL_MIN_ITEMS", 1)
     # (the panel holds the 40 channels reduced over, rounded up to a vector)
