@@ -110,6 +110,11 @@ ROW_BLOCK_WASTE = 1.15
 # depthwise channel-block tiles (forward, stride-2 input gradient): it should stay in L2.
 CHANNEL_BLOCK_MAX_BYTES = 1 << 19
 
+# ... and runs the whole map at once, along one flat grid, where that computes at most
+# this share of the pixels its row tiles would (7x7 maps: 64 pixels for 7 rows of 16;
+# MobileNetV2's 960 channels at 7x7, kernel alone, 2 threads: 21 -> 16 us).
+CHANNEL_BLOCK_MAP_SHARE = 0.75
+
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
 
@@ -457,6 +462,7 @@ class ForwardPlan:
         # planes for: 16 channels at a time, pixel-major (see KernelSpec.channel_block).
         # (its rows / columns tables, the columns that copy the input, strips)
         self.channel_block = None
+        self.channel_block_map = None
         if self.kernel.cblock is not None and self.OCg == 1:
             mode = PADDING_MODES[p.mode]
             slack = (lanes - 1) * p.sh + (p.KW - 1) * p.dw + 1   # as codegen's channel-block slack
@@ -468,6 +474,14 @@ class ForwardPlan:
             self.channel_block = (_phase_sources(-p.pad_top, hp, 1, p.H, hp, mode),
                                   _phase_sources(-p.pad_left, wp, 1, p.W, wp, mode),
                                   _interior(p.pad_left, wp, 1, p.W), ChannelBlockStrips(p, self.OH, per_thread))
+            # Narrow maps at stride 1: the whole map per work item, its tiles along one
+            # flat grid (the kernel's map_item); the values of each thread's copy, or None.
+            flat = _geometry.round_up((self.OH - 1) * wp + self.OW, lanes)
+            if (p.sh == p.sw == 1 and flat <= CHANNEL_BLOCK_MAP_SHARE * self.OH * _geometry.round_up(self.OW, lanes)):
+                # (the padded copy, the flat grid, the dense pixels in whole transposed blocks)
+                values = (hp * wp + slack + flat + _geometry.round_up(max(p.H * p.W, self.OH * self.OW), lanes)) * lanes
+                if values * itemsize <= CHANNEL_BLOCK_MAX_BYTES:
+                    self.channel_block_map = values
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW
@@ -796,9 +810,14 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     threads = threads_for(fp.work, fp.values)
     y = np.empty(fp.y_shape, dtype=x.dtype)
     if not keep and fp.channel_block is not None:
+        rows, cols, interior, _ = fp.channel_block
+        if fp.channel_block_map is not None:
+            xp = scratch("fwd_pixel_major", (threads * fp.channel_block_map,), x.dtype)
+            fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, fp.OH,
+                             fp.channel_block_map, threads, True)
+            return y, None, False
         strip = channel_block_strip(fp, threads)
         if strip is not None:
-            rows, cols, interior, _ = fp.channel_block
             xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
             fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads)
             return y, None, False

@@ -11,7 +11,8 @@ here on every spec that has them, each test asserting that the path really ran:
 * the depthwise forward's row-block tile (every padding mode, channel multipliers,
   partial blocks and vectors);
 * the depthwise forward's channel-block tile, when nothing is kept for a backward
-  (every padding mode, partial channel blocks and row tiles, strips, 1 and 2 threads),
+  (every padding mode, partial channel blocks and row tiles, strips or the whole of a
+  narrow map, 1 and 2 threads),
   the stride-1 input gradient computed by it, and the stride-2 input gradient's own.
 """
 
@@ -631,6 +632,7 @@ def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threa
     images, and a copy budget that cuts each image into strips; the forward that
     keeps its planes (pixel or row-block tiles) must agree with it."""
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 15)
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAP_SHARE", 0.0)   # (the strips, not the whole map)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     _engine.forward_plan.cache_clear()
     monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)   # no plans kept
@@ -640,10 +642,37 @@ def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threa
     case = case_for(spec)
     case.update(N=2, C=21, OC=21, groups=21, H=23, W=37, padding_mode=mode)
     fp = _plan(case, dtype)
-    assert fp.kernel.name == spec.name
+    assert fp.kernel.name == spec.name and fp.channel_block_map is None
     strip, _ = _engine.channel_block_strip(fp, threads)
     assert strip < fp.OH   # several strips per image
-    x, w, b, _ = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode))
+    _check_channel_block_forward(spec, case, mode, used)
+
+
+# ... and on maps narrower than a tile, at stride 1, the whole map at once along one
+# flat grid (ForwardPlan.channel_block_map).
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("spec", [s for s in CHANNEL_BLOCK_SPECS if s.stride == 1], ids=lambda s: s.name)
+def test_depthwise_channel_block_whole_map(spec, mode, threads, monkeypatch, restore_threads):
+    """21 channels (a partial block), two images of 4 x 3 pixels."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    _engine.forward_plan.cache_clear()
+    monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)
+    used = _scratch_names(monkeypatch)
+    convgen.set_num_threads(threads)
+    case = case_for(spec)
+    case.update(N=2, C=21, OC=21, groups=21, H=4, W=3, padding=spec.kernel // 2 * spec.dilation, padding_mode=mode)
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.kernel.name == spec.name and fp.channel_block_map is not None
+    _check_channel_block_forward(spec, case, mode, used)
+
+
+def _check_channel_block_forward(spec, case, mode, used):
+    """A Conv2d's forward under no_grad (the channel-block tile) against the reference
+    (and torch, zero padding); the forward that keeps its planes (pixel or row-block
+    tiles) must agree with it."""
+    dtype = spec_dtype(spec)
+    x, w, b, _ = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode, case["W"]))
     conv = convgen.Conv2d(21, 21, case["kernel"], stride=case["stride"], padding=case["padding"],
                           dilation=case["dilation"], groups=21, padding_mode=mode, dtype=dtype)
     conv.weight[...] = w
