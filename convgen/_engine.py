@@ -31,6 +31,12 @@ SMALL_WORK = 1 << 20
 # multiply-adds per value (MobileNetV2's 960x7x7: 2 threads, forward 45 -> 38 us,
 # backward 218 -> 153 us).
 SMALL_VALUES = 1 << 16
+# Below this many multiply-adds the tiles' work items go to the threads in one run each
+# (static_schedule); above, dynamically, a few runs per thread, which balances better on
+# a shared machine (ResNet's layers 3-6% faster than static).  Handing out an item costs
+# a microsecond or so here: the seed example's tiles took 15 us on 2 threads handed out
+# dynamically, 5.7 us static, 7.5 us on 1 thread.
+STATIC_WORK = 1 << 23
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -437,6 +443,7 @@ class ForwardPlan:
         self.OH, self.OW = p.output_hw
         # multiply-adds of one direction (all three cost about the same)
         self.work = p.N * p.OC * self.OH * self.OW * self.Cg * self.kk
+        self.static_schedule = self.work < STATIC_WORK
         self.values = p.N * (p.C * p.H * p.W + p.OC * self.OH * self.OW)
         hp, wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
         self.Hq, self.We = _geometry.ceil_div(hp, p.sh), _geometry.ceil_div(wp, p.sw)
@@ -834,7 +841,8 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     if fp.one_pass:
         # (most small layers: every image in one pass of the pixel tiles)
         nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-        fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile)
+        fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile,
+                      static_schedule=fp.static_schedule)
         return (y, xin, nonfinite) if keep else (y, None, False)
     if fused:
         flags = np.zeros(p.N * p.C, dtype=np.intc)
@@ -881,7 +889,8 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             # the channel-vector tile reads its own copy: blocks of channels, pixel-major
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads)
-        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip)
+        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+                      static_schedule=fp.static_schedule)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
@@ -992,7 +1001,7 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
     into gyp (pixel-major blocks for the channel-vector tile), the phases' tiles into
     gxph, folded into gx's rows."""
     # (the channel-vector tile's arguments, and gx where the kernels store straight into it)
-    kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {})}
+    kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {}), "static_schedule": fp.static_schedule}
     if bp.panels:
         bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
                       bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)

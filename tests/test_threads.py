@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import convgen
+from convgen import _engine
 from conftest import make_rng
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,11 +83,14 @@ def test_threadpoolctl_sees_and_limits_convgen():
 # ---- results do not depend on the thread count ----------------------------------------
 
 # Big enough (over 2**20 multiply-adds each) that convgen really splits them over
-# threads: it runs smaller calls on one thread whatever the setting.
+# threads: it runs smaller calls on one thread whatever the setting.  The tiles of
+# calls under _engine.STATIC_WORK go to the threads in one run each, larger ones
+# dynamically ("dense-k3s1-large").
 N_IMAGES = 3
 THREAD_CASES = [
     # (C, OC, H, W, kernel, stride, padding, dilation, groups)
     pytest.param((16, 24, 17, 19, 3, 1, 1, 1, 1), id="dense-k3s1"),
+    pytest.param((32, 32, 40, 40, 3, 1, 1, 1, 1), id="dense-k3s1-large"),
     pytest.param((16, 32, 41, 38, 3, 2, 1, 1, 1), id="dense-k3s2"),
     pytest.param((16, 24, 31, 32, (3, 2), (2, 1), (1, 0), (1, 2), 1), id="dense-generic"),
     pytest.param((16, 32, 48, 44, 3, 1, 1, 1, 16), id="depthwise-k3-x2"),
@@ -99,6 +103,11 @@ def _multiply_adds(C, OC, H, W, kernel, stride, padding, dilation, groups):
     oh, ow = convgen.output_size((H, W), kernel, stride, padding, dilation)
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     return N_IMAGES * OC * oh * ow * (C // groups) * kh * kw
+
+
+def test_thread_cases_cover_both_schedules():
+    work = [_multiply_adds(*c.values[0]) for c in THREAD_CASES]
+    assert min(work) < _engine.STATIC_WORK < max(work)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
