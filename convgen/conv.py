@@ -117,7 +117,7 @@ class Conv2d:
         x, batched, weight, bias, p = self._checked(x)
         if not is_grad_enabled():
             # Inference (convgen.no_grad): nothing kept, so no copy of the input is made.
-            y, _ = F.run_forward(p, x, batched, weight, bias, keep_input=False)
+            y = F.run_inference(p, x, batched, weight, bias)
             self.__dict__["_saved"] = _NO_GRAD
             return y
         # A new forward ends the previous one's backward: its padded input is reused

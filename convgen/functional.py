@@ -152,6 +152,17 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True):
     return (y if batched else y[0]), Saved(p, x if keep_input else None, xin, weight, batched, nonfinite)
 
 
+def run_inference(p, x, batched, weight, bias):
+    """run_forward for a forward that keeps nothing for a backward: only y (small
+    layers: the Saved that run_forward makes costs a tenth of the call)."""
+    if p.N == 0:
+        OH, OW = p.output_hw
+        y = np.empty((0, p.OC, OH, OW), dtype=x.dtype)
+    else:
+        y = _engine.forward(x, weight, bias, p, keep=False)[0]
+    return y if batched else y[0]
+
+
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
              weight_grad=None, bias_grad=None, weight_accumulate=True, bias_accumulate=True):
     """Gradients (input, weight, bias) of the forward that produced `saved`
@@ -196,8 +207,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     if x.ndim not in (3, 4):
         raise ValueError(f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of shape {x.shape}")
     cfg = _config_for(weight, x.shape[-3], stride, padding, dilation, groups)
-    y, _ = forward(cfg, x, weight, _bias(bias, weight.shape[0], weight.dtype), keep_input=False)
-    return y
+    x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
+    return run_inference(cfg.problem(x.shape, x.dtype), x, batched, weight, _bias(bias, weight.shape[0], weight.dtype))
 
 
 class _Shape:

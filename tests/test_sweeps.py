@@ -163,6 +163,10 @@ def test_zero_batch(C, OC, groups, mode, padding, dtype):
     y = conv(x)
     expected_hw = (5, 6) if padding in (1, "same") else (3, 4)
     assert y.shape == (0, OC) + expected_hw and y.dtype == np.dtype(dtype)
+    with convgen.no_grad():   # (inference runs its own path)
+        y0 = conv(x)
+    assert y0.shape == y.shape and y0.dtype == y.dtype
+    y = conv(x)
     gx = conv.backward(np.zeros(y.shape, dtype))
     assert gx.shape == x.shape and gx.dtype == np.dtype(dtype)
     assert conv.weight.grad.shape == conv.weight.shape and not conv.weight.grad.any()
