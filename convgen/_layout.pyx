@@ -39,6 +39,10 @@ cdef extern from "convgen_simd.h" nogil:
     void cg_store_f64(double* p, cg_vf64 v)
     void cg_load_transposed_f32(const float* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf32* out)
     void cg_load_transposed_f64(const double* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf64* out)
+    void cg_copy_f32(float* dst, const float* src, Py_ssize_t n)
+    void cg_copy_f64(double* dst, const double* src, Py_ssize_t n)
+    int cg_nonfinite_f32(const float* p, Py_ssize_t n)
+    int cg_nonfinite_f64(const double* p, Py_ssize_t n)
 
 ctypedef fused real:
     float
@@ -111,6 +115,7 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
     padding only repeats pixels that some middle also copies."""
     cdef Py_ssize_t a, b, i, j, r, s, lo, hi, We = pp.We, sw = pp.sw, Hq = pp.Hq
     cdef int bad = 0
+    cdef bint short
     cdef real* dst
     cdef const real* src
     cdef const real* mid
@@ -120,6 +125,7 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
             cb = pp.cols + b * We
             lo = pp.interior[2 * b]
             hi = pp.interior[2 * b + 1]
+            short = sw == 1 and hi - lo <= 16
             dst = xin + (a * sw + b) * pp.plane_len
             for i in range(Hq):
                 r = pp.rows[a * Hq + i]
@@ -131,18 +137,29 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
                     for j in range(lo):
                         s = cb[j]
                         dst[j] = src[s] if s >= 0 else 0
-                    if sw == 1:
-                        mid = src + cb[lo] - lo
-                        for j in range(lo, hi):
-                            dst[j] = mid[j]
-                    elif sw == 2:  # a constant stride lets gcc vectorise the de-interleave
-                        mid = src + cb[lo] - 2 * lo
-                        for j in range(lo, hi):
-                            dst[j] = mid[2 * j]
+                    if short:
+                        # Short rows (7x7, 14x14 maps) as a masked vector or two: gcc's
+                        # loops below would copy them one value at a time (14x14 1.6x
+                        # faster; on 56-pixel rows those loops are the faster).
+                        if real is float:
+                            bad |= cg_nonfinite_f32(src + cb[lo], hi - lo)
+                            cg_copy_f32(dst + lo, src + cb[lo], hi - lo)
+                        else:
+                            bad |= cg_nonfinite_f64(src + cb[lo], hi - lo)
+                            cg_copy_f64(dst + lo, src + cb[lo], hi - lo)
                     else:
-                        for j in range(lo, hi):
-                            dst[j] = src[cb[lo] + (j - lo) * sw]
-                    bad |= _nonfinite(dst + lo, hi - lo)
+                        if sw == 1:
+                            mid = src + cb[lo] - lo
+                            for j in range(lo, hi):
+                                dst[j] = mid[j]
+                        elif sw == 2:  # a constant stride lets gcc vectorise the de-interleave
+                            mid = src + cb[lo] - 2 * lo
+                            for j in range(lo, hi):
+                                dst[j] = mid[2 * j]
+                        else:
+                            for j in range(lo, hi):
+                                dst[j] = src[cb[lo] + (j - lo) * sw]
+                        bad |= _nonfinite(dst + lo, hi - lo)
                     for j in range(hi, We):
                         s = cb[j]
                         dst[j] = src[s] if s >= 0 else 0

@@ -13,17 +13,18 @@ torch = pytest.importorskip("torch")
 @pytest.mark.parametrize("mode, stride, dilation, groups", [
     ("zeros", 1, 1, 1), ("reflect", 2, 1, 1), ("circular", 1, 2, 2), ("zeros", 2, 1, 4),
     ("replicate", 1, 1, 4)])
-def test_nonfinite_input_gradients_match_torch(mode, stride, dilation, groups):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_nonfinite_input_gradients_match_torch(mode, stride, dilation, groups, dtype):
     rng = np.random.default_rng(7)
-    x = rng.random((2, 4, 7, 6), dtype=np.float32)
+    x = rng.random((2, 4, 7, 6)).astype(dtype)
     x[0, 0, 2, 5], x[1, 3, 6, 0], x[1, 1, 3, 3] = np.inf, -np.inf, np.nan
     conv = convgen.Conv2d(4, 8, 3, stride=stride, padding=1, dilation=dilation, groups=groups,
-                          padding_mode=mode, seed=0)
+                          padding_mode=mode, dtype=dtype, seed=0)
     y = conv(x)
-    gy = rng.random(y.shape, dtype=np.float32)
+    gy = rng.random(y.shape).astype(dtype)
     gx = conv.backward(gy)
     ref = torch.nn.Conv2d(4, 8, 3, stride=stride, padding=1, dilation=dilation, groups=groups,
-                          padding_mode=mode)
+                          padding_mode=mode, dtype=torch.float64 if dtype == np.float64 else torch.float32)
     with torch.no_grad():
         ref.weight.copy_(torch.from_numpy(np.asarray(conv.weight)))
         ref.bias.copy_(torch.from_numpy(np.asarray(conv.bias)))

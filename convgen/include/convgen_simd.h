@@ -78,6 +78,29 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
         if (i < n) cg_store_partial_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i)), (int)(n - i)); \
     }
 
+/* 1 if p[0:n] (n >= 0) holds an infinity or a NaN, whose exponent bits are all ones:
+ * whole vectors, then one partial vector (zeros past n, which are finite). */
+#ifdef __AVX512F__
+#define CG_DEFINE_NONFINITE(SFX, T, IV, EXP, LANES, MASK, CMP)                      \
+    static inline int cg_nonfinite_##SFX(const T *p, ptrdiff_t n) {                \
+        const __m512i exp = (__m512i)((IV){0} + EXP);                               \
+        MASK found = 0;                                                             \
+        ptrdiff_t i = 0;                                                            \
+        for (; i + LANES <= n; i += LANES)                                          \
+            found |= CMP(_mm512_and_si512((__m512i)cg_load_##SFX(p + i), exp), exp); \
+        if (i < n)                                                                  \
+            found |= CMP(_mm512_and_si512((__m512i)cg_load_partial_##SFX(p + i, (int)(n - i)), exp), exp); \
+        return found != 0;                                                          \
+    }
+#else
+#define CG_DEFINE_NONFINITE(SFX, T, IV, EXP, LANES, MASK, CMP)                      \
+    static inline int cg_nonfinite_##SFX(const T *p, ptrdiff_t n) {                \
+        for (ptrdiff_t i = 0; i < n; i++)                                           \
+            if (__builtin_isinf(p[i]) || __builtin_isnan(p[i])) return 1;           \
+        return 0;                                                                   \
+    }
+#endif
+
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
@@ -86,6 +109,8 @@ CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
 CG_DEFINE_COPY(f32, float, 16)
 CG_DEFINE_COPY(f64, double, 8)
+CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, 16, __mmask16, _mm512_cmpeq_epi32_mask)
+CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, 8, __mmask8, _mm512_cmpeq_epi64_mask)
 
 /* Transposed store of a block held as column vectors: cols[c] holds column c, lane l
  * being row l.  Writes (or, with accumulate, adds to) dst[l * stride + c] for
