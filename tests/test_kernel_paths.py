@@ -624,13 +624,16 @@ def test_weight_gradient_by_rows(spec, forced):
 CHANNEL_BLOCK_SPECS = [s for s in SPECS if s.channel_block and s.direction == "fwd"]
 
 
+@pytest.mark.parametrize("keeps", [False, True], ids=["planes-by-tiles", "planes-apart"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("spec", CHANNEL_BLOCK_SPECS, ids=lambda s: s.name)
-def test_depthwise_channel_block(spec, mode, threads, monkeypatch, restore_threads):
+def test_depthwise_channel_block(spec, mode, threads, keeps, monkeypatch, restore_threads):
     """21 channels (a partial block), rows of 37 pixels (a partial row tile), two
     images, and a copy budget that cuts each image into strips; the forward that
-    keeps its planes (pixel or row-block tiles) must agree with it."""
+    keeps its planes (by the channel-block tile too where `keeps`, at stride 1) must
+    agree with it."""
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_KEEP_PIXELS", 1 << 30 if keeps else 0)
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 15)
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAP_SHARE", 0.0)   # (the strips, not the whole map)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
@@ -669,10 +672,12 @@ def test_depthwise_channel_block_whole_map(spec, mode, threads, monkeypatch, res
 
 def _check_channel_block_forward(spec, case, mode, used):
     """A Conv2d's forward under no_grad (the channel-block tile) against the reference
-    (and torch, zero padding); the forward that keeps its planes (pixel or row-block
-    tiles) must agree with it."""
+    (and torch, zero padding); the forward that keeps its planes must agree with it
+    (through the channel-block tile where the plan says so, fp.channel_block_keeps, else
+    the pixel or row-block tiles), and those planes give the reference's weight gradient."""
     dtype = spec_dtype(spec)
-    x, w, b, _ = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode, case["W"]))
+    fp = _plan(case, dtype)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("channel-block", spec.name, mode, case["W"]))
     conv = convgen.Conv2d(21, 21, case["kernel"], stride=case["stride"], padding=case["padding"],
                           dilation=case["dilation"], groups=21, padding_mode=mode, dtype=dtype)
     conv.weight[...] = w
@@ -687,7 +692,10 @@ def _check_channel_block_forward(spec, case, mode, used):
         assert_close(y, torch_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs torch")
     used.clear()
     assert_close(conv(x), expected, dtype, f"{spec.name}, planes kept, vs reference")
-    assert "fwd_pixel_major" not in used
+    assert ("fwd_pixel_major" in used) == fp.channel_block_keeps
+    conv.backward(gy)
+    assert_close(conv.weight.grad, ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args), dtype,
+                 f"{spec.name}, weight gradient from the kept planes, vs reference")
 
 
 # The zero-padded stride-1 depthwise input gradient runs as a forward correlation of
