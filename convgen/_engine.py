@@ -474,7 +474,8 @@ class ForwardPlan:
                 self.row_block = i
                 break
         # Depthwise forward (one output channel each) without a backward to keep the
-        # planes for: 16 channels at a time, pixel-major (see KernelSpec.channel_block).
+        # planes for, or with one on small maps (channel_block_keeps): 16 channels at a
+        # time, pixel-major (see KernelSpec.channel_block).
         # (its rows / columns tables, the columns that copy the input, strips)
         self.channel_block = None
         self.channel_block_map = None
