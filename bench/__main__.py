@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -101,6 +102,21 @@ def machine_info():
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "machine": platform.machine()}
+
+
+def source_info():
+    """The git commit of the checkout the benchmarks run from, and whether its tracked
+    files have changes not committed; None outside a git checkout (or without git)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=30)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        changes = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head.stdout.strip(), "changed": bool(changes.stdout.strip())}
 
 
 def load():
@@ -208,7 +224,7 @@ def main(argv=None):
                                             " " + " ".join(sys.argv[1:] if argv is None else argv)),
             "mode": args.mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "duration_s": time.perf_counter() - t_start, "threads": args.threads, "repeats": args.repeats,
-            "min_time": args.min_time, "machine": machine_info(), "peers": peer_info,
+            "min_time": args.min_time, "machine": machine_info(), "source": source_info(), "peers": peer_info,
             "load_before": load_before, "load_after": load(), "layers_file": args.layers if layers else None,
         },
         "peak": combine_peaks(peak_start, peak_end, args.threads),

@@ -207,6 +207,14 @@ def _noise_line(results):
     return text + "." if loads or spreads else "- Noise: not recorded."
 
 
+def _source_line(source):
+    """Which code was timed: the checkout's commit (older results have none)."""
+    if not source:
+        return "- convgen's source: not a git checkout (or no record of it)."
+    return (f"- convgen's source: commit `{source['commit']}`"
+            + (", with changes not committed." if source.get("changed") else "."))
+
+
 def markdown(results, images=()):
     meta, peak = results["meta"], results.get("peak") or {}
     best = peak.get("best") or {}
@@ -228,6 +236,7 @@ def markdown(results, images=()):
         f"{_f(peak.get('single', {}).get('f64'), '{:.1f}')}; best of the probes at the start and the end).",
         "- Peers: " + ", ".join(f"{p} {i.get('version', i.get('unavailable', '?')[:60])}"
                                 for p, i in meta["peers"].items()) + ".",
+        _source_line(meta.get("source")),
         _noise_line(results),
         *[f"- Re-timed later with `--update` ({u['date']}, load average {u['load_before']} before): "
           f"{len(u['cases'])} case(s): " + ", ".join(f"`{c}`" for c in u["cases"][:6]) +

@@ -4,6 +4,7 @@ one-layer run writes its results.  No timing is asserted."""
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from bench import im2col, report, suite
 from bench.__main__ import main as bench_main
 from bench.peers import case_arrays
 from bench.runner import Runner
+from bench.suite import ROOT
 from codegen.table import SPECS
 
 TINY = {"name": "tiny_test", "N": 2, "C": 4, "H": 9, "W": 7, "OC": 6, "k": 3, "stride": 1, "padding": 1,
@@ -128,6 +130,12 @@ def test_python_m_bench_quick_one_layer(tmp_path, capsys):
     assert [r["name"] for r in results["layers"]] == ["tiny_test"]
     text = (out / "README.md").read_text()
     assert "tiny_test" in text and "vs NumPy im2col" in text
+    source = results["meta"]["source"]   # (the tests run from a git checkout where git exists)
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:
+        assert source["commit"] == head.stdout.strip() and f"commit `{source['commit']}`" in text
+    else:
+        assert source is None and "not a git checkout" in text
     assert "FMA peak" in capsys.readouterr().out
     # a missing layer file is reported, not a crash
     assert bench_main(["--list", "--layers", str(tmp_path / "none.json"), "--only", "nothing"]) == 0
