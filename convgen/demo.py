@@ -6,6 +6,7 @@ import time
 import numpy as np
 
 import convgen
+from convgen import _engine
 
 
 def _median_time(fn, repeats):
@@ -49,7 +50,11 @@ def main():
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     output = conv(x)
     print(output.shape)
-    print(f"{conv!r} runs {conv.kernel_name} on {convgen.get_num_threads()} thread(s)")
+    # (the threads the call really used: a call this small runs on one, see _engine.threads_for)
+    plan = _engine.forward_plan(conv._cfg.problem(x.shape, x.dtype))
+    used, setting = _engine.threads_for(plan.work, plan.values), convgen.get_num_threads()
+    print(f"{conv!r} runs {conv.kernel_name} on {used} thread(s)"
+          + ("" if used == setting else f" (of {setting}: a call this small runs on one)"))
 
     # A short timing: the seed example and a ResNet-50 3x3 layer.
     # (NumPy in a process of its own, first: see _im2col_times)

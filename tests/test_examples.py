@@ -50,7 +50,7 @@ def test_demo_the_main_job():
     out = subprocess.run([sys.executable, "-m", "convgen.demo"], capture_output=True, text=True, check=True,
                          timeout=300).stdout
     lines = out.splitlines()
-    assert lines[0] == "(1, 16, 32, 32)" and "runs conv2d_fwd_f32_k3x3_s1_d1_dense" in lines[1]
+    assert lines[0] == "(1, 16, 32, 32)" and "runs conv2d_fwd_f32_k3x3_s1_d1_dense on 1 thread(s)" in lines[1]
     rows = [line for line in lines if line.startswith(("seed", "resnet50"))]
     assert len(rows) == 2
     for row in rows:
