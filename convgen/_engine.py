@@ -855,7 +855,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     fused = fp.kernel.fused is not None
     if not keep:
         # (the channel-vector tile reads only its pixel-major blocks)
-        xin = None if fp.cvec is not None else scratch("fwd_planes", (threads if fused else fp.images * p.C,
+        xin = None if fp.cvec is not None else scratch("fwd_planes", (threads * fp.Cg if fused else fp.images * p.C,
                                                                        fp.x_chan), x.dtype)
     else:
         xin = _kept_planes(fp, x, recycle)
@@ -869,7 +869,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep)
+                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep, fp.Cg)
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
