@@ -13,7 +13,8 @@ here on every spec that has them, each test asserting that the path really ran:
 * the depthwise forward's channel-block tile, when nothing is kept for a backward
   (every padding mode, partial channel blocks and row tiles, strips or the whole of a
   narrow map, 1 and 2 threads),
-  the stride-1 input gradient computed by it, and the stride-2 input gradient's own.
+  the stride-1 input gradient computed by it, and the stride-2 input gradient's own;
+* the grouped forward, each group's channels padded just before its tiles run.
 """
 
 import numpy as np
@@ -905,3 +906,35 @@ def test_strided_pointwise_only_without_padding():
     w = np.ones((8, 8, 1, 1), np.float32)
     y = convgen.functional.conv2d(x, w, stride=2, padding=1)
     assert_close(y, ref.conv2d(x, w, None, stride=2, padding=1), np.float32, "padded strided 1x1")
+
+
+# Grouped forwards pad each group's channels just before its tiles run (the fused path).
+GROUPED_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "grouped"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("spec", GROUPED_FWD_SPECS, ids=lambda s: s.name)
+def test_grouped_forward_fused(spec, mode, threads, monkeypatch, restore_threads):
+    """3 groups of 5 channels, 7 output channels each (a partial tile), two images: the
+    forward without and with its planes kept, and the weight gradient from those planes,
+    against the reference."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    convgen.set_num_threads(threads)
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=2, C=15, OC=21, groups=3, H=11, W=13, padding_mode=mode)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.kernel.fused is not None and not fp.one_pass
+    x, w, b, gy = case_arrays(case, dtype, make_rng("grouped-fused", spec.name, mode))
+    args = conv_args(case)
+    conv = convgen.Conv2d(15, 21, case["kernel"], padding_mode=mode, dtype=dtype, **args)
+    conv.weight[...] = w
+    conv.bias[...] = b
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    with convgen.no_grad():
+        assert_close(conv(x), expected, dtype, f"{spec.name} vs reference")
+    assert_close(conv(x), expected, dtype, f"{spec.name}, planes kept, vs reference")
+    conv.backward(gy)
+    assert_close(conv.weight.grad, ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args), dtype,
+                 f"{spec.name}, weight gradient from the kept planes, vs reference")
