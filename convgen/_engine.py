@@ -869,7 +869,8 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         flags = np.zeros(p.N * p.C, dtype=np.intc)
         fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
                         fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep, fp.Cg)
+                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep, fp.Cg,
+                        fp.static_schedule)
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
