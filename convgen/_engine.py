@@ -1104,7 +1104,8 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                 gT = scratch("gT", (p.N, fp.grad_len, _geometry.round_up(p.OC, 2 * LANES[p.dtype])), grad_y.dtype)
                 _layout.extend_transposed(grad_y, gT, fp.We, threads)
                 fp.wgrad_kernel.ocvec(xin, gT, out, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
-                                      fp.wgrad_tiles, threads, out_into, fp.ocvec_images, fp.ocvec_pixels, fp.We)
+                                      fp.wgrad_tiles, threads, out_into, fp.ocvec_images, fp.ocvec_pixels, fp.We,
+                                      fp.static_schedule)
             if fp.wgrad_tap_major:
                 _layout.taps_last(out, gw, fp.kk, into, threads)
         else:
