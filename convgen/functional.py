@@ -144,8 +144,7 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True):
     """forward() on arguments already checked: x C-contiguous (N, C, H, W), weight and
     bias C-contiguous, of x's dtype, and of the shapes Problem p expects."""
     if p.N == 0:
-        OH, OW = p.output_hw
-        y, xin, nonfinite = np.empty((0, p.OC, OH, OW), dtype=x.dtype), None, False
+        y, xin, nonfinite = _empty_output(p, x.dtype), None, False
     else:
         xin = recycle.xin if recycle is not None else None
         y, xin, nonfinite = _engine.forward(x, weight, bias, p, xin, keep=keep_input)
@@ -155,12 +154,14 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True):
 def run_inference(p, x, batched, weight, bias):
     """run_forward for a forward that keeps nothing for a backward: only y (small
     layers: the Saved that run_forward makes costs a tenth of the call)."""
-    if p.N == 0:
-        OH, OW = p.output_hw
-        y = np.empty((0, p.OC, OH, OW), dtype=x.dtype)
-    else:
-        y = _engine.forward(x, weight, bias, p, keep=False)[0]
+    y = _empty_output(p, x.dtype) if p.N == 0 else _engine.forward(x, weight, bias, p, keep=False)[0]
     return y if batched else y[0]
+
+
+def _empty_output(p, dtype):
+    """The output of an empty batch (the kernels are not called for one)."""
+    OH, OW = p.output_hw
+    return np.empty((0, p.OC, OH, OW), dtype=dtype)
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
