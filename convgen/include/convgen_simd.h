@@ -70,7 +70,7 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 #endif
 
 /* Copies n values (n >= 0) from src to dst, which do not overlap: whole vectors, then
- * one partial vector (rows of a tile's staged output into the output's rows). */
+ * one partial vector (short rows of the padded copies in convgen._layout). */
 #define CG_DEFINE_COPY(SFX, T, LANES)                                               \
     static inline void cg_copy_##SFX(T *dst, const T *src, ptrdiff_t n) {           \
         ptrdiff_t i = 0;                                                            \
@@ -111,6 +111,50 @@ CG_DEFINE_COPY(f32, float, 16)
 CG_DEFINE_COPY(f64, double, 8)
 CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, 16, __mmask16, _mm512_cmpeq_epi32_mask)
 CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, 8, __mmask8, _mm512_cmpeq_epi64_mask)
+
+/* The lanes of a vector of flat-grid pixels (the first at row oh, column ow of rows We
+ * wide; ow may be >= We) that are real output pixels (column < OW, row < OH), as a bit
+ * mask; *dest: the dense index oh * OW + ow of the first of them.  Consecutive real
+ * pixels have consecutive dense indices, so the masked lanes, compressed, are one run. */
+static inline unsigned cg_real_lanes(ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t We, ptrdiff_t OW, ptrdiff_t OH,
+                                     int lanes, ptrdiff_t *dest) {
+    unsigned m = 0;
+    ptrdiff_t l = 0;
+    *dest = 0;
+    while (ow >= We) { ow -= We; oh++; }
+    while (l < lanes && oh < OH) {
+        if (ow < OW) {
+            ptrdiff_t n = OW - ow < lanes - l ? OW - ow : lanes - l;
+            if (!m) *dest = oh * OW + ow;
+            m |= ((1u << n) - 1) << l;
+        }
+        l += We - ow; ow = 0; oh++;
+    }
+    return m;
+}
+
+/* The lanes of v that mask m names, in order, stored as one run at p: a whole vector
+ * when m names them all, else AVX-512's compress and one masked store. */
+#ifdef __AVX512F__
+static inline void cg_store_compressed_f32(float *p, cg_vf32 v, unsigned m) {
+    if (m == 0xFFFFu) cg_store_f32(p, v);
+    else if (m) _mm512_mask_storeu_ps(p, (__mmask16)((1u << __builtin_popcount(m)) - 1),
+                                      _mm512_maskz_compress_ps((__mmask16)m, (__m512)v));
+}
+static inline void cg_store_compressed_f64(double *p, cg_vf64 v, unsigned m) {
+    if (m == 0xFFu) cg_store_f64(p, v);
+    else if (m) _mm512_mask_storeu_pd(p, (__mmask8)((1u << __builtin_popcount(m)) - 1),
+                                      _mm512_maskz_compress_pd((__mmask8)m, (__m512d)v));
+}
+#else
+#define CG_DEFINE_STORE_COMPRESSED(SFX, T, V, LANES)                               \
+    static inline void cg_store_compressed_##SFX(T *p, V v, unsigned m) {          \
+        int k = 0;                                                                 \
+        for (int l = 0; l < LANES; l++) if (m >> l & 1) p[k++] = v[l];             \
+    }
+CG_DEFINE_STORE_COMPRESSED(f32, float, cg_vf32, 16)
+CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 8)
+#endif
 
 /* Transposed store of a block held as column vectors: cols[c] holds column c, lane l
  * being row l.  Writes (or, with accumulate, adds to) dst[l * stride + c] for
