@@ -938,3 +938,44 @@ def test_grouped_forward_fused(spec, mode, threads, monkeypatch, restore_threads
     conv.backward(gy)
     assert_close(conv.weight.grad, ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args), dtype,
                  f"{spec.name}, weight gradient from the kept planes, vs reference")
+
+
+# The input gradient of a dense layer whose input channels fit one tile of rows (first
+# layers: 3 channels) hands its pixel runs out statically, through reduction passes.
+DENSE_BWD_DATA_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "dense"]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", DENSE_BWD_DATA_SPECS, ids=lambda s: s.name)
+def test_input_gradient_one_channel_tile_static(spec, threads, monkeypatch, restore_threads):
+    """3 input channels (one tile of rows) and 20 output channels in reduction passes: the
+    plan takes the static schedule even above STATIC_WORK, and the gradient matches the
+    reference and, bit for bit, the one-thread result; with more channels than a tile's
+    rows it stays dynamic."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
+    monkeypatch.setattr(_engine, "STATIC_WORK", 0)    # the size rule alone would say dynamic
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    try:
+        dtype = spec_dtype(spec)
+        case = case_for(spec)
+        case.update(N=2, C=3, OC=20, groups=1)
+        bp = _engine.backward_data_plan(_plan(case, dtype).problem)
+        assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 20
+        assert bp.static_schedule and 3 <= bp.kernel.variants[bp.tile][0]
+        rows = max(r for r, _, _ in bp.kernel.variants)
+        wide = dict(case, C=rows + 1)
+        assert not _engine.backward_data_plan(_plan(wide, dtype).problem).static_schedule
+        x, w, b, gy = case_arrays(case, dtype, make_rng("bwd-data-static", spec.name))
+        args = conv_args(case)
+        convgen.set_num_threads(threads)
+        got = convgen_functional("bwd_data", x, w, b, gy, **args)
+        assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+        convgen.set_num_threads(1)
+        assert np.array_equal(got, convgen_functional("bwd_data", x, w, b, gy, **args))
+    finally:
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
