@@ -131,6 +131,12 @@ CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28
 
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
+# A reduction pass of the channel-vector tile covers at least this many blocks of
+# `lanes` channels: its tiles read a few rows of each block, not whole planes, and each
+# pass stores and reloads their partial sums (the 128x128 reflect layer, 64 channels:
+# 4 passes of one block 4.89-5.08 ms forward, one pass 4.68-4.83; ASPP's passes of 7
+# blocks and DeepLab's rate 2's of 8 took the same time as one pass).
+CVEC_PASS_BLOCKS = 4
 
 # The weight gradient split over pixels (_wgrad_chunks): work items it aims at per
 # image, their largest size per image, and their most in all (each sums a weight
@@ -544,7 +550,7 @@ class ForwardPlan:
         self.block_len = self.x_chan * lanes
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
         if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
-            self.rblock = min(self.Cg, _geometry.round_up(self.rblock, lanes))
+            self.rblock = min(self.Cg, max(CVEC_PASS_BLOCKS * lanes, _geometry.round_up(self.rblock, lanes)))
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
         # the blocked copy: each work item copies a run of pixel chunks into its thread's
         # panel, which stays in cache while every channel tile runs over it.
@@ -752,7 +758,8 @@ class BackwardDataPlan:
         self.static_schedule = fp.static_schedule or (self.cvec is None and p.groups == 1
                                                       and fp.Cg <= self.kernel.variants[self.tile][0])
         if self.cvec is not None:  # as the forward's
-            self.rblock = fp.OCg if self.panels else min(fp.OCg, _geometry.round_up(self.rblock, lanes))
+            self.rblock = fp.OCg if self.panels else min(fp.OCg, max(CVEC_PASS_BLOCKS * lanes,
+                                                                     _geometry.round_up(self.rblock, lanes)))
         if self.panels:
             self.panel_pixels = _panel_pixels(p, fp.OCg, self.cvec[1])
         # (images, groups) per block: whole images while they fit, else groups of one image.

@@ -42,6 +42,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
+    monkeypatch.setattr(_engine, "CVEC_PASS_BLOCKS", 1)
     monkeypatch.setattr(_engine, "CVEC_IMAGE_BUDGET", 4096)   # one image per pass
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     _engine.forward_plan.cache_clear()
