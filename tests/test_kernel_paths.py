@@ -853,6 +853,27 @@ def test_reduction_passes_do_enough_work():
     assert _engine._reduction_block(40, plane, 9) == 40     # fits: one pass
 
 
+@pytest.mark.parametrize("blocks, expected", [(4, 64), (1, 16)])
+def test_channel_vector_passes_cover_blocks(blocks, expected, monkeypatch):
+    """The channel-vector tile's passes (forward and input gradient) hold at least
+    CVEC_PASS_BLOCKS blocks of channels where the cache budget alone would give fewer:
+    64 channels of 128x128 maps, 13 per pass by the budget (16: a whole block)."""
+    monkeypatch.setattr(_engine, "CVEC_PASS_BLOCKS", blocks)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    try:
+        case = dict(N=1, C=64, OC=64, H=128, W=128, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1)
+        fp = _plan(case, np.float32)
+        bp = _engine.backward_data_plan(fp.problem)
+        assert fp.cvec is not None and bp.cvec is not None
+        assert _engine._reduction_block(64, fp.x_chan * 4, 9) == 13
+        assert fp.rblock == bp.rblock == expected
+    finally:
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
+
+
 # 1x1 layers with a stride and no padding run as the stride-1 layer on the pixels they
 # read (convgen._engine.strided_pointwise): gathered for the forward and the weight
 # gradient's planes, the input gradient spread back with zeros between.
