@@ -138,6 +138,13 @@ PASS_MIN_MACS = 64
 # blocks and DeepLab's rate 2's of 8 took the same time as one pass).
 CVEC_PASS_BLOCKS = 4
 
+
+def _cvec_pass(channels, rblock, lanes):
+    """The channel-vector tile's reduction pass for a _reduction_block of `rblock`: whole
+    blocks of `lanes` channels (a pass starts at a block), at least CVEC_PASS_BLOCKS of
+    them, at most every channel."""
+    return min(channels, max(CVEC_PASS_BLOCKS * lanes, _geometry.round_up(rblock, lanes)))
+
 # The weight gradient split over pixels (_wgrad_chunks): work items it aims at per
 # image, their largest size per image, and their most in all (each sums a weight
 # gradient of its own).  Enough items for OpenMP's default threads, 4 at least (on 2
@@ -549,8 +556,8 @@ class ForwardPlan:
         self.in_blocks = _geometry.ceil_div(p.C, lanes)
         self.block_len = self.x_chan * lanes
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
-        if self.cvec is not None:  # (the channel-vector tile's passes start at a block of channels)
-            self.rblock = min(self.Cg, max(CVEC_PASS_BLOCKS * lanes, _geometry.round_up(self.rblock, lanes)))
+        if self.cvec is not None:
+            self.rblock = _cvec_pass(self.Cg, self.rblock, lanes)
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
         # the blocked copy: each work item copies a run of pixel chunks into its thread's
         # panel, which stays in cache while every channel tile runs over it.
@@ -758,8 +765,7 @@ class BackwardDataPlan:
         self.static_schedule = fp.static_schedule or (self.cvec is None and p.groups == 1
                                                       and fp.Cg <= self.kernel.variants[self.tile][0])
         if self.cvec is not None:  # as the forward's
-            self.rblock = fp.OCg if self.panels else min(fp.OCg, max(CVEC_PASS_BLOCKS * lanes,
-                                                                     _geometry.round_up(self.rblock, lanes)))
+            self.rblock = fp.OCg if self.panels else _cvec_pass(fp.OCg, self.rblock, lanes)
         if self.panels:
             self.panel_pixels = _panel_pixels(p, fp.OCg, self.cvec[1])
         # (images, groups) per block: whole images while they fit, else groups of one image.
