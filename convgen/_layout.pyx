@@ -108,7 +108,13 @@ cdef inline int _nonfinite(const real* p, Py_ssize_t n) noexcept nogil:
 
 
 cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
-    """One channel: x (H, W) -> its padded phase planes at xin.  Plain loops rather
+    return _pad_rows(x, xin, pp, 0, pp.Hq, True)
+
+
+cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_t i0, Py_ssize_t i1,
+                          bint tail) noexcept nogil:
+    """One channel: x (H, W) -> rows [i0, i1) of its padded phase planes at xin, and
+    with `tail` the zeros past each plane's last row.  Plain loops rather
     than memcpy/memset: rows are often short (7x7 maps), where a call costs more
     than the copy.  Returns 1 if the planes hold an infinity or a NaN (the weight
     gradient then takes its exact path); checking the unpadded middles suffices, as
@@ -126,8 +132,8 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
             lo = pp.interior[2 * b]
             hi = pp.interior[2 * b + 1]
             short = sw == 1 and hi - lo <= 16
-            dst = xin + (a * sw + b) * pp.plane_len
-            for i in range(Hq):
+            dst = xin + (a * sw + b) * pp.plane_len + i0 * We
+            for i in range(i0, i1):
                 r = pp.rows[a * Hq + i]
                 if r < 0:
                     for j in range(We):
@@ -164,8 +170,9 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexce
                         s = cb[j]
                         dst[j] = src[s] if s >= 0 else 0
                 dst = dst + We
-            for j in range(pp.plane_len - Hq * We):
-                dst[j] = 0
+            if tail:
+                for j in range(pp.plane_len - Hq * We):
+                    dst[j] = 0
     return bad
 
 
@@ -193,12 +200,14 @@ cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, 
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
-              cnp.ndarray interior, Py_ssize_t plane_len, int threads):
+              cnp.ndarray interior, Py_ssize_t plane_len, int threads, cnp.ndarray band_rows=None):
     """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
     itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
-    of each plane is zeroed.  Returns whether any value is infinite or NaN."""
+    of each plane is zeroed.  band_rows (intp, bands + 1; see ForwardPlan.bands): thread
+    b pads the rows [band_rows[b], band_rows[b + 1]) of every plane.  Returns whether any
+    value is infinite or NaN."""
     cdef Py_ssize_t nc = x.shape[0], c
     cdef int bad = 0
     cdef PadPlan pp = pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
@@ -206,6 +215,23 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     cdef void* src = _ptr(x)
     cdef void* dst = _ptr(xin)
     cdef bint single = cnp.PyArray_ITEMSIZE(x) == 4
+    cdef Py_ssize_t band, bands, tail_band
+    cdef const Py_ssize_t* bounds
+    if band_rows is not None:
+        # Band b pads plane rows [band_rows[b], band_rows[b + 1]) of every channel on
+        # thread b (static, one band each): the thread whose tiles then read those rows.
+        bands = band_rows.shape[0] - 1
+        bounds = <const Py_ssize_t*>_ptr(band_rows)
+        tail_band = bands - 1
+        for band in prange(bands, nogil=True, schedule="static", chunksize=1, num_threads=bands):
+            for c in range(nc):
+                if single:
+                    bad += _pad_rows(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp,
+                                     bounds[band], bounds[band + 1], band == tail_band)
+                else:
+                    bad += _pad_rows(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp,
+                                     bounds[band], bounds[band + 1], band == tail_band)
+        return bad > 0
     if threads == 1:  # a plain loop: no parallel region to open and join
         with nogil:
             for c in range(nc):

@@ -1001,3 +1001,43 @@ def test_input_gradient_one_channel_tile_static(spec, threads, monkeypatch, rest
     finally:
         _engine.forward_plan.cache_clear()
         _engine.backward_data_plan.cache_clear()
+
+
+DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
+def test_one_pass_forward_in_bands(spec, threads, monkeypatch, restore_threads):
+    """A one-pass forward on several threads runs in bands (each thread pads the plane
+    rows its share of the pixel chunks starts on, then runs every channel tile there):
+    the output matches the reference and, bit for bit, the one-thread result; the planes kept for the weight gradient are the whole
+    padded input, and an infinity in the last band's rows is still reported."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
+    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    dtype = spec_dtype(spec)
+    case = dict(case_for(spec), H=47, W=29)
+    args = conv_args(case)
+    x, w, b, _ = case_arrays(case, dtype, make_rng("fwd-bands", spec.name))
+    try:
+        _engine.forward_plan.cache_clear()
+        fp = _plan(case, dtype)
+        assert fp.kernel.name == spec.name and fp.one_pass
+        rows = fp.bands(threads)
+        assert rows is not None and len(rows) == threads + 1 and rows[-1] == fp.Hq
+        assert np.all(np.diff(rows) >= 0) and fp.bands(1) is None
+        convgen.set_num_threads(1)
+        alone = convgen_functional("fwd", x, w, b, None, **args)
+        convgen.set_num_threads(threads)
+        got = convgen_functional("fwd", x, w, b, None, **args)
+        assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
+        assert np.array_equal(got, alone), f"{spec.name}: the bands' output differs from one thread's"
+        y, xin, nonfinite = _engine.forward(x, w, b, fp.problem)
+        planes = np.zeros_like(xin)
+        _layout.pad_phase(x.reshape(fp.x3_shape), planes, *fp.pad_args, 1)
+        assert np.array_equal(xin, planes) and not nonfinite
+        x[-1, -1, -1, -1] = np.inf
+        assert _engine.forward(x, w, b, fp.problem)[2]
+    finally:
+        _engine.forward_plan.cache_clear()
