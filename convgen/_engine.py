@@ -633,26 +633,35 @@ class ForwardPlan:
         # One pass of the pixel tiles over every image, from planes padded beforehand.
         self.one_pass = (self.cvec is None and self.kernel.fused is None and self.images >= p.N
                          and self.rblock >= self.Cg)
-        # On several threads a one-pass layer with enough pixel chunks runs in bands (see bands()).
-        self.band_chunks = self.out_len // chunk if self.one_pass else 0
+        # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
+        # for 1x1 panels), run in bands when they have enough pixel chunks (see bands()).
+        self.band_chunks, self.band_pixels = 0, chunk
+        if self.one_pass or (self.cvec is not None and not self.panels):
+            self.band_chunks = self.OH * self.row_tiles if self.row_tiles else self.out_len // chunk
         self._band_rows = {}
 
     def bands(self, threads):
-        """pad_phase's band_rows (intp, threads + 1) when this one-pass forward runs in
-        bands on `threads` threads, else None.  Thread t then runs the t-th share of each
-        image's pixel chunks (the kernels' _run_band) after padding the plane rows from
-        the one its first chunk starts on: most of what it reads it wrote itself, as a
-        line another core has just written costs far more to read here.  (2 threads,
-        forward: MobileNetV2's 3 -> 32 stem at 224x224 0.166 -> 0.136 ms, 8 -> 8 3x3 at
-        128x128 0.136 -> 0.100, 16 -> 16 at 64x64 0.111 -> 0.090, 3 -> 64 at 224x224
-        0.878 -> 0.841; ResNet's 7x7 stem within the noise.)  Needs BAND_MIN_CHUNKS
-        chunks per thread, for balance."""
+        """pad_phase's / pad_blocked's band_rows (intp, threads + 1) when this forward
+        runs in bands on `threads` threads, else None.  Thread t then runs the t-th share
+        of each image's pixel chunks (the kernels' _run_band) after padding the plane
+        rows from the one its first chunk starts on: most of what it reads it wrote
+        itself, as a line another core has just written costs far more to read here,
+        and a band's input stays in its core's L2 for every channel tile.  Needs
+        BAND_MIN_CHUNKS chunks per thread, for balance.  Measured, 2 threads:
+        - pixel tiles: MobileNetV2's 3 -> 32 stem at 224x224 0.166 -> 0.136 ms, 8 -> 8
+          3x3 at 128x128 0.136 -> 0.100, 16 -> 16 at 64x64 0.111 -> 0.090;
+        - channel-vector tiles, against the dynamic schedule: ResNet's strided 3x3
+          1.075x, DeepLab's rate-2 layer and Inception's 5x5 1.04x, ResNet's 3x3 1.036x
+          (float64 too), the reflect layer 1.02x, ASPP 1.01x, CIFAR's batch of 32 0.99x."""
         if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
             return None
         rows = self._band_rows.get(threads)
         if rows is None:
-            chunk = self.out_len // self.band_chunks
-            starts = [t * self.band_chunks // threads * chunk // self.We for t in range(threads)]
+            firsts = [t * self.band_chunks // threads for t in range(threads)]
+            if self.row_tiles:   # (row tiles: row_tiles chunks per output row)
+                starts = [c // self.row_tiles for c in firsts]
+            else:                # (flat grid: band_pixels per chunk, We per row)
+                starts = [c * self.band_pixels // self.We for c in firsts]
             rows = self._band_rows[threads] = _index(starts + [self.Hq])
         return rows
 
@@ -951,6 +960,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
                       0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
                       panels=panels)
         return (y, xin, nonfinite) if keep else (y, None, False)
+    bands = None if threads == 1 or fp.cvec is None else fp.bands(threads)
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
@@ -963,9 +973,9 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         if fp.cvec is not None:
             # the channel-vector tile reads its own copy: blocks of channels, pixel-major
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
-            fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads)
+            fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                      static_schedule=fp.static_schedule)
+                      static_schedule=fp.static_schedule, banded=bands is not None)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 

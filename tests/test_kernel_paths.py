@@ -1003,6 +1003,18 @@ def test_input_gradient_one_channel_tile_static(spec, threads, monkeypatch, rest
         _engine.backward_data_plan.cache_clear()
 
 
+def _poison_scratch(monkeypatch):
+    """Every scratch array the engine asks for from now on starts as NaN, so a region a
+    kernel should have written but did not shows in its output."""
+    scratch = _engine.scratch
+
+    def poisoned(name, shape, dtype):
+        buf = scratch(name, shape, dtype)
+        buf.fill(np.nan)
+        return buf
+    monkeypatch.setattr(_engine, "scratch", poisoned)
+
+
 DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
 
 
@@ -1016,6 +1028,7 @@ def test_one_pass_forward_in_bands(spec, threads, monkeypatch, restore_threads):
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
     monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    _poison_scratch(monkeypatch)
     dtype = spec_dtype(spec)
     case = dict(case_for(spec), H=47, W=29)
     args = conv_args(case)
@@ -1041,3 +1054,33 @@ def test_one_pass_forward_in_bands(spec, threads, monkeypatch, restore_threads):
         assert _engine.forward(x, w, b, fp.problem)[2]
     finally:
         _engine.forward_plan.cache_clear()
+
+
+CVEC_FWD_SPECS = [s for s in CVEC_SPECS if s.direction == "fwd"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", CVEC_FWD_SPECS, ids=lambda s: s.name)
+def test_channel_vector_forward_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+    """The channel-vector forward in bands (pad_blocked's band_rows, then each thread
+    its share of every image's pixel chunks), over several images a pass and several
+    reduction passes: the output matches the reference and, bit for bit, one thread's
+    (1x1 layers at stride 1 without padding run panels instead, as before)."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    monkeypatch.setattr(_engine, "PANELS", False)
+    _poison_scratch(monkeypatch)
+    dtype = spec_dtype(spec)
+    case = dict(_case(spec, 37, 37), H=19, W=23)
+    args = conv_args(case)
+    x, w, b, _ = case_arrays(case, dtype, make_rng("cvec-bands", spec.name))
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.rblock < fp.Cg
+    rows = fp.bands(threads)
+    assert rows is not None and len(rows) == threads + 1 and rows[-1] == fp.Hq and np.all(np.diff(rows) >= 0)
+    convgen.set_num_threads(1)
+    alone = convgen_functional("fwd", x, w, b, None, **args)
+    convgen.set_num_threads(threads)
+    got = convgen_functional("fwd", x, w, b, None, **args)
+    assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
+    assert np.array_equal(got, alone), f"{spec.name}: the bands' output differs from one thread's"
