@@ -41,6 +41,12 @@ STATIC_WORK = 1 << 23
 # thread: a band is a static share, off by at most a chunk (ResNet's 256 -> 256 at 14x14,
 # 5 chunks: 0.93 -> 1.11 ms banded).
 BAND_MIN_CHUNKS = 8
+# ... and each thread packs its own copy of the channel-vector tile's weights where they
+# take at most this many bytes: reading the half another core packed costs more than
+# packing it again (2 threads, 21 alternating rounds: Inception's 5x5 1.038x, CIFAR's
+# batch of 32 1.021x, ResNet's strided 3x3 and 128 -> 128 at 28x28 1.016x, its 3x3 1.003x;
+# above, copies cost more than they save: ASPP's 4.6 MB 0.96x, DeepLab's 2.3 MB 1.00x).
+PACK_COPY_BYTES = 1 << 20
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -936,12 +942,17 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
+    bands = None if threads == 1 or fp.cvec is None else fp.bands(threads)
+    wp_copy = 0
     if fp.cvec is not None:
         width = fp.cvec[2]
-        wp = scratch("wp", (fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width,), x.dtype)
+        wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
+        copies = threads if bands is not None and wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
+        wp_copy = wp_len if copies > 1 else 0
+        wp = scratch("wp", (copies * wp_len,), x.dtype)
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
         nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk,
-                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads)
+                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies)
         skip = None if nonfinite_weight else fp.tap_skip
         part = None
         if fp.rblock < fp.Cg:
@@ -960,7 +971,6 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
                       0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
                       panels=panels)
         return (y, xin, nonfinite) if keep else (y, None, False)
-    bands = None if threads == 1 or fp.cvec is None else fp.bands(threads)
     for n0 in range(0, p.N, fp.images):
         # A few images at a time: their padded planes are still in cache for the kernel.
         n1 = min(p.N, n0 + fp.images)
@@ -975,7 +985,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                      static_schedule=fp.static_schedule, banded=bands is not None)
+                      static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 

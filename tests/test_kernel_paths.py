@@ -1062,10 +1062,11 @@ CVEC_FWD_SPECS = [s for s in CVEC_SPECS if s.direction == "fwd"]
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", CVEC_FWD_SPECS, ids=lambda s: s.name)
 def test_channel_vector_forward_in_bands(spec, threads, forced, monkeypatch, restore_threads):
-    """The channel-vector forward in bands (pad_blocked's band_rows, then each thread
-    its share of every image's pixel chunks), over several images a pass and several
-    reduction passes: the output matches the reference and, bit for bit, one thread's
-    (1x1 layers at stride 1 without padding run panels instead, as before)."""
+    """The channel-vector forward in bands (pad_blocked's band_rows, each thread its
+    own copy of the packed weights, then its share of every image's pixel chunks), over
+    several images a pass and several reduction passes: the output matches the
+    reference and, bit for bit, one thread's (1x1 layers at stride 1 without padding
+    run panels instead, as before)."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
     monkeypatch.setattr(_engine, "PANELS", False)
@@ -1084,3 +1085,7 @@ def test_channel_vector_forward_in_bands(spec, threads, forced, monkeypatch, res
     got = convgen_functional("fwd", x, w, b, None, **args)
     assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
     assert np.array_equal(got, alone), f"{spec.name}: the bands' output differs from one thread's"
+    # (each thread packed its own copy of the weights; a NaN in them still reaches the output)
+    w[-1, -1, 0, 0] = np.nan
+    got = convgen_functional("fwd", x, w, b, None, **args)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(reference_functional("fwd", x, w, b, None, **args)))
