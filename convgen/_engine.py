@@ -462,6 +462,16 @@ def _row_tiling(masks, forms):
     return tile_cols, (skip if skip.any() else None)
 
 
+def _band_rows(chunks, threads, row_tiles, pixels, width, first_row, rows):
+    """band_rows (intp, threads + 1) for `threads` bands of `chunks` pixel chunks (see
+    ForwardPlan.bands): where each band's first chunk starts reading, in planes of `rows`
+    rows `width` apart whose row first_row + i output row i reads first.  Chunks are
+    row_tiles to an output row, else `pixels` along the flat grid."""
+    firsts = [t * chunks // threads for t in range(threads)]
+    starts = [c // row_tiles if row_tiles else c * pixels // width for c in firsts]
+    return _index([min(rows, first_row + s) if t else 0 for t, s in enumerate(starts)] + [rows])
+
+
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes)."""
@@ -644,7 +654,7 @@ class ForwardPlan:
         self.band_chunks, self.band_pixels = 0, chunk
         if self.one_pass or (self.cvec is not None and not self.panels):
             self.band_chunks = self.OH * self.row_tiles if self.row_tiles else self.out_len // chunk
-        self._band_rows = {}
+        self._bands_cache = {}
 
     def bands(self, threads):
         """pad_phase's / pad_blocked's band_rows (intp, threads + 1) when this forward
@@ -661,14 +671,10 @@ class ForwardPlan:
           (float64 too), the reflect layer 1.02x, ASPP 1.01x, CIFAR's batch of 32 0.99x."""
         if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
             return None
-        rows = self._band_rows.get(threads)
+        rows = self._bands_cache.get(threads)
         if rows is None:
-            firsts = [t * self.band_chunks // threads for t in range(threads)]
-            if self.row_tiles:   # (row tiles: row_tiles chunks per output row)
-                starts = [c // self.row_tiles for c in firsts]
-            else:                # (flat grid: band_pixels per chunk, We per row)
-                starts = [c * self.band_pixels // self.We for c in firsts]
-            rows = self._band_rows[threads] = _index(starts + [self.Hq])
+            rows = self._bands_cache[threads] = _band_rows(self.band_chunks, threads, self.row_tiles,
+                                                         self.band_pixels, self.We, 0, self.Hq)
         return rows
 
     def padding_masks(self, taps):
@@ -796,6 +802,15 @@ class BackwardDataPlan:
                        and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
                        and self.width == fp.OW and not self.row_tiles and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
+        # As the forward's bands (channel-vector tiles but for panels): output row i reads
+        # grad_output's bordered rows from shift // width + i on.  (2 threads, module
+        # backward against the dynamic schedule, 5 alternating rounds: DeepLab's rate-2
+        # layer 1.13x, ResNet's 3x3 1.04x, its strided 3x3 and the reflect layer 1.02x,
+        # ASPP and Inception 0.995x.)
+        self.band_chunks, self.band_pixels, self._bands_cache = 0, chunk, {}
+        if self.cvec is not None and not self.panels:
+            self.band_chunks = out_rows * self.row_tiles if self.row_tiles else self.out_len // chunk
+            self.band_first_row = shift // self.width
         # Dense pixel tiles whose one tile of rows holds every input channel (first layers:
         # 3 channels) make the work items plain runs of pixels, which a static partition
         # keeps on one core through every pass and phase, with their partial sums and rows
@@ -829,6 +844,18 @@ class BackwardDataPlan:
                 return ((strip + k) // 2 + 1) * wg * lanes + lanes * lanes
 
             self.channel_block = (rows, cols, interior, ChannelBlockStrips(p, p.H, per_thread))
+
+    def bands(self, threads):
+        """pad_blocked's band_rows for grad_output's blocks when the channel-vector input
+        gradient runs in bands on `threads` threads (as ForwardPlan.bands), else None."""
+        if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
+            return None
+        rows = self._bands_cache.get(threads)
+        if rows is None:
+            rows = self._bands_cache[threads] = _band_rows(self.band_chunks, threads, self.row_tiles, self.band_pixels,
+                                                         self.width, self.band_first_row,
+                                                         self.block_tables[0].shape[1])
+        return rows
 
 
 @lru_cache(maxsize=256)
@@ -1105,8 +1132,10 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
             _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
             x_chan, offs = bp.plane_len, bp.phase_offs
         else:
-            bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads)
+            bands = None if threads == 1 else bp.bands(threads)
+            bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads, bands)
             x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
+            kwargs["banded"] = bands is not None
         bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
                       offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs)
     if not bp.direct:

@@ -1089,3 +1089,34 @@ def test_channel_vector_forward_in_bands(spec, threads, forced, monkeypatch, res
     w[-1, -1, 0, 0] = np.nan
     got = convgen_functional("fwd", x, w, b, None, **args)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(reference_functional("fwd", x, w, b, None, **args)))
+
+
+CVEC_BWD_DATA_SPECS = [s for s in CVEC_SPECS if s.direction == "bwd_data"]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", CVEC_BWD_DATA_SPECS, ids=lambda s: s.name)
+def test_channel_vector_input_gradient_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+    """The channel-vector input gradient in bands (grad_output's blocks padded with
+    band_rows, each thread its share of the pixel chunks, every stride phase), over
+    several images and reduction passes: it matches the reference and, bit for bit,
+    one thread's."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    monkeypatch.setattr(_engine, "PANELS", False)
+    _poison_scratch(monkeypatch)
+    dtype = spec_dtype(spec)
+    case = dict(_case(spec, 37, 37), H=19, W=23)
+    args = conv_args(case)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("cvec-bwd-bands", spec.name))
+    bp = _engine.backward_data_plan(_plan(case, dtype).problem)
+    assert bp.kernel.name == spec.name and bp.cvec is not None and not bp.panels
+    rows = bp.bands(threads)
+    assert rows is not None and len(rows) == threads + 1 and np.all(np.diff(rows) >= 0)
+    assert rows[-1] == bp.block_tables[0].shape[1]
+    convgen.set_num_threads(1)
+    alone = convgen_functional("bwd_data", x, w, b, gy, **args)
+    convgen.set_num_threads(threads)
+    got = convgen_functional("bwd_data", x, w, b, gy, **args)
+    assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+    assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
