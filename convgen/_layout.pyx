@@ -465,43 +465,62 @@ cdef void _transposed_row(const real* src, Py_ssize_t plane, Py_ssize_t C, Py_ss
         c0 = c0 + lanes
 
 
+cdef void _extend_transposed_rows(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
+                                  Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp, Py_ssize_t item,
+                                  Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Row (image, row) `item` of extend_transposed, its columns [c0, c1) of gT's Cp."""
+    cdef Py_ssize_t lanes = 16 if real is float else 8
+    cdef Py_ssize_t n = item // H, i = item % H, j, c
+    cdef Py_ssize_t Cb = c0 + (max(0, min(C, c1) - c0) + lanes - 1) // lanes * lanes  # what the transposes write
+    cdef real* dst = gT + (n * qlen + i * width) * Cp
+    if C > c0:
+        _transposed_row(g + n * C * H * W + i * W + c0 * H * W, H * W, min(C, c1) - c0, W, dst + c0, Cp)
+    else:
+        Cb = c0
+    for j in range(W):           # channels past the transposed blocks
+        for c in range(Cb, c1):
+            dst[j * Cp + c] = 0
+    for j in range(W, width):    # scratch columns
+        for c in range(c0, c1):
+            dst[j * Cp + c] = 0
+    if i == H - 1:               # the image's rows past the last
+        for j in range(H * width, qlen):
+            for c in range(c0, c1):
+                gT[(n * qlen + j) * Cp + c] = 0
+
+
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
                              Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp,
-                             int threads) noexcept nogil:
+                             int threads, Py_ssize_t band) noexcept nogil:
     # In parallel over (image, row): one image is most layers' case.  (A channel-outer
-    # scatter wrote a line per value: 3 GB/s.)  Cp is a multiple of the lanes.
-    cdef Py_ssize_t item, n, i, j, c
-    cdef Py_ssize_t lanes = 16 if real is float else 8
-    cdef Py_ssize_t Cb = (C + lanes - 1) // lanes * lanes   # channels the transposes write
-    cdef real* dst
+    # scatter wrote a line per value: 3 GB/s.)  Cp is a multiple of the lanes.  band > 0:
+    # thread t writes the columns of the t-th share of the Cp // band blocks of band
+    # channels instead, every row (the weight gradient's bands: see ocvec).
+    cdef Py_ssize_t item, t, blocks = Cp // band if band > 0 else 0
+    if band > 0:
+        for t in prange(threads, schedule="static", chunksize=1, num_threads=threads):
+            for item in range(N * H):
+                _extend_transposed_rows(g, gT, N, C, H, W, width, qlen, Cp, item,
+                                        t * blocks // threads * band, (t + 1) * blocks // threads * band)
+        return
     for item in prange(N * H, schedule="dynamic", chunksize=1 + N * H // (8 * threads), num_threads=threads):
-        n = item // H
-        i = item % H
-        dst = gT + (n * qlen + i * width) * Cp
-        _transposed_row(g + n * C * H * W + i * W, H * W, C, W, dst, Cp)
-        for j in range(W):           # channels past the transposed blocks
-            for c in range(Cb, Cp):
-                dst[j * Cp + c] = 0
-        for j in range(W * Cp, width * Cp):   # scratch columns
-            dst[j] = 0
-        if i == H - 1:               # the image's rows past the last
-            for j in range(H * width * Cp, qlen * Cp):
-                gT[n * qlen * Cp + j] = 0
+        _extend_transposed_rows(g, gT, N, C, H, W, width, qlen, Cp, item, 0, Cp)
 
 
-def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threads):
+def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threads, Py_ssize_t band=0):
     """gT[n, i * width + j, c] = g[n, c, i, j]; zero everywhere else.  g is (N, C, H, W),
-    gT (N, qlen, Cp) with Cp >= C (the channel-vectorised weight gradient reads it)."""
+    gT (N, qlen, Cp) with Cp >= C (the channel-vectorised weight gradient reads it).
+    band > 0 (dividing Cp): thread t writes the t-th share of the blocks of band columns."""
     cdef void* src = _ptr(g)
     cdef void* dst = _ptr(gT)
     cdef Py_ssize_t N = g.shape[0], C = g.shape[1], H = g.shape[2], W = g.shape[3]
     cdef Py_ssize_t qlen = gT.shape[1], Cp = gT.shape[2]
     if g.dtype.itemsize == 4:
         with nogil:
-            _extend_transposed(<float*>src, <float*>dst, N, C, H, W, width, qlen, Cp, threads)
+            _extend_transposed(<float*>src, <float*>dst, N, C, H, W, width, qlen, Cp, threads, band)
     else:
         with nogil:
-            _extend_transposed(<double*>src, <double*>dst, N, C, H, W, width, qlen, Cp, threads)
+            _extend_transposed(<double*>src, <double*>dst, N, C, H, W, width, qlen, Cp, threads, band)
 
 
 cdef void _strided_channel(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t OH,

@@ -348,8 +348,8 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     dense = KernelSpec("bwd_weight", "f64", 1, 1, 1, "dense")
     tile = "cdef void _ocvec_tile("
     assert "def ocvec(" in text and "def ocvec_chunks(" in text
-    # defined once, called by each entry point (ocvec from its static and its dynamic loop)
-    assert text.count(tile) == 1 and text.count("_ocvec_tile(") == 4
+    # defined once, called by each entry point (ocvec from its banded, static and dynamic loops)
+    assert text.count(tile) == 1 and text.count("_ocvec_tile(") == 5
     assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == 1
     assert "_ocvec" not in text.replace("_ocvec_tile(", "")   # no per-kernel copies
     # Its tile table's layout: the fields' order from codegen, their places in the tile

@@ -1120,3 +1120,33 @@ def test_channel_vector_input_gradient_in_bands(spec, threads, forced, monkeypat
     got = convgen_functional("bwd_data", x, w, b, gy, **args)
     assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
     assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_by_channel_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+    """The channel-vectorised weight gradient in bands of output channels (each thread
+    transposes the columns of grad_output its tiles read), over several reduction
+    segments: it matches the reference and, bit for bit, one thread's and the dynamic
+    schedule's; with blocks that do not split evenly it keeps the dynamic schedule."""
+    monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: None)   # split over tiles, not pixels
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    _poison_scratch(monkeypatch)
+    dtype = spec_dtype(spec)
+    width = 2 * _engine.LANES["f32" if dtype == np.float32 else "f64"]
+    case = dict(_case(spec, 17, 4 * width - 3), N=3, H=37, W=35)   # 4 blocks of output channels
+    args = conv_args(case)
+    fp = _plan(case, dtype)
+    assert fp.wgrad_by_channel and fp.wgrad_chunks is None
+    assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
+    x, w, b, gy = case_arrays(case, dtype, make_rng("wgrad-bands", spec.name))
+    convgen.set_num_threads(1)
+    alone = convgen_functional("bwd_weight", x, w, b, gy, **args)
+    convgen.set_num_threads(threads)
+    got = convgen_functional("bwd_weight", x, w, b, gy, **args)
+    assert_close(got, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+    assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+    monkeypatch.setattr(_engine, "WGRAD_BANDS", False)
+    assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
+    convgen.set_num_threads(3)   # (4 blocks: not split into bands)
+    assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
