@@ -47,12 +47,14 @@ BAND_MIN_CHUNKS = 8
 # ResNet's 3x3 at 14x14 1.016x, Inception 1.015x, its strided 3x3 1.006-1.011x, the rest
 # within 1%: its 1x1 0.98-0.994x.)
 WGRAD_BANDS = True
-# ... and each thread packs its own copy of the channel-vector tile's weights where they
-# take at most this many bytes: reading the half another core packed costs more than
-# packing it again (2 threads, 21 alternating rounds: Inception's 5x5 1.038x, CIFAR's
-# batch of 32 1.021x, ResNet's strided 3x3 and 128 -> 128 at 28x28 1.016x, its 3x3 1.003x;
-# above, copies cost more than they save: ASPP's 4.6 MB 0.96x, DeepLab's 2.3 MB 1.00x).
-PACK_COPY_BYTES = 1 << 20
+# ... and each thread packs its own copy of the channel-vector tile's weights where the
+# copies take at most this many bytes in all: reading the half another core packed costs
+# more than packing it again (2 threads, 21 alternating rounds: Inception's 5x5 1.038x,
+# CIFAR's batch of 32 1.021x, ResNet's strided 3x3 and 128 -> 128 at 28x28 1.016x, its 3x3
+# 1.003x; larger copies cost more than they save: ASPP's 2 x 4.6 MB 0.96x, DeepLab's
+# 2 x 2.3 MB 1.00x).  (Measured on 2 cores only; the budget keeps many threads' copies
+# within what 2 threads' took.)
+PACK_COPY_BYTES = 2 << 20
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -980,7 +982,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     if fp.cvec is not None:
         width = fp.cvec[2]
         wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
-        copies = threads if bands is not None and wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
+        copies = threads if bands is not None and threads * wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
         wp_copy = wp_len if copies > 1 else 0
         wp = scratch("wp", (copies * wp_len,), x.dtype)
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
