@@ -93,7 +93,10 @@ cdef inline void* _ptr(cnp.ndarray a) noexcept:
 
 cdef inline int _nonfinite(const real* p, Py_ssize_t n) noexcept nogil:
     """1 if p[0:n] holds an infinity or a NaN: an all-ones exponent, found with an
-    integer max over the exponent bits (which gcc vectorises; a float test does not)."""
+    integer max over the exponent bits (which gcc vectorises; a float test does not).
+    (convgen_simd.h's cg_nonfinite, the same test with AVX-512 intrinsics, measured
+    slower here, after the long rows' copy: 64 channels at 56x56 padded in 66 us against
+    56, one thread; short rows use it.)"""
     cdef Py_ssize_t j
     cdef unsigned int m32 = 0
     cdef unsigned long long m64 = 0
