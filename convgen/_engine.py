@@ -37,16 +37,10 @@ SMALL_VALUES = 1 << 16
 # a microsecond or so here: the seed example's tiles took 15 us on 2 threads handed out
 # dynamically, 5.7 us static, 7.5 us on 1 thread.
 STATIC_WORK = 1 << 23
-# A one-pass forward runs in bands (ForwardPlan.bands) from this many pixel chunks per
-# thread: a band is a static share, off by at most a chunk (ResNet's 256 -> 256 at 14x14,
-# 5 chunks: 0.93 -> 1.11 ms banded).
+# The dense forward and input gradient run in bands (ForwardPlan.bands) from this many
+# pixel chunks per thread: a band is a static share, off by at most a chunk (ResNet's
+# 256 -> 256 at 14x14, 5 chunks: 0.93 -> 1.11 ms banded).
 BAND_MIN_CHUNKS = 8
-# The channel-vectorised weight gradient runs in bands of output channels where they
-# split evenly (see backward_params).  (2 threads, module backward, 11-21 alternating
-# rounds against the dynamic schedule: ASPP 1.023-1.025x, DeepLab's rate-2 layer 1.019x,
-# ResNet's 3x3 at 14x14 1.016x, Inception 1.015x, its strided 3x3 1.006-1.011x, the rest
-# within 1%: its 1x1 0.98-0.994x.)
-WGRAD_BANDS = True
 # ... and each thread packs its own copy of the channel-vector tile's weights where the
 # copies take at most this many bytes in all: reading the half another core packed costs
 # more than packing it again (2 threads, 21 alternating rounds: Inception's 5x5 1.038x,
@@ -55,6 +49,12 @@ WGRAD_BANDS = True
 # 2 x 2.3 MB 1.00x).  (Measured on 2 cores only; the budget keeps many threads' copies
 # within what 2 threads' took.)
 PACK_COPY_BYTES = 2 << 20
+# The channel-vectorised weight gradient runs in bands of output channels where they
+# split evenly (see backward_params).  (2 threads, module backward, 11-21 alternating
+# rounds against the dynamic schedule: ASPP 1.023-1.025x, DeepLab's rate-2 layer 1.019x,
+# ResNet's 3x3 at 14x14 1.016x, Inception 1.015x, its strided 3x3 1.006-1.011x, the rest
+# within 1%: its 1x1 0.98-0.994x.)
+WGRAD_BANDS = True
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -1211,12 +1211,13 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                                              fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
                                              threads, out_into)
             else:
-                ocp = _geometry.round_up(p.OC, 2 * LANES[p.dtype])
+                block = 2 * LANES[p.dtype]   # output channels per tile (KernelSpec.ocvec_tile)
+                ocp = _geometry.round_up(p.OC, block)
                 gT = scratch("gT", (p.N, fp.grad_len, ocp), grad_y.dtype)
                 # Bands where the blocks of output channels split evenly over the threads:
                 # each thread transposes the columns of grad_output its tiles then read.
-                banded = threads > 1 and ocp // (2 * LANES[p.dtype]) % threads == 0 and WGRAD_BANDS
-                _layout.extend_transposed(grad_y, gT, fp.We, threads, 2 * LANES[p.dtype] if banded else 0)
+                banded = WGRAD_BANDS and threads > 1 and ocp // block % threads == 0
+                _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
                 fp.wgrad_kernel.ocvec(xin, gT, out, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
                                       fp.wgrad_tiles, threads, out_into, fp.ocvec_images, fp.ocvec_pixels, fp.We,
                                       fp.static_schedule, banded)
