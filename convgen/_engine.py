@@ -49,6 +49,14 @@ BAND_MIN_CHUNKS = 8
 # 2 x 2.3 MB 1.00x).  (Measured on 2 cores only; the budget keeps many threads' copies
 # within what 2 threads' took.)
 PACK_COPY_BYTES = 2 << 20
+# Dense weight gradients on the pixel-vectorised kernel extend grad_output onto the flat
+# grid from this many multiply-adds per grad_output value (input channels x taps), and
+# read its own rows below (see ForwardPlan).  Module-level weight gradient, 2 threads,
+# flat -> rows: 3 -> 32 3x3 stride 2 at 224x224 0.281 -> 0.161 ms, 3 -> 64 3x3 at 224x224
+# 1.45 -> 1.01, the seed example 14.6 -> 12.0 us (a batch of 8 of it 94 -> 59), 8 -> 8 3x3
+# at 128x128 0.139 -> 0.111, 3 -> 64 5x5 (75) 0.229 -> 0.220; above: 16 -> 16 3x3 (144)
+# 0.115 / 0.112, the 7x7 stem (147) 1.27 / 1.31, 64 -> 16 3x3 (576) 0.28 / 0.34.
+WGRAD_FLAT_MIN_MACS = 100
 # The channel-vectorised weight gradient runs in bands of output channels where they
 # split evenly (see backward_params).  (2 threads, module backward, 11-21 alternating
 # rounds against the dynamic schedule: ASPP 1.023-1.025x, DeepLab's rate-2 layer 1.019x,
@@ -633,9 +641,12 @@ class ForwardPlan:
         # Dense layers reduce over grad_output extended onto the flat grid (zero scratch
         # columns) as one long row per image: long runs of whole vectors, cut into
         # segments of pixels.  Depthwise and grouped layers read grad_output's own rows
-        # (no extended copy; each row's last vector masked), cut into segments of rows.
+        # (no extended copy; each row's last vector masked), cut into segments of rows;
+        # so do dense layers whose grad_output values each feed fewer than
+        # WGRAD_FLAT_MIN_MACS multiply-adds (channels x taps: first layers), where the
+        # extended copy costs more than its long rows save.
         seg = max(16 * lanes, CACHE_BUDGET // (p.C * self.n_planes * itemsize) // lanes * lanes)
-        self.wgrad_flat = p.groups == 1
+        self.wgrad_flat = p.groups == 1 and self.Cg * self.kk >= WGRAD_FLAT_MIN_MACS
         if self.wgrad_flat:
             self.wgrad_shape = (1, self.grad_len, self.grad_len)  # (rows, columns, input row stride)
             per_image, seg_rows, seg_cols = self.grad_len, 1, min(seg, self.grad_len)

@@ -1150,3 +1150,25 @@ def test_weight_gradient_by_channel_in_bands(spec, threads, forced, monkeypatch,
     assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
     convgen.set_num_threads(3)   # (4 blocks: not split into bands)
     assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
+
+
+@pytest.mark.parametrize("flat", [True, False], ids=["flat grid", "own rows"])
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_dense_weight_gradient_flat_or_rows(spec, flat, monkeypatch):
+    """The dense pixel-vectorised weight gradient over grad_output extended onto the flat
+    grid, or over its own rows (first layers: few multiply-adds per value), with rows of 35
+    (a partial last vector) and segments of rows under a small cache budget: both match
+    the reference."""
+    monkeypatch.setattr(_engine, "WGRAD_FLAT_MIN_MACS", 0 if flat else 1 << 30)
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    _engine.forward_plan.cache_clear()
+    try:
+        case = dict(_case(spec, 3, 5), N=2, H=37, W=35)
+        fp = _plan(case, spec_dtype(spec))
+        assert fp.wgrad_kernel.name == spec.name and not fp.wgrad_by_channel and fp.wgrad_flat == flat
+        if not flat:
+            images, rows, cols = fp.wgrad_segments
+            assert rows < fp.OH and cols == fp.OW
+        _check(spec, case)
+    finally:
+        _engine.forward_plan.cache_clear()
