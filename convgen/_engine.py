@@ -808,11 +808,12 @@ class BackwardDataPlan:
         # The channel-vector tile reads grad_output bordered alike, in blocks of `lanes`
         # channels, pixel-major: pad_blocked's one-phase tables (rows, columns,
         # interior), its planes' length and the taps' offsets there.
+        rows = _geometry.ceil_div(self.plane_len, self.width)
         if self.cvec is not None:
-            rows = _geometry.ceil_div(self.plane_len, self.width)
             self.block_plane = _geometry.round_up(rows * self.width, lanes)
             self.block_tables = bordered(rows)
             self.block_offs = [offs * lanes for offs in self.phase_offs]
+        self.band_plane_rows = rows   # (the rows of `width` that extend or pad_blocked write)
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         # (Zero padding only shifts grad_output's grid against the input's, which the panels
@@ -821,15 +822,16 @@ class BackwardDataPlan:
                        and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
                        and self.width == fp.OW and not self.row_tiles and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
-        # As the forward's bands (channel-vector tiles but for panels): output row i reads
-        # grad_output's bordered rows from shift // width + i on.  (2 threads, module
-        # backward against the dynamic schedule, 5 alternating rounds: DeepLab's rate-2
-        # layer 1.13x, ResNet's 3x3 1.04x, its strided 3x3 and the reflect layer 1.02x,
-        # ASPP and Inception 0.995x.)
+        # As the forward's bands (but for panels): output row i reads grad_output's
+        # bordered rows from shift // width + i on.  (2 threads, module backward against
+        # the dynamic schedule, 5 alternating rounds, channel-vector tiles: DeepLab's
+        # rate-2 layer 1.13x, ResNet's 3x3 1.04x, its strided 3x3 and the reflect layer
+        # 1.02x, ASPP and Inception 0.995x.  Pixel tiles, 11 rounds: the 7x7 stem 1.08x,
+        # 16 -> 16 3x3 at 64x64 1.09x, 8 -> 8 at 128x128 1.06x, 3 -> 64 at 224x224 1.02x.)
         self.band_chunks, self.band_pixels, self._bands_cache = 0, chunk, {}
-        if self.cvec is not None and not self.panels:
+        self.band_first_row = shift // self.width
+        if not self.panels:
             self.band_chunks = out_rows * self.row_tiles if self.row_tiles else self.out_len // chunk
-            self.band_first_row = shift // self.width
         # Dense pixel tiles whose one tile of rows holds every input channel (first layers:
         # 3 channels) make the work items plain runs of pixels, which a static partition
         # keeps on one core through every pass and phase, with their partial sums and rows
@@ -865,15 +867,14 @@ class BackwardDataPlan:
             self.channel_block = (rows, cols, interior, ChannelBlockStrips(p, p.H, per_thread))
 
     def bands(self, threads):
-        """pad_blocked's band_rows for grad_output's blocks when the channel-vector input
-        gradient runs in bands on `threads` threads (as ForwardPlan.bands), else None."""
+        """extend's / pad_blocked's band_rows for grad_output's bordered copy when the
+        input gradient runs in bands on `threads` threads (as ForwardPlan.bands), else None."""
         if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
             return None
         rows = self._bands_cache.get(threads)
         if rows is None:
             rows = self._bands_cache[threads] = _band_rows(self.band_chunks, threads, self.row_tiles, self.band_pixels,
-                                                         self.width, self.band_first_row,
-                                                         self.block_tables[0].shape[1])
+                                                         self.width, self.band_first_row, self.band_plane_rows)
         return rows
 
 
@@ -1147,14 +1148,14 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
         bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
                       bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
     else:
+        bands = None if threads == 1 else bp.bands(threads)
         if bp.cvec is None:
-            _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads)
+            _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads, bands)
             x_chan, offs = bp.plane_len, bp.phase_offs
         else:
-            bands = None if threads == 1 else bp.bands(threads)
             bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads, bands)
             x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
-            kwargs["banded"] = bands is not None
+        kwargs["banded"] = bands is not None
         bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
                       offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs)
     if not bp.direct:

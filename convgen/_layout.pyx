@@ -276,9 +276,44 @@ cdef inline void _extend_channel(const real* src, real* dst, Py_ssize_t H, Py_ss
         dst[j] = 0
 
 
+cdef void _extend_rows(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                       Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, Py_ssize_t k0,
+                       Py_ssize_t k1) noexcept nogil:
+    """Rows [k0, k1) (`width` values each, cut at L) of one channel's _extend_channel:
+    row k holds g's row k - top from column `left` on, zeros around it."""
+    cdef Py_ssize_t k, j, start, end, n
+    cdef const real* s
+    cdef real* d
+    for k in range(k0, k1):
+        start = k * width
+        if start >= L:
+            break
+        end = min(L, start + width)
+        d = dst + start
+        if top <= k < top + H:
+            s = src + (k - top) * W
+            n = min(W, end - start - left)
+            for j in range(min(left, end - start)):
+                d[j] = 0
+            for j in range(n):
+                d[left + j] = s[j]
+            for j in range(left + max(n, 0), end - start):
+                d[j] = 0
+        else:
+            for j in range(end - start):
+                d[j] = 0
+
+
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
-                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads) noexcept nogil:
-    cdef Py_ssize_t c
+                  Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads,
+                  const Py_ssize_t* bounds) noexcept nogil:
+    cdef Py_ssize_t c, band
+    if bounds != NULL:   # thread b: rows [bounds[b], bounds[b + 1]) of every channel
+        for band in prange(threads, schedule="static", chunksize=1, num_threads=threads):
+            for c in range(nc):
+                _extend_rows(g + c * H * W, gext + c * L, H, W, L, width, top, left, bounds[band],
+                             bounds[band + 1])
+        return
     if threads == 1:  # a plain loop: no parallel region to open and join
         for c in range(nc):
             _extend_channel(g + c * H * W, gext + c * L, H, W, L, width, top, left)
@@ -287,18 +322,25 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
             _extend_channel(g + c * H * W, gext + c * L, H, W, L, width, top, left)
 
 
-def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads):
+def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads,
+           cnp.ndarray band_rows=None):
     """gext[c, (i + top) * width + j + left] = g[c, i, j] where that is before L; zero
-    everywhere else.  g is (channels, H, W), gext (channels, L)."""
+    everywhere else.  g is (channels, H, W), gext (channels, L), left + W <= width.
+    band_rows (intp, threads + 1, ending at ceil(L / width) or past it): thread b writes
+    the rows (of `width` values) [band_rows[b], band_rows[b + 1]) of every channel."""
     cdef Py_ssize_t nc = g.shape[0], H = g.shape[1], W = g.shape[2], L = gext.shape[1]
     cdef void* src = _ptr(g)
     cdef void* dst = _ptr(gext)
+    cdef const Py_ssize_t* bounds = NULL
+    if band_rows is not None:
+        bounds = <const Py_ssize_t*>_ptr(band_rows)
+        threads = band_rows.shape[0] - 1
     if g.dtype.itemsize == 4:
         with nogil:
-            _extend(<float*>src, <float*>dst, nc, H, W, L, width, top, left, threads)
+            _extend(<float*>src, <float*>dst, nc, H, W, L, width, top, left, threads, bounds)
     else:
         with nogil:
-            _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left, threads)
+            _extend(<double*>src, <double*>dst, nc, H, W, L, width, top, left, threads, bounds)
 
 
 cdef inline void _fold_interleaved(real* dst, const real* even, const real* odd, Py_ssize_t W,

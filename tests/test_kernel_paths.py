@@ -1172,3 +1172,44 @@ def test_dense_weight_gradient_flat_or_rows(spec, flat, monkeypatch):
         _check(spec, case)
     finally:
         _engine.forward_plan.cache_clear()
+
+
+PIXEL_BWD_DATA_SPECS = [s for s in PIXEL_TILE_SPECS if s.direction == "bwd_data"]
+
+
+@pytest.mark.parametrize("channels", [3, 20], ids=["one-tile", "several-tiles"])
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spec", PIXEL_BWD_DATA_SPECS, ids=lambda s: s.name)
+def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, monkeypatch, restore_threads):
+    """The pixel tiles' input gradient in bands (grad_output extended with band_rows, each
+    thread its share of the pixel chunks, every stride phase and reduction pass, folded or
+    stored straight into gx), on 3 input channels (a first layer: one tile of rows) or 20
+    (several): it matches the reference and, bit for bit, one thread's."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
+    _poison_scratch(monkeypatch)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    try:
+        dtype = spec_dtype(spec)
+        case = case_for(spec)
+        groups = case["groups"]
+        case.update(C=channels * groups, OC=12 * groups, N=2, H=37, W=29)
+        args = conv_args(case)
+        x, w, b, gy = case_arrays(case, dtype, make_rng("pixel-bwd-bands", spec.name, channels))
+        bp = _engine.backward_data_plan(_plan(case, dtype).problem)
+        assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 12
+        rows = bp.bands(threads)
+        assert rows is not None and len(rows) == threads + 1 and rows[-1] == bp.band_plane_rows
+        convgen.set_num_threads(1)
+        alone = convgen_functional("bwd_data", x, w, b, gy, **args)
+        convgen.set_num_threads(threads)
+        got = convgen_functional("bwd_data", x, w, b, gy, **args)
+        assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+        assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+    finally:
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
