@@ -37,7 +37,7 @@ SMALL_VALUES = 1 << 16
 # a microsecond or so here: the seed example's tiles took 15 us on 2 threads handed out
 # dynamically, 5.7 us static, 7.5 us on 1 thread.
 STATIC_WORK = 1 << 23
-# The dense forward and input gradient run in bands (ForwardPlan.bands) from this many
+# The dense forward and input gradient run in bands (BandSplit) from this many
 # pixel chunks per thread: a band is a static share, off by at most a chunk (ResNet's
 # 256 -> 256 at 14x14, 5 chunks: 0.93 -> 1.11 ms banded).
 BAND_MIN_CHUNKS = 8
@@ -478,14 +478,42 @@ def _row_tiling(masks, forms):
     return tile_cols, (skip if skip.any() else None)
 
 
-def _band_rows(chunks, threads, row_tiles, pixels, width, first_row, rows):
-    """band_rows (intp, threads + 1) for `threads` bands of `chunks` pixel chunks (see
-    ForwardPlan.bands): where each band's first chunk starts reading, in planes of `rows`
-    rows `width` apart whose row first_row + i output row i reads first.  Chunks are
-    row_tiles to an output row, else `pixels` along the flat grid."""
-    firsts = [t * chunks // threads for t in range(threads)]
-    starts = [c // row_tiles if row_tiles else c * pixels // width for c in firsts]
-    return _index([min(rows, first_row + s) if t else 0 for t, s in enumerate(starts)] + [rows])
+class BandSplit:
+    """How a call splits its pixel chunks into one band per thread (see `__call__`), or
+    (`split` false) does not: per image, out_rows rows of row_tiles chunks, or else a
+    flat grid of out_len pixels, `pixels` to a chunk, `width` to a row; output row i
+    first reads row first_row + i of the padded planes, plane_rows rows of `width`.
+    Thread t runs the t-th share of each image's chunks (the kernels' _run_band) after
+    padding (or extending) itself the rows from the one its first chunk starts on: most
+    of what it reads it wrote itself, as a line another core has just written costs far
+    more to read here, and a band's input stays in its core's L2 for every channel
+    tile.  Measured, 2 threads, forward:
+    - pixel tiles: MobileNetV2's 3 -> 32 stem at 224x224 0.166 -> 0.136 ms, 8 -> 8
+      3x3 at 128x128 0.136 -> 0.100, 16 -> 16 at 64x64 0.111 -> 0.090;
+    - channel-vector tiles, against the dynamic schedule: ResNet's strided 3x3
+      1.075x, DeepLab's rate-2 layer and Inception's 5x5 1.04x, ResNet's 3x3 1.036x
+      (float64 too), the reflect layer 1.02x, ASPP 1.01x, CIFAR's batch of 32 0.99x.
+    (The input gradient's: see BackwardDataPlan.)"""
+
+    def __init__(self, split, out_rows, row_tiles, out_len, pixels, width, first_row, plane_rows):
+        self.chunks = 0 if not split else out_rows * row_tiles if row_tiles else out_len // pixels
+        self.row_tiles, self.pixels = row_tiles, pixels
+        self.width, self.first_row, self.plane_rows = width, first_row, plane_rows
+        self._rows = {}
+
+    def __call__(self, threads):
+        """band_rows (intp, threads + 1) for pad_phase / pad_blocked / extend when the call
+        runs in bands on `threads` threads, else None: BAND_MIN_CHUNKS chunks per thread
+        at least, for balance."""
+        if threads == 1 or self.chunks < BAND_MIN_CHUNKS * threads:
+            return None
+        rows = self._rows.get(threads)
+        if rows is None:
+            firsts = [t * self.chunks // threads for t in range(threads)]
+            starts = [c // self.row_tiles if self.row_tiles else c * self.pixels // self.width for c in firsts]
+            rows = self._rows[threads] = _index([min(self.plane_rows, self.first_row + s) if t else 0
+                                                 for t, s in enumerate(starts)] + [self.plane_rows])
+        return rows
 
 
 class ForwardPlan:
@@ -669,32 +697,9 @@ class ForwardPlan:
         self.one_pass = (self.cvec is None and self.kernel.fused is None and self.images >= p.N
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
-        # for 1x1 panels), run in bands when they have enough pixel chunks (see bands()).
-        self.band_chunks, self.band_pixels = 0, chunk
-        if self.one_pass or (self.cvec is not None and not self.panels):
-            self.band_chunks = self.OH * self.row_tiles if self.row_tiles else self.out_len // chunk
-        self._bands_cache = {}
-
-    def bands(self, threads):
-        """pad_phase's / pad_blocked's band_rows (intp, threads + 1) when this forward
-        runs in bands on `threads` threads, else None.  Thread t then runs the t-th share
-        of each image's pixel chunks (the kernels' _run_band) after padding the plane
-        rows from the one its first chunk starts on: most of what it reads it wrote
-        itself, as a line another core has just written costs far more to read here,
-        and a band's input stays in its core's L2 for every channel tile.  Needs
-        BAND_MIN_CHUNKS chunks per thread, for balance.  Measured, 2 threads:
-        - pixel tiles: MobileNetV2's 3 -> 32 stem at 224x224 0.166 -> 0.136 ms, 8 -> 8
-          3x3 at 128x128 0.136 -> 0.100, 16 -> 16 at 64x64 0.111 -> 0.090;
-        - channel-vector tiles, against the dynamic schedule: ResNet's strided 3x3
-          1.075x, DeepLab's rate-2 layer and Inception's 5x5 1.04x, ResNet's 3x3 1.036x
-          (float64 too), the reflect layer 1.02x, ASPP 1.01x, CIFAR's batch of 32 0.99x."""
-        if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
-            return None
-        rows = self._bands_cache.get(threads)
-        if rows is None:
-            rows = self._bands_cache[threads] = _band_rows(self.band_chunks, threads, self.row_tiles,
-                                                         self.band_pixels, self.We, 0, self.Hq)
-        return rows
+        # for 1x1 panels), run in bands when they have enough pixel chunks.
+        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not self.panels), self.OH,
+                               self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
     def padding_masks(self, taps):
         """_padding_masks of the forward's taps: True where an output pixel reads only
@@ -808,12 +813,11 @@ class BackwardDataPlan:
         # The channel-vector tile reads grad_output bordered alike, in blocks of `lanes`
         # channels, pixel-major: pad_blocked's one-phase tables (rows, columns,
         # interior), its planes' length and the taps' offsets there.
-        rows = _geometry.ceil_div(self.plane_len, self.width)
         if self.cvec is not None:
+            rows = _geometry.ceil_div(self.plane_len, self.width)
             self.block_plane = _geometry.round_up(rows * self.width, lanes)
             self.block_tables = bordered(rows)
             self.block_offs = [offs * lanes for offs in self.phase_offs]
-        self.band_plane_rows = rows   # (the rows of `width` that extend or pad_blocked write)
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         # (Zero padding only shifts grad_output's grid against the input's, which the panels
@@ -828,10 +832,8 @@ class BackwardDataPlan:
         # rate-2 layer 1.13x, ResNet's 3x3 1.04x, its strided 3x3 and the reflect layer
         # 1.02x, ASPP and Inception 0.995x.  Pixel tiles, 11 rounds: the 7x7 stem 1.08x,
         # 16 -> 16 3x3 at 64x64 1.09x, 8 -> 8 at 128x128 1.06x, 3 -> 64 at 224x224 1.02x.)
-        self.band_chunks, self.band_pixels, self._bands_cache = 0, chunk, {}
-        self.band_first_row = shift // self.width
-        if not self.panels:
-            self.band_chunks = out_rows * self.row_tiles if self.row_tiles else self.out_len // chunk
+        self.bands = BandSplit(not self.panels, out_rows, self.row_tiles, self.out_len, chunk, self.width,
+                               shift // self.width, _geometry.ceil_div(self.plane_len, self.width))
         # Dense pixel tiles whose one tile of rows holds every input channel (first layers:
         # 3 channels) make the work items plain runs of pixels, which a static partition
         # keeps on one core through every pass and phase, with their partial sums and rows
@@ -865,17 +867,6 @@ class BackwardDataPlan:
                 return ((strip + k) // 2 + 1) * wg * lanes + lanes * lanes
 
             self.channel_block = (rows, cols, interior, ChannelBlockStrips(p, p.H, per_thread))
-
-    def bands(self, threads):
-        """extend's / pad_blocked's band_rows for grad_output's bordered copy when the
-        input gradient runs in bands on `threads` threads (as ForwardPlan.bands), else None."""
-        if threads == 1 or self.band_chunks < BAND_MIN_CHUNKS * threads:
-            return None
-        rows = self._bands_cache.get(threads)
-        if rows is None:
-            rows = self._bands_cache[threads] = _band_rows(self.band_chunks, threads, self.row_tiles, self.band_pixels,
-                                                         self.width, self.band_first_row, self.band_plane_rows)
-        return rows
 
 
 @lru_cache(maxsize=256)
@@ -971,7 +962,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         xin = _kept_planes(fp, x, recycle)
     if fp.one_pass:
         # (most small layers: every image in one pass of the pixel tiles)
-        bands = None if threads == 1 else fp.bands(threads)
+        bands = fp.bands(threads)
         if bands is None:
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
             fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile,
@@ -989,7 +980,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
-    bands = None if threads == 1 or fp.cvec is None else fp.bands(threads)
+    bands = fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
     wp_copy = 0
     if fp.cvec is not None:
         width = fp.cvec[2]
@@ -1148,7 +1139,7 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
         bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
                       bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
     else:
-        bands = None if threads == 1 else bp.bands(threads)
+        bands = bp.bands(threads)
         if bp.cvec is None:
             _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads, bands)
             x_chan, offs = bp.plane_len, bp.phase_offs

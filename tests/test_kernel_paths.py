@@ -1015,20 +1015,44 @@ def _poison_scratch(monkeypatch):
     monkeypatch.setattr(_engine, "scratch", poisoned)
 
 
+@pytest.fixture
+def banded(monkeypatch, restore_threads):
+    """Bands on every call that has a chunk per thread, small ones included, with
+    scratch memory poisoned (see _poison_scratch)."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
+    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
+    _poison_scratch(monkeypatch)
+
+
+def _assert_band_rows(rows, threads, last):
+    """A band split's rows: one band per thread, in order, ending at the planes' last row."""
+    assert rows is not None and len(rows) == threads + 1 and rows[-1] == last and np.all(np.diff(rows) >= 0)
+
+
+def _banded_matches_one_thread(direction, x, w, b, gy, args, dtype, threads, name):
+    """`direction` on `threads` threads matches the reference and, bit for bit, one
+    thread's result, which it returns."""
+    convgen.set_num_threads(1)
+    alone = convgen_functional(direction, x, w, b, gy, **args)
+    convgen.set_num_threads(threads)
+    got = convgen_functional(direction, x, w, b, gy, **args)
+    assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{name} vs reference")
+    assert np.array_equal(got, alone), f"{name}: the bands' result differs from one thread's"
+    return alone
+
+
 DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
 
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
-def test_one_pass_forward_in_bands(spec, threads, monkeypatch, restore_threads):
+def test_one_pass_forward_in_bands(spec, threads, banded, monkeypatch):
     """A one-pass forward on several threads runs in bands (each thread pads the plane
     rows its share of the pixel chunks starts on, then runs every channel tile there):
-    the output matches the reference and, bit for bit, the one-thread result; the planes kept for the weight gradient are the whole
-    padded input, and an infinity in the last band's rows is still reported."""
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
+    the output matches the reference and, bit for bit, the one-thread result; the
+    planes kept for the weight gradient are the whole padded input, and an infinity in
+    the last band's rows is still reported."""
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
-    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
-    _poison_scratch(monkeypatch)
     dtype = spec_dtype(spec)
     case = dict(case_for(spec), H=47, W=29)
     args = conv_args(case)
@@ -1037,15 +1061,9 @@ def test_one_pass_forward_in_bands(spec, threads, monkeypatch, restore_threads):
         _engine.forward_plan.cache_clear()
         fp = _plan(case, dtype)
         assert fp.kernel.name == spec.name and fp.one_pass
-        rows = fp.bands(threads)
-        assert rows is not None and len(rows) == threads + 1 and rows[-1] == fp.Hq
-        assert np.all(np.diff(rows) >= 0) and fp.bands(1) is None
-        convgen.set_num_threads(1)
-        alone = convgen_functional("fwd", x, w, b, None, **args)
-        convgen.set_num_threads(threads)
-        got = convgen_functional("fwd", x, w, b, None, **args)
-        assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
-        assert np.array_equal(got, alone), f"{spec.name}: the bands' output differs from one thread's"
+        _assert_band_rows(fp.bands(threads), threads, fp.Hq)
+        assert fp.bands(1) is None
+        _banded_matches_one_thread("fwd", x, w, b, None, args, dtype, threads, spec.name)
         y, xin, nonfinite = _engine.forward(x, w, b, fp.problem)
         planes = np.zeros_like(xin)
         _layout.pad_phase(x.reshape(fp.x3_shape), planes, *fp.pad_args, 1)
@@ -1061,30 +1079,21 @@ CVEC_FWD_SPECS = [s for s in CVEC_SPECS if s.direction == "fwd"]
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", CVEC_FWD_SPECS, ids=lambda s: s.name)
-def test_channel_vector_forward_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+def test_channel_vector_forward_in_bands(spec, threads, forced, banded, monkeypatch):
     """The channel-vector forward in bands (pad_blocked's band_rows, each thread its
     own copy of the packed weights, then its share of every image's pixel chunks), over
     several images a pass and several reduction passes: the output matches the
     reference and, bit for bit, one thread's (1x1 layers at stride 1 without padding
     run panels instead, as before)."""
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
-    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
     monkeypatch.setattr(_engine, "PANELS", False)
-    _poison_scratch(monkeypatch)
     dtype = spec_dtype(spec)
     case = dict(_case(spec, 37, 37), H=19, W=23)
     args = conv_args(case)
     x, w, b, _ = case_arrays(case, dtype, make_rng("cvec-bands", spec.name))
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name and fp.cvec is not None and fp.rblock < fp.Cg
-    rows = fp.bands(threads)
-    assert rows is not None and len(rows) == threads + 1 and rows[-1] == fp.Hq and np.all(np.diff(rows) >= 0)
-    convgen.set_num_threads(1)
-    alone = convgen_functional("fwd", x, w, b, None, **args)
-    convgen.set_num_threads(threads)
-    got = convgen_functional("fwd", x, w, b, None, **args)
-    assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
-    assert np.array_equal(got, alone), f"{spec.name}: the bands' output differs from one thread's"
+    _assert_band_rows(fp.bands(threads), threads, fp.Hq)
+    _banded_matches_one_thread("fwd", x, w, b, None, args, dtype, threads, spec.name)
     # (each thread packed its own copy of the weights; a NaN in them still reaches the output)
     w[-1, -1, 0, 0] = np.nan
     got = convgen_functional("fwd", x, w, b, None, **args)
@@ -1096,42 +1105,30 @@ CVEC_BWD_DATA_SPECS = [s for s in CVEC_SPECS if s.direction == "bwd_data"]
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", CVEC_BWD_DATA_SPECS, ids=lambda s: s.name)
-def test_channel_vector_input_gradient_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+def test_channel_vector_input_gradient_in_bands(spec, threads, forced, banded, monkeypatch):
     """The channel-vector input gradient in bands (grad_output's blocks padded with
     band_rows, each thread its share of the pixel chunks, every stride phase), over
     several images and reduction passes: it matches the reference and, bit for bit,
     one thread's."""
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
-    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
     monkeypatch.setattr(_engine, "PANELS", False)
-    _poison_scratch(monkeypatch)
     dtype = spec_dtype(spec)
     case = dict(_case(spec, 37, 37), H=19, W=23)
     args = conv_args(case)
     x, w, b, gy = case_arrays(case, dtype, make_rng("cvec-bwd-bands", spec.name))
     bp = _engine.backward_data_plan(_plan(case, dtype).problem)
     assert bp.kernel.name == spec.name and bp.cvec is not None and not bp.panels
-    rows = bp.bands(threads)
-    assert rows is not None and len(rows) == threads + 1 and np.all(np.diff(rows) >= 0)
-    assert rows[-1] == bp.block_tables[0].shape[1]
-    convgen.set_num_threads(1)
-    alone = convgen_functional("bwd_data", x, w, b, gy, **args)
-    convgen.set_num_threads(threads)
-    got = convgen_functional("bwd_data", x, w, b, gy, **args)
-    assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
-    assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+    _assert_band_rows(bp.bands(threads), threads, bp.block_tables[0].shape[1])
+    _banded_matches_one_thread("bwd_data", x, w, b, gy, args, dtype, threads, spec.name)
 
 
 @pytest.mark.parametrize("threads", [2, 4])
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
-def test_weight_gradient_by_channel_in_bands(spec, threads, forced, monkeypatch, restore_threads):
+def test_weight_gradient_by_channel_in_bands(spec, threads, forced, banded, monkeypatch):
     """The channel-vectorised weight gradient in bands of output channels (each thread
     transposes the columns of grad_output its tiles read), over several reduction
     segments: it matches the reference and, bit for bit, one thread's and the dynamic
     schedule's; with blocks that do not split evenly it keeps the dynamic schedule."""
     monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: None)   # split over tiles, not pixels
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
-    _poison_scratch(monkeypatch)
     dtype = spec_dtype(spec)
     width = 2 * _engine.LANES["f32" if dtype == np.float32 else "f64"]
     case = dict(_case(spec, 17, 4 * width - 3), N=3, H=37, W=35)   # 4 blocks of output channels
@@ -1140,12 +1137,7 @@ def test_weight_gradient_by_channel_in_bands(spec, threads, forced, monkeypatch,
     assert fp.wgrad_by_channel and fp.wgrad_chunks is None
     assert fp.ocvec_images * fp.ocvec_pixels < case["N"] * fp.grad_len
     x, w, b, gy = case_arrays(case, dtype, make_rng("wgrad-bands", spec.name))
-    convgen.set_num_threads(1)
-    alone = convgen_functional("bwd_weight", x, w, b, gy, **args)
-    convgen.set_num_threads(threads)
-    got = convgen_functional("bwd_weight", x, w, b, gy, **args)
-    assert_close(got, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
-    assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+    alone = _banded_matches_one_thread("bwd_weight", x, w, b, gy, args, dtype, threads, spec.name)
     monkeypatch.setattr(_engine, "WGRAD_BANDS", False)
     assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
     convgen.set_num_threads(3)   # (4 blocks: not split into bands)
@@ -1180,17 +1172,14 @@ PIXEL_BWD_DATA_SPECS = [s for s in PIXEL_TILE_SPECS if s.direction == "bwd_data"
 @pytest.mark.parametrize("channels", [3, 20], ids=["one-tile", "several-tiles"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", PIXEL_BWD_DATA_SPECS, ids=lambda s: s.name)
-def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, monkeypatch, restore_threads):
+def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, banded, monkeypatch):
     """The pixel tiles' input gradient in bands (grad_output extended with band_rows, each
     thread its share of the pixel chunks, every stride phase and reduction pass, folded or
     stored straight into gx), on 3 input channels (a first layer: one tile of rows) or 20
     (several): it matches the reference and, bit for bit, one thread's."""
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
-    monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
-    _poison_scratch(monkeypatch)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
     try:
@@ -1202,14 +1191,8 @@ def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, monkeypatch
         x, w, b, gy = case_arrays(case, dtype, make_rng("pixel-bwd-bands", spec.name, channels))
         bp = _engine.backward_data_plan(_plan(case, dtype).problem)
         assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 12
-        rows = bp.bands(threads)
-        assert rows is not None and len(rows) == threads + 1 and rows[-1] == bp.band_plane_rows
-        convgen.set_num_threads(1)
-        alone = convgen_functional("bwd_data", x, w, b, gy, **args)
-        convgen.set_num_threads(threads)
-        got = convgen_functional("bwd_data", x, w, b, gy, **args)
-        assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
-        assert np.array_equal(got, alone), f"{spec.name}: the bands' gradient differs from one thread's"
+        _assert_band_rows(bp.bands(threads), threads, bp.bands.plane_rows)
+        _banded_matches_one_thread("bwd_data", x, w, b, gy, args, dtype, threads, spec.name)
     finally:
         _engine.forward_plan.cache_clear()
         _engine.backward_data_plan.cache_clear()
