@@ -208,7 +208,7 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
     itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
-    of each plane is zeroed.  band_rows (intp, bands + 1; see ForwardPlan.bands): thread
+    of each plane is zeroed.  band_rows (intp, bands + 1; see BandSplit): thread
     b pads the rows [band_rows[b], band_rows[b + 1]) of every plane.  Returns whether any
     value is infinite or NaN."""
     cdef Py_ssize_t nc = x.shape[0], c
@@ -251,57 +251,39 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
     return bad > 0
 
 
-cdef inline void _extend_channel(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
-                                 Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+cdef inline void _extend_range(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t width,
+                               Py_ssize_t top, Py_ssize_t left, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    """dst[lo:hi] of one channel's extended copy: src's row i from (i + top) * width + left
+    on, zeros everywhere else."""
     # Plain loops, not memcpy/memset calls: rows are short (a call per 7-pixel row
     # costs more than its copy), and gcc vectorises these in place.
-    # Values that would land at L or past it are left out: no kernel reads them (an input
-    # gradient padded by more than its kernel's span never reads grad_output's last rows).
-    cdef Py_ssize_t i, j, n, start, end = 0   # everything before `end` is written
+    cdef Py_ssize_t i, j, start, stop, first, end = lo   # everything in [lo, end) is written
     cdef const real* s
     cdef real* d
     for i in range(H):
         start = (i + top) * width + left
-        if start >= L:
+        if start >= hi:
             break
-        for j in range(end, start):
+        stop = min(start + W, hi)
+        if stop <= lo:
+            continue
+        first = max(start, lo)
+        for j in range(end, first):
             dst[j] = 0
-        s = src + i * W
-        d = dst + start
-        n = min(W, L - start)
-        for j in range(n):
+        s = src + i * W + (first - start)
+        d = dst + first
+        for j in range(stop - first):
             d[j] = s[j]
-        end = start + n
-    for j in range(end, L):
+        end = stop
+    for j in range(end, hi):
         dst[j] = 0
 
 
-cdef void _extend_rows(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
-                       Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, Py_ssize_t k0,
-                       Py_ssize_t k1) noexcept nogil:
-    """Rows [k0, k1) (`width` values each, cut at L) of one channel's _extend_channel:
-    row k holds g's row k - top from column `left` on, zeros around it."""
-    cdef Py_ssize_t k, j, start, end, n
-    cdef const real* s
-    cdef real* d
-    for k in range(k0, k1):
-        start = k * width
-        if start >= L:
-            break
-        end = min(L, start + width)
-        d = dst + start
-        if top <= k < top + H:
-            s = src + (k - top) * W
-            n = min(W, end - start - left)
-            for j in range(min(left, end - start)):
-                d[j] = 0
-            for j in range(n):
-                d[left + j] = s[j]
-            for j in range(left + max(n, 0), end - start):
-                d[j] = 0
-        else:
-            for j in range(end - start):
-                d[j] = 0
+cdef inline void _extend_channel(const real* src, real* dst, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
+                                 Py_ssize_t width, Py_ssize_t top, Py_ssize_t left) noexcept nogil:
+    # Values that would land at L or past it are left out: no kernel reads them (an input
+    # gradient padded by more than its kernel's span never reads grad_output's last rows).
+    _extend_range(src, dst, H, W, width, top, left, 0, L)
 
 
 cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssize_t W, Py_ssize_t L,
@@ -311,8 +293,8 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
     if bounds != NULL:   # thread b: rows [bounds[b], bounds[b + 1]) of every channel
         for band in prange(threads, schedule="static", chunksize=1, num_threads=threads):
             for c in range(nc):
-                _extend_rows(g + c * H * W, gext + c * L, H, W, L, width, top, left, bounds[band],
-                             bounds[band + 1])
+                _extend_range(g + c * H * W, gext + c * L, H, W, width, top, left, min(L, bounds[band] * width),
+                              min(L, bounds[band + 1] * width))
         return
     if threads == 1:  # a plain loop: no parallel region to open and join
         for c in range(nc):
@@ -325,7 +307,7 @@ cdef void _extend(const real* g, real* gext, Py_ssize_t nc, Py_ssize_t H, Py_ssi
 def extend(cnp.ndarray g, cnp.ndarray gext, Py_ssize_t width, Py_ssize_t top, Py_ssize_t left, int threads,
            cnp.ndarray band_rows=None):
     """gext[c, (i + top) * width + j + left] = g[c, i, j] where that is before L; zero
-    everywhere else.  g is (channels, H, W), gext (channels, L), left + W <= width.
+    everywhere else.  g is (channels, H, W), gext (channels, L).
     band_rows (intp, threads + 1, ending at ceil(L / width) or past it): thread b writes
     the rows (of `width` values) [band_rows[b], band_rows[b + 1]) of every channel."""
     cdef Py_ssize_t nc = g.shape[0], H = g.shape[1], W = g.shape[2], L = gext.shape[1]
