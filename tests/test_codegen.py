@@ -286,6 +286,24 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert f"cdef void _{strided.name}{suffix}_phase3_item(" in text
 
 
+def test_channel_vector_tiles_prefetch_weights_taps_ahead(env):
+    """Each channel of each tap prefetches, per weight vector, the packed weights
+    CVEC_PREFETCH_TAPS taps on (a tap's weights are lanes x width values)."""
+    for dtype in ("f32", "f64"):
+        text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, SPECS), env)
+        dense3 = KernelSpec("fwd", dtype, 3, 1, 1, "dense")
+        tile = text[text.index(f"cdef inline void _{dense3.name}_c"):]
+        tile = tile[:tile.index("\ncdef ")]
+        lanes, (_, vectors) = dense3.lanes, dense3.cvec_tile
+        ahead = context.CVEC_PREFETCH_TAPS * lanes * vectors * lanes
+        for tap in range(9):
+            for v in range(vectors):
+                load = f"cg_load_{dtype}(wr + {tap * lanes * vectors * lanes + v * lanes} + ic * {vectors * lanes})"
+                fetch = f"cg_prefetch(wr + {tap * lanes * vectors * lanes + ahead + v * lanes} + ic * {vectors * lanes})"
+                assert load in tile and fetch in tile, (dtype, tap, v)
+        assert tile.count("cg_prefetch(") == 9 * vectors
+
+
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):
     """Depthwise forward kernels with every axis fixed get a channel-block tile (and a
     `_cblock` entry point); each multiply-add of a pixel reads the input column

@@ -104,6 +104,7 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+static inline void cg_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
