@@ -134,6 +134,25 @@ def _store_columns(pixels, lanes):
     return geometry.round_up(pixels, lanes)
 
 
+def _cvec_form(row_pixels, rows, lanes, vectors):
+    """A channel-vector tile's form: row_pixels pixels of each of `rows` output rows (one
+    flat row apart: the second row reads its input from xr2 and keeps its partial sums
+    in part2, the slot of the chunk a row below), pixel p being row p // row_pixels's
+    pixel p % row_pixels."""
+    width = vectors * lanes
+    pixels = range(row_pixels * rows)
+    base = ("", "2")
+    return dict(name=f"_pair{row_pixels}" if rows > 1 else "", row_pixels=row_pixels,
+                pixels=list(pixels),
+                rows=[dict(index=h, first=h * row_pixels) for h in range(rows)],
+                broadcasts=[dict(pixel=p, base="xr" + base[p // row_pixels], offset=p % row_pixels * lanes)
+                            for p in pixels],
+                slots=[dict(pixel=p, base="part" + base[p // row_pixels], offset=p % row_pixels * width)
+                       for p in pixels],
+                # (a later row's stores read `lanes` columns from its first)
+                columns=_store_columns(row_pixels * (rows - 1) + (lanes if rows > 1 else row_pixels), lanes))
+
+
 def _phase_runs(phases):
     """The input gradient's runs of its tiles: one per stride phase that has taps, named
     by a suffix and picked at run time by the phase's index; a kernel whose phases come
@@ -182,13 +201,11 @@ def kernel_context(spec):
         pixels, vectors = spec.cvec_tile
         # (the input is in blocks of `lanes` channels, pixel-major: pixel p's value of a
         # channel is p * lanes values after pixel 0's)
-        def twin(n):   # a narrower tile: n pixels
-            return dict(pixels=list(range(n)), broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(n)],
-                        columns=_store_columns(n, lanes))
-        ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}", pixels=list(range(pixels)),
-                           broadcasts=[dict(pixel=p, offset=p * lanes) for p in range(pixels)],
-                           columns=_store_columns(pixels, lanes),
-                           tail=twin(spec.cvec_tail), short_tail=twin(spec.cvec_short_tail),
+        ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}",
+                           **_cvec_form(pixels, 1, lanes, vectors),
+                           tail=_cvec_form(spec.cvec_tail, 1, lanes, vectors),
+                           short_tail=_cvec_form(spec.cvec_short_tail, 1, lanes, vectors),
+                           pairs=[_cvec_form(n, 2, lanes, vectors) for n in spec.cvec_pairs],
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
                            # ahead: where its prefetch reads, CVEC_PREFETCH_TAPS taps' weights on

@@ -132,6 +132,9 @@ ROW_TILE_SAVING = 1.0
 # What a row tile pays per tap and row besides its pixels, in pixels (its weight loads
 # and loop; see _row_tiling).
 ROW_TILE_OVERHEAD = 2
+# Forward row tiles of a tail's pixels or fewer run two rows at once where both rows
+# skip the same taps (see _row_pairs).
+ROW_PAIRS = True
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -478,6 +481,27 @@ def _row_tiling(masks, forms):
     return tile_cols, (skip if skip.any() else None)
 
 
+def _row_pairs(tile_cols, skip, out_rows, narrow):
+    """Which narrow row tiles (`narrow` pixels or fewer) run as row pairs: uint8
+    (out_rows * tiles), 1 where a tile also computes the same tile of the next row, 2
+    there, 0 elsewhere; or None where none does.  A narrow tile loads a vector of packed
+    weights per `narrow` pixels or fewer, twice as often as the wide tile, and its weights
+    stream from L2; two rows at once halve that (DeepLab's ASPP, 6 + 14 + 7 + 6 pixels a
+    row).  Rows pair from the top while both skip the same taps (skip: _row_tiling's)."""
+    tiles = len(tile_cols)
+    pairs = np.zeros((out_rows, tiles), np.uint8)
+    taps = None if skip is None else skip.reshape(out_rows, tiles, -1)
+    for j, (_, n) in enumerate(tile_cols):
+        h = 0
+        while n <= narrow and h + 1 < out_rows:
+            if taps is None or np.array_equal(taps[h, j], taps[h + 1, j]):
+                pairs[h, j], pairs[h + 1, j] = 1, 2
+                h += 2
+            else:
+                h += 1
+    return pairs.reshape(-1) if pairs.any() else None
+
+
 class BandSplit:
     """How a call splits its pixel chunks into one band per thread (see `__call__`), or
     (`split` false) does not: per image, out_rows rows of row_tiles chunks, or else a
@@ -593,13 +617,15 @@ class ForwardPlan:
         # the taps through which it reads only padding, which it skips (DeepLab's ASPP
         # at rate 6: over a quarter of them) as long as the weights are finite (0 * inf
         # is NaN).
-        self.tile_cols, self.tap_skip = None, None
+        self.tile_cols, self.tap_skip, self.row_pairs = None, None, None
         masks = None   # (the taps' padding masks, made when first needed: also below)
         if self.row_tiles:
             forms = _tile_forms(self.cvec)
             masks = self.padding_masks(taps)
             self.tile_cols, self.tap_skip = _row_tiling(masks, forms)
             self.row_tiles = len(self.tile_cols)
+            if ROW_PAIRS and self.cvec[5]:   # (the kernel's widest row pair, or 0)
+                self.row_pairs = _row_pairs(self.tile_cols, self.tap_skip, self.OH, self.cvec[5])
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
         self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
@@ -1023,7 +1049,8 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             xb = xblocks[:(n1 - n0) * fp.in_blocks]
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                      static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy)
+                      static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
+                      pairs=fp.row_pairs if fp.cvec is not None else None)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 

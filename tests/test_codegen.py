@@ -262,7 +262,7 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
-            f'{dense3.cvec_tail}, {dense3.cvec_short_tail}),') in text
+            f'{dense3.cvec_tail}, {dense3.cvec_short_tail}, {max(dense3.cvec_pairs)}),') in text
     assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
     generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")   # (its taps in a loop: no unrolled tap)
     generic_tile = text[text.index(f"cdef inline void _{generic.name}{suffix}_tile("):]
@@ -302,6 +302,34 @@ def test_channel_vector_tiles_prefetch_weights_taps_ahead(env):
                 fetch = f"cg_prefetch(wr + {tap * lanes * vectors * lanes + ahead + v * lanes} + ic * {vectors * lanes})"
                 assert load in tile and fetch in tile, (dtype, tap, v)
         assert tile.count("cg_prefetch(") == 9 * vectors
+
+
+def test_channel_vector_row_pairs_only_in_float32_forward(env):
+    """The f32 forward's channel-vector tiles have row-pair twins (the tail's and the
+    short tail's pixels, two rows): the second row broadcasts from xr2, a flat row on,
+    and keeps its partial sums in part2; the item runs them where a.pairs says so.
+    Nothing else has them."""
+    for s in SPECS:
+        want = [s.cvec_tail, s.cvec_short_tail] if (s.cvec_tile and s.direction == "fwd"
+                                                    and s.dtype == "f32") else []
+        assert s.cvec_pairs == want, s.name
+    text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
+    dense3 = KernelSpec("fwd", "f32", 3, 1, 1, "dense")
+    fn = f"_{dense3.name}_c{dense3.cvec_tile[0]}x{dense3.cvec_tile[1]}"
+    for n in dense3.cvec_pairs:
+        tile = text[text.index(f"cdef inline void {fn}_pair{n}("):]
+        tile = tile[:tile.index("\ncdef ")]
+        assert "xr2 = xr + a.width * 16" in tile and "part2 = part + a.row_tiles * " in tile
+        assert f"a_{n - 1}_1, w_1, xr[o + ic + {(n - 1) * 16}])" in tile
+        assert f"a_{n}_0, w_0, xr2[o + ic + 0])" in tile and f"a_{2 * n - 1}_1, w_1, xr2[o + ic + {(n - 1) * 16}])" in tile
+        assert f"a_{2 * n}_0" not in tile
+        assert f"cg_load_f32(part2 + {(n - 1) * 32 + 16})" in tile
+    item = text[text.index(f"cdef void {fn}_item("):]
+    item = item[:item.index("\ncdef ")]
+    assert "if a.pairs != NULL and a.pairs[chunk]:" in item and f"{fn}_pair7(a, " in item and f"{fn}_pair6(a, " in item
+    for direction, dtype in (("fwd", "f64"), ("bwd_data", "f32")):
+        text = render.render(f"conv2d_{direction}.pyx.j2", context.module_context(direction, dtype, SPECS), env)
+        assert "_pair7(" not in text and "a.pairs[chunk]" not in text
 
 
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):

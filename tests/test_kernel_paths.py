@@ -281,6 +281,72 @@ def test_row_tiling():
         _check_tiling(*_engine._row_tiling(masks, forms), masks, forms)
 
 
+def test_row_pairs():
+    """Narrow row tiles pair rows from the top while both rows skip the same taps; wide
+    tiles and a last odd row run alone; no narrow tile, no pairs."""
+    tile_cols = np.array([[0, 6], [6, 14], [20, 7], [27, 6]], np.intp)
+    pairs = _engine._row_pairs(tile_cols, None, 5, 7).reshape(5, 4)
+    assert pairs[:, 1].tolist() == [0] * 5
+    for j in (0, 2, 3):
+        assert pairs[:, j].tolist() == [1, 2, 1, 2, 0]
+    assert _engine._row_pairs(tile_cols, None, 5, 5) is None
+    assert _engine._row_pairs(np.array([[0, 14], [14, 14]], np.intp), None, 8, 7) is None
+    # DeepLab's ASPP: rows 0-5 and 27-32 read padding through their own taps
+    masks = _square_3x3_masks(33, 6)
+    tile_cols, skip = _engine._row_tiling(masks, (14, 7, 6))
+    pairs = _engine._row_pairs(tile_cols, skip, 33, 7).reshape(33, len(tile_cols))
+    taps = skip.reshape(33, len(tile_cols), -1)
+    for j, (_, n) in enumerate(tile_cols):
+        col = pairs[:, j]
+        if n > 7:
+            assert not col.any()
+            continue
+        heads = np.flatnonzero(col == 1)
+        assert (col[heads + 1] == 2).all() and (col == 2).sum() == len(heads)
+        assert all(np.array_equal(taps[h, j], taps[h + 1, j]) for h in heads)
+        assert len(heads) == 16   # 33 rows: one left alone
+        single = np.flatnonzero(col == 0)
+        assert len(single) == 1
+
+
+# The forward's row pairs (f32 kernels), forced row tiles whose rows end in a 7- or a
+# 6-pixel tile or carry wide zero padding (whose narrow tiles skip taps), several
+# reduction passes (the second row's partial sums in the next row's slot), two images a
+# pass, an odd number of rows, 1 to 3 threads (bands).
+PAIR_SPECS = [s for s in CVEC_SPECS if s.cvec_pairs]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("shape", ["tail", "short tail", "padding"])
+@pytest.mark.parametrize("spec", PAIR_SPECS, ids=lambda s: s.name)
+def test_channel_vector_row_pairs(spec, shape, threads, forced_rows, banded, monkeypatch):
+    """Row pairs match the reference and, bit for bit, the same tiles one row at a time."""
+    dtype = spec_dtype(spec)
+    case = _case(spec, 37, 37)
+    kh, kw = case["kernel"]
+    d = spec.dilation or 3
+    width = {"tail": spec.cvec_tile[0] + spec.cvec_tail, "short tail": spec.cvec_tile[0] + 3, "padding": 33}[shape]
+    pad = (max(1, d * (kh - 1)), max(1, d * (kw - 1))) if shape == "padding" else 0
+    stride = case["stride"] if isinstance(case["stride"], int) else case["stride"][1]
+    case.update(N=2, dilation=d, padding=pad, H=9 * stride + d * (kh - 1), W=width * stride + d * (kw - 1))
+    if shape == "padding":
+        case.update(H=11, W=33)
+    args = conv_args(case)
+    x, w, b, _ = case_arrays(case, dtype, make_rng("row-pairs", spec.name, shape))
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.row_pairs is not None and fp.rblock < fp.Cg
+    assert (fp.row_pairs == 1).any() and (fp.row_pairs == 0).any()   # (an odd row, or wide tiles)
+    if shape == "padding":
+        assert fp.tap_skip is not None
+    convgen.set_num_threads(threads)
+    got = convgen_functional("fwd", x, w, b, None, **args)
+    assert_close(got, reference_functional("fwd", x, w, b, None, **args), dtype, f"{spec.name} vs reference")
+    monkeypatch.setattr(_engine, "ROW_PAIRS", False)
+    _engine.forward_plan.cache_clear()
+    assert _plan(case, dtype).row_pairs is None
+    assert np.array_equal(got, convgen_functional("fwd", x, w, b, None, **args))
+
+
 # Every compiled pixel tile of each forward and input-gradient kernel (dense ones have
 # 6x4 and 8x3 tiles, their input gradients a 3x8 as well), each forced in turn:
 # partial row tiles (13 output channels), partial chunks, one and several passes.
