@@ -135,10 +135,10 @@ def _store_columns(pixels, lanes):
 
 
 def _cvec_form(row_pixels, rows, lanes, vectors):
-    """A channel-vector tile's form: row_pixels pixels of each of `rows` output rows (one
-    flat row apart: the second row reads its input from xr2 and keeps its partial sums
-    in part2, the slot of the chunk a row below), pixel p being row p // row_pixels's
-    pixel p % row_pixels."""
+    """A channel-vector tile's form: row_pixels pixels of each of `rows` (1 or 2) output
+    rows, one flat row apart (the second row reads its input from xr2 and keeps its
+    partial sums in part2, the slot of the chunk a row below), pixel p being row
+    p // row_pixels's pixel p % row_pixels."""
     width = vectors * lanes
     pixels = range(row_pixels * rows)
     base = ("", "2")
@@ -206,6 +206,7 @@ def kernel_context(spec):
                            tail=_cvec_form(spec.cvec_tail, 1, lanes, vectors),
                            short_tail=_cvec_form(spec.cvec_short_tail, 1, lanes, vectors),
                            pairs=[_cvec_form(n, 2, lanes, vectors) for n in spec.cvec_pairs],
+                           widest_pair=max(spec.cvec_pairs, default=0),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
                            # ahead: where its prefetch reads, CVEC_PREFETCH_TAPS taps' weights on

@@ -146,13 +146,13 @@ class KernelSpec:
     @property
     def cvec_pairs(self):
         """Pixels per row of the channel-vector tile's row-pair twins (forward only): a
-        narrow row tile (the tail's or the short tail's) that runs two rows at once, so
+        narrow row tile (the short tail's or the tail's, narrowest first) that runs two rows at once, so
         that each packed weight vector it loads feeds as many pixels as the wide tile's
         (DeepLab's ASPP: its 6- and 7-pixel edge tiles, half of each row; its kernel
         1.04x on 2 threads).  float32 only: the twins cost the cold build 10% per dtype."""
         if self.cvec_tile is None or self.direction != "fwd" or self.dtype != "f32":
             return []
-        return [self.cvec_tail, self.cvec_short_tail]
+        return [self.cvec_short_tail, self.cvec_tail]
 
     @property
     def ocvec_tile(self):

@@ -310,7 +310,7 @@ def test_channel_vector_row_pairs_only_in_float32_forward(env):
     and keeps its partial sums in part2; the item runs them where a.pairs says so.
     Nothing else has them."""
     for s in SPECS:
-        want = [s.cvec_tail, s.cvec_short_tail] if (s.cvec_tile and s.direction == "fwd"
+        want = [s.cvec_short_tail, s.cvec_tail] if (s.cvec_tile and s.direction == "fwd"
                                                     and s.dtype == "f32") else []
         assert s.cvec_pairs == want, s.name
     text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
