@@ -316,11 +316,15 @@ def test_row_pairs():
 PAIR_SPECS = [s for s in CVEC_SPECS if s.cvec_pairs]
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3, "2 dynamic"])
 @pytest.mark.parametrize("shape", ["tail", "short tail", "padding"])
 @pytest.mark.parametrize("spec", PAIR_SPECS, ids=lambda s: s.name)
 def test_channel_vector_row_pairs(spec, shape, threads, forced_rows, banded, monkeypatch):
-    """Row pairs match the reference and, bit for bit, the same tiles one row at a time."""
+    """Row pairs match the reference and, bit for bit, the same tiles one row at a time
+    (in bands, or "dynamic": work items handed out one run at a time, no bands)."""
+    if threads == "2 dynamic":
+        threads = 2
+        monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1 << 30)
     dtype = spec_dtype(spec)
     case = _case(spec, 37, 37)
     kh, kw = case["kernel"]
@@ -336,6 +340,7 @@ def test_channel_vector_row_pairs(spec, shape, threads, forced_rows, banded, mon
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name and fp.row_pairs is not None and fp.rblock < fp.Cg
     assert (fp.row_pairs == 1).any() and (fp.row_pairs == 0).any()   # (an odd row, or wide tiles)
+    assert (fp.bands(threads) is None) == (threads == 1 or _engine.BAND_MIN_CHUNKS > 1)
     if shape == "padding":
         assert fp.tap_skip is not None
     convgen.set_num_threads(threads)
