@@ -989,13 +989,9 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     if fp.one_pass:
         # (most small layers: every image in one pass of the pixel tiles)
         bands = fp.bands(threads)
-        if bands is None:
-            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-            fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile,
-                          static_schedule=fp.static_schedule)
-        else:
-            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads, bands)
-            fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, banded=True)
+        nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads, bands)
+        fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile,
+                      static_schedule=fp.static_schedule, banded=bands is not None)
         return (y, xin, nonfinite) if keep else (y, None, False)
     if fused:
         flags = np.zeros(p.N * p.C, dtype=np.intc)
@@ -1050,7 +1046,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                       static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
-                      pairs=fp.row_pairs if fp.cvec is not None else None)
+                      pairs=fp.row_pairs)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
