@@ -73,6 +73,20 @@ def forced_flat(monkeypatch):
     _engine.backward_data_plan.cache_clear()
 
 
+@pytest.fixture
+def pixel_tile_passes(monkeypatch):
+    """Pixel tiles (no channel-vector tile) whose reductions split into passes of a few
+    channels, 1x1 kernels' too; the plans made under these settings are dropped after."""
+    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)
+    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
+    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
 def _case(spec, C, OC):
     case = case_for(spec)
     case.update(C=C, OC=OC, groups=1)
@@ -132,23 +146,14 @@ PIXEL_TILE_SPECS = [s for s in SPECS if s.direction in ("fwd", "bwd_data") and s
 
 
 @pytest.mark.parametrize("spec", PIXEL_TILE_SPECS, ids=lambda s: s.name)
-def test_pixel_tile_reduction_passes(spec, monkeypatch):
-    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # no channel-vector tile
-    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
-    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
-    _engine.forward_plan.cache_clear()
-    _engine.backward_data_plan.cache_clear()
-    try:
-        case = case_for(spec)
-        case.update(C=case["C"] * 6, OC=case["OC"] * 6)   # (36 channels: several passes of 8 or more)
-        fp = _plan(case, spec_dtype(spec))
-        plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
-        assert plan.kernel.name == spec.name and plan.cvec is None
-        assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
-        _check(spec, case)
-    finally:
-        _engine.forward_plan.cache_clear()
-        _engine.backward_data_plan.cache_clear()
+def test_pixel_tile_reduction_passes(spec, pixel_tile_passes):
+    case = case_for(spec)
+    case.update(C=case["C"] * 6, OC=case["OC"] * 6)   # (36 channels: several passes of 8 or more)
+    fp = _plan(case, spec_dtype(spec))
+    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+    assert plan.kernel.name == spec.name and plan.cvec is None
+    assert plan.rblock < (fp.Cg if spec.direction == "fwd" else fp.OCg)
+    _check(spec, case)
 
 
 # Shapes that took the 1x1 panel paths wrongly (found by a fuzz run): a zero-padded 1x1
@@ -1040,38 +1045,29 @@ DENSE_BWD_DATA_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.grou
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", DENSE_BWD_DATA_SPECS, ids=lambda s: s.name)
-def test_input_gradient_one_channel_tile_static(spec, threads, monkeypatch, restore_threads):
+def test_input_gradient_one_channel_tile_static(spec, threads, pixel_tile_passes, monkeypatch, restore_threads):
     """3 input channels (one tile of rows) and 20 output channels in reduction passes: the
     plan takes the static schedule even above STATIC_WORK, and the gradient matches the
     reference and, bit for bit, the one-thread result; with more channels than a tile's
     rows it stays dynamic."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
     monkeypatch.setattr(_engine, "STATIC_WORK", 0)    # the size rule alone would say dynamic
-    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
-    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
-    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
-    _engine.forward_plan.cache_clear()
-    _engine.backward_data_plan.cache_clear()
-    try:
-        dtype = spec_dtype(spec)
-        case = case_for(spec)
-        case.update(N=2, C=3, OC=20, groups=1)
-        bp = _engine.backward_data_plan(_plan(case, dtype).problem)
-        assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 20
-        assert bp.static_schedule and 3 <= bp.kernel.variants[bp.tile][0]
-        rows = max(r for r, _, _ in bp.kernel.variants)
-        wide = dict(case, C=rows + 1)
-        assert not _engine.backward_data_plan(_plan(wide, dtype).problem).static_schedule
-        x, w, b, gy = case_arrays(case, dtype, make_rng("bwd-data-static", spec.name))
-        args = conv_args(case)
-        convgen.set_num_threads(threads)
-        got = convgen_functional("bwd_data", x, w, b, gy, **args)
-        assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
-        convgen.set_num_threads(1)
-        assert np.array_equal(got, convgen_functional("bwd_data", x, w, b, gy, **args))
-    finally:
-        _engine.forward_plan.cache_clear()
-        _engine.backward_data_plan.cache_clear()
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=2, C=3, OC=20, groups=1)
+    bp = _engine.backward_data_plan(_plan(case, dtype).problem)
+    assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 20
+    assert bp.static_schedule and 3 <= bp.kernel.variants[bp.tile][0]
+    rows = max(r for r, _, _ in bp.kernel.variants)
+    wide = dict(case, C=rows + 1)
+    assert not _engine.backward_data_plan(_plan(wide, dtype).problem).static_schedule
+    x, w, b, gy = case_arrays(case, dtype, make_rng("bwd-data-static", spec.name))
+    args = conv_args(case)
+    convgen.set_num_threads(threads)
+    got = convgen_functional("bwd_data", x, w, b, gy, **args)
+    assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+    convgen.set_num_threads(1)
+    assert np.array_equal(got, convgen_functional("bwd_data", x, w, b, gy, **args))
 
 
 def _poison_scratch(monkeypatch):
@@ -1243,27 +1239,18 @@ PIXEL_BWD_DATA_SPECS = [s for s in PIXEL_TILE_SPECS if s.direction == "bwd_data"
 @pytest.mark.parametrize("channels", [3, 20], ids=["one-tile", "several-tiles"])
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("spec", PIXEL_BWD_DATA_SPECS, ids=lambda s: s.name)
-def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, banded, monkeypatch):
+def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, pixel_tile_passes, banded):
     """The pixel tiles' input gradient in bands (grad_output extended with band_rows, each
     thread its share of the pixel chunks, every stride phase and reduction pass, folded or
     stored straight into gx), on 3 input channels (a first layer: one tile of rows) or 20
     (several): it matches the reference and, bit for bit, one thread's."""
-    monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)   # pixel tiles
-    monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
-    monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
-    _engine.forward_plan.cache_clear()
-    _engine.backward_data_plan.cache_clear()
-    try:
-        dtype = spec_dtype(spec)
-        case = case_for(spec)
-        groups = case["groups"]
-        case.update(C=channels * groups, OC=12 * groups, N=2, H=37, W=29)
-        args = conv_args(case)
-        x, w, b, gy = case_arrays(case, dtype, make_rng("pixel-bwd-bands", spec.name, channels))
-        bp = _engine.backward_data_plan(_plan(case, dtype).problem)
-        assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 12
-        _assert_band_rows(bp.bands(threads), threads, bp.bands.plane_rows)
-        _banded_matches_one_thread("bwd_data", x, w, b, gy, args, dtype, threads, spec.name)
-    finally:
-        _engine.forward_plan.cache_clear()
-        _engine.backward_data_plan.cache_clear()
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    groups = case["groups"]
+    case.update(C=channels * groups, OC=12 * groups, N=2, H=37, W=29)
+    args = conv_args(case)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("pixel-bwd-bands", spec.name, channels))
+    bp = _engine.backward_data_plan(_plan(case, dtype).problem)
+    assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 12
+    _assert_band_rows(bp.bands(threads), threads, bp.bands.plane_rows)
+    _banded_matches_one_thread("bwd_data", x, w, b, gy, args, dtype, threads, spec.name)
