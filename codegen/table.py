@@ -9,8 +9,10 @@ from .spec import ANY, DIRECTIONS, DTYPES, KernelSpec
 # (kernel, stride, dilation) compiled as constants, per groups kind.  Chosen
 # from the layers people run: ResNet/VGG 3x3 and 1x1, strided 3x3 downsampling,
 # Inception 5x5, the 7x7 stride-2 stem, DeepLab's dilation 2, and MobileNet
-# depthwise 3x3/5x5 at stride 1 and 2.  (ResNet's strided 1x1 downsampling runs the
-# stride-1 1x1 kernels on the pixels it reads: see convgen._engine.strided_pointwise.)
+# depthwise 3x3/5x5 at stride 1 and 2.  (Layers without padding whose windows do not
+# overlap, ResNet's strided 1x1 downsampling and patch embeddings such as ViT's 16x16 at
+# stride 16, run the stride-1 1x1 kernels on their windows gathered as channels: see
+# convgen._engine.patch_pointwise.)
 # Every other shape runs the generic kernel of its groups kind, which takes the taps
 # at run time.
 SPECIALISED = {

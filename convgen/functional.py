@@ -53,7 +53,7 @@ class Config:
         shape = (1, self.in_channels, 1, 1)
         p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.run_dilation,
                     *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
-        return _dispatch.lookup(direction, _engine.strided_pointwise(p) or p).name
+        return _dispatch.lookup(direction, _engine.patch_pointwise(p) or p).name
 
 
 def _weight(weight, dtype=None):

@@ -950,25 +950,54 @@ def test_channel_vector_passes_cover_blocks(blocks, expected, monkeypatch):
         _engine.backward_data_plan.cache_clear()
 
 
-# 1x1 layers with a stride and no padding run as the stride-1 layer on the pixels they
-# read (convgen._engine.strided_pointwise): gathered for the forward and the weight
-# gradient's planes, the input gradient spread back with zeros between.
+# Layers without padding whose windows do not overlap run as a stride-1 1x1 layer over
+# their windows gathered as channels (convgen._engine.patch_pointwise): strided 1x1 layers
+# (any groups), patch embeddings (dense).  Gathered for the forward and the weight
+# gradient's planes, the input gradient scattered back with zeros between.
+# (C, OC), groups, kernel, stride, dilation, (H, W); the small windows run this way with
+# PATCH_MIN_TAPS lowered (patch_taps), which tests their geometry on small arrays.
+PATCH_CASES = {
+    "1x1-s2-dense": ((40, 48), 1, (1, 1), (2, 2), (1, 1), (13, 11)),
+    "1x1-s3x1-grouped": ((12, 18), 3, (1, 1), (3, 1), (1, 1), (13, 11)),
+    "1x1-s2x3-depthwise": ((16, 16), 16, (1, 1), (2, 3), (1, 1), (13, 11)),
+    "16x16-s16": ((3, 40), 1, (16, 16), (16, 16), (1, 1), (35, 50)),   # a patch embedding, as it runs by default
+    "2x2-s2": ((24, 40), 1, (2, 2), (2, 2), (1, 1), (13, 11)),    # ConvNeXt's downsampling
+    "4x4-s4": ((3, 20), 1, (4, 4), (4, 4), (1, 1), (13, 11)),     # ConvNeXt's stem
+    "3x2-s4x3-gaps": ((8, 16), 1, (3, 2), (4, 3), (1, 1), (13, 11)),   # pixels no window reads
+    "2x2-s3-dilated": ((6, 12), 1, (2, 2), (3, 3), (2, 2), (13, 11)),  # dilated windows that just fit
+}
+
+
+@pytest.fixture
+def patch_taps():
+    """Sets _engine.PATCH_MIN_TAPS for a test (and drops the plans made under it)."""
+    default = _engine.PATCH_MIN_TAPS
+
+    def set_taps(n):
+        _engine.PATCH_MIN_TAPS = n
+        _engine.patch_pointwise.cache_clear()
+    yield set_taps
+    set_taps(default)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("stride", [(2, 2), (3, 1), (2, 3)])
-@pytest.mark.parametrize("channels, groups", [((40, 48), 1), ((12, 18), 3), ((16, 16), 16)],
-                         ids=["dense", "grouped", "depthwise"])
-def test_strided_pointwise(dtype, stride, channels, groups, monkeypatch, restore_threads):
-    (C, OC), dtype = channels, np.dtype(dtype)
-    case = dict(N=2, C=C, OC=OC, H=11, W=9, kernel=(1, 1), stride=stride, padding=(0, 0), dilation=(1, 1),
+@pytest.mark.parametrize("case_name", list(PATCH_CASES))
+def test_patch_pointwise(dtype, case_name, monkeypatch, restore_threads, patch_taps):
+    (C, OC), groups, kernel, stride, dilation, (H, W) = PATCH_CASES[case_name]
+    dtype = np.dtype(dtype)
+    if case_name != "16x16-s16":
+        patch_taps(1)
+    case = dict(N=2, C=C, OC=OC, H=H, W=W, kernel=kernel, stride=stride, padding=(0, 0), dilation=dilation,
                 groups=groups)
     fp = _plan(case, dtype)
-    q = _engine.strided_pointwise(fp.problem)
-    assert q is not None and (q.H, q.W) == fp.problem.output_hw == (-(-11 // stride[0]), -(-9 // stride[1]))
+    q = _engine.patch_pointwise(fp.problem)
+    assert q is not None and (q.H, q.W) == fp.problem.output_hw and (q.KH, q.KW, q.sh, q.sw) == (1, 1, 1, 1)
+    assert q.C == C * kernel[0] * kernel[1]
     called = []
-    for name in ("subsample", "spread"):
-        real = getattr(_engine._layout, name)
-        monkeypatch.setattr(_engine._layout, name, lambda *a, real=real, name=name: called.append(name) or real(*a))
-    rng = make_rng("strided-pointwise", stride, C, OC, groups, dtype.name)
+    real = _engine._layout.windows
+    monkeypatch.setattr(_engine._layout, "windows",
+                        lambda *a: called.append("scatter" if a[3] else "gather") or real(*a))
+    rng = make_rng("patch-pointwise", case_name, dtype.name)
     x, w, b, gy = case_arrays(case, dtype, rng)
     args = conv_args(case)
     for threads in (1, 2):
@@ -978,27 +1007,56 @@ def test_strided_pointwise(dtype, stride, channels, groups, monkeypatch, restore
             what = f"{direction}, {threads} thread(s)"
             assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs reference")
             assert_close(got, torch_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs torch")
-    assert called.count("subsample") >= 4 and called.count("spread") == 2   # (forward, weight planes; input grad)
-    # The module: a training step, .grad accumulating, and an infinity the layer never reads.
-    conv = convgen.Conv2d(C, OC, 1, stride=stride, groups=groups, dtype=dtype)
+    assert called.count("gather") >= 4 and called.count("scatter") == 2   # (forward, weight planes; input grad)
+    # The module: a training step, .grad accumulating in place, and an infinity the layer never reads.
+    conv = convgen.Conv2d(C, OC, kernel, stride=stride, dilation=dilation, groups=groups, dtype=dtype)
     conv.weight[...], conv.bias[...] = w, b
-    x[0, 0, 1, 1] = np.inf   # row 1: read at no stride here
+    OH, OW = fp.problem.output_hw
+    read = np.zeros((H, W), bool)
+    for ti in range(kernel[0]):
+        for tj in range(kernel[1]):
+            read[ti * dilation[0]:ti * dilation[0] + stride[0] * (OH - 1) + 1:stride[0],
+                 tj * dilation[1]:tj * dilation[1] + stride[1] * (OW - 1) + 1:stride[1]] = True
+    assert read.sum() == OH * OW * kernel[0] * kernel[1]   # (no pixel read twice)
+    unread = np.argwhere(~read)
+    assert len(unread)
+    x[(0, 0, *unread[0])] = np.inf
     y = conv(x)
     assert np.isfinite(y).all()
     assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
-    gx = conv.backward(gy)
-    assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module input gradient")
-    assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "module weight grad")
+    for step in (1, 2):
+        gx = conv.backward(gy)
+        assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module input gradient")
+        grad = conv.weight.grad
+        assert grad.shape == w.shape
+        assert_close(grad, step * reference_functional("bwd_weight", x, w, b, gy, **args), dtype,
+                     f"module weight grad, step {step}")
+        assert conv.weight.grad is grad   # (the second step added into the first's array)
 
 
-def test_strided_pointwise_only_without_padding():
-    """A padded strided 1x1 layer reads padding too: it runs the generic kernel, and
-    kernel_for names the kernel that really runs."""
-    padded = _plan(dict(N=1, C=8, OC=8, H=9, W=9, kernel=(1, 1), stride=(2, 2), padding=(1, 1), dilation=(1, 1),
-                        groups=1), np.float32)
-    assert _engine.strided_pointwise(padded.problem) is None
+def test_patch_pointwise_only_where_windows_do_not_overlap(patch_taps):
+    """Padding, overlapping windows, windows of fewer than PATCH_MIN_TAPS pixels, or a
+    grouped layer with windows of more than a pixel run their own kernels, and kernel_for
+    names the kernel that really runs."""
+    def problem(**kw):
+        case = dict(N=1, C=8, OC=8, H=33, W=33, kernel=(1, 1), stride=(2, 2), padding=(0, 0), dilation=(1, 1),
+                    groups=1)
+        return _plan({**case, **kw}, np.float32).problem
+    assert _engine.patch_pointwise(problem()) is not None
+    assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16))) is not None
+    assert _engine.patch_pointwise(problem(kernel=(8, 8), stride=(8, 8))) is None       # 64 < PATCH_MIN_TAPS
+    assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16), groups=2)) is None
+    patch_taps(1)
+    assert _engine.patch_pointwise(problem(kernel=(2, 2))) is not None
+    assert _engine.patch_pointwise(problem(padding=(1, 1))) is None
+    assert _engine.patch_pointwise(problem(kernel=(3, 3))) is None                      # overlapping
+    assert _engine.patch_pointwise(problem(kernel=(2, 2), dilation=(2, 2))) is None     # 3 pixels wide
+    assert _engine.patch_pointwise(problem(kernel=(2, 2), groups=2)) is None
+    assert _engine.patch_pointwise(problem(stride=(1, 1))) is None                      # a 1x1 layer already
     for direction in ("fwd", "bwd_data", "bwd_weight"):
         assert convgen.kernel_for(64, 64, 1, 2, 0, direction=direction) == f"conv2d_{direction}_f32_k1x1_s1_d1_dense"
+        assert convgen.kernel_for(3, 768, 16, 16, 0, direction=direction) == \
+            f"conv2d_{direction}_f32_k1x1_s1_d1_dense"
         assert convgen.kernel_for(64, 64, 1, 2, 1, direction=direction) == f"conv2d_{direction}_f32_kany_sany_dany_dense"
     x = make_rng("padded-strided-1x1").standard_normal((1, 8, 9, 9)).astype(np.float32)
     w = np.ones((8, 8, 1, 1), np.float32)
