@@ -102,6 +102,14 @@ CVEC_MIN_PIXELS = 512
 # 0.77 -> 0.64; a batch of four 7x7 maps, 512 -> 2048, input gradient 4.1 -> 2.9; on one
 # 7x7 map it would be 1.25-1.75x slower).
 CVEC_MIN_PIXELS_1X1 = 128
+# ... or, from this many, where the flat grid's rows are this much wider than the map's:
+# the pixel tiles would spend a quarter of their work on its scratch columns, which the
+# row tiles skip (2 threads, side by side: Inception's 1x7 layers at 17x17, 128-192
+# channels, forward 1.24-1.42x, backward 1.20-1.24x; 7x7 at 16x16 and 17x17 1.21-1.22x,
+# 1.08-1.11x; 3x3 at rate 3 on 17x17 1.22x, 1.12x.  At 1.25x, 5x5 and 3x3 at rate 2 on 16x16,
+# they were 0.90-0.95x.)
+CVEC_WIDE_ROWS = 1.3
+CVEC_MIN_PIXELS_WIDE = 256
 # ... and where its blocks of output channels compute at most this share more than the
 # channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
 # ran 1.3x slower than the pixel tiles).
@@ -315,11 +323,12 @@ def _interior(pad, count, step, size):
 def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width):
     """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
     pixels of its tail tile) runs: None where it should not (too few channels either way,
-    too few output pixels per weight, too many idle lanes in the blocks of output
-    channels), else its row tiles per output row (rows `width` apart, `cols` real pixels
-    each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
+    too few output pixels per weight unless the rows are wide, too many idle lanes in the
+    blocks of output channels), else its row tiles per output row (rows `width` apart,
+    `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
+    wide = width >= CVEC_WIDE_ROWS * cols and images * rows * cols >= CVEC_MIN_PIXELS_WIDE
     if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
-            or images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1)
+            or (images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1) and not wide)
             or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])

@@ -807,6 +807,9 @@ def test_channel_vector_tile_rule():
     assert rule(cvec, 64, 64, 9, 1, 32, 32, 34) == 0               # 14 + 14 + 14 > 34 columns: flat
     assert rule(cvec, 64, 256, 1, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
     assert rule(cvec, 256, 256, 9, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
+    assert rule(cvec, 128, 128, 7, 1, 17, 17, 23) == 2             # ... unless rows 1.3x wider (1x7, Inception)
+    assert rule(cvec, 64, 64, 25, 1, 16, 16, 20) is None           # (5x5 at 16x16: 1.25x)
+    assert rule(cvec, 128, 128, 7, 1, 15, 15, 21) is None          # (... and 225 pixels)
     assert rule(cvec, 256, 1024, 1, 1, 14, 14, 14) == 0            # ... but 1x1: 14 tiles of 14 pixels
     assert rule(cvec, 512, 2048, 1, 1, 7, 7, 7) is None            # ... down to 7x7
     assert rule(cvec, 512, 2048, 1, 4, 7, 7, 7) == 0               # ... a batch of four of them
@@ -814,6 +817,26 @@ def test_channel_vector_tile_rule():
     assert rule(cvec, 16, 64, 9, 1, 128, 128, 130) is None         # too few output channels
     assert rule(cvec, 48, 64, 9, 1, 35, 35, 39) is None            # 48 channels in 2 blocks of 32
     assert rule(None, 64, 64, 9, 1, 128, 128, 130) is None         # no such tile
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channel_vector_tile_on_wide_rows(dtype, restore_threads):
+    """Small maps whose flat rows are much wider than their pixels (Inception's 1x7 at 17x17,
+    23 columns for 17) run the channel-vector row tiles, which skip the scratch columns:
+    forward, input and weight gradients against the reference, on 1 and 2 threads."""
+    dtype = np.dtype(dtype)
+    case = dict(N=1, C=64, OC=32, H=17, W=17, kernel=(1, 7), stride=(1, 1), padding=(0, 3), dilation=(1, 1),
+                groups=1)
+    fp = _plan(case, dtype)
+    bp = _engine.backward_data_plan(fp.problem)
+    assert fp.cvec is not None and fp.row_tiles == 2 and bp.cvec is not None
+    x, w, b, gy = case_arrays(case, dtype, make_rng("wide-rows", dtype.name))
+    args = conv_args(case)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        for direction in ("fwd", "bwd_data", "bwd_weight"):
+            assert_close(convgen_functional(direction, x, w, b, gy, **args),
+                         reference_functional(direction, x, w, b, gy, **args), dtype, f"{direction}, {threads}")
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
