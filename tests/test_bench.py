@@ -55,6 +55,20 @@ def test_layers_file_classes_and_flops(tmp_path):
         suite.load_layers(str(path))
 
 
+def test_more_layers_file():
+    """bench/more_layers.json (layers beyond the shared suite) loads, its names are unique,
+    and each layer is a valid convgen.Conv2d on its input."""
+    cases = suite.load_layers(os.path.join(ROOT, "bench", "more_layers.json"))
+    names = [c["name"] for c in cases]
+    assert len(names) == len(set(names)) >= 20
+    for c in cases:
+        conv = convgen.Conv2d(c["C"], c["OC"], c["kernel"], c["stride"], c["padding"], c["dilation"], c["groups"],
+                              dtype=c["dtype"])
+        assert min(convgen.functional.output_size((c["H"], c["W"]), c["kernel"], c["stride"], c["padding"],
+                                                  c["dilation"])) > 0
+        assert conv.weight.shape == (c["OC"], c["C"] // c["groups"], *c["kernel"])
+
+
 @pytest.mark.parametrize("cfg", [
     dict(C=4, OC=6, k=3, stride=1, padding=1, dilation=1, groups=1, mode="zeros"),
     dict(C=4, OC=8, k=(3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2, mode="zeros"),
