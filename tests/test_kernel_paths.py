@@ -733,16 +733,21 @@ def test_depthwise_channel_block(spec, mode, threads, keeps, monkeypatch, restor
 # flat grid (ForwardPlan.channel_block_map).
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
-@pytest.mark.parametrize("spec", [s for s in CHANNEL_BLOCK_SPECS if s.stride == 1], ids=lambda s: s.name)
+# (Not float64 7x7: its 6 columns of padding make the flat grid wider than the whole-map
+# rule allows on every map that reflect padding accepts; its strips are tested above.)
+@pytest.mark.parametrize("spec", [s for s in CHANNEL_BLOCK_SPECS if s.stride == 1
+                                  and not (s.kernel == 7 and s.dtype == "f64")], ids=lambda s: s.name)
 def test_depthwise_channel_block_whole_map(spec, mode, threads, monkeypatch, restore_threads):
-    """21 channels (a partial block), two images of 4 x 3 pixels."""
+    """21 channels (a partial block), two images of 4 x 3 pixels (5 x 4 for 7x7 kernels:
+    reflect padding must be smaller than the map)."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     _engine.forward_plan.cache_clear()
     monkeypatch.setattr(_engine, "forward_plan", _engine.forward_plan.__wrapped__)
     used = _scratch_names(monkeypatch)
     convgen.set_num_threads(threads)
     case = case_for(spec)
-    case.update(N=2, C=21, OC=21, groups=21, H=4, W=3, padding=spec.kernel // 2 * spec.dilation, padding_mode=mode)
+    H, W = (4, 3) if spec.kernel <= 5 else (5, 4)
+    case.update(N=2, C=21, OC=21, groups=21, H=H, W=W, padding=spec.kernel // 2 * spec.dilation, padding_mode=mode)
     fp = _plan(case, spec_dtype(spec))
     assert fp.kernel.name == spec.name and fp.channel_block_map is not None
     _check_channel_block_forward(spec, case, mode, used)
