@@ -109,6 +109,12 @@ CVEC_MIN_PIXELS_1X1 = 128
 # 1.08-1.11x; 3x3 at rate 3 on 17x17 1.22x, 1.12x.  At 1.25x, 5x5 and 3x3 at rate 2 on 16x16,
 # they were 0.90-0.95x.)
 CVEC_WIDE_ROWS = 1.3
+# ... and forwards of 1x1 layers narrowing the channels from this many output channels,
+# whatever their blocks' idle lanes (see ForwardPlan).  (2 threads, against the pixel
+# tiles: MobileNetV2's projections 144 -> 24 and 96 -> 24 at 56x56 1.69x and 1.54x,
+# 240 -> 40 at 28x28 1.38x, 144 -> 16 1.62x, 64 -> 24 and 64 -> 16 1.10-1.14x; at 8 output
+# channels 0.90-1.38x, so not below 16.)
+CVEC_NARROW_MIN_OUT = 16
 CVEC_MIN_PIXELS_WIDE = 256
 # ... and where its blocks of output channels compute at most this share more than the
 # channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
@@ -320,16 +326,21 @@ def _interior(pad, count, step, size):
     return out
 
 
-def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width):
+def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width,
+                 min_out=None, waste=None):
     """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
     pixels of its tail tile) runs: None where it should not (too few channels either way,
     too few output pixels per weight unless the rows are wide, too many idle lanes in the
     blocks of output channels), else its row tiles per output row (rows `width` apart,
-    `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING)."""
+    `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING).
+    min_out / waste: the fewest output channels and the most idle lanes in their blocks
+    allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given)."""
+    min_out = CVEC_MIN_CHANNELS if min_out is None else min_out
+    waste = CVEC_CHANNEL_WASTE if waste is None else waste
     wide = width >= CVEC_WIDE_ROWS * cols and images * rows * cols >= CVEC_MIN_PIXELS_WIDE
-    if (cvec is None or out_channels < CVEC_MIN_CHANNELS or reduced_channels < CVEC_MIN_CHANNELS
+    if (cvec is None or out_channels < min_out or reduced_channels < CVEC_MIN_CHANNELS
             or (images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1) and not wide)
-            or _geometry.round_up(out_channels, cvec[2]) > CVEC_CHANNEL_WASTE * out_channels):
+            or _geometry.round_up(out_channels, cvec[2]) > waste * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
     rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a tail tile's if it can
@@ -579,7 +590,12 @@ class ForwardPlan:
         self.tile, chunk = self.kernel.pick_tile(self.OCg, self.OH * self.We)
         # Dense layers with enough channels run the channel-vector tile over the input
         # in blocks of channels, pixel-major (see pad_blocked).
-        layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We)
+        # 1x1 layers that narrow the channels (MobileNetV2's projections, 144 -> 24) read their
+        # input once, through the panels below, however idle their one block of output
+        # channels: the pixel tiles read it along as many streams as channels.
+        narrowing = p.KH * p.KW == 1 and self.Cg > self.OCg
+        layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
+                              *((min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else ()))
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:

@@ -821,7 +821,32 @@ def test_channel_vector_tile_rule():
     assert rule(cvec, 64, 16, 9, 1, 128, 128, 130) is None         # too few reduced channels
     assert rule(cvec, 16, 64, 9, 1, 128, 128, 130) is None         # too few output channels
     assert rule(cvec, 48, 64, 9, 1, 35, 35, 39) is None            # 48 channels in 2 blocks of 32
+    assert rule(cvec, 24, 144, 1, 1, 56, 56, 56, 16, float("inf")) == 0   # ... but a narrowing 1x1's forward
     assert rule(None, 64, 64, 9, 1, 128, 128, 130) is None         # no such tile
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("out_channels", [16, 24, 40])
+def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threads):
+    """1x1 layers narrowing the channels run the channel-vector tile through the panels
+    from 16 output channels, with idle lanes in their blocks of output channels (24 of 32,
+    40 of 64): against the reference, on 1 and 2 threads, a training step included."""
+    dtype = np.dtype(dtype)
+    case = dict(N=2, C=72, OC=out_channels, H=19, W=17, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
+                dilation=(1, 1), groups=1)
+    fp = _plan(case, dtype)
+    assert fp.cvec is not None and fp.panels
+    x, w, b, gy = case_arrays(case, dtype, make_rng("narrowing", out_channels, dtype.name))
+    args = conv_args(case)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        for direction in ("fwd", "bwd_data", "bwd_weight"):
+            assert_close(convgen_functional(direction, x, w, b, gy, **args),
+                         reference_functional(direction, x, w, b, gy, **args), dtype, f"{direction}, {threads}")
+        conv = convgen.Conv2d(72, out_channels, 1, dtype=dtype)
+        conv.weight[...], conv.bias[...] = w, b
+        assert_close(conv(x), reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
+        assert_close(conv.backward(gy), reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module gx")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
