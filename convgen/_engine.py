@@ -109,13 +109,13 @@ CVEC_MIN_PIXELS_1X1 = 128
 # 1.08-1.11x; 3x3 at rate 3 on 17x17 1.22x, 1.12x.  At 1.25x, 5x5 and 3x3 at rate 2 on 16x16,
 # they were 0.90-0.95x.)
 CVEC_WIDE_ROWS = 1.3
+CVEC_MIN_PIXELS_WIDE = 256
 # ... and forwards of 1x1 layers narrowing the channels from this many output channels,
 # whatever their blocks' idle lanes (see ForwardPlan).  (2 threads, against the pixel
 # tiles: MobileNetV2's projections 144 -> 24 and 96 -> 24 at 56x56 1.69x and 1.54x,
 # 240 -> 40 at 28x28 1.38x, 144 -> 16 1.62x, 64 -> 24 and 64 -> 16 1.10-1.14x; at 8 output
 # channels 0.90-1.38x, so not below 16.)
 CVEC_NARROW_MIN_OUT = 16
-CVEC_MIN_PIXELS_WIDE = 256
 # ... and where its blocks of output channels compute at most this share more than the
 # channels there are (Inception's 5x5 input gradient: 48 channels in two blocks of 32
 # ran 1.3x slower than the pixel tiles).

@@ -120,6 +120,22 @@ def _check(spec, case):
     assert_close(got, torch_functional(spec.direction, x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
 
 
+def _check_directions(case, dtype, rng, with_torch=False):
+    """Forward, input and weight gradients of `case` on 1 and 2 threads against the
+    reference (and torch); returns the arrays (x, w, b, gy)."""
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        for direction in ("fwd", "bwd_data", "bwd_weight"):
+            got = convgen_functional(direction, x, w, b, gy, **args)
+            what = f"{direction}, {threads} thread(s)"
+            assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs reference")
+            if with_torch:
+                assert_close(got, torch_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs torch")
+    return x, w, b, gy
+
+
 # 37 channels: one full block of a channel-vector tile and a partial one, and
 # several reduction passes under the forced cache budget.
 @pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
@@ -836,17 +852,12 @@ def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threa
                 dilation=(1, 1), groups=1)
     fp = _plan(case, dtype)
     assert fp.cvec is not None and fp.panels
-    x, w, b, gy = case_arrays(case, dtype, make_rng("narrowing", out_channels, dtype.name))
+    x, w, b, gy = _check_directions(case, dtype, make_rng("narrowing", out_channels, dtype.name))
     args = conv_args(case)
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        for direction in ("fwd", "bwd_data", "bwd_weight"):
-            assert_close(convgen_functional(direction, x, w, b, gy, **args),
-                         reference_functional(direction, x, w, b, gy, **args), dtype, f"{direction}, {threads}")
-        conv = convgen.Conv2d(72, out_channels, 1, dtype=dtype)
-        conv.weight[...], conv.bias[...] = w, b
-        assert_close(conv(x), reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
-        assert_close(conv.backward(gy), reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module gx")
+    conv = convgen.Conv2d(72, out_channels, 1, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    assert_close(conv(x), reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
+    assert_close(conv.backward(gy), reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module gx")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -860,13 +871,7 @@ def test_channel_vector_tile_on_wide_rows(dtype, restore_threads):
     fp = _plan(case, dtype)
     bp = _engine.backward_data_plan(fp.problem)
     assert fp.cvec is not None and fp.row_tiles == 2 and bp.cvec is not None
-    x, w, b, gy = case_arrays(case, dtype, make_rng("wide-rows", dtype.name))
-    args = conv_args(case)
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        for direction in ("fwd", "bwd_data", "bwd_weight"):
-            assert_close(convgen_functional(direction, x, w, b, gy, **args),
-                         reference_functional(direction, x, w, b, gy, **args), dtype, f"{direction}, {threads}")
+    _check_directions(case, dtype, make_rng("wide-rows", dtype.name))
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
@@ -1050,16 +1055,8 @@ def test_patch_pointwise(dtype, case_name, monkeypatch, restore_threads, patch_t
     real = _engine._layout.windows
     monkeypatch.setattr(_engine._layout, "windows",
                         lambda *a: called.append("scatter" if a[3] else "gather") or real(*a))
-    rng = make_rng("patch-pointwise", case_name, dtype.name)
-    x, w, b, gy = case_arrays(case, dtype, rng)
+    x, w, b, gy = _check_directions(case, dtype, make_rng("patch-pointwise", case_name, dtype.name), True)
     args = conv_args(case)
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        for direction in ("fwd", "bwd_data", "bwd_weight"):
-            got = convgen_functional(direction, x, w, b, gy, **args)
-            what = f"{direction}, {threads} thread(s)"
-            assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs reference")
-            assert_close(got, torch_functional(direction, x, w, b, gy, **args), dtype, f"{what} vs torch")
     assert called.count("gather") >= 4 and called.count("scatter") == 2   # (forward, weight planes; input grad)
     # The module: a training step, .grad accumulating in place, and an infinity the layer never reads.
     conv = convgen.Conv2d(C, OC, kernel, stride=stride, dilation=dilation, groups=groups, dtype=dtype)
