@@ -133,6 +133,13 @@ CVEC_IMAGE_BUDGET = 4 << 20
 # forward, where the 1x1 layer's weight pack weighs more: 3 -> 384 8x8 1.01-1.06x, 1.6x;
 # 14x14 to 1024 0.83x, 1.57x; ConvNeXt's 4x4 stem 0.85x, 1.13x.)
 PATCH_MIN_TAPS = 256
+# Grouped layers with wide groups (at least 2 vectors of output channels and 16 input
+# channels each, their blocks of output channels at most CVEC_CHANNEL_WASTE idle) sum
+# their weight gradient by output channel (see ForwardPlan).  (2 threads, side by side,
+# module backward: two groups of 64 channels at 27x27 and 56x56 1.20x, a batch of 8 1.17x;
+# 9 groups of 48 channels at 14x14 1.11x but 4 of them at 28x28 0.93x, a third of their
+# blocks idle, hence the waste bound.)
+WGRAD_GROUPWISE = True
 # Depthwise weight gradients run by blocks of channels on maps of up to this many output
 # pixels (2 threads, 3x3: 7x7 maps 2.3x faster than the per-channel rows, 14x14 1.25x,
 # 28x28 equal, 56x56 0.85x; 5x5 at 7x7 2.4x).
@@ -703,16 +710,23 @@ class ForwardPlan:
         # Dense layers with enough channels vectorise the weight gradient over output
         # channels (no horizontal sums, only real pixels summed).  (Large single maps
         # used to keep the pixel-vectorised kernel; on 2 threads it now runs 3-8% slower
-        # there: ResNet's 56x56 3x3 and 1x1, the 128x128 reflect layer.)
-        self.wgrad_by_channel = (self.wgrad_kernel.ocvec is not None and p.OC >= 2 * lanes
-                                 and self.Cg >= 16)
+        # there: ResNet's 56x56 3x3 and 1x1, the 128x128 reflect layer.)  So do grouped
+        # layers with groups as wide (two of 64 channels), through the dense kernel's
+        # form, a call per group (see backward_params): the grouped kernel's pixel-
+        # vectorised tile suits ResNeXt's groups of 4 channels.
+        self.wgrad_ocvec = self.wgrad_kernel if p.groups == 1 else _dispatch.lookup("bwd_weight",
+                                                                                    p._replace(groups=1))
+        self.wgrad_by_channel = (self.wgrad_ocvec.ocvec is not None and self.OCg >= 2 * lanes and self.Cg >= 16
+                                 and (p.groups == 1 or WGRAD_GROUPWISE and _geometry.round_up(self.OCg, 2 * lanes)
+                                      <= CVEC_CHANNEL_WASTE * self.OCg))
         self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = None, False, None
         if self.wgrad_by_channel:
             self.wgrad_tiles, self.wgrad_tap_major = _wgrad_tiles(
                 self.padding_masks(taps) if masks is None else masks, self.Cg, self.kk,
-                self.wgrad_kernel.ocvec_columns, self.wgrad_kernel.ocvec_fields)
-            # Layers whose weight gradient is small beside their data split it over pixels.
-            self.wgrad_chunks = _wgrad_chunks(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan, itemsize)
+                self.wgrad_ocvec.ocvec_columns, self.wgrad_ocvec.ocvec_fields)
+            # Dense layers whose weight gradient is small beside their data split it over pixels.
+            if p.groups == 1:
+                self.wgrad_chunks = _wgrad_chunks(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan, itemsize)
         # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)
         if seg >= self.grad_len:
@@ -1288,27 +1302,30 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             # (tap-major tiles sum into (OC, kk, C), then turned into the weight's layout)
             out, out_into = (scratch("wgrad_tap_major", gw.shape, gw.dtype), False) if fp.wgrad_tap_major \
                 else (gw, into)
+            lanes = LANES[p.dtype]
             if fp.wgrad_chunks is not None:
-                lanes = LANES[p.dtype]
                 rows, images = fp.wgrad_chunks
                 chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
                 panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
                                                   rows * fp.We * lanes), grad_y.dtype)
                 partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
-                fp.wgrad_kernel.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
-                                             fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
-                                             threads, out_into)
+                fp.wgrad_ocvec.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
+                                            fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
+                                            threads, out_into)
             else:
-                block = 2 * LANES[p.dtype]   # output channels per tile (KernelSpec.ocvec_tile)
-                ocp = _geometry.round_up(p.OC, block)
+                block = 2 * lanes   # output channels per tile (KernelSpec.ocvec_tile)
+                # (the last group's last block of columns too, whole)
+                ocp = _geometry.round_up((fp.G - 1) * fp.OCg + _geometry.round_up(fp.OCg, block), block)
                 gT = scratch("gT", (p.N, fp.grad_len, ocp), grad_y.dtype)
                 # Bands where the blocks of output channels split evenly over the threads:
                 # each thread transposes the columns of grad_output its tiles then read.
-                banded = WGRAD_BANDS and threads > 1 and ocp // block % threads == 0
+                banded = WGRAD_BANDS and threads > 1 and fp.G == 1 and ocp // block % threads == 0
                 _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
-                fp.wgrad_kernel.ocvec(xin, gT, out, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.grad_len, fp.tap_off,
-                                      fp.wgrad_tiles, threads, out_into, fp.ocvec_images, fp.ocvec_pixels, fp.We,
-                                      fp.static_schedule, banded)
+                for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, columns of gT)
+                    fp.wgrad_ocvec.ocvec(xin[g * fp.Cg:], gT, out[g * fp.OCg:(g + 1) * fp.OCg], p.N, fp.Cg, fp.OCg,
+                                         fp.kk, fp.x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, out_into,
+                                         fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
+                                         p.C * fp.x_chan, g * fp.OCg)
             if fp.wgrad_tap_major:
                 _layout.taps_last(out, gw, fp.kk, into, threads)
         else:

@@ -527,6 +527,38 @@ def test_weight_gradient_tile_orders(spec, split, wgrad_order, monkeypatch, rest
     _check_threads_agree(spec, case, fp, make_rng("wgrad-order", spec.name))
 
 
+# Grouped layers with wide groups sum their weight gradient with the dense kernels'
+# channel-vectorised tiles, a call per group (ForwardPlan.wgrad_ocvec).
+GROUPED_WGRAD_SPECS = [s for s in SPECS if s.direction == "bwd_weight" and s.groups == "grouped"]
+
+
+@pytest.mark.parametrize("groups, out_per_group", [(2, 32), (3, 40), (2, 56)])
+@pytest.mark.parametrize("spec", GROUPED_WGRAD_SPECS, ids=lambda s: s.name)
+def test_grouped_weight_gradient_by_channel(spec, groups, out_per_group, wgrad_order, monkeypatch,
+                                            restore_threads):
+    """Groups of 16 input channels and 2 or more vectors of output channels, their blocks
+    little idle (float32: 32 and 56, a partial block reading the next group's columns of
+    grad_output, not 40; float64: all three), both tile orders, wide zero padding: against
+    the reference and torch, the same bits on 1 and 2 threads, a module's .grad accumulating."""
+    dtype = spec_dtype(spec)
+    lanes = 16 if dtype == np.float32 else 8
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    case = _case(spec, 16 * groups, out_per_group * groups)
+    kh, kw = case["kernel"]
+    d = case["dilation"] if isinstance(case["dilation"], int) else case["dilation"][0]
+    case.update(N=2, H=13, W=11, groups=groups, padding=(d * (kh - 1) + 1, d * (kw - 1)))
+    fp = _plan(case, dtype)
+    assert fp.wgrad_kernel.name == spec.name
+    block = 2 * lanes
+    assert fp.wgrad_by_channel == (out_per_group >= block and -(-out_per_group // block) * block <= 1.2 * out_per_group)
+    if not fp.wgrad_by_channel:
+        return
+    assert fp.wgrad_ocvec.name == spec.name.replace("grouped", "dense")
+    assert fp.wgrad_tap_major == (wgrad_order and fp.kk > 1)
+    _check(spec, case)
+    _check_threads_agree(spec, case, fp, make_rng("grouped-wgrad", spec.name, groups), accumulate=True)
+
+
 def test_wgrad_tiles(monkeypatch):
     """Every (channel, tap) column in exactly one tile, stored at its place in the
     weight's layout or, by tap, in the tap-major one; DeepLab's ASPP (rate 6, 33x33)
