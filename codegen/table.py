@@ -10,10 +10,10 @@ from .spec import ANY, DIRECTIONS, DTYPES, KernelSpec
 # from the layers people run: ResNet/VGG 3x3 and 1x1, strided 3x3 downsampling,
 # Inception 5x5, the 7x7 stride-2 stem, DeepLab's dilation 2, and MobileNet
 # depthwise 3x3/5x5 at stride 1 and 2, and ConvNeXt's depthwise 7x7 (2 threads, against
-# the generic kernel: 96 channels at 56x56 forward 2.1x, backward 1.55x; 384 at 14x14 2.9x,
-# 1.7x).  (Layers without padding whose windows do not
-# overlap, ResNet's strided 1x1 downsampling and patch embeddings such as ViT's 16x16 at
-# stride 16, run the stride-1 1x1 kernels on their windows gathered as channels: see
+# the generic kernel: 96 channels at 56x56 forward 2.1x, backward 1.55x; 384 at 14x14
+# 2.9x, 1.7x).  (Layers without padding whose windows do not overlap, ResNet's strided
+# 1x1 downsampling and patch embeddings such as ViT's 16x16 at stride 16, run the
+# stride-1 1x1 kernels on their windows gathered as channels: see
 # convgen._engine.patch_pointwise.)
 # Every other shape runs the generic kernel of its groups kind, which takes the taps
 # at run time.
