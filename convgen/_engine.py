@@ -601,8 +601,9 @@ class ForwardPlan:
         # input once, through the panels below, however idle their one block of output
         # channels: the pixel tiles read it along as many streams as channels.
         narrowing = p.KH * p.KW == 1 and self.Cg > self.OCg
+        min_out, waste = (min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else (None, None)
         layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
-                              *((min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else ()))
+                              min_out, waste)
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
