@@ -125,6 +125,21 @@ CVEC_CHANNEL_WASTE = 1.2
 # and fewer, larger passes balance better over threads (CIFAR's batch of 32 at 4 MB
 # rather than CACHE_BUDGET: forward 4%, input gradient 14% faster).
 CVEC_IMAGE_BUDGET = 4 << 20
+# ... or, on fewer output pixels (from PACK_BLOCK_MIN_PIXELS, kernels larger than 1x1),
+# where one block of output channels' packed weights takes at most PACK_BLOCK_BYTES:
+# each work item then packs a block itself, which stays in its core's L2 while its
+# tiles run over every image (see _run_block_packed), rather than pack_weights writing
+# every packed weight out of cache for the tiles to read back.  (Forward, 2 threads,
+# against the pixel tiles, separate processes alternating: ResNet's 3x3 256 at 14x14
+# 1.15-1.21x, 128 at 14x14 1.10-1.20x, its strided 256 at 28x28 1.18x, 512 at 7x7 in
+# batches of 2-4 1.20-1.29x, AlexNet's 384 at 13x13 1.28x, 5x5 64 at 14x14 1.35x, 192 at
+# 12x12 1.11x, at 17x17 0.97-1.06x; a training forward, which also keeps the planes,
+# 1.03-1.15x.  On a single 7x7 or 8x8 map, 0.72-0.99x, and 1x1 layers 0.80-0.84x: each
+# item reads its block from L3 before its multiply-adds start, which the pixel tiles
+# overlap with theirs.)
+PACK_BLOCK_BYTES = 1 << 20
+PACK_BLOCK_MIN_PIXELS = 80
+PACK_BLOCKS = True
 # Patch embeddings (windows that do not overlap, no padding) run as 1x1 layers over their
 # windows gathered as channels from this many taps (see patch_pointwise).  (2 threads,
 # against the generic kernel on its phase planes, separate processes alternating, 3 -> 768
@@ -334,19 +349,21 @@ def _interior(pad, count, step, size):
 
 
 def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width,
-                 min_out=None, waste=None):
+                 min_out=None, waste=None, any_pixels=False):
     """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
     pixels of its tail tile) runs: None where it should not (too few channels either way,
     too few output pixels per weight unless the rows are wide, too many idle lanes in the
     blocks of output channels), else its row tiles per output row (rows `width` apart,
     `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING).
     min_out / waste: the fewest output channels and the most idle lanes in their blocks
-    allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given)."""
+    allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given); any_pixels: however
+    few output pixels (where the weights are packed a block at a time: PACK_BLOCK_BYTES)."""
     min_out = CVEC_MIN_CHANNELS if min_out is None else min_out
     waste = CVEC_CHANNEL_WASTE if waste is None else waste
     wide = width >= CVEC_WIDE_ROWS * cols and images * rows * cols >= CVEC_MIN_PIXELS_WIDE
     if (cvec is None or out_channels < min_out or reduced_channels < CVEC_MIN_CHANNELS
-            or (images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1) and not wide)
+            or (images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1)
+                and not (wide or any_pixels))
             or _geometry.round_up(out_channels, cvec[2]) > waste * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
@@ -604,6 +621,14 @@ class ForwardPlan:
         min_out, waste = (min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else (None, None)
         layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
                               min_out, waste)
+        # Small maps: the tiles pack their own blocks of weights (PACK_BLOCK_BYTES).
+        self.pack_blocks = False
+        if (layout is None and PACK_BLOCKS and self.kernel.cvec is not None and self.kk > 1
+                and p.N * self.OH * self.OW >= PACK_BLOCK_MIN_PIXELS
+                and _geometry.round_up(self.Cg, lanes) * self.kk * self.kernel.cvec[2] * itemsize <= PACK_BLOCK_BYTES):
+            layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
+                                  min_out, waste, any_pixels=True)
+            self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
@@ -688,14 +713,15 @@ class ForwardPlan:
         self.block_len = self.x_chan * lanes
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
         if self.cvec is not None:
-            self.rblock = _cvec_pass(self.Cg, self.rblock, lanes)
+            # (one pass where the tiles pack their weights: a small map's input is small)
+            self.rblock = self.Cg if self.pack_blocks else _cvec_pass(self.Cg, self.rblock, lanes)
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
         # the blocked copy: each work item copies a run of pixel chunks into its thread's
         # panel, which stays in cache while every channel tile runs over it.
         # (Only the 1x1 kernels have panel tiles: stride and dilation 1.)
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.dh == p.dw == 1
                        and p.groups == 1 and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
-                       and not self.row_tiles and PANELS)
+                       and not self.row_tiles and not self.pack_blocks and PANELS)
         if self.panels:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
@@ -772,7 +798,7 @@ class ForwardPlan:
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
         # for 1x1 panels), run in bands when they have enough pixel chunks.
-        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not self.panels), self.OH,
+        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)), self.OH,
                                self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
     def padding_masks(self, taps):
@@ -1075,13 +1101,18 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     wp_copy = 0
     if fp.cvec is not None:
         width = fp.cvec[2]
-        wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
-        copies = threads if bands is not None and threads * wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
-        wp_copy = wp_len if copies > 1 else 0
-        wp = scratch("wp", (copies * wp_len,), x.dtype)
+        if fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
+            wp = scratch("wp", (threads * _geometry.round_up(fp.Cg, LANES[p.dtype]) * fp.kk * width,), x.dtype)
+            copies = 1
+        else:
+            wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
+            copies = threads if bands is not None and threads * wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
+            wp_copy = wp_len if copies > 1 else 0
+            wp = scratch("wp", (copies * wp_len,), x.dtype)
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
         nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk,
-                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies)
+                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies,
+                                          weights=not fp.pack_blocks)
         skip = None if nonfinite_weight else fp.tap_skip
         part = None
         if fp.rblock < fp.Cg:
@@ -1115,7 +1146,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                       static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
-                      pairs=fp.row_pairs)
+                      pairs=fp.row_pairs, pack_blocks=fp.pack_blocks)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 

@@ -1394,3 +1394,56 @@ def test_pixel_tile_input_gradient_in_bands(spec, threads, channels, pixel_tile_
     assert bp.kernel.name == spec.name and bp.cvec is None and bp.rblock < 12
     _assert_band_rows(bp.bands(threads), threads, bp.bands.plane_rows)
     _banded_matches_one_thread("bwd_data", x, w, b, gy, args, dtype, threads, spec.name)
+
+
+@pytest.fixture
+def small_maps(monkeypatch):
+    """Every test map counts as small for the channel-vector tiles, which then pack their
+    own blocks of weights (ForwardPlan.pack_blocks); the plans made here are dropped after."""
+    monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 1 << 30)
+    monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS_WIDE", 1 << 30)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
+@pytest.mark.parametrize("spec", [s for s in CVEC_SPECS if s.direction == "fwd" and s.kernel != 1],
+                         ids=lambda s: s.name)
+def test_weights_packed_by_block_on_small_maps(spec, small_maps, restore_threads):
+    """Small maps: each work item packs its block of output channels' weights itself
+    (_run_block_packed).  90 output channels make three blocks in float32 (six in
+    float64), the last partial; two threads share three in two parts each (each part
+    packing its block again).  37 channels make a full block and a partial one.  Forward on 1, 2 and 3 threads against
+    the reference and torch, the same bits on each; then an infinite weight in the
+    second block, which must not skip its padding-only taps (0 * inf is NaN) while the
+    other blocks still may."""
+    dtype = spec_dtype(spec)
+    case = _case(spec, 37, 90)
+    case.update(N=2, H=13, W=11)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.pack_blocks and fp.rblock == fp.Cg
+    assert fp.blocks >= 3 and 90 % fp.cvec[2]   # (a partial last block)
+    rng = make_rng("pack-blocks", spec.name)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    want = reference_functional("fwd", x, w, b, gy, **args)
+    first = None
+    for threads in (1, 2, 3):
+        convgen.set_num_threads(threads)
+        got = convgen_functional("fwd", x, w, b, gy, **args)
+        assert_close(got, want, dtype, f"{threads} thread(s) vs reference")
+        if first is None:
+            first = got
+            assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, "vs torch")
+        np.testing.assert_array_equal(got, first)
+    w = w.copy()
+    o = fp.cvec[2] + 3   # an output channel of the second block
+    w[o, 5, 0, 0] = np.inf
+    want = reference_functional("fwd", x, w, b, gy, **args)
+    got = convgen_functional("fwd", x, w, b, gy, **args)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with an infinite weight")
