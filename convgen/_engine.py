@@ -864,6 +864,19 @@ class BackwardDataPlan:
         # wide halo).
         self.out_rows, self.out_cols = out_rows, (p.W if interior else fp.We)
         layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols, self.width)
+        # As the forward's pack_blocks (on the input's pixels), at stride 1: every stride
+        # phase's items would read their blocks' weights whole again for their few taps
+        # (ResNet's strided 3x3 at 28x28, 2 threads: 0.82x).  (Input gradient, 2 threads,
+        # against the pixel tiles: ResNet's 3x3 256 at 14x14 1.13x, 128 at 14x14 1.08x,
+        # 512 at 7x7 in a batch of 2 1.10x, AlexNet's 384 at 13x13 1.18x, 5x5 64 at 14x14
+        # 1.16x, 192 at 12x12 and 17x17 1.01-1.02x.)
+        self.pack_blocks = False
+        if (layout is None and PACK_BLOCKS and self.kernel.cvec is not None and fp.kk > 1 and p.sh == p.sw == 1
+                and p.N * p.H * p.W >= PACK_BLOCK_MIN_PIXELS
+                and _geometry.round_up(fp.OCg, lanes) * fp.kk * self.kernel.cvec[2] * itemsize <= PACK_BLOCK_BYTES):
+            layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols, self.width,
+                                  any_pixels=True)
+            self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
@@ -924,7 +937,7 @@ class BackwardDataPlan:
         # do not: a padded 1x1 layer's input gradient came out wrong.)
         self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
                        and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
-                       and self.width == fp.OW and not self.row_tiles and PANELS)
+                       and self.width == fp.OW and not self.row_tiles and not self.pack_blocks and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
         # As the forward's bands (but for panels): output row i reads grad_output's
         # bordered rows from shift // width + i on.  (2 threads, module backward against
@@ -932,8 +945,8 @@ class BackwardDataPlan:
         # rate-2 layer 1.13x, ResNet's 3x3 1.04x, its strided 3x3 and the reflect layer
         # 1.02x, ASPP and Inception 0.995x.  Pixel tiles, 11 rounds: the 7x7 stem 1.08x,
         # 16 -> 16 3x3 at 64x64 1.09x, 8 -> 8 at 128x128 1.06x, 3 -> 64 at 224x224 1.02x.)
-        self.bands = BandSplit(not self.panels, out_rows, self.row_tiles, self.out_len, chunk, self.width,
-                               shift // self.width, _geometry.ceil_div(self.plane_len, self.width))
+        self.bands = BandSplit(not (self.panels or self.pack_blocks), out_rows, self.row_tiles, self.out_len, chunk,
+                               self.width, shift // self.width, _geometry.ceil_div(self.plane_len, self.width))
         # Dense pixel tiles whose one tile of rows holds every input channel (first layers:
         # 3 channels) make the work items plain runs of pixels, which a static partition
         # keeps on one core through every pass and phase, with their partial sums and rows
@@ -944,7 +957,7 @@ class BackwardDataPlan:
         self.static_schedule = fp.static_schedule or (self.cvec is None and p.groups == 1
                                                       and fp.Cg <= self.kernel.variants[self.tile][0])
         if self.cvec is not None:  # as the forward's
-            self.rblock = fp.OCg if self.panels else _cvec_pass(fp.OCg, self.rblock, lanes)
+            self.rblock = fp.OCg if self.panels or self.pack_blocks else _cvec_pass(fp.OCg, self.rblock, lanes)
         if self.panels:
             self.panel_pixels = _panel_pixels(p, fp.OCg, self.cvec[1])
         # (images, groups) per block: whole images while they fit, else groups of one image.
@@ -1208,7 +1221,12 @@ def backward_data(grad_y, weight, p: Problem):
         wps = []
         zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
         nonfinite_weight = False
-        for i, ws in enumerate(bp.phase_ws):
+        if bp.pack_blocks:   # (each thread packs one block at a time, every phase into the same array)
+            wp = scratch("bwd_wp", (threads * _geometry.round_up(fp.OCg, LANES[p.dtype]) * fp.kk * width,),
+                         grad_y.dtype)
+            bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk, fp.Cg * fp.kk,
+                           bp.phase_ws[0], width, threads, weights=False)
+        for i, ws in enumerate([] if bp.pack_blocks else bp.phase_ws):
             wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
             wp = scratch(f"bwd_wp{i}", (max(1, wp_len),), grad_y.dtype)
             if len(ws):
@@ -1218,8 +1236,11 @@ def backward_data(grad_y, weight, p: Problem):
         part = None
         if bp.rblock < fp.OCg:
             part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
+        if bp.pack_blocks:
+            wps = [wp] * len(bp.phase_ws)
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
-                      out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips)
+                      out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
+                      pack_blocks=bp.pack_blocks)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
                                      * bp.panel_pixels), grad_y.dtype)

@@ -1409,40 +1409,60 @@ def small_maps(monkeypatch):
     _engine.backward_data_plan.cache_clear()
 
 
-@pytest.mark.parametrize("spec", [s for s in CVEC_SPECS if s.direction == "fwd" and s.kernel != 1],
-                         ids=lambda s: s.name)
-def test_weights_packed_by_block_on_small_maps(spec, small_maps, restore_threads):
+# (the input gradient's at stride 1 only)
+PACK_BLOCK_SPECS = [s for s in CVEC_SPECS if s.kernel != 1 and (s.direction == "fwd" or case_for(s)["stride"] == (1, 1))]
+
+
+@pytest.mark.parametrize("spec", PACK_BLOCK_SPECS, ids=lambda s: s.name)
+def test_weights_packed_by_block_on_small_maps(spec, small_maps, restore_threads, monkeypatch):
     """Small maps: each work item packs its block of output channels' weights itself
-    (_run_block_packed).  90 output channels make three blocks in float32 (six in
-    float64), the last partial; two threads share three in two parts each (each part
-    packing its block again).  37 channels make a full block and a partial one.  Forward on 1, 2 and 3 threads against
-    the reference and torch, the same bits on each; then an infinite weight in the
-    second block, which must not skip its padding-only taps (0 * inf is NaN) while the
-    other blocks still may."""
+    (_run_block_packed; the input gradient's output channels are the layer's input
+    channels).  90 of them make three blocks in float32 (six in float64), the last
+    partial; two threads share three in two parts each (each part packing its block
+    again).  37 channels to reduce make a full block and a partial one.  The spec's
+    direction on 1, 2 and 3 threads against the reference and torch, the same bits on
+    each; then an infinite weight in the second block, which must not skip its
+    padding-only taps (0 * inf is NaN) while the other blocks still may."""
     dtype = spec_dtype(spec)
-    case = _case(spec, 37, 90)
+    fwd = spec.direction == "fwd"
+    case = _case(spec, 37, 90) if fwd else _case(spec, 90, 37)
     case.update(N=2, H=13, W=11)
     fp = _plan(case, dtype)
-    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.pack_blocks and fp.rblock == fp.Cg
-    assert fp.blocks >= 3 and 90 % fp.cvec[2]   # (a partial last block)
+    plan = fp if fwd else _engine.backward_data_plan(fp.problem)
+    assert plan.kernel.name == spec.name and plan.cvec is not None and plan.pack_blocks
+    assert plan.rblock == (fp.Cg if fwd else fp.OCg)
+    assert plan.blocks >= 3 and 90 % plan.cvec[2]   # (a partial last block)
     rng = make_rng("pack-blocks", spec.name)
     x, w, b, gy = case_arrays(case, dtype, rng)
     args = conv_args(case)
-    want = reference_functional("fwd", x, w, b, gy, **args)
+    want = reference_functional(spec.direction, x, w, b, gy, **args)
     first = None
     for threads in (1, 2, 3):
         convgen.set_num_threads(threads)
-        got = convgen_functional("fwd", x, w, b, gy, **args)
+        got = convgen_functional(spec.direction, x, w, b, gy, **args)
         assert_close(got, want, dtype, f"{threads} thread(s) vs reference")
         if first is None:
             first = got
-            assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, "vs torch")
+            assert_close(got, torch_functional(spec.direction, x, w, b, gy, **args), dtype, "vs torch")
         np.testing.assert_array_equal(got, first)
     w = w.copy()
-    o = fp.cvec[2] + 3   # an output channel of the second block
-    w[o, 5, 0, 0] = np.inf
-    want = reference_functional("fwd", x, w, b, gy, **args)
-    got = convgen_functional("fwd", x, w, b, gy, **args)
+    o = plan.cvec[2] + 3   # an output channel of the second block
+    if fwd:
+        w[o, 5, 0, 0] = np.inf
+    else:
+        w[5, o, 0, 0] = np.inf
+    got = convgen_functional(spec.direction, x, w, b, gy, **args)
+    if fwd:
+        want = reference_functional(spec.direction, x, w, b, gy, **args)
+    else:
+        # The input gradient reads grad_output's zero border wherever a tile does not
+        # skip it, so an infinite weight makes NaNs there on every path (PyTorch, which
+        # never reads a border, has finite values): the pixel tiles' are the reference.
+        monkeypatch.setattr(_engine, "PACK_BLOCKS", False)
+        _engine.backward_data_plan.cache_clear()
+        assert _engine.backward_data_plan(fp.problem).cvec is None
+        want = convgen_functional(spec.direction, x, w, b, gy, **args)
+        assert np.isnan(want).any()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
     finite = np.isfinite(want)
