@@ -797,9 +797,10 @@ class ForwardPlan:
         self.one_pass = (self.cvec is None and self.kernel.fused is None and self.images >= p.N
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
-        # for 1x1 panels), run in bands when they have enough pixel chunks.
-        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)), self.OH,
-                               self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
+        # for 1x1 panels and small maps' packed blocks), run in bands when they have enough
+        # pixel chunks.
+        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)),
+                               self.OH, self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
     def padding_masks(self, taps):
         """_padding_masks of the forward's taps: True where an output pixel reads only
