@@ -139,6 +139,13 @@ CVEC_IMAGE_BUDGET = 4 << 20
 # overlap with theirs.)
 PACK_BLOCK_BYTES = 1 << 20
 PACK_BLOCK_MIN_PIXELS = 80
+# ... and, forward only, on larger maps whose weights hold at least this many times as
+# many values as their input's blocked copy (2 threads, against pack_weights, separate
+# processes alternating: ResNet's 3x3 256 at 28x28 1.05-1.06x, at rate 2 1.06-1.07x, 512 at
+# 28x28 1.06-1.08x, float64 256 1.01-1.03x; 128 at 28x28 (1.3 times as many) 1.0x, ASPP
+# (1.1) 1.02x, 128 at 56x56 with stride 2 (0.3) 0.94x.  The input gradient's, for the same
+# layers against grad_output's copy: 0.99-1.03x, so not there.)
+PACK_BLOCK_WEIGHT_RATIO = 2
 PACK_BLOCKS = True
 # Patch embeddings (windows that do not overlap, no padding) run as 1x1 layers over their
 # windows gathered as channels from this many taps (see patch_pointwise).  (2 threads,
@@ -624,8 +631,7 @@ class ForwardPlan:
         # Small maps: the tiles pack their own blocks of weights (PACK_BLOCK_BYTES).
         self.pack_blocks = False
         if (layout is None and PACK_BLOCKS and self.kernel.cvec is not None and self.kk > 1
-                and p.N * self.OH * self.OW >= PACK_BLOCK_MIN_PIXELS
-                and _geometry.round_up(self.Cg, lanes) * self.kk * self.kernel.cvec[2] * itemsize <= PACK_BLOCK_BYTES):
+                and p.N * self.OH * self.OW >= PACK_BLOCK_MIN_PIXELS and self._block_bytes(self.Cg) <= PACK_BLOCK_BYTES):
             layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
                                   min_out, waste, any_pixels=True)
             self.pack_blocks = layout is not None
@@ -711,9 +717,15 @@ class ForwardPlan:
         # The channel-vector tile's input: blocks of `lanes` channels, each pixel-major.
         self.in_blocks = _geometry.ceil_div(p.C, lanes)
         self.block_len = self.x_chan * lanes
+        # Larger maps whose weights outweigh their input (PACK_BLOCK_WEIGHT_RATIO) pack
+        # them a block at a time too.
+        if (self.cvec is not None and not self.pack_blocks and PACK_BLOCKS and self.kk > 1 and not narrowing
+                and p.groups == 1 and self._block_bytes(self.Cg) <= PACK_BLOCK_BYTES
+                and p.OC * self.Cg * self.kk >= PACK_BLOCK_WEIGHT_RATIO * p.N * p.C * self.x_chan):
+            self.pack_blocks = True
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
         if self.cvec is not None:
-            # (one pass where the tiles pack their weights: a small map's input is small)
+            # (one pass where the tiles pack their weights: the input is small beside them)
             self.rblock = self.Cg if self.pack_blocks else _cvec_pass(self.Cg, self.rblock, lanes)
         # 1x1 layers at stride 1 without padding, whose input is its own flat grid, skip
         # the blocked copy: each work item copies a run of pixel chunks into its thread's
@@ -801,6 +813,12 @@ class ForwardPlan:
         # pixel chunks.
         self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)),
                                self.OH, self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
+
+    def _block_bytes(self, reduced):
+        """Bytes of one block of output channels' packed weights, reducing over `reduced`
+        channels (see PACK_BLOCK_BYTES)."""
+        p = self.problem
+        return _geometry.round_up(reduced, LANES[p.dtype]) * self.kk * self.kernel.cvec[2] * ITEMSIZE[p.dtype]
 
     def padding_masks(self, taps):
         """_padding_masks of the forward's taps: True where an output pixel reads only
