@@ -1471,24 +1471,30 @@ def test_weights_packed_by_block_on_small_maps(spec, small_maps, restore_threads
     assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with an infinite weight")
 
 
+@pytest.mark.parametrize("k", [3, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_weights_packed_by_block_where_they_outweigh_the_input(dtype, restore_threads):
-    """Larger maps whose weights hold at least PACK_BLOCK_WEIGHT_RATIO times as many values
+def test_weights_packed_by_block_where_they_outweigh_the_input(dtype, k, restore_threads):
+    """Maps too large for the small-map rule whose weights hold at least PACK_BLOCK_WEIGHT_RATIO times as many values
     as the input's blocked copy pack them a block at a time in the forward (the input
     gradient keeps pack_weights): every direction against the reference on 1 and 2
     threads, and the rule on ResNet-like layers."""
     dtype = np.dtype(dtype)
     case = dict(N=1, C=40, OC=160, H=22, W=23, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
                 groups=1)
+    if k == 1:   # (a 1x1 expansion)
+        case.update(OC=480, H=12, W=13, kernel=(1, 1), padding=(0, 0))
     fp = _plan(case, dtype)
     assert fp.cvec is not None and fp.pack_blocks and fp.rblock == fp.Cg and fp.bands(2) is None
     assert not _engine.backward_data_plan(fp.problem).pack_blocks
-    _check_directions(case, dtype, make_rng("outweigh", dtype.name))
+    _check_directions(case, dtype, make_rng("outweigh", k, dtype.name))
 
-    def rule(N, C, H, OC, stride=1):
-        return _plan(dict(N=N, C=C, OC=OC, H=H, W=H, kernel=(3, 3), stride=(stride, stride), padding=(1, 1),
+    def rule(N, C, H, OC, stride=1, k=3):
+        return _plan(dict(N=N, C=C, OC=OC, H=H, W=H, kernel=(k, k), stride=(stride, stride), padding=(k // 2,) * 2,
                           dilation=(1, 1), groups=1), np.dtype(np.float32)).pack_blocks
 
     assert rule(1, 256, 28, 256) and rule(1, 512, 28, 512)
     assert not rule(1, 128, 28, 128) and not rule(4, 256, 28, 256) and not rule(1, 128, 56, 128, 2)
     assert not rule(1, 64, 56, 64)
+    # 1x1 expansions; not narrowing layers, which read their input through the panels
+    assert rule(1, 96, 14, 576, k=1) and rule(1, 256, 14, 1024, k=1)
+    assert not rule(1, 128, 28, 512, k=1) and not rule(1, 1024, 14, 256, k=1) and not rule(1, 576, 14, 96, k=1)
