@@ -136,7 +136,9 @@ CVEC_IMAGE_BUDGET = 4 << 20
 # 12x12 1.11x, at 17x17 0.97-1.06x; a training forward, which also keeps the planes,
 # 1.03-1.15x.  On a single 7x7 or 8x8 map, 0.72-0.99x, and 1x1 layers 0.80-0.84x: each
 # item reads its block from L3 before its multiply-adds start, which the pixel tiles
-# overlap with theirs.)
+# overlap with theirs.  Neither the tiles prefetching the thread's next block into L2
+# (0.99-1.015x on ResNet's 512 at 7x7) nor a pass per block of channels, each packed into
+# L1 just before its tiles (0.69-0.87x on 7x7 and 8x8 maps), recovered them.)
 PACK_BLOCK_BYTES = 1 << 20
 PACK_BLOCK_MIN_PIXELS = 80
 # ... and, forward only, on larger maps whose weights hold at least this many times as
