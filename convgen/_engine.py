@@ -747,6 +747,8 @@ class ForwardPlan:
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
         self.block_off = self.tap_off * lanes   # the same taps in the pixel-major blocks
         self.tap_w = _index([t.w_index for t in taps])
+        self.tap_pos = np.empty(len(taps), dtype=np.intp)   # each weight tap's position among the taps
+        self.tap_pos[self.tap_w] = np.arange(len(taps))
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
@@ -934,6 +936,10 @@ class BackwardDataPlan:
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
         self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
+        # each weight tap's position among each phase's taps, or -1 (pack_blocks)
+        self.phase_pos = [np.full(fp.kk, -1, dtype=np.intp) for _ in phases]
+        for pos, ws in zip(self.phase_pos, self.phase_ws):
+            pos[ws] = np.arange(len(ws))
         if interior:  # output row i, column j is input pixel (i, j)
             self.fold_rows = np.arange(p.H, dtype=np.intp).reshape(1, p.H)
             self.fold_cols = np.arange(p.W, dtype=np.intp).reshape(1, p.W)
@@ -1182,7 +1188,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                       static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
-                      pairs=fp.row_pairs, pack_blocks=fp.pack_blocks)
+                      pairs=fp.row_pairs, pack_blocks=fp.tap_pos if fp.pack_blocks else None)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
@@ -1263,7 +1269,7 @@ def backward_data(grad_y, weight, p: Problem):
             wps = [wp] * len(bp.phase_ws)
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
-                      pack_blocks=bp.pack_blocks)
+                      pack_blocks=bp.phase_pos if bp.pack_blocks else None)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
                                      * bp.panel_pixels), grad_y.dtype)
