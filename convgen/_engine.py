@@ -1188,7 +1188,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
             fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
         fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                       static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
-                      pairs=fp.row_pairs, pack_blocks=fp.tap_pos if fp.pack_blocks else None)
+                      pairs=fp.row_pairs, pack_positions=fp.tap_pos if fp.pack_blocks else None)
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
@@ -1269,7 +1269,7 @@ def backward_data(grad_y, weight, p: Problem):
             wps = [wp] * len(bp.phase_ws)
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
-                      pack_blocks=bp.phase_pos if bp.pack_blocks else None)
+                      pack_positions=bp.phase_pos if bp.pack_blocks else None)
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
                                      * bp.panel_pixels), grad_y.dtype)
