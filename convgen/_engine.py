@@ -1062,15 +1062,17 @@ def _pointwise_weight(weight, q):
     return weight if weight.shape[2] == weight.shape[3] == 1 else weight.reshape(q.OC, q.C // q.groups, 1, 1)
 
 
-def pad_phase(x, fp: ForwardPlan):
+def pad_phase(x, fp: ForwardPlan, temporary=False):
     """x (N, C, H, W) -> (padded phase planes (N, C, n_planes * plane_len), whether they
-    hold an infinity or a NaN)."""
+    hold an infinity or a NaN).  temporary: the planes live in scratch memory (valid
+    until the next such call on this thread), for a caller that does not keep them."""
     p = fp.problem
     q = patch_pointwise(p)
     if q is not None:   # (the planes of the 1x1 layer it runs as)
         fq = forward_plan(q)
-        return pad_phase(_gathered(x, p, q, threads_for(fq.work, fq.values)), fq)
-    xin = aligned_empty((p.N * p.C, fp.x_chan), x.dtype)
+        return pad_phase(_gathered(x, p, q, threads_for(fq.work, fq.values)), fq, temporary)
+    shape = (p.N * p.C, fp.x_chan)
+    xin = scratch("temporary_planes", shape, x.dtype) if temporary else aligned_empty(shape, x.dtype)
     nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads_for(fp.work, fp.values))
     return xin, nonfinite
 

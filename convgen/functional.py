@@ -255,7 +255,12 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     proto = np.empty(wsize, dtype=x.dtype)
     xc, batched = _validate.input_array(x, cfg.in_channels, x.dtype)
     p = cfg.problem(xc.shape, xc.dtype)
-    _, gw, _ = backward(Saved(p, xc, None, proto, batched), grad_output, False, True, False)
+    xin, nonfinite = None, False
+    if p.N > 0:
+        # (planes no one keeps past this call: in scratch memory, which fresh memory's page
+        # faults would otherwise make cost as much as the gradient on mid-sized layers)
+        xin, nonfinite = _engine.pad_phase(xc, _engine.forward_plan(p), temporary=True)
+    _, gw, _ = backward(Saved(p, xc, xin, proto, batched, nonfinite), grad_output, False, True, False)
     return gw
 
 

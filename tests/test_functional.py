@@ -206,6 +206,30 @@ def test_results_do_not_alias_inputs():
     np.testing.assert_array_equal(gx2, np.ones_like(x))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_weight_gradient_calls_share_no_state(stride):
+    """F.conv2d_weight pads its input into scratch memory that the next call reuses: each
+    result is a fresh array, the same as alone, whatever ran in between (another input,
+    another shape, an infinity that sends the next call down the exact path)."""
+    rng = make_rng("conv2d_weight scratch", stride)
+    x1, x2 = rng.standard_normal((2, 2, 6, 11, 9)).astype(np.float32)
+    args = dict(stride=stride, padding=1)
+    gy = rng.standard_normal(F.conv2d(x1, np.zeros((5, 6, 3, 3), np.float32), **args).shape).astype(np.float32)
+    first = F.conv2d_weight(x1, (5, 6, 3, 3), gy, **args)
+    second = F.conv2d_weight(x2, (5, 6, 3, 3), gy, **args)
+    assert not np.shares_memory(first, second)
+    x3 = x2.copy()
+    x3[0, 1, 4, 4] = np.inf
+    with np.errstate(invalid="ignore"):
+        inf = F.conv2d_weight(x3, (5, 6, 3, 3), gy, **args)
+    assert not np.isfinite(inf).all()
+    F.conv2d_weight(rng.standard_normal((1, 6, 20, 20)).astype(np.float32), (5, 6, 3, 3),
+                    rng.standard_normal((1, 5, 20 // stride, 20 // stride)).astype(np.float32), **args)
+    np.testing.assert_array_equal(F.conv2d_weight(x1, (5, 6, 3, 3), gy, **args), first)
+    np.testing.assert_array_equal(F.conv2d_weight(x2, (5, 6, 3, 3), gy, **args), second)
+    assert_close(first, ref.conv2d_weight(x1, (5, 6, 3, 3), gy, **args), np.dtype(np.float32), "vs reference")
+
+
 @pytest.mark.parametrize("C, OC, groups, hw, unbatched", [
     pytest.param(2, 3, 1, 5, False, id="dense"),
     pytest.param(4, 6, 2, 5, False, id="grouped"),
