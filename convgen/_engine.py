@@ -383,6 +383,23 @@ def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols,
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
+def _packed_block_values(dtype, reduced, taps, width):
+    """Values of one block of `width` output channels' packed weights, reducing over
+    `reduced` channels (rounded up to whole vectors) with `taps` taps (see pack_weights)."""
+    return _geometry.round_up(reduced, LANES[dtype]) * taps * width
+
+
+def _small_map_layout(cvec, dtype, out_channels, reduced_channels, taps, pixels, layout_args, layout_kwargs):
+    """_cvec_layout(cvec, out_channels, reduced_channels, taps, *layout_args, **layout_kwargs,
+    any_pixels=True) where the weights are to be packed a block at a time on a map of
+    `pixels` output pixels too few for _cvec_layout's own rule (PACK_BLOCK_MIN_PIXELS,
+    kernels larger than 1x1, PACK_BLOCK_BYTES), else None."""
+    if (not PACK_BLOCKS or cvec is None or taps == 1 or pixels < PACK_BLOCK_MIN_PIXELS
+            or _packed_block_values(dtype, reduced_channels, taps, cvec[2]) * ITEMSIZE[dtype] > PACK_BLOCK_BYTES):
+        return None
+    return _cvec_layout(cvec, out_channels, reduced_channels, taps, *layout_args, **layout_kwargs, any_pixels=True)
+
+
 def _panel_pixels(p: "Problem", channels, chunk):
     """The length, in pixels, of a panel's block of channels for a 1x1 layer reducing
     over `channels`: a multiple of chunk, plus a pixel where that makes its cache lines
@@ -634,10 +651,9 @@ class ForwardPlan:
                               min_out, waste)
         # Small maps: the tiles pack their own blocks of weights (PACK_BLOCK_BYTES).
         self.pack_blocks = False
-        if (layout is None and PACK_BLOCKS and self.kernel.cvec is not None and self.kk > 1
-                and p.N * self.OH * self.OW >= PACK_BLOCK_MIN_PIXELS and self._block_bytes(self.Cg) <= PACK_BLOCK_BYTES):
-            layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
-                                  min_out, waste, any_pixels=True)
+        if layout is None:
+            layout = _small_map_layout(self.kernel.cvec, p.dtype, self.OCg, self.Cg, self.kk, p.N * self.OH * self.OW,
+                                       (p.N, self.OH, self.OW, self.We), dict(min_out=min_out, waste=waste))
             self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
@@ -724,7 +740,8 @@ class ForwardPlan:
         # Larger maps whose weights outweigh their input (PACK_BLOCK_WEIGHT_RATIO) pack
         # them a block at a time too.
         if (self.cvec is not None and not self.pack_blocks and PACK_BLOCKS and not narrowing
-                and p.groups == 1 and self._block_bytes(self.Cg) <= PACK_BLOCK_BYTES
+                and p.groups == 1
+                and _packed_block_values(p.dtype, self.Cg, self.kk, self.cvec[2]) * itemsize <= PACK_BLOCK_BYTES
                 and p.OC * self.Cg * self.kk >= PACK_BLOCK_WEIGHT_RATIO * p.N * p.C * self.x_chan):
             self.pack_blocks = True
         self.rblock = _reduction_block(self.Cg, self.x_chan * itemsize, self.kk)
@@ -820,12 +837,6 @@ class ForwardPlan:
         self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)),
                                self.OH, self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
-    def _block_bytes(self, reduced):
-        """Bytes of one block of output channels' packed weights, reducing over `reduced`
-        channels (see PACK_BLOCK_BYTES)."""
-        p = self.problem
-        return _geometry.round_up(reduced, LANES[p.dtype]) * self.kk * self.kernel.cvec[2] * ITEMSIZE[p.dtype]
-
     def padding_masks(self, taps):
         """_padding_masks of the forward's taps: True where an output pixel reads only
         zero padding through a tap (nowhere unless the padding is zeros)."""
@@ -896,11 +907,9 @@ class BackwardDataPlan:
         # 512 at 7x7 in a batch of 2 1.10x, AlexNet's 384 at 13x13 1.18x, 5x5 64 at 14x14
         # 1.16x, 192 at 12x12 and 17x17 1.01-1.02x.)
         self.pack_blocks = False
-        if (layout is None and PACK_BLOCKS and self.kernel.cvec is not None and fp.kk > 1 and p.sh == p.sw == 1
-                and p.N * p.H * p.W >= PACK_BLOCK_MIN_PIXELS
-                and _geometry.round_up(fp.OCg, lanes) * fp.kk * self.kernel.cvec[2] * itemsize <= PACK_BLOCK_BYTES):
-            layout = _cvec_layout(self.kernel.cvec, fp.Cg, fp.OCg, fp.kk, p.N, out_rows, self.out_cols, self.width,
-                                  any_pixels=True)
+        if layout is None and p.sh == p.sw == 1:
+            layout = _small_map_layout(self.kernel.cvec, p.dtype, fp.Cg, fp.OCg, fp.kk, p.N * p.H * p.W,
+                                       (p.N, out_rows, self.out_cols, self.width), {})
             self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
@@ -1146,7 +1155,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
     if fp.cvec is not None:
         width = fp.cvec[2]
         if fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
-            wp = scratch("wp", (threads * _geometry.round_up(fp.Cg, LANES[p.dtype]) * fp.kk * width,), x.dtype)
+            wp = scratch("wp", (threads * _packed_block_values(p.dtype, fp.Cg, fp.kk, width),), x.dtype)
             copies = 1
         else:
             wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
@@ -1156,7 +1165,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
         nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk,
                                           fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies,
-                                          weights=not fp.pack_blocks)
+                                          weights=not fp.pack_blocks, positions=fp.tap_pos)
         skip = None if nonfinite_weight else fp.tap_skip
         part = None
         if fp.rblock < fp.Cg:
@@ -1253,10 +1262,8 @@ def backward_data(grad_y, weight, p: Problem):
         zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
         nonfinite_weight = False
         if bp.pack_blocks:   # (each thread packs one block at a time, every phase into the same array)
-            wp = scratch("bwd_wp", (threads * _geometry.round_up(fp.OCg, LANES[p.dtype]) * fp.kk * width,),
-                         grad_y.dtype)
-            bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk, fp.Cg * fp.kk,
-                           bp.phase_ws[0], width, threads, weights=False)
+            wp = scratch("bwd_wp", (threads * _packed_block_values(p.dtype, fp.OCg, fp.kk, width),), grad_y.dtype)
+            zeros.fill(0)   # (the input gradient has no bias)
         for i, ws in enumerate([] if bp.pack_blocks else bp.phase_ws):
             wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
             wp = scratch(f"bwd_wp{i}", (max(1, wp_len),), grad_y.dtype)

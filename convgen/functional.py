@@ -123,11 +123,13 @@ class Saved:
         self.problem, self.x, self.xin, self.weight, self.batched = problem, x, xin, weight, batched
         self.nonfinite = nonfinite   # x holds an infinity or a NaN
 
-    def input_planes(self):
+    def input_planes(self, temporary=False):
+        """The padded planes, made now if the forward did not; temporary: made in scratch
+        memory (see _engine.pad_phase), for a Saved that dies with the call using it."""
         if self.x is None:
             raise RuntimeError("the forward pass kept no input, so it has no weight gradient")
         if self.xin is None:
-            self.xin, self.nonfinite = _engine.pad_phase(self.x, _engine.forward_plan(self.problem))
+            self.xin, self.nonfinite = _engine.pad_phase(self.x, _engine.forward_plan(self.problem), temporary)
         return self.xin
 
 
@@ -255,12 +257,12 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     proto = np.empty(wsize, dtype=x.dtype)
     xc, batched = _validate.input_array(x, cfg.in_channels, x.dtype)
     p = cfg.problem(xc.shape, xc.dtype)
-    xin, nonfinite = None, False
+    saved = Saved(p, xc, None, proto, batched)
     if p.N > 0:
         # (planes no one keeps past this call: in scratch memory, which fresh memory's page
         # faults would otherwise make cost as much as the gradient on mid-sized layers)
-        xin, nonfinite = _engine.pad_phase(xc, _engine.forward_plan(p), temporary=True)
-    _, gw, _ = backward(Saved(p, xc, xin, proto, batched, nonfinite), grad_output, False, True, False)
+        saved.input_planes(temporary=True)
+    _, gw, _ = backward(saved, grad_output, False, True, False)
     return gw
 
 
