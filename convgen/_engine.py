@@ -789,6 +789,12 @@ class ForwardPlan:
             # Dense layers whose weight gradient is small beside their data split it over pixels.
             if p.groups == 1:
                 self.wgrad_chunks = _wgrad_chunks(p.N, self.OH, self.OW, p.C, p.OC, self.kk, self.x_chan, itemsize)
+        # Stride-1 1x1 layers without padding: the input itself can serve as its planes
+        # (each channel's pixels, rows W apart), since these tiles read only the pixels
+        # of the rectangles they visit (no scratch columns); F.conv2d_weight then skips
+        # copying it.
+        self.wgrad_reads_input = (self.wgrad_by_channel and self.kk == 1 and p.sh == p.sw == 1 and self.We == p.W
+                                  and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0)
         # Its reduction segments: images x pixels whose transposed grad_output fits the cache.
         seg = max(16 * lanes, CACHE_BUDGET // (_geometry.round_up(p.OC, 2 * lanes) * itemsize) // lanes * lanes)
         if seg >= self.grad_len:
@@ -1084,6 +1090,12 @@ def pad_phase(x, fp: ForwardPlan, temporary=False):
     xin = scratch("temporary_planes", shape, x.dtype) if temporary else aligned_empty(shape, x.dtype)
     nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads_for(fp.work, fp.values))
     return xin, nonfinite
+
+
+def planes_in_place(x, p: Problem):
+    """x (N, C, H, W) itself as its planes for the weight gradient, (N * C, H * W), where
+    they would hold the same values (ForwardPlan.wgrad_reads_input), else None."""
+    return x.reshape(p.N * p.C, p.H * p.W) if forward_plan(p).wgrad_reads_input else None
 
 
 def _kept_planes(fp, x, recycle):
@@ -1394,13 +1406,14 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             out, out_into = (scratch("wgrad_tap_major", gw.shape, gw.dtype), False) if fp.wgrad_tap_major \
                 else (gw, into)
             lanes = LANES[p.dtype]
+            x_chan = xin.shape[1]   # (the planes', or the input's own: see planes_in_place)
             if fp.wgrad_chunks is not None:
                 rows, images = fp.wgrad_chunks
                 chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
                 panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
                                                   rows * fp.We * lanes), grad_y.dtype)
                 partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
-                fp.wgrad_ocvec.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, fp.x_chan,
+                fp.wgrad_ocvec.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, x_chan,
                                             fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
                                             threads, out_into)
             else:
@@ -1414,9 +1427,9 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                 _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
                 for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, columns of gT)
                     fp.wgrad_ocvec.ocvec(xin[g * fp.Cg:], gT, out[g * fp.OCg:(g + 1) * fp.OCg], p.N, fp.Cg, fp.OCg,
-                                         fp.kk, fp.x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, out_into,
+                                         fp.kk, x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, out_into,
                                          fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
-                                         p.C * fp.x_chan, g * fp.OCg)
+                                         p.C * x_chan, g * fp.OCg)
             if fp.wgrad_tap_major:
                 _layout.taps_last(out, gw, fp.kk, into, threads)
         else:

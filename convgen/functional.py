@@ -259,9 +259,12 @@ def conv2d_weight(input, weight_size, grad_output, stride=1, padding=0, dilation
     p = cfg.problem(xc.shape, xc.dtype)
     saved = Saved(p, xc, None, proto, batched)
     if p.N > 0:
-        # (planes no one keeps past this call: in scratch memory, which fresh memory's page
-        # faults would otherwise make cost as much as the gradient on mid-sized layers)
-        saved.input_planes(temporary=True)
+        # (the input itself where the weight gradient reads it in place; else planes no one
+        # keeps past this call: in scratch memory, which fresh memory's page faults would
+        # otherwise make cost as much as the gradient on mid-sized layers)
+        saved.xin = _engine.planes_in_place(xc, p)
+        if saved.xin is None:
+            saved.input_planes(temporary=True)
     _, gw, _ = backward(saved, grad_output, False, True, False)
     return gw
 

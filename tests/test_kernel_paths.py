@@ -612,6 +612,61 @@ def test_taps_last():
         np.testing.assert_array_equal(dst, 2 * src.transpose(0, 2, 1).reshape(5, 7, 3, 3))
 
 
+@pytest.mark.parametrize("split", ["tiles", "pixel chunks"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_weight_gradient_reads_the_input_in_place(dtype, split, monkeypatch, restore_threads):
+    """F.conv2d_weight of a stride-1 1x1 layer without padding hands the channel-vector
+    tiles the input itself as its planes (planes_in_place), copying nothing: split over
+    tiles or over pixel chunks, from an input that does not start on a cache line,
+    against the reference and torch on 1 and 2 threads; then with infinities and NaNs in
+    the input, which no longer divert it to the exact path, against torch's pattern of
+    them (each product of real pixels only, as torch's)."""
+    dtype = np.dtype(dtype)
+    monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: (5, 2) if split == "pixel chunks" else None)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    _engine.forward_plan.cache_clear()
+    case = dict(N=3, C=19, OC=37, H=13, W=11, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    fp = _plan(case, dtype)
+    assert fp.wgrad_reads_input and fp.wgrad_by_channel and (fp.wgrad_chunks is not None) == (split != "tiles")
+    rng = make_rng("in place", split, dtype.name)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    buf = np.empty(x.size + 1, dtype)
+    x = buf[1:].reshape(x.shape)   # (off the cache lines: the tiles broadcast its values)
+    x[...] = rng.standard_normal(x.shape)
+    assert np.shares_memory(_engine.planes_in_place(x, fp.problem), x)
+    args = conv_args(case)
+    used = _scratch_names(monkeypatch)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        got = convgen_functional("bwd_weight", x, w, b, gy, **args)
+        assert_close(got, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{threads} thread(s)")
+        assert_close(got, torch_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{threads} thread(s), torch")
+    assert "temporary_planes" not in used and ("wgrad_partial" in used) == (split != "tiles")
+    x[0, 3, 2, 4], x[1, 0, 12, 10], x[2, 18, 0, 0] = np.inf, -np.inf, np.nan
+    gy[0, :5, 2, 4] = 0   # (0 * inf: NaN in torch too)
+    got = convgen_functional("bwd_weight", x, w, b, gy, **args)
+    want = torch_functional("bwd_weight", x, w, b, gy, **args)
+    assert np.isnan(want).any() and np.isfinite(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with infinities and NaNs")
+    _engine.forward_plan.cache_clear()
+
+
+def test_weight_gradient_in_place_rule():
+    """Only stride-1 1x1 layers without padding whose weight gradient runs the
+    channel-vector tiles read their input in place."""
+    def in_place(C=64, OC=64, k=1, stride=1, pad=0, H=14):
+        case = dict(N=1, C=C, OC=OC, H=H, W=H, kernel=(k, k), stride=(stride, stride), padding=(pad, pad),
+                    dilation=(1, 1), groups=1)
+        return _plan(case, np.dtype(np.float32)).wgrad_reads_input
+    assert in_place() and in_place(C=256, OC=64, H=56) and in_place(C=512, OC=2048, H=7)
+    assert not in_place(pad=1) and not in_place(k=3, pad=1) and not in_place(stride=2)
+    assert not in_place(OC=8)   # (the pixel-vectorised kernel: it reads whole vectors past a row's end)
+
+
 def test_weight_gradient_pixel_chunk_rule(monkeypatch):
     """Split over pixels where the partial gradients are small beside the data, in
     WGRAD_CHUNKS items per image (or one per image in a batch), WGRAD_MAX_CHUNKS at
