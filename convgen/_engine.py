@@ -1107,16 +1107,20 @@ def _kept_planes(fp, x, recycle):
     return aligned_empty(shape, x.dtype)
 
 
-def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
+def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=False):
     """Returns (y, xin, nonfinite): the output, the padded input planes kept for the
     weight gradient (so a caller changing x after forward cannot change the gradient),
     and whether x holds an infinity or a NaN (see backward_params).
     recycle: a dead xin from an earlier call, reused when it has the right size.
     keep=False: no backward will follow, so the planes live in reused scratch memory,
     a block of images (or, depthwise, a channel per thread) at a time, and
-    (y, None, False) is returned."""
+    (y, None, False) is returned.
+    share_input: the caller guarantees x will not change before the backward, so a
+    layer whose forward reads x in place (1x1 panels) and whose weight gradient can
+    too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
+    nonfinite False (those tiles multiply real pixels only)."""
     q = patch_pointwise(p)
-    if q is not None:
+    if q is not None:   # (its gathered windows are a copy already)
         fq = forward_plan(q)
         return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,
                        recycle, keep)
@@ -1140,10 +1144,13 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
                              whole_map)
             return y, xin, nonfinite
     fused = fp.kernel.fused is not None
+    shared = keep and share_input and fp.panels and fp.wgrad_reads_input
     if not keep:
         # (the channel-vector tile reads only its pixel-major blocks)
         xin = None if fp.cvec is not None else scratch("fwd_planes", (threads * fp.Cg if fused else fp.images * p.C,
                                                                        fp.x_chan), x.dtype)
+    elif shared:
+        xin = planes_in_place(x, p)
     else:
         xin = _kept_planes(fp, x, recycle)
     if fp.one_pass:
@@ -1189,7 +1196,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True):
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     nonfinite = False
     if fp.panels:
-        if xin is not None:  # the planes kept for the weight gradient
+        if xin is not None and not shared:  # the planes kept for the weight gradient
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
         panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.panel_pixels), x.dtype)
         fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,

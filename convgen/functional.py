@@ -133,23 +133,28 @@ class Saved:
         return self.xin
 
 
-def forward(cfg, x, weight, bias, recycle=None, keep_input=True):
+def forward(cfg, x, weight, bias, recycle=None, keep_input=True, input_guarded=False):
     """Run cfg on validated weight/bias; returns (y, Saved).  recycle: a Saved whose
     backward will not be asked for any more (its buffers may be reused).
     keep_input=False: no weight gradient will be asked for, so the Saved keeps no
-    input (and the forward skips writing a copy of it)."""
+    input (and the forward skips writing a copy of it).  input_guarded: x cannot
+    change before the backward (autograd's version counters catch it), so where the
+    weight gradient can read x itself the Saved keeps x rather than a copy (no recycle
+    then: its planes may be x)."""
     x, batched = _validate.input_array(x, cfg.in_channels, weight.dtype)
-    return run_forward(cfg.problem(x.shape, x.dtype), x, batched, weight, bias, recycle, keep_input)
+    return run_forward(cfg.problem(x.shape, x.dtype), x, batched, weight, bias, recycle, keep_input, input_guarded)
 
 
-def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True):
+def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True, input_guarded=False):
     """forward() on arguments already checked: x C-contiguous (N, C, H, W), weight and
     bias C-contiguous, of x's dtype, and of the shapes Problem p expects."""
     if p.N == 0:
         y, xin, nonfinite = _empty_output(p, x.dtype), None, False
     else:
+        if input_guarded and recycle is not None:
+            raise ValueError("a forward that may keep its input itself recycles no planes")
         xin = recycle.xin if recycle is not None else None
-        y, xin, nonfinite = _engine.forward(x, weight, bias, p, xin, keep=keep_input)
+        y, xin, nonfinite = _engine.forward(x, weight, bias, p, xin, keep=keep_input, share_input=input_guarded)
     return (y if batched else y[0]), Saved(p, x if keep_input else None, xin, weight, batched, nonfinite)
 
 

@@ -9,8 +9,9 @@ run convgen's kernels.
 The module *is* a ``torch.nn.Conv2d`` (same parameters, initialisation, state_dict,
 repr, optimisers, hooks); only the arithmetic changes.  Tensors and arrays share
 memory both ways (``Tensor.numpy()`` / ``torch.from_numpy``): the only copies are
-the padded input planes the kernels read (which the weight gradient reuses) and a
-contiguous copy of a non-contiguous input or gradient.
+the padded input planes the kernels read (which the weight gradient reuses; stride-1
+1x1 layers without padding keep the input itself, which autograd's version counters
+guard) and a contiguous copy of a non-contiguous input or gradient.
 
 convgen computes float32 and float64 on the CPU.  Anything else (another device,
 half precision, mismatched dtypes, a malformed input) goes to
@@ -47,9 +48,11 @@ class _Conv2dFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
-        # Only the weight gradient reads the input (its padded planes): keep them for it alone.
+        # Only the weight gradient reads the input (its padded planes): keep them for it
+        # alone; where it can read x itself, x (input_guarded: see below).
         y, saved = _F.forward(cfg, _array(x), _param_array(weight),
-                              None if bias is None else _param_array(bias), keep_input=ctx.needs_input_grad[1])
+                              None if bias is None else _param_array(bias), keep_input=ctx.needs_input_grad[1],
+                              input_guarded=True)
         ctx.convgen_saved = saved
         # The kernels' saved arrays share memory with x and weight.  Saving the tensors
         # too lets autograd's version counters catch an in-place change between forward

@@ -42,10 +42,10 @@ class Spy:
         self.forward, self.backward = [], []
         fwd, bwd = cgt._F.forward, cgt._F.backward
 
-        def forward(cfg, x, weight, bias, keep_input=True):
-            y, saved = fwd(cfg, x, weight, bias, keep_input=keep_input)
+        def forward(cfg, x, weight, bias, keep_input=True, input_guarded=False):
+            y, saved = fwd(cfg, x, weight, bias, keep_input=keep_input, input_guarded=input_guarded)
             self.forward.append(dict(cfg=cfg, x=x, weight=weight, bias=bias, y=y, saved=saved,
-                                     keep_input=keep_input))
+                                     keep_input=keep_input, input_guarded=input_guarded))
             return y, saved
 
         def backward(saved, gy, need_input, need_weight, need_bias):
@@ -300,6 +300,32 @@ def test_input_modified_in_place_after_forward_is_caught():
     m = Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 5, 5)
     y = m(x)
+    x.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_layer_keeps_its_input_itself(dtype):
+    """A stride-1 1x1 layer without padding keeps the input tensor's own memory for its
+    weight gradient (no copy: autograd guards it), a padded one a copy; both give
+    PyTorch's gradients, also with an infinity and a NaN in the input, and an input
+    changed in place after the forward is caught."""
+    ours, ref = pair(40, 36, 1, dtype=dtype)
+    x = torch.randn(2, 40, 9, 11, dtype=dtype)
+    x[0, 3, 2, 4], x[1, 7, 0, 0] = float("inf"), float("nan")
+    for m, shares in ((ours, True), (Conv2d(40, 36, 1, padding=1, dtype=dtype), False)):
+        y = m(x)
+        assert np.shares_memory(y.grad_fn.convgen_saved.xin, x.numpy()) == shares
+    y, y_ref = ours(x), ref(x)
+    gy = torch.randn(y.shape, dtype=dtype)
+    y.backward(gy)
+    y_ref.backward(gy)
+    for got, want in ((ours.weight.grad, ref.weight.grad), (ours.bias.grad, ref.bias.grad)):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        close(torch.where(finite, got, 0), torch.where(finite, want, 0))
+    y = ours(x)
     x.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
