@@ -612,23 +612,25 @@ def test_taps_last():
         np.testing.assert_array_equal(dst, 2 * src.transpose(0, 2, 1).reshape(5, 7, 3, 3))
 
 
-@pytest.mark.parametrize("split", ["tiles", "pixel chunks"])
+@pytest.mark.parametrize("split", ["tiles", "pixel chunks", "two groups"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_weight_gradient_reads_the_input_in_place(dtype, split, monkeypatch, restore_threads):
     """F.conv2d_weight of a stride-1 1x1 layer without padding hands the channel-vector
     tiles the input itself as its planes (planes_in_place), copying nothing: split over
-    tiles or over pixel chunks, from an input that does not start on a cache line,
-    against the reference and torch on 1 and 2 threads; then with infinities and NaNs in
-    the input, which no longer divert it to the exact path, against torch's pattern of
-    them (each product of real pixels only, as torch's)."""
+    tiles or over pixel chunks, or a call per group, from an input that does not start
+    on a cache line, against the reference and torch on 1 and 2 threads; then with
+    infinities and NaNs in the input, which no longer divert it to the exact path,
+    against torch's pattern of them (each product of real pixels only, as torch's)."""
     dtype = np.dtype(dtype)
     monkeypatch.setattr(_engine, "_wgrad_chunks", lambda *a: (5, 2) if split == "pixel chunks" else None)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     _engine.forward_plan.cache_clear()
     case = dict(N=3, C=19, OC=37, H=13, W=11, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                 groups=1)
+    if split == "two groups":
+        case.update(C=2 * 17, OC=2 * 32, groups=2)
     fp = _plan(case, dtype)
-    assert fp.wgrad_reads_input and fp.wgrad_by_channel and (fp.wgrad_chunks is not None) == (split != "tiles")
+    assert fp.wgrad_reads_input and fp.wgrad_by_channel and (fp.wgrad_chunks is not None) == (split == "pixel chunks")
     rng = make_rng("in place", split, dtype.name)
     x, w, b, gy = case_arrays(case, dtype, rng)
     buf = np.empty(x.size + 1, dtype)
@@ -642,7 +644,7 @@ def test_weight_gradient_reads_the_input_in_place(dtype, split, monkeypatch, res
         got = convgen_functional("bwd_weight", x, w, b, gy, **args)
         assert_close(got, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{threads} thread(s)")
         assert_close(got, torch_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{threads} thread(s), torch")
-    assert "temporary_planes" not in used and ("wgrad_partial" in used) == (split != "tiles")
+    assert "temporary_planes" not in used and ("wgrad_partial" in used) == (split == "pixel chunks")
     x[0, 3, 2, 4], x[1, 0, 12, 10], x[2, 18, 0, 0] = np.inf, -np.inf, np.nan
     gy[0, :5, 2, 4] = 0   # (0 * inf: NaN in torch too)
     got = convgen_functional("bwd_weight", x, w, b, gy, **args)
