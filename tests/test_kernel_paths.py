@@ -561,6 +561,50 @@ def test_grouped_weight_gradient_by_channel(spec, groups, out_per_group, wgrad_o
     _check_threads_agree(spec, case, fp, make_rng("grouped-wgrad", spec.name, groups), accumulate=True)
 
 
+@pytest.mark.parametrize("case, input_too", [
+    (dict(N=1, C=2 * 40, OC=2 * 64, H=15, W=13, kernel=(3, 3), stride=(1, 1), padding=(1, 1), groups=2), False),
+    (dict(N=2, C=3 * 64, OC=3 * 64, H=45, W=44, kernel=(3, 3), stride=(2, 2), padding=(1, 1), groups=3), True),
+    (dict(N=3, C=2 * 64, OC=2 * 64, H=9, W=9, kernel=(1, 1), stride=(1, 1), padding=(0, 0), groups=2), True),
+], ids=["one image", "a batch, strided", "1x1"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_wide_groups_run_as_dense_layers(case, input_too, dtype, monkeypatch, restore_threads):
+    """Grouped layers whose groups would each run the dense channel-vector tile run the
+    forward (and, where a group's input gradient would too, with 64 input channels a
+    group, the input gradient) a group at a time as dense layers (ForwardPlan.groupwise /
+    groupwise_input): every direction against the reference and torch, and a module's
+    training step in zeros and reflect padding (planes kept for the grouped weight
+    gradient), on 1 and 2 threads; ResNeXt's narrow groups keep the grouped kernel."""
+    dtype = np.dtype(dtype)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    _engine.forward_plan.cache_clear()
+    case = dict(case, dilation=(1, 1))
+    fp = _plan(case, dtype)
+    assert fp.groupwise is not None and fp.groupwise.groups == 1 and fp.groupwise.C == fp.Cg
+    assert (fp.groupwise_input is not None) == input_too
+    calls = []
+    forward = _engine.forward
+    monkeypatch.setattr(_engine, "forward", lambda x, w, b, p, *a, **k: calls.append(p) or forward(x, w, b, p, *a, **k))
+    rng = make_rng("groupwise", case["N"], case["C"], dtype.name)
+    x, w, b, gy = _check_directions(case, dtype, rng, with_torch=True)
+    assert calls.count(fp.groupwise) == 2 * fp.G   # (a forward per group, on 1 and on 2 threads)
+    for mode in ("zeros", "reflect"):
+        for threads in (1, 2):
+            convgen.set_num_threads(threads)
+            conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], **conv_args(case), padding_mode=mode,
+                                  dtype=dtype)
+            conv.weight[...], conv.bias[...] = w, b
+            y = conv(x)
+            gx = conv.backward(gy)
+            args = dict(conv_args(case), padding_mode=mode)
+            what = f"module, {mode}, {threads} thread(s)"
+            assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, f"{what}: forward")
+            assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"{what}: input grad")
+            assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype,
+                         f"{what}: weight grad")
+    assert _plan(dict(case, C=128, OC=128, groups=32), dtype).groupwise is None
+    _engine.forward_plan.cache_clear()
+
+
 def test_wgrad_tiles(monkeypatch):
     """Every (channel, tap) column in exactly one tile, stored at its place in the
     weight's layout or, by tap, in the tap-major one; DeepLab's ASPP (rate 6, 33x33)
