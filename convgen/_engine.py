@@ -1243,10 +1243,15 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
-def _group(a, g, per_group):
-    """Group g's channels of a (N, channels, ...) array, C-contiguous (a view for one image)."""
+def _group(a, g, per_group, name):
+    """Group g's channels of a (N, channels, ...) array, C-contiguous: a view for one image,
+    else a copy in scratch memory `name`."""
     part = a[:, g * per_group:(g + 1) * per_group]
-    return part if len(a) == 1 else np.ascontiguousarray(part)
+    if len(a) == 1:
+        return part
+    copy = scratch(name, part.shape, a.dtype)
+    np.copyto(copy, part)
+    return copy
 
 
 def _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads):
@@ -1260,7 +1265,8 @@ def _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads):
         nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
     for g in range(fp.G):
         o = slice(g * fp.OCg, (g + 1) * fp.OCg)
-        y[:, o] = forward(_group(x, g, fp.Cg), weight[o], None if bias is None else bias[o], one, keep=False)[0]
+        y[:, o] = forward(_group(x, g, fp.Cg, "group_input"), weight[o], None if bias is None else bias[o], one,
+                          keep=False)[0]
     return y, xin, nonfinite
 
 
@@ -1302,7 +1308,7 @@ def backward_data(grad_y, weight, p: Problem):
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
     if fp.groupwise_input is not None:   # (wide groups: each group's as a dense layer's)
         for g in range(fp.G):
-            gx[:, g * fp.Cg:(g + 1) * fp.Cg] = backward_data(_group(grad_y, g, fp.OCg),
+            gx[:, g * fp.Cg:(g + 1) * fp.Cg] = backward_data(_group(grad_y, g, fp.OCg, "group_grad_output"),
                                                              weight[g * fp.OCg:(g + 1) * fp.OCg], fp.groupwise_input)
         return gx
     strip = channel_block_strip(bp, threads)
