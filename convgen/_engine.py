@@ -1290,8 +1290,55 @@ def input_gradient_as_forward(p: Problem):
 
 def backward_data(grad_y, weight, p: Problem):
     """Gradient of the input (N, C, H, W), padding folded back into its sources.
-    Runs in blocks of images, or of groups within an image, whose bordered
-    grad_output and phase planes fit in cache across the three passes."""
+    The kernels also multiply grad_output's zero border by the weights, and 0 * inf is
+    NaN where PyTorch's gradient (a sum over real output pixels) is finite: with an
+    infinite or NaN weight, _input_grad_exact computes it instead.  That costs one look
+    at the weights or at the gradient, whichever is smaller: every term the border adds
+    is 0 * w, so unless the gradient holds a NaN, no weight was infinite or NaN where it
+    mattered."""
+    if weight.size <= p.N * p.C * p.H * p.W:
+        if _layout.has_nonfinite(weight):
+            return _input_grad_exact(grad_y, weight, p)
+        return _input_gradient(grad_y, weight, p)
+    gx = _input_gradient(grad_y, weight, p)
+    if _layout.has_nonfinite(gx) and _layout.has_nonfinite(weight):
+        return _input_grad_exact(grad_y, weight, p)
+    return gx
+
+
+def _input_grad_exact(grad_y, weight, p: Problem):
+    """Input gradient in plain NumPy (float64) from the products of real output pixels
+    only, as PyTorch's (the path for infinite or NaN weights), padding folded back."""
+    with np.errstate(invalid="ignore"):   # (inf - inf, 0 * inf: NaN, as in PyTorch)
+        return _input_grad_sums(grad_y, weight, p)
+
+
+def _input_grad_sums(grad_y, weight, p):
+    fp = forward_plan(p)
+    OH, OW = fp.OH, fp.OW
+    Hp, Wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
+    gy = grad_y.reshape(p.N, fp.G, fp.OCg, OH, OW).astype(np.float64)
+    w = weight.reshape(fp.G, fp.OCg, fp.Cg, p.KH, p.KW).astype(np.float64)
+    padded = np.zeros((p.N, fp.G, fp.Cg, Hp, Wp))
+    for i in range(p.KH):
+        for j in range(p.KW):
+            rows = slice(i * p.dh, i * p.dh + p.sh * (OH - 1) + 1, p.sh)
+            cols = slice(j * p.dw, j * p.dw + p.sw * (OW - 1) + 1, p.sw)
+            padded[..., rows, cols] += np.einsum("ngohw,goc->ngchw", gy, w[..., i, j])
+    # Each padded row, then column, onto its source (zero padding's onto a spare one).
+    mode = PADDING_MODES[p.mode]
+    src_rows = _layout.source_indices(-p.pad_top, Hp, p.H, mode)
+    src_cols = _layout.source_indices(-p.pad_left, Wp, p.W, mode)
+    by_rows = np.zeros((p.N, fp.G, fp.Cg, p.H + 1, Wp))
+    np.add.at(by_rows, (Ellipsis, np.where(src_rows < 0, p.H, src_rows), slice(None)), padded)
+    gx = np.zeros((p.N, fp.G, fp.Cg, p.H, p.W + 1))
+    np.add.at(gx, (Ellipsis, np.where(src_cols < 0, p.W, src_cols)), by_rows[..., :p.H, :])
+    return np.ascontiguousarray(gx[..., :p.W].reshape(p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+
+
+def _input_gradient(grad_y, weight, p: Problem):
+    """backward_data's kernels.  Runs in blocks of images, or of groups within an image,
+    whose bordered grad_output and phase planes fit in cache across the three passes."""
     q = input_gradient_as_forward(p)
     if q is not None:
         return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]

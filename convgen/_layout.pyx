@@ -83,6 +83,15 @@ cdef inline Py_ssize_t source_index(Py_ssize_t i, Py_ssize_t n, int mode) noexce
     return i + n if i < 0 else i
 
 
+def has_nonfinite(cnp.ndarray a):
+    """Whether the C-contiguous float32 or float64 array a holds an infinity or a NaN
+    (no temporary, no floating-point warnings)."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32:
+        return bool(cg_nonfinite_f32(<const float*>cnp.PyArray_DATA(a), n))
+    return bool(cg_nonfinite_f64(<const double*>cnp.PyArray_DATA(a), n))
+
+
 def source_indices(Py_ssize_t start, Py_ssize_t count, Py_ssize_t n, int mode, Py_ssize_t step=1):
     """Source index of padded positions start, start+step, ... (-1 where zero)."""
     out = cnp.PyArray_EMPTY(1, [count], cnp.NPY_INTP, 0)
