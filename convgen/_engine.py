@@ -1139,7 +1139,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
     nonfinite False (those tiles multiply real pixels only)."""
     q = patch_pointwise(p)
-    if q is not None:   # (its gathered windows are a copy already)
+    if q is not None:   # (share_input does not apply: the gathered windows are a copy)
         fq = forward_plan(q)
         return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,
                        recycle, keep)
@@ -1309,30 +1309,26 @@ def backward_data(grad_y, weight, p: Problem):
 def _input_grad_exact(grad_y, weight, p: Problem):
     """Input gradient in plain NumPy (float64) from the products of real output pixels
     only, as PyTorch's (the path for infinite or NaN weights), padding folded back."""
-    with np.errstate(invalid="ignore"):   # (inf - inf, 0 * inf: NaN, as in PyTorch)
-        return _input_grad_sums(grad_y, weight, p)
-
-
-def _input_grad_sums(grad_y, weight, p):
     fp = forward_plan(p)
     OH, OW = fp.OH, fp.OW
     Hp, Wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
     gy = grad_y.reshape(p.N, fp.G, fp.OCg, OH, OW).astype(np.float64)
     w = weight.reshape(fp.G, fp.OCg, fp.Cg, p.KH, p.KW).astype(np.float64)
     padded = np.zeros((p.N, fp.G, fp.Cg, Hp, Wp))
-    for i in range(p.KH):
-        for j in range(p.KW):
-            rows = slice(i * p.dh, i * p.dh + p.sh * (OH - 1) + 1, p.sh)
-            cols = slice(j * p.dw, j * p.dw + p.sw * (OW - 1) + 1, p.sw)
-            padded[..., rows, cols] += np.einsum("ngohw,goc->ngchw", gy, w[..., i, j])
-    # Each padded row, then column, onto its source (zero padding's onto a spare one).
     mode = PADDING_MODES[p.mode]
     src_rows = _layout.source_indices(-p.pad_top, Hp, p.H, mode)
     src_cols = _layout.source_indices(-p.pad_left, Wp, p.W, mode)
-    by_rows = np.zeros((p.N, fp.G, fp.Cg, p.H + 1, Wp))
-    np.add.at(by_rows, (Ellipsis, np.where(src_rows < 0, p.H, src_rows), slice(None)), padded)
-    gx = np.zeros((p.N, fp.G, fp.Cg, p.H, p.W + 1))
-    np.add.at(gx, (Ellipsis, np.where(src_cols < 0, p.W, src_cols)), by_rows[..., :p.H, :])
+    with np.errstate(invalid="ignore"):   # (inf - inf, 0 * inf: NaN, as in PyTorch)
+        for i in range(p.KH):
+            for j in range(p.KW):
+                rows = slice(i * p.dh, i * p.dh + p.sh * (OH - 1) + 1, p.sh)
+                cols = slice(j * p.dw, j * p.dw + p.sw * (OW - 1) + 1, p.sw)
+                padded[..., rows, cols] += np.einsum("ngohw,goc->ngchw", gy, w[..., i, j])
+        # Each padded row, then column, onto its source (zero padding's onto a spare one).
+        by_rows = np.zeros((p.N, fp.G, fp.Cg, p.H + 1, Wp))
+        np.add.at(by_rows, (Ellipsis, np.where(src_rows < 0, p.H, src_rows), slice(None)), padded)
+        gx = np.zeros((p.N, fp.G, fp.Cg, p.H, p.W + 1))
+        np.add.at(gx, (Ellipsis, np.where(src_cols < 0, p.W, src_cols)), by_rows[..., :p.H, :])
     return np.ascontiguousarray(gx[..., :p.W].reshape(p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
 
 
