@@ -49,7 +49,10 @@ class Config:
         return p
 
     def kernel_name(self, dtype, direction="fwd"):
-        """Name of the generated kernel that runs this configuration (any input size)."""
+        """Name of the generated kernel that runs this configuration (any input size).
+        (Wide groups may run as dense layers, through the dense kernel of the same kernel
+        size, stride and dilation, on inputs whose groups suit its channel-vector tile;
+        the weight gradient likewise: see _engine.ForwardPlan.groupwise and wgrad_ocvec.)"""
         shape = (1, self.in_channels, 1, 1)
         p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.run_dilation,
                     *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])
