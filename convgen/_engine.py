@@ -1126,7 +1126,7 @@ def _kept_planes(fp, x, recycle):
     return aligned_empty(shape, x.dtype)
 
 
-def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=False):
+def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=False, out=None):
     """Returns (y, xin, nonfinite): the output, the padded input planes kept for the
     weight gradient (so a caller changing x after forward cannot change the gradient),
     and whether x holds an infinity or a NaN (see backward_params).
@@ -1137,15 +1137,16 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     share_input: the caller guarantees x will not change before the backward, so a
     layer whose forward reads x in place (1x1 panels) and whose weight gradient can
     too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
-    nonfinite False (those tiles multiply real pixels only)."""
+    nonfinite False (those tiles multiply real pixels only).
+    out: a C-contiguous array of the output's shape and dtype to write y into."""
     q = patch_pointwise(p)
     if q is not None:   # (share_input does not apply: the gathered windows are a copy)
         fq = forward_plan(q)
         return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,
-                       recycle, keep)
+                       recycle, keep, out=out)
     fp = forward_plan(p)
     threads = threads_for(fp.work, fp.values)
-    y = np.empty(fp.y_shape, dtype=x.dtype)
+    y = np.empty(fp.y_shape, dtype=x.dtype) if out is None else out
     x3 = x.reshape(fp.x3_shape)
     if fp.groupwise is not None:
         return _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads)
@@ -1265,8 +1266,12 @@ def _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads):
         nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
     for g in range(fp.G):
         o = slice(g * fp.OCg, (g + 1) * fp.OCg)
-        y[:, o] = forward(_group(x, g, fp.Cg, "group_input"), weight[o], None if bias is None else bias[o], one,
-                          keep=False)[0]
+        # (one image: straight into y's channels of the group; a batch: through scratch)
+        yg = y[:, o] if p.N == 1 else scratch("group_output", (p.N, fp.OCg) + fp.y_shape[2:], y.dtype)
+        forward(_group(x, g, fp.Cg, "group_input"), weight[o], None if bias is None else bias[o], one, keep=False,
+                out=yg)
+        if p.N > 1:
+            y[:, o] = yg
     return y, xin, nonfinite
 
 
