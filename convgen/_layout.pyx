@@ -185,7 +185,8 @@ cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_
                             mid = src + cb[lo] - 2 * lo
                             for j in range(lo, hi):
                                 dst[j] = mid[2 * j]
-                            bad |= _nonfinite(src + cb[lo], 2 * (hi - lo) - 1)
+                            if b == 0:   # (the whole source row, once for both column phases)
+                                bad |= _nonfinite(src, pp.W)
                         else:
                             for j in range(lo, hi):
                                 dst[j] = src[cb[lo] + (j - lo) * sw]
