@@ -1315,9 +1315,8 @@ def _input_grad_exact(grad_y, weight, p: Problem):
     """Input gradient in plain NumPy (float64) from the products of real output pixels
     only, as PyTorch's (the path for infinite or NaN weights), padding folded back."""
     fp = forward_plan(p)
-    OH, OW = fp.OH, fp.OW
     Hp, Wp = p.H + p.pad_top + p.pad_bottom, p.W + p.pad_left + p.pad_right
-    gy = grad_y.reshape(p.N, fp.G, fp.OCg, OH, OW).astype(np.float64)
+    gy = grad_y.reshape(p.N, fp.G, fp.OCg, fp.OH, fp.OW).astype(np.float64)
     w = weight.reshape(fp.G, fp.OCg, fp.Cg, p.KH, p.KW).astype(np.float64)
     padded = np.zeros((p.N, fp.G, fp.Cg, Hp, Wp))
     mode = PADDING_MODES[p.mode]
@@ -1326,9 +1325,7 @@ def _input_grad_exact(grad_y, weight, p: Problem):
     with np.errstate(invalid="ignore"):   # (inf - inf, 0 * inf: NaN, as in PyTorch)
         for i in range(p.KH):
             for j in range(p.KW):
-                rows = slice(i * p.dh, i * p.dh + p.sh * (OH - 1) + 1, p.sh)
-                cols = slice(j * p.dw, j * p.dw + p.sw * (OW - 1) + 1, p.sw)
-                padded[..., rows, cols] += np.einsum("ngohw,goc->ngchw", gy, w[..., i, j])
+                padded[(Ellipsis, *_tap_window(p, fp, i, j))] += np.einsum("ngohw,goc->ngchw", gy, w[..., i, j])
         # Each padded row, then column, onto its source (zero padding's onto a spare one).
         by_rows = np.zeros((p.N, fp.G, fp.Cg, p.H + 1, Wp))
         np.add.at(by_rows, (Ellipsis, np.where(src_rows < 0, p.H, src_rows), slice(None)), padded)
@@ -1338,14 +1335,16 @@ def _input_grad_exact(grad_y, weight, p: Problem):
 
 
 def _input_gradient(grad_y, weight, p: Problem):
-    """backward_data's kernels.  Runs in blocks of images, or of groups within an image,
-    whose bordered grad_output and phase planes fit in cache across the three passes."""
+    """backward_data's kernels (its check for non-finite weights covers the whole layer, so
+    the calls here for a patch layer's 1x1 and per group skip it).  Runs in blocks of
+    images, or of groups within an image, whose bordered grad_output and phase planes fit
+    in cache across the three passes."""
     q = input_gradient_as_forward(p)
     if q is not None:
         return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
     q = patch_pointwise(p)
     if q is not None:
-        gq = backward_data(grad_y, _pointwise_weight(weight, q), q)
+        gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q)
         gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
         fq = forward_plan(q)
         _layout.windows(gq.reshape(q.N * q.C, q.H, q.W), gx.reshape(p.N * p.C, p.H, p.W), _window_geometry(p, q),
@@ -1356,8 +1355,8 @@ def _input_gradient(grad_y, weight, p: Problem):
     gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
     if fp.groupwise_input is not None:   # (wide groups: each group's as a dense layer's)
         for g in range(fp.G):
-            gx[:, g * fp.Cg:(g + 1) * fp.Cg] = backward_data(_group(grad_y, g, fp.OCg, "group_grad_output"),
-                                                             weight[g * fp.OCg:(g + 1) * fp.OCg], fp.groupwise_input)
+            gx[:, g * fp.Cg:(g + 1) * fp.Cg] = _input_gradient(_group(grad_y, g, fp.OCg, "group_grad_output"),
+                                                               weight[g * fp.OCg:(g + 1) * fp.OCg], fp.groupwise_input)
         return gx
     strip = channel_block_strip(bp, threads)
     if strip is not None:
@@ -1456,6 +1455,13 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
                             bp.fold_pad_left, p.mode == "zeros", threads)
 
 
+def _tap_window(p: Problem, fp, i, j):
+    """(rows, cols) slices of the padded input that tap (i, j) reads for each output
+    pixel (the exact NumPy paths' windows)."""
+    return (slice(i * p.dh, i * p.dh + p.sh * (fp.OH - 1) + 1, p.sh),
+            slice(j * p.dw, j * p.dw + p.sw * (fp.OW - 1) + 1, p.sw))
+
+
 def _weight_grad_exact(grad_y, xin, p: Problem):
     """Weight gradient in plain NumPy from the padded phase planes, summed over real
     output pixels only (the path for inputs with infinities or NaNs)."""
@@ -1467,8 +1473,7 @@ def _weight_grad_exact(grad_y, xin, p: Problem):
     gw = np.empty((fp.G, fp.OCg, fp.Cg, p.KH, p.KW))
     for i in range(p.KH):
         for j in range(p.KW):
-            window = xpad[..., i * p.dh:i * p.dh + sh * (fp.OH - 1) + 1:sh,
-                          j * p.dw:j * p.dw + sw * (fp.OW - 1) + 1:sw]
+            window = xpad[(Ellipsis, *_tap_window(p, fp, i, j))]
             gw[..., i, j] = np.einsum("ngohw,ngchw->goc", gy, window.astype(np.float64))
     return gw.reshape(p.OC, fp.Cg, p.KH, p.KW).astype(grad_y.dtype)
 

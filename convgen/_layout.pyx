@@ -174,8 +174,8 @@ cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_
                     else:
                         # (The check reads the source: reading back the values just stored
                         # at other offsets stalls on store forwarding, which made the
-                        # stride-2 de-interleave 2.5x slower; at stride 2 it also covers
-                        # the other column phase's pixels, which are input pixels too.)
+                        # stride-2 de-interleave 2.5x slower; at stride 2 it reads the
+                        # whole source row once, for both column phases.)
                         if sw == 1:
                             mid = src + cb[lo] - lo
                             for j in range(lo, hi):
