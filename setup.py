@@ -45,8 +45,8 @@ def extensions():
         extra_compile_args=compile_args(),
         extra_link_args=["-fopenmp"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        # (rebuild every module when the vector header changes)
-        depends=[os.path.join("convgen", "include", "convgen_simd.h")],
+        # (rebuild every module when a header changes)
+        depends=[os.path.join("convgen", "include", h) for h in ("convgen_simd.h", "convgen_fpmode.h")],
     )
     exts = [Extension("convgen._layout", ["convgen/_layout.pyx"], **common)]
     modules = [m for m, _direction, _dtype in emit.extension_modules()] + emit.support_modules()

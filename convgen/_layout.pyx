@@ -10,7 +10,7 @@
                adding what padding copied back into its source pixels.
 * windows:     input <-> its non-overlapping windows as channels (layers that run as
                1x1 layers: see convgen._engine.patch_pointwise).
-* threads:     OpenMP thread count.
+* threads:     OpenMP thread count, and the denormal mode the kernels' threads run in.
 
 The arrays come validated and C-contiguous from convgen._engine, so these take raw
 pointers (no buffer acquisition: this is on the path of every small call too).
@@ -779,9 +779,54 @@ def address(cnp.ndarray a):
     return <Py_ssize_t>cnp.PyArray_DATA(a)
 
 
+cdef extern from "convgen_fpmode.h" nogil:
+    int cg_flush_denormal_supported()
+    unsigned long cg_flush_bits()
+    void cg_set_flush_bits(unsigned long bits)
+    unsigned long CG_FLUSH_BITS
+    unsigned long cg_followed_bits
+    int cg_followed_threads
+
+# The most threads any call was asked to use (set_num_threads): follow_flush_denormal
+# covers them all, whichever Python thread asked.
+cdef int _threads_asked = 1
+
+
 def set_num_threads(int n):
+    global _threads_asked
+    _threads_asked = max(_threads_asked, n)
     openmp.omp_set_num_threads(n)
 
 
 def get_num_threads():
     return openmp.omp_get_max_threads()
+
+
+def set_flush_denormal(bint mode):
+    """Set the calling thread's denormal mode (flush to zero, read as zero); False where
+    this CPU has no such mode (then nothing changes)."""
+    if not cg_flush_denormal_supported():
+        return False
+    cg_set_flush_bits(CG_FLUSH_BITS if mode else 0)
+    return True
+
+
+def flush_denormal():
+    """Whether the calling thread flushes denormals to zero."""
+    return cg_flush_bits() != 0
+
+
+def follow_flush_denormal():
+    """Give the OpenMP threads that run this thread's kernels its denormal mode (each
+    thread has its own control register): a parallel region where each sets it, run
+    only when the mode changed since the last one or more threads may run now.  Pool
+    threads that OpenMP starts later copy the calling thread's mode as they start."""
+    global cg_followed_bits, cg_followed_threads   # (thread-local: convgen_fpmode.h)
+    cdef unsigned long bits = cg_flush_bits()
+    cdef int threads = max(openmp.omp_get_max_threads(), _threads_asked), t
+    if bits == cg_followed_bits and threads <= cg_followed_threads:
+        return
+    for t in prange(threads, nogil=True, schedule="static", chunksize=1, num_threads=threads):
+        cg_set_flush_bits(bits)
+    cg_followed_bits = bits
+    cg_followed_threads = threads

@@ -5,6 +5,7 @@ import numpy as np
 
 from . import _dispatch, _engine, _validate
 from ._engine import DTYPE_SUFFIX, Problem
+from ._layout import follow_flush_denormal
 
 __all__ = ["conv2d", "conv2d_input", "conv2d_weight", "output_size"]
 
@@ -157,6 +158,7 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True, inpu
         if input_guarded and recycle is not None:
             raise ValueError("a forward that may keep its input itself recycles no planes")
         xin = recycle.xin if recycle is not None else None
+        follow_flush_denormal()   # (the kernels' threads compute in this thread's denormal mode)
         y, xin, nonfinite = _engine.forward(x, weight, bias, p, xin, keep=keep_input, share_input=input_guarded)
     return (y if batched else y[0]), Saved(p, x if keep_input else None, xin, weight, batched, nonfinite)
 
@@ -164,7 +166,11 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True, inpu
 def run_inference(p, x, batched, weight, bias):
     """run_forward for a forward that keeps nothing for a backward: only y (small
     layers: the Saved that run_forward makes costs a tenth of the call)."""
-    y = _empty_output(p, x.dtype) if p.N == 0 else _engine.forward(x, weight, bias, p, keep=False)[0]
+    if p.N == 0:
+        y = _empty_output(p, x.dtype)
+    else:
+        follow_flush_denormal()
+        y = _engine.forward(x, weight, bias, p, keep=False)[0]
     return y if batched else y[0]
 
 
@@ -200,6 +206,7 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
             if not bias_accumulate:
                 gb[...] = 0
     else:
+        follow_flush_denormal()
         if need_input:
             gx = _engine.backward_data(gy, saved.weight, p)
         if need_weight or need_bias:
