@@ -787,14 +787,14 @@ cdef extern from "convgen_fpmode.h" nogil:
     unsigned long cg_followed_bits
     int cg_followed_threads
 
-# The most threads any call was asked to use (set_num_threads): follow_flush_denormal
-# covers them all, whichever Python thread asked.
-cdef int _threads_asked = 1
+# The threads set_num_threads last asked for, from whichever Python thread (convgen's
+# count is process-wide): follow_flush_denormal covers them too.
+cdef int _threads_set = 1
 
 
 def set_num_threads(int n):
-    global _threads_asked
-    _threads_asked = max(_threads_asked, n)
+    global _threads_set
+    _threads_set = n
     openmp.omp_set_num_threads(n)
 
 
@@ -823,7 +823,7 @@ def follow_flush_denormal():
     threads that OpenMP starts later copy the calling thread's mode as they start."""
     global cg_followed_bits, cg_followed_threads   # (thread-local: convgen_fpmode.h)
     cdef unsigned long bits = cg_flush_bits()
-    cdef int threads = max(openmp.omp_get_max_threads(), _threads_asked), t
+    cdef int threads = max(openmp.omp_get_max_threads(), _threads_set), t
     if bits == cg_followed_bits and threads <= cg_followed_threads:
         return
     for t in prange(threads, nogil=True, schedule="static", chunksize=1, num_threads=threads):

@@ -97,6 +97,21 @@ def test_functional_calls_and_more_threads_follow_the_mode(flush_off):
     np.testing.assert_array_equal(convgen.functional.conv2d_weight(x, w.shape, gy, padding=1), 0)
 
 
+def test_a_thread_left_out_of_a_mode_change_gets_it_when_it_runs_again(flush_off):
+    # (libgomp starts such a thread afresh, copying the caller's mode; follow_flush_denormal
+    # would also set it, as it covers every thread a call may run on)
+    rng = make_rng("pool")
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    x = (rng.standard_normal((2, 32, 48, 48)) * 1e-39).astype(np.float32)
+    convgen.set_num_threads(3)
+    assert np.count_nonzero(convgen.functional.conv2d(x, w, padding=1)) > 0.9 * 2 * 32 * 48 * 48
+    convgen.set_num_threads(2)
+    convgen.set_flush_denormal(True)   # (set while the third thread sits idle)
+    np.testing.assert_array_equal(convgen.functional.conv2d(x, w, padding=1), 0)
+    convgen.set_num_threads(3)
+    np.testing.assert_array_equal(convgen.functional.conv2d(x, w, padding=1), 0)
+
+
 def test_the_kernels_follow_torch_set_flush_denormal(flush_off):
     torch = pytest.importorskip("torch")
     from convgen.torch import Conv2d
