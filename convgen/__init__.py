@@ -43,8 +43,8 @@ from .parameter import Parameter
 
 __version__ = "0.1.0"
 __all__ = ["Conv2d", "Parameter", "functional", "init", "output_size", "kernel_for",
-           "set_num_threads", "get_num_threads", "set_flush_denormal", "no_grad", "enable_grad", "set_grad_enabled",
-           "is_grad_enabled"]
+           "set_num_threads", "get_num_threads", "set_flush_denormal", "no_grad", "enable_grad",
+           "set_grad_enabled", "is_grad_enabled"]
 
 
 def set_num_threads(n):
