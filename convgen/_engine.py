@@ -393,6 +393,14 @@ def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols,
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
+def _tap_positions(weight_taps, taps):
+    """intp (taps,): each weight tap's position in weight_taps (the weight indices of a run
+    of taps), -1 where the run does not have it (what the kernels' block packing reads)."""
+    positions = np.full(taps, -1, dtype=np.intp)
+    positions[weight_taps] = np.arange(len(weight_taps))
+    return positions
+
+
 def _packed_block_values(dtype, reduced, taps, width):
     """Values of one block of `width` output channels' packed weights, reducing over
     `reduced` channels (rounded up to whole vectors) with `taps` taps (see pack_weights)."""
@@ -774,8 +782,7 @@ class ForwardPlan:
         self.tap_off = _index([t.plane * self.plane_len + t.dy * self.We + t.dx for t in taps])
         self.block_off = self.tap_off * lanes   # the same taps in the pixel-major blocks
         self.tap_w = _index([t.w_index for t in taps])
-        self.tap_pos = np.empty(len(taps), dtype=np.intp)   # each weight tap's position among the taps
-        self.tap_pos[self.tap_w] = np.arange(len(taps))
+        self.tap_pos = _tap_positions(self.tap_w, self.kk)
         # Weight gradient: pixels reduced per image (whole vectors; scratch columns are zero).
         self.grad_len = _geometry.round_up(self.OH * self.We, lanes)
         self.wgrad_kernel = _dispatch.lookup("bwd_weight", p)
@@ -970,10 +977,7 @@ class BackwardDataPlan:
         self.plane_len = _geometry.round_up(self.out_len + shift + self.top * self.width + self.left, lanes)
         self.phase_offs = [_index([shift + t.dy * self.width + t.dx for t in taps]) for taps in phases]
         self.phase_ws = [_index([t.w_index for t in taps]) for taps in phases]
-        # each weight tap's position among each phase's taps, or -1 (pack_blocks)
-        self.phase_pos = [np.full(fp.kk, -1, dtype=np.intp) for _ in phases]
-        for pos, ws in zip(self.phase_pos, self.phase_ws):
-            pos[ws] = np.arange(len(ws))
+        self.phase_pos = [_tap_positions(ws, fp.kk) for ws in self.phase_ws]   # (pack_blocks)
         if interior:  # output row i, column j is input pixel (i, j)
             self.fold_rows = np.arange(p.H, dtype=np.intp).reshape(1, p.H)
             self.fold_cols = np.arange(p.W, dtype=np.intp).reshape(1, p.W)
