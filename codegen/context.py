@@ -173,6 +173,7 @@ def kernel_context(spec):
         chunk=cols * lanes,
         taps=None,
         phases=None,
+        in_place=spec.in_place,
     )
     if spec.direction == "bwd_weight":
         ctx["channel_block"] = _channel_block(spec)

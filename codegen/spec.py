@@ -118,6 +118,14 @@ class KernelSpec:
         return [self.tile]
 
     @property
+    def in_place(self):
+        """Whether the pixel tiles can read a 1x1 layer's input itself rather than padded
+        planes (dense forward, 1x1, stride 1): each tile then has a twin whose loads stop
+        at a plane's last pixel, for the last chunks, since the input has no slack past
+        its planes (see convgen._engine.IN_PLACE)."""
+        return self.direction == "fwd" and self.groups == "dense" and self.kernel == 1 and self.stride == 1
+
+    @property
     def cvec_tile(self):
         """Channel-vector register tile (pixels, vectors) of dense forward and input-gradient
         kernels, or None: `pixels` output pixels, each broadcast from the input (held in

@@ -31,6 +31,7 @@ class Kernel(NamedTuple):
     pad_blocked: Callable  # copies input into the channel-vector tile's layout (its module's pad_blocked)
     ocvec_columns: int  # columns per tile of ocvec / ocvec_chunks (0 without them)
     ocvec_fields: tuple  # the fields after the columns in a row of their tile table
+    in_place: bool   # its pixel tiles can read a 1x1 layer's input in place (run's in_place)
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that costs least on `out_rows` output channels by
@@ -85,7 +86,8 @@ def _load(key):
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   *ocvec, getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),
-                  getattr(mod, "pad_blocked", None), ocvec_columns, getattr(mod, "OCVEC_FIELDS", ()))
+                  getattr(mod, "pad_blocked", None), ocvec_columns, getattr(mod, "OCVEC_FIELDS", ()),
+                  name in getattr(mod, "IN_PLACE", ()))
 
 
 def lookup(direction, p):

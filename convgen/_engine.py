@@ -190,6 +190,34 @@ PANELS = True
 # 0.61 -> 0.53).
 PANEL_BUDGET = 256 << 10
 PANEL_MIN_ITEMS = 8
+# Forwards of stride-1 1x1 layers without padding that keep nothing for a backward (or
+# keep the input itself: ForwardPlan.wgrad_reads_input) run the pixel tiles over the
+# input in place -- no copy, no packed weights, each thread a static run of pixel
+# chunks with every channel tile over each -- where the channel-vector tile would not
+# run, or for at most IN_PLACE_MAX_OUT output channels, or up to IN_PLACE_MAX_WORK
+# multiply-adds.  (2 threads, module forward, in place against not, separate processes
+# alternating, 6-8 rounds, NumPy's own inputs.  MobileNetV2's projections: 32 -> 16 at
+# 112x112 1.62-1.77x, 96 -> 24 and 144 -> 24 at 56x56 1.42-1.46x and 1.27-1.36x (float64
+# 1.13-1.15x, a batch of 4 1.19x), 192 -> 32 at 28x28 1.17-1.38x, 64 -> 32 at 56x56 1.35x,
+# 960 -> 160 and 960 -> 320 at 7x7 1.40x and 1.16x; 1280 -> 256 at 7x7 1.24x.  Where the
+# pixel tiles ran from a padded copy: 16 -> 16 at 56x56 1.65-1.71x, 3 -> 16 1.25x,
+# MobileNetV2's expansions 16 -> 96 at 112x112 1.18x (0.91x in a run under load),
+# 24 -> 144 at 56x56 1.10-1.13x, 32 -> 192 at 28x28 1.07x, 160 -> 960 at 7x7 1.03-1.07x.
+# Up to 2^24: 64 -> 64 at 56x56 and 128 -> 128 at 28x28 1.04-1.14x, 256 -> 256 at 14x14
+# 1.07x, 512 -> 512 at 7x7 1.01x, 128 -> 64 at 28x28 1.17x, 384 -> 64 and 576 -> 96 at
+# 14x14 1.22-1.28x and 1.06x.  Above, with more than 32 output channels, mixed: 2^24.6
+# multiply-adds 0.89-1.09x (256 -> 512 at 14x14 0.89x, a batch of 2 of 128 -> 128 at
+# 28x28 1.09x); 2^25.6 0.85-1.08x (ResNet's 256 -> 64 at 56x56 0.88-0.91x -- its vector
+# loads straddle cache lines unless the input is 64-byte aligned, then 1.06x --
+# 1024 -> 256 at 14x14 0.86-0.91x, 512 -> 128 at 28x28 0.80-0.85x, 2048 -> 512 at 7x7
+# 1.01-1.07x, 64 -> 256 at 56x56 0.93-1.08x).)
+IN_PLACE = True
+IN_PLACE_MAX_OUT = 32
+IN_PLACE_MAX_WORK = 1 << 24
+# ... on maps whose pixel chunks compute at most this share more pixels than there are
+# (a 7x7 map: 64 for 49; not the 1x1 maps of squeeze-and-excitation blocks, whose
+# channel-vector tiles fill every lane).
+IN_PLACE_PIXEL_WASTE = 1.35
 # Its tiles start at each output row where that computes less than this share of the
 # flat grid's rows, whose scratch columns they skip (wide paddings: DeepLab's ASPP
 # computes 42 of every 45 pixels); elsewhere they run along the flat grid.
@@ -776,6 +804,15 @@ class ForwardPlan:
         if self.panels:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
+        # ... or run the pixel tiles over it in place (IN_PLACE): (tile, flat output pixels).
+        self.in_place = None
+        pixels = p.H * p.W
+        if (IN_PLACE and self.kernel.in_place and p.groups == 1 and p.sh == p.sw == 1
+                and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
+                and (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK)):
+            tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
+            if _geometry.round_up(pixels, chunk) <= IN_PLACE_PIXEL_WASTE * pixels:
+                self.in_place = (tile, _geometry.round_up(pixels, chunk))
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -1115,6 +1152,9 @@ def pad_phase(x, fp: ForwardPlan, temporary=False):
     return xin, nonfinite
 
 
+_ORIGIN = np.zeros(1, dtype=np.intp)   # a 1x1 layer's one tap: offset and weight index 0
+
+
 def planes_in_place(x, p: Problem):
     """x (N, C, H, W) itself as its planes for the weight gradient, (N * C, H * W), where
     they would hold the same values (ForwardPlan.wgrad_reads_input), else None."""
@@ -1170,7 +1210,12 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
                              whole_map)
             return y, xin, nonfinite
     fused = fp.kernel.fused is not None
-    shared = keep and share_input and fp.panels and fp.wgrad_reads_input
+    shared = keep and share_input and (fp.panels or fp.in_place) and fp.wgrad_reads_input
+    if fp.in_place and (shared or not keep):
+        fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, fp.in_place[1],
+                      p.H * p.W, 1, _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, fp.in_place[0], tiles_inner=True,
+                      static_schedule=True, in_place=True)
+        return (y, x.reshape(p.N * p.C, p.H * p.W) if shared else None, False)
     if not keep:
         # (the channel-vector tile reads only its pixel-major blocks)
         xin = None if fp.cvec is not None else scratch("fwd_planes", (threads * fp.Cg if fused else fp.images * p.C,

@@ -332,6 +332,42 @@ def test_channel_vector_row_pairs_only_in_float32_forward(env):
         assert "_pair7(" not in text and "a.pairs[chunk]" not in text
 
 
+def test_in_place_tail_tiles_only_for_pointwise_forward(env):
+    """Dense 1x1 stride-1 forward kernels (and nothing else) list themselves in IN_PLACE
+    and have, for each pixel tile, a twin loading at most a.x_valid pixels of a plane
+    (masked loads, counts fixed before the reduction), which their items run for a
+    plane's last chunks."""
+    for s in SPECS:
+        want = s.direction == "fwd" and s.groups == "dense" and s.kernel == 1 and s.stride == 1
+        assert s.in_place == want and context.kernel_context(s)["in_place"] == want, s.name
+    assert any(s.in_place for s in SPECS)
+    for dtype in ("f32", "f64"):
+        text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, SPECS), env)
+        pointwise = KernelSpec("fwd", dtype, 1, 1, 1, "dense")
+        table_text = text[text.index("IN_PLACE = ("):]
+        assert table_text[:table_text.index(")")].split() == ["IN_PLACE", "=", "(", f'"{pointwise.name}",']
+        lanes = pointwise.lanes
+        for rows, cols in pointwise.tiles:
+            fn = f"_{pointwise.name}_t{rows}x{cols}"
+            twin = text[text.index(f"cdef inline void {fn}_tail_tile("):]
+            twin = twin[:twin.index("\ncdef ")]
+            for v in range(cols):
+                assert f"cdef int n_{v} = <int>max(0, min({lanes}, a.x_valid - q0 - {v * lanes}))" in twin
+                assert f"x_{v} = cg_load_partial_{dtype}(xr + o + {v * lanes}, n_{v})" in twin
+            assert f"cg_load_{dtype}(xr" not in twin
+            tile = text[text.index(f"cdef inline void {fn}_tile("):]
+            assert "cg_load_partial" not in tile[:tile.index("\ncdef ")]
+            item = text[text.index(f"cdef void {fn}_item("):]
+            item = item[:item.index("\ncdef ")]
+            assert f"if (chunk + 1) * {cols * lanes} > a.x_valid:" in item and f"{fn}_tail_tile(a, " in item
+        assert text.count("_tail_tile(") == 2 * len(pointwise.tiles)   # (each defined and called once)
+    for direction in ("fwd", "bwd_data"):
+        text = render.render(f"conv2d_{direction}.pyx.j2", context.module_context(direction, "f32", SPECS), env)
+        assert "a.x_valid = ANY_CHUNK" in text
+        if direction == "bwd_data":
+            assert "_tail_tile(" not in text and "IN_PLACE = (\n)" in text
+
+
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):
     """Depthwise forward kernels with every axis fixed get a channel-block tile (and a
     `_cblock` entry point); each multiply-add of a pixel reads the input column

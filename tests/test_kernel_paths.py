@@ -17,6 +17,9 @@ here on every spec that has them, each test asserting that the path really ran:
 * the grouped forward, each group's channels padded just before its tiles run.
 """
 
+import ctypes
+import mmap
+
 import numpy as np
 import pytest
 
@@ -47,6 +50,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "ROW_BLOCK_WASTE", 100.0)
     # (weights packed per call, not a block at a time in one pass: test_weights_packed_by_block_*)
     monkeypatch.setattr(_engine, "PACK_BLOCK_WEIGHT_RATIO", float("inf"))
+    monkeypatch.setattr(_engine, "IN_PLACE", False)   # (1x1 forwards: test_one_by_one_in_place)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
 
@@ -82,6 +86,7 @@ def pixel_tile_passes(monkeypatch):
     monkeypatch.setattr(_engine, "CVEC_MIN_CHANNELS", 1 << 30)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
+    monkeypatch.setattr(_engine, "IN_PLACE", False)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
     yield
@@ -780,6 +785,100 @@ def test_one_by_one_panels(spec, threads, panel_chunks, forced_flat, monkeypatch
     _check(spec, case)
 
 
+# ... and, where ForwardPlan.in_place says, their forwards at stride 1 without padding
+# run the pixel tiles over the input itself, each plane's last chunks through the
+# tiles' twins that load no further than its last pixel.
+IN_PLACE_SPECS = [s for s in SPECS if s.in_place]
+
+
+def _before_unreadable_page(a):
+    """A copy of `a` whose last byte ends a page followed by a page that may not be read
+    (so a kernel that reads past the array crashes rather than passes), and a function
+    that makes that page readable again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    pages = -(-a.nbytes // page) + 1
+    buf = mmap.mmap(-1, pages * page)
+    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + (pages - 1) * page
+    copy = np.frombuffer(buf, a.dtype, a.size, (pages - 1) * page - a.nbytes).reshape(a.shape)
+    copy[...] = a
+    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()   # (PROT_NONE)
+    return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
+def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
+    """Narrow 1x1 layers' inference forward reads the input itself (no scratch memory asked
+    for), its last byte just before an unreadable page: 2 images of 11 x 9 pixels (planes
+    ending inside a chunk) and 3 of 4 x 6 (every plane shorter than a chunk, so vectors
+    with nothing to load), against the reference and torch."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    monkeypatch.setattr(_engine, "IN_PLACE_PIXEL_WASTE", float("inf"))
+    _engine.forward_plan.cache_clear()
+    convgen.set_num_threads(threads)
+    dtype = spec_dtype(spec)
+    for N, C, OC, H, W in ((2, 40, 13, 11, 9), (3, 24, 32, 4, 6)):
+        case = _case(spec, C, OC)
+        case.update(N=N, H=H, W=W)
+        fp = _plan(case, dtype)
+        assert fp.kernel.name == spec.name and fp.in_place is not None
+        assert _engine.threads_for(fp.work, fp.values) == threads
+        rng = make_rng("in-place", spec.name, N)
+        x, w, b, gy = case_arrays(case, dtype, rng)
+        guarded, release = _before_unreadable_page(x)
+        used = _scratch_names(monkeypatch)
+        try:
+            got = convgen_functional("fwd", guarded, w, b, gy, **conv_args(case))
+        finally:
+            release()
+        assert used == []
+        args = conv_args(case)
+        assert_close(got, reference_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
+        assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
+        monkeypatch.undo()   # (the scratch spy)
+        monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+        monkeypatch.setattr(_engine, "IN_PLACE_PIXEL_WASTE", float("inf"))
+    _engine.forward_plan.cache_clear()
+
+
+@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
+def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
+    """A forward that keeps the input itself for the weight gradient (the drop-in's, whose
+    input autograd guards: share_input) reads it in place too: no scratch memory, the
+    input returned as the planes.  (32 output channels: in place, and enough for the
+    weight gradient by channel, which reads the input itself.)"""
+    dtype = spec_dtype(spec)
+    case = _case(spec, 40, 32)
+    case.update(N=2, H=11, W=9)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.in_place is not None and fp.wgrad_reads_input
+    x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-kept", spec.name))
+    used = _scratch_names(monkeypatch)
+    y, xin, nonfinite = _engine.forward(x, w, b, fp.problem, keep=True, share_input=True)
+    assert used == [] and np.shares_memory(xin, x) and not nonfinite
+    assert_close(y, reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "forward")
+
+
+def test_in_place_rule():
+    """Which stride-1 1x1 forwards without padding read their input in place (IN_PLACE)."""
+    def in_place(N, C, OC, H, W, dtype="f32", pad=0, stride=1, groups=1):
+        p = _engine.Problem(N, C, H, W, OC, 1, 1, stride, stride, 1, 1, pad, pad, pad, pad, groups, "zeros", dtype)
+        return _engine.forward_plan(p).in_place is not None
+    assert in_place(1, 144, 24, 56, 56) and in_place(4, 144, 24, 56, 56, "f64")   # few output channels
+    assert in_place(1, 32, 16, 112, 112) and in_place(8, 256, 32, 56, 56)
+    assert in_place(1, 960, 160, 7, 7) and in_place(1, 64, 64, 56, 56)         # 2^23 multiply-adds or fewer
+    assert in_place(1, 8, 8, 20, 20) and in_place(1, 160, 960, 7, 7)          # no channel-vector tile
+    assert in_place(1, 16, 96, 112, 112) and in_place(1, 2048, 512, 7, 7)
+    assert not in_place(1, 256, 64, 56, 56) and not in_place(1, 1024, 256, 14, 14)   # the panels
+    assert not in_place(1, 64, 256, 56, 56)
+    assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
+    assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
+    assert not in_place(1, 144, 24, 56, 56, pad=1) and not in_place(1, 144, 24, 56, 56, stride=2)
+    assert not in_place(1, 144, 24, 56, 56, groups=2)
+
+
 ROW_BLOCK_SPECS = [s for s in SPECS if s.row_blocks]
 
 
@@ -977,10 +1076,14 @@ def test_channel_vector_tile_rule():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("out_channels", [16, 24, 40])
-def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threads):
+def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threads, monkeypatch):
     """1x1 layers narrowing the channels run the channel-vector tile through the panels
     from 16 output channels, with idle lanes in their blocks of output channels (24 of 32,
-    40 of 64): against the reference, on 1 and 2 threads, a training step included."""
+    40 of 64): against the reference, on 1 and 2 threads, a training step included.
+    (Their inference forwards up to 32 output channels read the input in place instead:
+    test_one_by_one_in_place; not here.)"""
+    monkeypatch.setattr(_engine, "IN_PLACE", False)
+    _engine.forward_plan.cache_clear()
     dtype = np.dtype(dtype)
     case = dict(N=2, C=72, OC=out_channels, H=19, W=17, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
                 dilation=(1, 1), groups=1)
@@ -992,6 +1095,7 @@ def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threa
     conv.weight[...], conv.bias[...] = w, b
     assert_close(conv(x), reference_functional("fwd", x, w, b, gy, **args), dtype, "module forward")
     assert_close(conv.backward(gy), reference_functional("bwd_data", x, w, b, gy, **args), dtype, "module gx")
+    _engine.forward_plan.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import convgen.torch as cgt  # noqa: E402
 from convgen.torch import Conv2d  # noqa: E402
+from convgen import _engine  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -305,16 +306,25 @@ def test_input_modified_in_place_after_forward_is_caught():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pointwise_layer_keeps_its_input_itself(dtype):
+def test_pointwise_layer_keeps_its_input_itself(dtype, in_place, monkeypatch):
     """A stride-1 1x1 layer without padding keeps the input tensor's own memory for its
     weight gradient (no copy: autograd guards it), a padded one a copy; both give
     PyTorch's gradients, also with an infinity and a NaN in the input, and an input
-    changed in place after the forward is caught."""
-    ours, ref = pair(40, 36, 1, dtype=dtype)
+    changed in place after the forward is caught.  Its forward reads the input in place
+    too: through the pixel tiles (_engine.IN_PLACE), or else through the panels."""
+    monkeypatch.setattr(_engine, "IN_PLACE", in_place)
+    _engine.forward_plan.cache_clear()
+    out_channels = 32
+    p = _engine.Problem(2, 40, 9, 11, out_channels, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
+                        "f32" if dtype == torch.float32 else "f64")
+    fp = _engine.forward_plan(p)
+    assert (fp.in_place is not None) == in_place and fp.panels and fp.wgrad_reads_input
+    ours, ref = pair(40, out_channels, 1, dtype=dtype)
     x = torch.randn(2, 40, 9, 11, dtype=dtype)
     x[0, 3, 2, 4], x[1, 7, 0, 0] = float("inf"), float("nan")
-    for m, shares in ((ours, True), (Conv2d(40, 36, 1, padding=1, dtype=dtype), False)):
+    for m, shares in ((ours, True), (Conv2d(40, out_channels, 1, padding=1, dtype=dtype), False)):
         y = m(x)
         assert np.shares_memory(y.grad_fn.convgen_saved.xin, x.numpy()) == shares
     y, y_ref = ours(x), ref(x)
@@ -329,6 +339,7 @@ def test_pointwise_layer_keeps_its_input_itself(dtype):
     x.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+    _engine.forward_plan.cache_clear()
 
 
 def test_double_backward_is_refused():
