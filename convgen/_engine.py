@@ -214,6 +214,14 @@ PANEL_MIN_ITEMS = 8
 IN_PLACE = True
 IN_PLACE_MAX_OUT = 32
 IN_PLACE_MAX_WORK = 1 << 24
+# ... and, above, where the input starts on a cache line and so does each of its planes (its
+# loads then never straddle two lines), and the input and output hold at most this many
+# bytes.  (As above, inputs 64-byte aligned, as PyTorch's tensors are: 256 -> 64 at 56x56
+# 1.05-1.09x, 128 -> 128 1.23x, 64 -> 256 1.21x; 512 -> 128 and 256 -> 256 at 28x28 1.02x and
+# 1.03x, 128 -> 512 1.07x.  Beyond: a batch of two of 256 -> 64 at 56x56 (8 MB) 0.99x, of 8
+# 0.92x, 64 -> 128 at 112x112 (9.6 MB) 0.93x, but a batch of two of 64 -> 256 at 56x56 (8 MB)
+# 1.14x.  ResNet's 1024 -> 256 at 14x14, whose 784-byte planes start mid-line, 0.89x.)
+IN_PLACE_ALIGNED_BYTES = 6 << 20
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward)
 # where the weight they transpose holds at most this share of the values read and written.
 # (Module backward, input and weight gradients, in place against not, 6 rounds:
@@ -811,15 +819,20 @@ class ForwardPlan:
         if self.panels:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
-        # ... or run the pixel tiles over it in place (IN_PLACE): (tile, flat output pixels).
-        self.in_place = None
+        # ... or run the pixel tiles over it in place (IN_PLACE): (tile, flat output pixels),
+        # always (in_place) or where the input starts on a cache line (in_place_aligned).
+        self.in_place = self.in_place_aligned = None
         pixels = p.H * p.W
         if (IN_PLACE and self.kernel.in_place and p.groups == 1 and p.sh == p.sw == 1
-                and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
-                and (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK)):
+                and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0):
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
             if _geometry.round_up(pixels, chunk) <= IN_PLACE_PIXEL_WASTE * pixels:
-                self.in_place = (tile, _geometry.round_up(pixels, chunk))
+                plan = (tile, _geometry.round_up(pixels, chunk))
+                if self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK:
+                    self.in_place = plan
+                elif (pixels * itemsize % ALIGN == 0
+                      and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):
+                    self.in_place_aligned = plan
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -1217,10 +1230,13 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
                              whole_map)
             return y, xin, nonfinite
     fused = fp.kernel.fused is not None
-    shared = keep and share_input and (fp.panels or fp.in_place) and fp.wgrad_reads_input
-    if fp.in_place and (shared or not keep):
-        fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, fp.in_place[1],
-                      p.H * p.W, 1, _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, fp.in_place[0], tiles_inner=True,
+    in_place = fp.in_place
+    if in_place is None and fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0:
+        in_place = fp.in_place_aligned
+    shared = keep and share_input and (fp.panels or in_place) and fp.wgrad_reads_input
+    if in_place and (shared or not keep):
+        fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, in_place[1],
+                      p.H * p.W, 1, _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, in_place[0], tiles_inner=True,
                       static_schedule=True, in_place=True)
         return (y, x.reshape(p.N * p.C, p.H * p.W) if shared else None, False)
     if not keep:

@@ -908,6 +908,35 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
     assert not routed(1, 144, 24, 56, 56, pad=1) and not routed(1, 144, 24, 56, 56, stride=2)
 
 
+@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
+def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
+    """A 1x1 layer beyond IN_PLACE's rule (here every such layer) whose planes are whole
+    cache lines reads its input in place where the input starts on one, and through the
+    panels where it does not; both give the same bits."""
+    monkeypatch.setattr(_engine, "IN_PLACE_MAX_OUT", 0)
+    monkeypatch.setattr(_engine, "IN_PLACE_MAX_WORK", 0)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    _engine.forward_plan.cache_clear()
+    convgen.set_num_threads(2)
+    dtype = spec_dtype(spec)
+    case = _case(spec, 48, 40)
+    case.update(N=2, H=16, W=8)   # (planes of 128 values: whole lines in either dtype)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.panels and fp.in_place is None and fp.in_place_aligned is not None
+    x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-aligned", spec.name))
+    buf = _engine.aligned_empty((x.size + 64,), dtype)
+    outputs = []
+    for offset, in_place in ((0, True), (16 // dtype.itemsize, False)):   # (16 bytes past a line)
+        xs = buf[offset:offset + x.size].reshape(x.shape)
+        xs[...] = x
+        used = _scratch_names(monkeypatch)
+        outputs.append(convgen_functional("fwd", xs, w, b, gy, **conv_args(case)))
+        assert (used == []) == in_place and ("fwd_panels" in used) != in_place
+    assert np.array_equal(outputs[0], outputs[1])
+    assert_close(outputs[0], reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "vs reference")
+    _engine.forward_plan.cache_clear()
+
+
 def test_in_place_rule():
     """Which stride-1 1x1 forwards without padding read their input in place (IN_PLACE)."""
     def in_place(N, C, OC, H, W, dtype="f32", pad=0, stride=1, groups=1):
@@ -922,6 +951,14 @@ def test_in_place_rule():
     assert not in_place(1, 64, 256, 56, 56)
     assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
     assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
+
+    def where_aligned(N, C, OC, H, W):
+        return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
+                                                    "f32")).in_place_aligned is not None
+    assert where_aligned(1, 256, 64, 56, 56) and where_aligned(1, 512, 128, 28, 28)   # 4 MB and 2 MB
+    assert not where_aligned(1, 1024, 256, 14, 14)   # 784-byte planes: most start mid-line
+    assert not where_aligned(8, 256, 64, 56, 56) and not where_aligned(1, 64, 128, 112, 112)   # 32 and 9.6 MB
+    assert not where_aligned(1, 144, 24, 56, 56)     # in place wherever it starts
     assert not in_place(1, 144, 24, 56, 56, pad=1) and not in_place(1, 144, 24, 56, 56, stride=2)
     assert not in_place(1, 144, 24, 56, 56, groups=2)
 
