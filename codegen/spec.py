@@ -182,6 +182,8 @@ class KernelSpec:
         if self.channel_block:
             labels.append("channel-block {}x{}".format(*self.channel_block))
         labels += ["{}x{}".format(*t) for t in self.tiles[1:]]
+        if self.in_place:
+            labels.append("masked twins (input in place)")
         return labels
 
     @property

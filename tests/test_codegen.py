@@ -341,6 +341,8 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
         want = s.direction == "fwd" and s.groups == "dense" and s.kernel == 1 and s.stride == 1
         assert s.in_place == want and context.kernel_context(s)["in_place"] == want, s.name
     assert any(s.in_place for s in SPECS)
+    for s in SPECS:   # (python -m codegen lists them)
+        assert ("masked twins (input in place)" in s.other_tiles) == s.in_place, s.name
     for dtype in ("f32", "f64"):
         text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, SPECS), env)
         pointwise = KernelSpec("fwd", dtype, 1, 1, 1, "dense")
