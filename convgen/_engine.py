@@ -63,6 +63,13 @@ WGRAD_FLAT_MIN_MACS = 100
 # ResNet's 3x3 at 14x14 1.016x, Inception 1.015x, its strided 3x3 1.006-1.011x, the rest
 # within 1%: its 1x1 0.98-0.994x.)
 WGRAD_BANDS = True
+# ... from this many vectors of output channels (its tile takes two at a time, so 24
+# channels leave a quarter of its lanes idle).  (2 threads, module backward against the
+# pixel-vectorised kernel, 10 alternating rounds each way: MobileNetV2's projections
+# 144 -> 24 and 96 -> 24 at 56x56 1.24-1.26x and 1.19-1.24x, float64 144 -> 12 1.19x; 3x3
+# layers to 24 channels: 32 at 56x56 1.06x, 16 at 112x112 1.10x, 64 at 28x28 0.96x, float64
+# 32 -> 12 1.08x.  16 output channels, half the lanes idle, 0.92-1.0x, 8 0.77x.)
+WGRAD_MIN_OUT_VECTORS = 1.5
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -852,8 +859,8 @@ class ForwardPlan:
         # vectorised tile suits ResNeXt's groups of 4 channels.
         self.wgrad_ocvec = self.wgrad_kernel if p.groups == 1 else _dispatch.lookup("bwd_weight",
                                                                                     p._replace(groups=1))
-        self.wgrad_by_channel = (self.wgrad_ocvec.ocvec is not None and self.OCg >= 2 * lanes and self.Cg >= 16
-                                 and (p.groups == 1 or WGRAD_GROUPWISE and _geometry.round_up(self.OCg, 2 * lanes)
+        self.wgrad_by_channel = (self.wgrad_ocvec.ocvec is not None and self.OCg >= WGRAD_MIN_OUT_VECTORS * lanes
+                                 and self.Cg >= 16 and (p.groups == 1 or WGRAD_GROUPWISE and _geometry.round_up(self.OCg, 2 * lanes)
                                       <= CVEC_CHANNEL_WASTE * self.OCg))
         self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = None, False, None
         if self.wgrad_by_channel:

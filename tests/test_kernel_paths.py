@@ -443,6 +443,21 @@ def test_weight_gradient_by_channel(spec, forced, monkeypatch):
     _check(spec, case)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, restore_threads):
+    """Dense layers with 1.5 vectors of output channels (WGRAD_MIN_OUT_VECTORS), one partial
+    block of the tile's two, take the weight gradient by channel; fewer do not: against the
+    reference and torch, on 1 and 2 threads."""
+    dtype = np.dtype(dtype)
+    lanes = 64 // dtype.itemsize
+    case = dict(N=2, C=40, OC=lanes * 3 // 2, H=13, W=11, kernel=(kernel, kernel), stride=(1, 1),
+                padding=(kernel // 2, kernel // 2), dilation=(1, 1), groups=1)
+    assert _plan(case, dtype).wgrad_by_channel
+    assert not _plan(dict(case, OC=lanes * 3 // 2 - 1), dtype).wgrad_by_channel
+    _check_directions(case, dtype, make_rng("wgrad-partial-block", dtype.name, kernel), with_torch=True)
+
+
 @pytest.fixture(params=[1, 2], ids=["an image per item", "two images per item"])
 def chunks(monkeypatch, request):
     """(output rows, images) per work item of the weight gradient split over pixels, forced."""
