@@ -458,6 +458,43 @@ def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, restore_
     _check_directions(case, dtype, make_rng("wgrad-partial-block", dtype.name, kernel), with_torch=True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_gradient_transposed(threads, restore_threads):
+    """A narrowing stride-1 1x1 layer without padding with too few output channels for the
+    weight gradient by channel (17 in float32) takes the transposed gradient of the layer
+    the other way round (ForwardPlan.wgrad_transposed), from the input itself or the copy
+    its training forward keeps: functional, module (accumulating into .grad), against the
+    reference and torch, and with an infinity in the input, whose pattern matches torch's."""
+    convgen.set_num_threads(threads)
+    dtype = np.dtype(np.float32)
+    case = dict(N=2, C=40, OC=17, H=11, W=9, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    fp = _plan(case, dtype)
+    q = fp.wgrad_transposed
+    assert not fp.wgrad_by_channel and q == fp.problem._replace(C=17, OC=40)
+    assert _engine.forward_plan(q).wgrad_by_channel and fp.wgrad_reads_input
+    x, w, b, gy = case_arrays(case, dtype, make_rng("wgrad-transposed", threads))
+    args = conv_args(case)
+    want = reference_functional("bwd_weight", x, w, b, gy, **args)
+    assert_close(convgen_functional("bwd_weight", x, w, b, gy, **args), want, dtype, "functional")
+    assert_close(convgen_functional("bwd_weight", x, w, b, gy, **args), torch_functional("bwd_weight", x, w, b, gy,
+                                                                                         **args), dtype, "vs torch")
+    conv = convgen.Conv2d(40, 17, 1, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    for step in (1, 2):
+        conv(x)
+        conv.backward(gy)
+        assert conv._saved.xin.shape == (2 * 40, 11 * 9) and not np.shares_memory(conv._saved.xin, x)
+        assert_close(conv.weight.grad, step * want, dtype, f"module, step {step}")
+    xi = x.copy()
+    xi[1, 5, 3, 4] = np.inf
+    got = convgen_functional("bwd_weight", xi, w, b, gy, **args)
+    ref = torch_functional("bwd_weight", xi, w, b, gy, **args)
+    real = np.isfinite(ref)
+    assert not real.all() and np.array_equal(got[~real], ref[~real], equal_nan=True)
+    assert_close(np.where(real, got, 0), np.where(real, ref, 0), dtype, "with an infinity, finite values")
+
+
 @pytest.fixture(params=[1, 2], ids=["an image per item", "two images per item"])
 def chunks(monkeypatch, request):
     """(output rows, images) per work item of the weight gradient split over pixels, forced."""

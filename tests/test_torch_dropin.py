@@ -306,21 +306,23 @@ def test_input_modified_in_place_after_forward_is_caught():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("in_place, out_channels", [(True, 32), (False, 32), (True, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_pointwise_layer_keeps_its_input_itself(dtype, in_place, monkeypatch):
+def test_pointwise_layer_keeps_its_input_itself(dtype, in_place, out_channels, monkeypatch):
     """A stride-1 1x1 layer without padding keeps the input tensor's own memory for its
     weight gradient (no copy: autograd guards it), a padded one a copy; both give
     PyTorch's gradients, also with an infinity and a NaN in the input, and an input
     changed in place after the forward is caught.  Its forward reads the input in place
-    too: through the pixel tiles (_engine.IN_PLACE), or else through the panels."""
+    too: through the pixel tiles (_engine.IN_PLACE), or else through the panels.  (With 17
+    output channels, the float32 weight gradient is the transposed one of the layer the
+    other way round: ForwardPlan.wgrad_transposed.)"""
     monkeypatch.setattr(_engine, "IN_PLACE", in_place)
     _engine.forward_plan.cache_clear()
-    out_channels = 32
     p = _engine.Problem(2, 40, 9, 11, out_channels, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
                         "f32" if dtype == torch.float32 else "f64")
     fp = _engine.forward_plan(p)
     assert (fp.in_place is not None) == in_place and fp.panels and fp.wgrad_reads_input
+    assert (fp.wgrad_transposed is not None) == (out_channels == 17 and dtype == torch.float32)
     ours, ref = pair(40, out_channels, 1, dtype=dtype)
     x = torch.randn(2, 40, 9, 11, dtype=dtype)
     x[0, 3, 2, 4], x[1, 7, 0, 0] = float("inf"), float("nan")
