@@ -72,13 +72,13 @@ WGRAD_BANDS = True
 WGRAD_MIN_OUT_VECTORS = 1.5
 # Stride-1 1x1 layers without padding with fewer output channels than that compute their
 # weight gradient as the transposed one of the 1x1 layer the other way round, which runs by
-# channel (see ForwardPlan.wgrad_transposed); their training forwards then read the input
-# in place too, keeping a plain copy of it.  (2 threads, on against off, separate processes
-# alternating, 6-8 rounds: functional weight gradient, which pads no planes now, of
-# MobileNetV2's 32 -> 16 at 112x112 0.251 -> 0.144 ms, 64 -> 16 at 56x56 0.121 -> 0.084,
-# 96 -> 20 at 28x28 0.077 -> 0.055; module training forward 1.08-1.85x (a batch of 4 of
-# 32 -> 16 at 56x56 1.20x), but module backward alone 0.90-0.97x, the planes it read kept
-# by the forward before; forward and backward together 1.0-1.2x.)
+# channel (see ForwardPlan.wgrad_transposed), where their planes are the input itself;
+# their training forwards read the input in place too.  (2 threads, on against off,
+# separate processes alternating, 6-8 rounds: functional weight gradient, which pads no
+# planes now, of MobileNetV2's 32 -> 16 at 112x112 0.251-0.261 -> 0.142-0.144 ms, 64 -> 16
+# at 56x56 0.121 -> 0.081-0.084, 96 -> 20 at 28x28 0.077 -> 0.055; a module's training
+# forward, which keeps padded planes for the pixel-vectorised kernel, 1.33-1.46x, its
+# backward 0.95-1.01x.  Its backward from a plain copy of the input, transposed: 0.90-0.97x.)
 WGRAD_TRANSPOSED = True
 
 
@@ -898,7 +898,8 @@ class ForwardPlan:
         # ... and so do those with too few output channels for it that narrow the channels
         # (WGRAD_TRANSPOSED): their weight gradient, transposed, is that of the 1x1 layer from
         # their output channels to their input channels, grad_output as its input and the
-        # input as its grad_output, which the layer's planes (the input itself) then are.
+        # input as its grad_output, which the layer's planes then are where they are the
+        # input itself (conv2d_weight's, the drop-in's; a module keeps padded planes).
         self.wgrad_transposed = None
         if (WGRAD_TRANSPOSED and not self.wgrad_by_channel and p.groups == 1 and self.kk == 1 and p.C > p.OC
                 and p.sh == p.sw == 1 and not any((p.pad_top, p.pad_bottom, p.pad_left, p.pad_right))):
@@ -1209,11 +1210,10 @@ def planes_in_place(x, p: Problem):
     return x.reshape(p.N * p.C, p.H * p.W) if forward_plan(p).wgrad_reads_input else None
 
 
-def _kept_planes(fp, x, recycle, x_chan=None):
+def _kept_planes(fp, x, recycle):
     """Memory for the padded planes a forward keeps for the weight gradient: `recycle`
-    (a dead xin from an earlier call) where it has the right size, else new.  x_chan:
-    the planes' length, if not fp.x_chan."""
-    shape = (fp.problem.N * fp.problem.C, fp.x_chan if x_chan is None else x_chan)
+    (a dead xin from an earlier call) where it has the right size, else new."""
+    shape = (fp.problem.N * fp.problem.C, fp.x_chan)
     if recycle is not None and recycle.shape == shape and recycle.dtype == x.dtype:
         return recycle
     return aligned_empty(shape, x.dtype)
@@ -1267,13 +1267,13 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, in_place[1],
                       p.H * p.W, 1, _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, in_place[0], tiles_inner=True,
                       static_schedule=True, in_place=True)
-        xin = None
+        xin, nonfinite = None, False
         if shared:
             xin = x.reshape(p.N * p.C, p.H * p.W)
-        elif keep:   # (the weight gradient's planes: a copy of the input, as it is)
-            xin = _kept_planes(fp, x, recycle, p.H * p.W)
-            np.copyto(xin, x.reshape(xin.shape))
-        return y, xin, False
+        elif keep:   # (the weight gradient's planes, padded as the other paths keep them)
+            xin = _kept_planes(fp, x, recycle)
+            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
+        return y, xin, nonfinite
     if not keep:
         # (the channel-vector tile reads only its pixel-major blocks)
         xin = None if fp.cvec is not None else scratch("fwd_planes", (threads * fp.Cg if fused else fp.images * p.C,
@@ -1616,11 +1616,10 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
     fp = forward_plan(p)
     threads = threads_for(fp.work, fp.values)
     gw = gb = None
-    if need_weight and fp.wgrad_transposed is not None:
-        # (xin: the input itself, or a copy of it; grad_output the planes of the layer q)
-        pixels = p.H * p.W
-        x_as_grad = xin if xin.shape[1] == pixels else np.ascontiguousarray(xin[:, :pixels])
-        gq, _ = backward_params(x_as_grad.reshape(p.N, p.C, p.H, p.W), grad_y.reshape(p.N * p.OC, pixels),
+    if need_weight and fp.wgrad_transposed is not None and xin.shape[1] == p.H * p.W:
+        # (xin: the input itself, grad_output the planes of the layer q; a module's training
+        # forward keeps padded planes instead, for the kernel below)
+        gq, _ = backward_params(xin.reshape(p.N, p.C, p.H, p.W), grad_y.reshape(p.N * p.OC, p.H * p.W),
                                 fp.wgrad_transposed, need_bias=False)
         gw = weight_grad if weight_grad is not None else np.empty((p.OC, p.C, 1, 1), dtype=grad_y.dtype)
         if weight_grad is not None and weight_accumulate:
