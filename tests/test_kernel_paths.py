@@ -899,6 +899,14 @@ def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
         args = conv_args(case)
         assert_close(got, reference_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
         assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
+        # A module's training forward too, keeping its padded planes for the backward.
+        conv = convgen.Conv2d(C, OC, 1, dtype=dtype)
+        conv.weight[...], conv.bias[...] = w, b
+        y = conv(x)
+        assert used == [] and conv._saved.xin.shape == (N * C, fp.x_chan)
+        assert_close(y, got, dtype, "module forward")
+        conv.backward(gy)
+        assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "module gw")
         monkeypatch.undo()   # (the scratch spy)
         monkeypatch.setattr(_engine, "SMALL_WORK", 0)
         monkeypatch.setattr(_engine, "IN_PLACE_PIXEL_WASTE", float("inf"))

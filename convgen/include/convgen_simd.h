@@ -272,4 +272,22 @@ static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, i
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
 }
 
+/* v's 16 floats added, each widened to a double, into lo (lanes 0-7) and hi (8-15): long
+ * float32 sums kept in float64 (the bias gradient's: see _layout's channel sums). */
+#ifdef __AVX512F__
+static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
+    __m512 w = (__m512)v;
+    *lo += (cg_vf64)_mm512_cvtps_pd(_mm512_castps512_ps256(w));
+    *hi += (cg_vf64)_mm512_cvtps_pd((__m256)_mm512_extractf64x4_pd((__m512d)w, 1));
+}
+#else
+typedef float cg_vf32_half __attribute__((vector_size(32)));
+static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
+    cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    cg_vf32_half b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    *lo += __builtin_convertvector(a, cg_vf64);
+    *hi += __builtin_convertvector(b, cg_vf64);
+}
+#endif
+
 #endif
