@@ -398,6 +398,13 @@ class Problem(NamedTuple):
     dtype: str     # "f32" | "f64"
 
     @property
+    def pointwise(self):
+        """A 1x1 kernel at stride 1 without padding: each output pixel reads its own
+        input pixel, so the input itself is the flat grid (its planes, no halo)."""
+        return ((self.KH, self.KW, self.sh, self.sw) == (1, 1, 1, 1)
+                and self.pad_top == self.pad_bottom == self.pad_left == self.pad_right == 0)
+
+    @property
     def output_hw(self):
         hp = self.H + self.pad_top + self.pad_bottom
         wp = self.W + self.pad_left + self.pad_right
@@ -832,9 +839,8 @@ class ForwardPlan:
         # the blocked copy: each work item copies a run of pixel chunks into its thread's
         # panel, which stays in cache while every channel tile runs over it.
         # (Only the 1x1 kernels have panel tiles: stride and dilation 1.)
-        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and p.dh == p.dw == 1
-                       and p.groups == 1 and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
-                       and not self.row_tiles and not self.pack_blocks and PANELS)
+        self.panels = (self.cvec is not None and p.pointwise and self.tiles_inner and p.dh == p.dw == 1
+                       and p.groups == 1 and not self.row_tiles and not self.pack_blocks and PANELS)
         if self.panels:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
@@ -842,8 +848,7 @@ class ForwardPlan:
         # always (in_place) or where the input starts on a cache line (in_place_aligned).
         self.in_place = self.in_place_aligned = None
         pixels = p.H * p.W
-        if (IN_PLACE and self.kernel.in_place and p.groups == 1 and p.sh == p.sw == 1
-                and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0):
+        if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
             if _geometry.round_up(pixels, chunk) <= IN_PLACE_PIXEL_WASTE * pixels:
                 plan = (tile, _geometry.round_up(pixels, chunk))
@@ -895,16 +900,14 @@ class ForwardPlan:
         # (each channel's pixels, rows W apart), since these tiles read only the pixels
         # of the rectangles they visit (no scratch columns); F.conv2d_weight then skips
         # copying it.
-        self.wgrad_reads_input = (self.wgrad_by_channel and self.kk == 1 and p.sh == p.sw == 1 and self.We == p.W
-                                  and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0)
+        self.wgrad_reads_input = self.wgrad_by_channel and p.pointwise
         # ... and so do those with too few output channels for it that narrow the channels
         # (WGRAD_TRANSPOSED): their weight gradient, transposed, is that of the 1x1 layer from
         # their output channels to their input channels, grad_output as its input and the
         # input as its grad_output, which the layer's planes then are where they are the
         # input itself (conv2d_weight's, the drop-in's; a module keeps padded planes).
         self.wgrad_transposed = None
-        if (WGRAD_TRANSPOSED and not self.wgrad_by_channel and p.groups == 1 and self.kk == 1 and p.C > p.OC
-                and p.sh == p.sw == 1 and not any((p.pad_top, p.pad_bottom, p.pad_left, p.pad_right))):
+        if WGRAD_TRANSPOSED and not self.wgrad_by_channel and p.pointwise and p.groups == 1 and p.C > p.OC:
             q = p._replace(C=p.OC, OC=p.C, mode="zeros")
             if forward_plan(q).wgrad_reads_input:   # (q widens the channels: no recursion)
                 self.wgrad_transposed = q
@@ -1090,8 +1093,7 @@ class BackwardDataPlan:
         # As ForwardPlan.panels: grad_output is its own flat grid (no halo, one phase).
         # (Zero padding only shifts grad_output's grid against the input's, which the panels
         # do not: a padded 1x1 layer's input gradient came out wrong.)
-        self.panels = (self.cvec is not None and self.tiles_inner and p.sh == p.sw == 1 and interior
-                       and p.pad_top == p.pad_bottom == p.pad_left == p.pad_right == 0
+        self.panels = (self.cvec is not None and p.pointwise and self.tiles_inner and interior
                        and self.width == fp.OW and not self.row_tiles and not self.pack_blocks and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
         # As the forward's bands (but for panels): output row i reads grad_output's
@@ -1271,7 +1273,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
                       static_schedule=True, in_place=True)
         xin, nonfinite = None, False
         if shared:
-            xin = x.reshape(p.N * p.C, p.H * p.W)
+            xin = planes_in_place(x, p)
         elif keep:   # (the weight gradient's planes, padded as the other paths keep them)
             xin = _kept_planes(fp, x, recycle)
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
@@ -1394,8 +1396,7 @@ def input_gradient_as_forward(p: Problem):
     stride 1 without padding, a 1x1 layer from OC to C channels with the weight
     transposed: that forward's where it reads grad_output in place (ForwardPlan.in_place)
     and the transposed copy is small (INPUT_AS_FORWARD_WEIGHT_SHARE)."""
-    if (p.groups == 1 and (p.KH, p.KW, p.sh, p.sw) == (1, 1, 1, 1)
-            and not any((p.pad_top, p.pad_bottom, p.pad_left, p.pad_right))):
+    if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
         small = p.OC * p.C <= INPUT_AS_FORWARD_WEIGHT_SHARE * p.N * p.H * p.W * (p.C + p.OC)
         return q if small and forward_plan(q).in_place is not None else None
