@@ -122,7 +122,8 @@ class KernelSpec:
         """Whether the pixel tiles can read a 1x1 layer's input itself rather than padded
         planes (dense forward, 1x1, stride 1): each tile then has a twin whose loads stop
         at a plane's last pixel, for the last chunks, since the input has no slack past
-        its planes (see convgen._engine.IN_PLACE)."""
+        its planes (see convgen._engine.IN_PLACE), and dot products over the channels for
+        the few pixels past a plane's whole chunks (IN_PLACE_LEFTOVER)."""
         return self.direction == "fwd" and self.groups == "dense" and self.kernel == 1 and self.stride == 1
 
     @property
@@ -183,7 +184,7 @@ class KernelSpec:
             labels.append("channel-block {}x{}".format(*self.channel_block))
         labels += ["{}x{}".format(*t) for t in self.tiles[1:]]
         if self.in_place:
-            labels.append("masked twins (input in place)")
+            labels.append("masked twins and dot products (input in place)")
         return labels
 
     @property

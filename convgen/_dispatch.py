@@ -41,12 +41,29 @@ class Kernel(NamedTuple):
         lines) as two weight broadcasts.  (Measured, 2 threads: the 8x3 tile as fast as
         the 6x4 or faster, e.g. 1.14x on ResNet's 14x14 3x3 layers, forward and input
         gradient; the 3x8 1.25-1.4x slower.)"""
-        def cost(i):
-            rows, cols, chunk = self.variants[i]
-            padded = -(-out_rows // rows) * rows * (-(-pixels // chunk) * chunk)
-            return (padded * (2 * cols + rows) / (rows * cols), i)
-        best = min(range(len(self.variants)), key=cost)
+        best = min(range(len(self.variants)), key=lambda i: (self.tile_cost(i, out_rows, pixels), i))
         return best, self.variants[best][2]
+
+    def tile_cost(self, i, out_rows, pixels, extra_pixels=0):
+        """pick_tile's cost of compiled tile i on out_rows x pixels, both rounded up to
+        whole tiles, plus extra_pixels (per output row) at the price of a tile's pixel."""
+        rows, cols, chunk = self.variants[i]
+        padded = -(-out_rows // rows) * rows * (-(-pixels // chunk) * chunk + extra_pixels)
+        return padded * (2 * cols + rows) / (rows * cols)
+
+    def pick_tile_leftover(self, out_rows, pixels, max_left, left_price):
+        """As pick_tile, for tiles that stop at a plane's last whole chunk, at most max_left
+        pixels short of its end, each pixel past it priced as left_price of a tile's (the
+        in-place kernels' _leftover dot products).  Returns (index, chunk, cost), or None
+        where no compiled tile stops that close."""
+        def cost(i):
+            left = pixels % self.variants[i][2]
+            return self.tile_cost(i, out_rows, pixels - left, left_price * left)
+        fits = [i for i, (_, _, chunk) in enumerate(self.variants) if pixels >= chunk and pixels % chunk <= max_left]
+        if not fits:
+            return None
+        best = min(fits, key=lambda i: (cost(i), i))
+        return best, self.variants[best][2], cost(best)
 
 
 def groups_kind(in_channels, groups):

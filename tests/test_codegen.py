@@ -336,13 +336,14 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
     """Dense 1x1 stride-1 forward kernels (and nothing else) list themselves in IN_PLACE
     and have, for each pixel tile, a twin loading at most a.x_valid pixels of a plane
     (masked loads, counts fixed before the reduction), which their items run for a
-    plane's last chunks."""
+    plane's last chunks, and dot products for the tile's rows at the pixels past its
+    chunks (a.left_n), which their items run after a plane's last chunk."""
     for s in SPECS:
         want = s.direction == "fwd" and s.groups == "dense" and s.kernel == 1 and s.stride == 1
         assert s.in_place == want and context.kernel_context(s)["in_place"] == want, s.name
     assert any(s.in_place for s in SPECS)
     for s in SPECS:   # (python -m codegen lists them)
-        assert ("masked twins (input in place)" in s.other_tiles) == s.in_place, s.name
+        assert ("masked twins and dot products (input in place)" in s.other_tiles) == s.in_place, s.name
     for dtype in ("f32", "f64"):
         text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, SPECS), env)
         pointwise = KernelSpec("fwd", dtype, 1, 1, 1, "dense")
@@ -362,12 +363,22 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
             item = text[text.index(f"cdef void {fn}_item("):]
             item = item[:item.index("\ncdef ")]
             assert f"if (chunk + 1) * {cols * lanes} > a.x_valid:" in item and f"{fn}_tail_tile(a, " in item
+            assert "if a.left_n > 0 and chunk == a.chunks - 1:" in item and f"{fn}_leftover(a, rest, ot)" in item
+            dots = text[text.index(f"cdef void {fn}_leftover("):]
+            dots = dots[:dots.index("\ncdef ")]
+            assert f"cdef Py_ssize_t q0 = a.chunks * {cols * lanes}" in dots
+            for j in range(rows):   # (each row: whole vectors of channels, then the rest masked)
+                assert f"s_{j} = cg_fmav_{dtype}(s_{j}, xv, cg_load_{dtype}(w_{j} + c))" in dots
+                assert f"s_{j} = cg_fmav_{dtype}(s_{j}, xv, cg_load_partial_{dtype}(w_{j} + whole, <int>n))" in dots
+                assert f"y_{j}[l] = b_{j} + cg_hsum_{dtype}(s_{j})" in dots
+            assert f"s_{rows} " not in dots
         assert text.count("_tail_tile(") == 2 * len(pointwise.tiles)   # (each defined and called once)
+        assert text.count("_leftover(a, ") == len(pointwise.tiles) and text.count("_copy_leftover(a.x") == 1
     for direction in ("fwd", "bwd_data"):
         text = render.render(f"conv2d_{direction}.pyx.j2", context.module_context(direction, "f32", SPECS), env)
         assert "a.x_valid = ANY_CHUNK" in text
         if direction == "bwd_data":
-            assert "_tail_tile(" not in text and "IN_PLACE = (\n)" in text
+            assert "_tail_tile(" not in text and "_leftover(a, " not in text and "IN_PLACE = (\n)" in text
 
 
 def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env):

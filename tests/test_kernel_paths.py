@@ -869,15 +869,20 @@ def _before_unreadable_page(a):
     return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+@pytest.mark.parametrize("leftover", [True, False], ids=["leftover", "chunks-past-the-end"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
-def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
+def test_one_by_one_in_place(spec, threads, leftover, monkeypatch, restore_threads):
     """Narrow 1x1 layers' inference forward reads the input itself (no scratch memory asked
-    for), its last byte just before an unreadable page: 2 images of 11 x 9 pixels (planes
-    ending inside a chunk) and 3 of 4 x 6 (every plane shorter than a chunk, so vectors
-    with nothing to load), against the reference and torch."""
+    for but, with leftover, the copy of each plane's last 3 pixels that its dot products
+    read), its last byte just before an unreadable page: 2 images of 11 x 9 pixels (planes
+    ending 3 pixels past a chunk: with IN_PLACE_LEFTOVER 0, the last chunks load no further
+    than the plane) and 3 of 4 x 6 (every plane shorter than a chunk, so vectors with nothing
+    to load), against the reference and torch."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     monkeypatch.setattr(_engine, "IN_PLACE_PIXEL_WASTE", float("inf"))
+    if not leftover:
+        monkeypatch.setattr(_engine, "IN_PLACE_LEFTOVER", 0)
     _engine.forward_plan.cache_clear()
     convgen.set_num_threads(threads)
     dtype = spec_dtype(spec)
@@ -886,6 +891,8 @@ def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
         case.update(N=N, H=H, W=W)
         fp = _plan(case, dtype)
         assert fp.kernel.name == spec.name and fp.in_place is not None
+        left = 3 if leftover and H * W == 99 else 0
+        assert fp.in_place[2] == left and (left == 0 or fp.in_place[1] + left == H * W)
         assert _engine.threads_for(fp.work, fp.values) == threads
         rng = make_rng("in-place", spec.name, N)
         x, w, b, gy = case_arrays(case, dtype, rng)
@@ -895,7 +902,8 @@ def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
             got = convgen_functional("fwd", guarded, w, b, gy, **conv_args(case))
         finally:
             release()
-        assert used == []
+        assert used == (["fwd_leftover"] if left else [])
+        used.clear()
         args = conv_args(case)
         assert_close(got, reference_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs reference")
         assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
@@ -903,7 +911,7 @@ def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
         conv = convgen.Conv2d(C, OC, 1, dtype=dtype)
         conv.weight[...], conv.bias[...] = w, b
         y = conv(x)
-        assert used == [] and conv._saved.xin.shape == (N * C, fp.x_chan)
+        assert used == (["fwd_leftover"] if left else []) and conv._saved.xin.shape == (N * C, fp.x_chan)
         assert_close(y, got, dtype, "module forward")
         conv.backward(gy)
         assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "module gw")
@@ -914,8 +922,9 @@ def test_one_by_one_in_place(spec, threads, monkeypatch, restore_threads):
 def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
     """A forward that keeps the input itself for the weight gradient (the drop-in's, whose
     input autograd guards: share_input) reads it in place too: no scratch memory, the
-    input returned as the planes.  (32 output channels: in place, and enough for the
-    weight gradient by channel, which reads the input itself.)"""
+    input returned as the planes (no scratch memory but the copy of each plane's last
+    pixels that IN_PLACE_LEFTOVER's dot products read).  (32 output channels: in place, and
+    enough for the weight gradient by channel, which reads the input itself.)"""
     dtype = spec_dtype(spec)
     case = _case(spec, 40, 32)
     case.update(N=2, H=11, W=9)
@@ -924,7 +933,8 @@ def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
     x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-kept", spec.name))
     used = _scratch_names(monkeypatch)
     y, xin, nonfinite = _engine.forward(x, w, b, fp.problem, keep=True, share_input=True)
-    assert used == [] and np.shares_memory(xin, x) and not nonfinite
+    assert used == ["fwd_leftover"] and fp.in_place[2] == 3
+    assert np.shares_memory(xin, x) and not nonfinite
     assert_close(y, reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "forward")
 
 
@@ -1015,6 +1025,14 @@ def test_in_place_rule():
     assert not in_place(1, 64, 256, 56, 56)
     assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
     assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
+
+    def plan(N, C, OC, H, W, dtype="f32"):
+        return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
+                                                    dtype)).in_place[1:]
+    # (chunks, then pixels past them: IN_PLACE_LEFTOVER)
+    assert plan(1, 2048, 512, 7, 7) == (48, 1) and plan(2, 960, 160, 7, 7, "f64") == (48, 1)
+    assert plan(1, 32, 16, 10, 10) == (96, 4) and plan(1, 144, 24, 14, 14) == (192, 4)
+    assert plan(1, 64, 64, 56, 56) == (3168, 0) and plan(1, 16, 8, 9, 9) == (96, 0)   # 16 or 33 past 48: none
 
     def where_aligned(N, C, OC, H, W):
         return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
