@@ -241,12 +241,15 @@ IN_PLACE_MAX_WORK = 1 << 24
 # 0.92x, 64 -> 128 at 112x112 (9.6 MB) 0.93x, but a batch of two of 64 -> 256 at 56x56 (8 MB)
 # 1.14x.  ResNet's 1024 -> 256 at 14x14, whose 784-byte planes start mid-line, 0.89x.)
 IN_PLACE_ALIGNED_BYTES = 6 << 20
-# Their input gradients run as such forwards of grad_output (input_gradient_as_forward)
-# where the weight they transpose holds at most this share of the values read and written.
-# (Module backward, input and weight gradients, in place against not, 6 rounds:
-# MobileNetV2's 32 -> 16 at 112x112 1.22x, 96 -> 24 and 144 -> 24 at 56x56 1.10x and 1.01x,
-# 16 -> 96 at 112x112 and 24 -> 144 at 56x56 1.34x and 1.40x, 64 -> 64 at 56x56 1.18x.
-# With the transposed copy, 960 -> 160 at 7x7, weight 2.8 times the data: 0.59x.)
+# Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
+# the weight read transposed (run's weight_transposed), where it holds at most this share
+# of the values read and written.  (Module backward, input and weight gradients, in place
+# against not, 6 rounds, from a transposed copy of the weight: MobileNetV2's 32 -> 16 at
+# 112x112 1.22x, 96 -> 24 and 144 -> 24 at 56x56 1.10x and 1.01x, 16 -> 96 at 112x112 and
+# 24 -> 144 at 56x56 1.34x and 1.40x, 64 -> 64 at 56x56 1.18x; reading it transposed
+# instead, 0.995-1.09x faster again.  Larger weights, read transposed, 6 rounds: 160 -> 960
+# and 320 -> 1280 at 7x7 1.30x and 1.18x, 960 -> 160 1.01x, but ResNet's 2048 -> 512 and
+# 512 -> 2048 at 7x7 0.92x and 0.94x and 512 -> 512 at 10x10 0.81x, so not there.)
 INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
 # ... on maps whose pixel chunks compute at most this share more pixels than there are
 # (a 7x7 map: 64 for 49; not the 1x1 maps of squeeze-and-excitation blocks, whose
@@ -1284,13 +1287,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         in_place = fp.in_place_aligned
     shared = keep and share_input and (fp.panels or in_place) and fp.wgrad_reads_input
     if in_place:
-        tile, out_len, left = in_place
-        planes = x.reshape(p.N * p.C, p.H * p.W)
-        # (each image's pixels past the chunks, copied there channels contiguous)
-        leftover = scratch("fwd_leftover", (p.N, left, p.C), x.dtype) if left else None
-        fp.kernel.run(planes, weight, bias, y, None, p.N, 1, p.C, p.OC, out_len, p.H * p.W, 1, _ORIGIN, _ORIGIN,
-                      p.W, p.H, p.W, p.C, threads, tile, tiles_inner=True, static_schedule=True, in_place=True,
-                      leftover=leftover)
+        _run_in_place(fp, in_place, x, weight, bias, y, threads)
         xin, nonfinite = None, False
         if shared:
             xin = planes_in_place(x, p)
@@ -1375,6 +1372,19 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     return (y, xin, nonfinite) if keep else (y, None, False)
 
 
+def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):
+    """The pixel tiles of a 1x1 layer's forward over its input x itself (ForwardPlan.in_place's
+    plan: tile, pixels of its chunks, pixels past them); weight_transposed: weight is the
+    (C, OC) weight of the layer whose input gradient this forward computes."""
+    p = fp.problem
+    tile, out_len, left = plan
+    # (each image's pixels past the chunks, copied there channels contiguous)
+    leftover = scratch("fwd_leftover", (p.N, left, p.C), x.dtype) if left else None
+    fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, out_len, p.H * p.W, 1,
+                  _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, tile, tiles_inner=True, static_schedule=True,
+                  in_place=True, leftover=leftover, weight_transposed=weight_transposed)
+
+
 def _group(a, g, per_group, name):
     """Group g's channels of a (N, channels, ...) array, C-contiguous: a view for one image,
     else a copy in scratch memory `name`."""
@@ -1415,7 +1425,7 @@ def input_gradient_as_forward(p: Problem):
     gradient with full vectors of channels), else None.  So is a dense 1x1 layer's at
     stride 1 without padding, a 1x1 layer from OC to C channels with the weight
     transposed: that forward's where it reads grad_output in place (ForwardPlan.in_place)
-    and the transposed copy is small (INPUT_AS_FORWARD_WEIGHT_SHARE)."""
+    and the weight is small (INPUT_AS_FORWARD_WEIGHT_SHARE)."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
         small = p.OC * p.C <= INPUT_AS_FORWARD_WEIGHT_SHARE * p.N * p.H * p.W * (p.C + p.OC)
@@ -1479,11 +1489,14 @@ def _input_gradient(grad_y, weight, p: Problem):
     in cache across the three passes."""
     q = input_gradient_as_forward(p)
     if q is not None:
-        if p.groups == 1:   # (a dense 1x1 layer: its weight transposed)
-            w = weight.reshape(p.OC, p.C).T.copy().reshape(p.C, p.OC, 1, 1)
-        else:               # (depthwise: its taps flipped)
-            w = np.ascontiguousarray(weight[:, :, ::-1, ::-1])
-        return forward(grad_y, w, None, q, keep=False)[0]
+        if p.groups == 1:   # (a dense 1x1 layer: its weight read transposed)
+            fq = forward_plan(q)
+            gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+            _run_in_place(fq, fq.in_place, grad_y, weight, None, gx, threads_for(fq.work, fq.values),
+                          weight_transposed=True)
+            return gx
+        # (depthwise: its taps flipped)
+        return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
     q = patch_pointwise(p)
     if q is not None:
         gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q)

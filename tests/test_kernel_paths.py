@@ -647,10 +647,14 @@ def test_wide_groups_run_as_dense_layers(case, input_too, dtype, monkeypatch, re
     calls = []
     forward = _engine.forward
     monkeypatch.setattr(_engine, "forward", lambda x, w, b, p, *a, **k: calls.append(p) or forward(x, w, b, p, *a, **k))
+    run_in_place = _engine._run_in_place
+    monkeypatch.setattr(_engine, "_run_in_place", lambda fp, *a, weight_transposed=False: (
+        weight_transposed and calls.append(fp.problem)) or run_in_place(fp, *a, weight_transposed=weight_transposed))
     rng = make_rng("groupwise", case["N"], case["C"], dtype.name)
     x, w, b, gy = _check_directions(case, dtype, rng, with_torch=True)
     # (a forward per group, on 1 and on 2 threads; and per group's input gradient, where that
-    # runs as the forward of a 1x1 layer with the same channels: input_gradient_as_forward)
+    # runs as the forward of a 1x1 layer with the same channels, its weight read transposed:
+    # input_gradient_as_forward)
     as_forward = fp.groupwise_input is not None and _engine.input_gradient_as_forward(fp.groupwise_input)
     assert calls.count(fp.groupwise) == 2 * fp.G * (2 if as_forward == fp.groupwise else 1)
     for mode in ("zeros", "reflect"):
@@ -942,10 +946,11 @@ def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, restore_threads):
     """A stride-1 1x1 layer's input gradient without padding runs as the forward of the
-    1x1 layer from its output channels to its input channels, weight transposed, reading
-    grad_output in place: against the reference and torch, with an infinite weight too
-    (the exact path); not where the transposed weight would be large, or with padding or a
-    stride."""
+    1x1 layer from its output channels to its input channels, its weight read transposed
+    (not copied), reading grad_output in place: against the reference and torch, with an
+    infinite weight too (the exact path); not where the weight is large, or with padding or
+    a stride.  (11 x 9 maps: the forward's dot products past its chunks read the weight
+    transposed too.)"""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     convgen.set_num_threads(threads)
     dtype = np.dtype(dtype)
@@ -953,18 +958,20 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
                 groups=1)
     p = _plan(case, dtype).problem
     q = _engine.input_gradient_as_forward(p)
-    assert q == p._replace(C=13, OC=40) and _engine.forward_plan(q).in_place is not None
+    assert q == p._replace(C=13, OC=40) and _engine.forward_plan(q).in_place[2] == 3
     calls = []
-    forward = _engine.forward
-    monkeypatch.setattr(_engine, "forward", lambda x, w, b, p, *a, **k: calls.append((p, w.shape)) or
-                        forward(x, w, b, p, *a, **k))
+    run_in_place = _engine._run_in_place
+    monkeypatch.setattr(_engine, "_run_in_place", lambda fp, plan, x, w, *a, **k: calls.append(
+        (fp.problem, w, k)) or run_in_place(fp, plan, x, w, *a, **k))
     x, w, b, gy = case_arrays(case, dtype, make_rng("input-as-forward", dtype.name))
     args = conv_args(case)
     for weight in (w, np.where(np.arange(w.size).reshape(w.shape) == 7, np.inf, w).astype(dtype)):
         calls.clear()
         got = convgen_functional("bwd_data", x, weight, b, gy, **args)
         finite = np.isfinite(weight).all()
-        assert calls == ([(q, (40, 13, 1, 1))] if finite else [])
+        assert len(calls) == finite
+        if finite:
+            assert calls[0][0] == q and calls[0][1] is weight and calls[0][2] == dict(weight_transposed=True)
         want = torch_functional("bwd_data", x, weight, b, gy, **args)
         if finite:   # (the reference folds its padding by matrix products: 0 * inf gives it NaNs)
             assert_close(got, reference_functional("bwd_data", x, weight, b, gy, **args), dtype, "vs reference")
@@ -978,6 +985,7 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
                                                                   pad, pad, 1, "zeros", "f32")) is not None
     assert routed(1, 144, 24, 56, 56) and routed(1, 24, 144, 56, 56) and routed(1, 16, 96, 112, 112)
     assert not routed(1, 960, 160, 7, 7)      # its weight 2.8x grad_output and the gradient together
+    assert not routed(1, 2048, 512, 7, 7) and not routed(1, 512, 512, 10, 10)
     assert not routed(1, 256, 64, 56, 56)     # a forward from 64 to 256 channels at 56x56: the panels
     assert not routed(1, 144, 24, 56, 56, pad=1) and not routed(1, 144, 24, 56, 56, stride=2)
 
