@@ -233,6 +233,12 @@ PANEL_MIN_ITEMS = 8
 IN_PLACE = True
 IN_PLACE_MAX_OUT = 32
 IN_PLACE_MAX_WORK = 1 << 24
+# ... or on maps of at most this many pixels, whatever the batch (one map's are too few for
+# the channel-vector tile: 49, 64 and 100 pixels take it only in batches).  (As above, in
+# batches of 2-8, against the channel-vector tile: 960 -> 160 and 1024 -> 256 at 7x7 1.30x
+# and 1.03x, 512 -> 2048 at 7x7 1.02x, 2048 -> 512 1.24x; 512 -> 512 at 8x8 1.36x and at
+# 10x10 1.28x.  At 14x14, mixed: 0.89-1.08x, so not there.)
+IN_PLACE_MAX_PIXELS = 100
 # ... and, above, where the input starts on a cache line and so does each of its planes (its
 # loads then never straddle two lines), and the input and output hold at most this many
 # bytes.  (As above, inputs 64-byte aligned, as PyTorch's tensors are: 256 -> 64 at 56x56
@@ -871,7 +877,8 @@ class ForwardPlan:
             if short is not None and short[2] < self.kernel.tile_cost(tile, self.OCg, pixels):
                 plan = (short[0], pixels - pixels % short[1], pixels % short[1])
             if plan[1] + plan[2] <= IN_PLACE_PIXEL_WASTE * pixels:
-                if self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK:
+                if (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK
+                        or pixels <= IN_PLACE_MAX_PIXELS):
                     self.in_place = plan
                 elif (pixels * itemsize % ALIGN == 0
                       and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):

@@ -1032,6 +1032,8 @@ def test_in_place_rule():
     assert not in_place(1, 256, 64, 56, 56) and not in_place(1, 1024, 256, 14, 14)   # the panels
     assert not in_place(1, 64, 256, 56, 56)
     assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
+    assert in_place(4, 2048, 512, 7, 7) and in_place(2, 512, 512, 10, 10)      # maps of 100 pixels or fewer
+    assert not in_place(2, 256, 1024, 14, 14)
     assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
 
     def plan(N, C, OC, H, W, dtype="f32"):
