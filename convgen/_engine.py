@@ -269,8 +269,9 @@ IN_PLACE_PIXEL_WASTE = 1.35
 # module forward, against IN_PLACE_LEFTOVER 0, separate processes alternating, 6-8 rounds:
 # ResNet's 2048 -> 512 and 512 -> 2048 at 7x7 1.25-1.30x and 1.16x (float64 1.20x), a batch
 # of two of 1024 -> 256 1.25x, MobileNetV2's 320 -> 1280, 960 -> 160 and 160 -> 960 at 7x7
-# 1.28-1.32x, 1.17x and 1.26x; 512 -> 512 at 10x10 1.18-1.25x; Inception's 768 -> 192 at
-# 17x17 1.02x; small layers (64 -> 64 at 7x7, 64 -> 256 at 10x10) 1.0-1.07x.)
+# 1.28-1.32x, 1.17x and 1.26x, its 14x14 layers (384 -> 64, 64 -> 384, 576 -> 96, 96 -> 576)
+# 1.09-1.23x; 512 -> 512 at 10x10 1.18-1.25x; Inception's 768 -> 192 at 17x17 1.02x; small
+# layers (64 -> 64 at 7x7, 64 -> 256 at 10x10) 1.0-1.07x.)
 IN_PLACE_LEFTOVER = 4
 IN_PLACE_LEFTOVER_PRICE = 2
 # Its tiles start at each output row where that computes less than this share of the
