@@ -239,6 +239,18 @@ IN_PLACE_MAX_WORK = 1 << 24
 # and 1.03x, 512 -> 2048 at 7x7 1.02x, 2048 -> 512 1.24x; 512 -> 512 at 8x8 1.36x and at
 # 10x10 1.28x.  At 14x14, mixed: 0.89-1.08x, so not there.)
 IN_PLACE_MAX_PIXELS = 100
+# ... and, beyond all of those, a single map of at most this many pixels, with each channel
+# tile's run of pixel chunks innermost (plan's last field false): its few chunks then reuse
+# the tile's weights from cache, where the channel-vector tile would pack every weight
+# each call.  (2 threads, module calls, against the channel-vector tile, 5-6 alternating
+# rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14 inference
+# forward 1.28x, 1.17x, 1.16x and 1.12x, training forward 1.17x, 1.02x and 1.17x, backward
+# 0.98-1.13x; 1024 -> 256 at 12x12 1.40x; ViT-B's patch embedding (768 -> 768 at 14x14 as a
+# 1x1 layer) 1.03x.  A batch of two of 1024 -> 256 at 14x14 1.0x and 28x28 maps 0.70-0.94x,
+# so not there.  With the chunks outermost instead, as the rules above run them: 1024 -> 256
+# at 14x14 0.93x, 256 -> 1024 0.91x; the other way round, the rules above would lose:
+# 256 -> 32 at 56x56 0.54x, 384 -> 64 at 14x14 0.94x.)
+IN_PLACE_CHUNKS_INNER_PIXELS = 196
 # ... and, above, where the input starts on a cache line and so does each of its planes (its
 # loads then never straddle two lines), and the input and output hold at most this many
 # bytes.  (As above, inputs 64-byte aligned, as PyTorch's tensors are: 256 -> 64 at 56x56
@@ -867,8 +879,9 @@ class ForwardPlan:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
         # ... or run the pixel tiles over it in place (IN_PLACE): (tile, flat output pixels
-        # of its chunks, pixels past them: see IN_PLACE_LEFTOVER), always (in_place) or
-        # where the input starts on a cache line (in_place_aligned).
+        # of its chunks, pixels past them: see IN_PLACE_LEFTOVER, whether each chunk runs
+        # every channel tile: see IN_PLACE_CHUNKS_INNER_PIXELS), always (in_place) or where
+        # the input starts on a cache line (in_place_aligned).
         self.in_place = self.in_place_aligned = None
         pixels = p.H * p.W
         if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
@@ -880,10 +893,12 @@ class ForwardPlan:
             if plan[1] + plan[2] <= IN_PLACE_PIXEL_WASTE * pixels:
                 if (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK
                         or pixels <= IN_PLACE_MAX_PIXELS):
-                    self.in_place = plan
+                    self.in_place = plan + (True,)
+                elif p.N * pixels <= IN_PLACE_CHUNKS_INNER_PIXELS:
+                    self.in_place = plan + (False,)
                 elif (pixels * itemsize % ALIGN == 0
                       and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):
-                    self.in_place_aligned = plan
+                    self.in_place_aligned = plan + (True,)
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -1382,14 +1397,15 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
 
 def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):
     """The pixel tiles of a 1x1 layer's forward over its input x itself (ForwardPlan.in_place's
-    plan: tile, pixels of its chunks, pixels past them); weight_transposed: weight is the
+    plan: tile, pixels of its chunks, pixels past them, each chunk's channel tiles
+    consecutive); weight_transposed: weight is the
     (C, OC) weight of the layer whose input gradient this forward computes."""
     p = fp.problem
-    tile, out_len, left = plan
+    tile, out_len, left, tiles_inner = plan
     # (each image's pixels past the chunks, copied there channels contiguous)
     leftover = scratch("fwd_leftover", (p.N, left, p.C), x.dtype) if left else None
     fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, 1, p.C, p.OC, out_len, p.H * p.W, 1,
-                  _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, tile, tiles_inner=True, static_schedule=True,
+                  _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, tile, tiles_inner=tiles_inner, static_schedule=True,
                   in_place=True, leftover=leftover, weight_transposed=weight_transposed)
 
 

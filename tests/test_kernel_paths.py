@@ -922,6 +922,37 @@ def test_one_by_one_in_place(spec, threads, leftover, monkeypatch, restore_threa
     _engine.forward_plan.cache_clear()
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["weight", "weight-transposed"])
+@pytest.mark.parametrize("tiles_inner", [True, False], ids=["tiles-inner", "chunks-inner"])
+@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
+def test_one_by_one_in_place_orders(spec, tiles_inner, transposed, monkeypatch, restore_threads):
+    """_run_in_place in either order of channel tiles and pixel chunks, with the pixels
+    past the chunks (IN_PLACE_LEFTOVER) and without, its weight as it is or read transposed
+    (an input gradient's), on 2 threads: against the reference.  (31 output channels:
+    a last channel tile of fewer rows.)"""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    _engine.forward_plan.cache_clear()
+    convgen.set_num_threads(2)
+    dtype = spec_dtype(spec)
+    for H, W in ((11, 9), (8, 12)):   # (99 pixels: 3 past a chunk; 96: none)
+        case = _case(spec, 40, 31)
+        case.update(N=2, H=H, W=W)
+        fp = _plan(case, dtype)
+        tile, out_len, left, _ = fp.in_place
+        assert fp.kernel.name == spec.name and left == (3 if H * W == 99 else 0)
+        x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-orders", spec.name, H))
+        y = np.empty(fp.y_shape, dtype)
+        if transposed:   # (the (C, OC) weight of a layer from OC to C channels)
+            weight = np.ascontiguousarray(w.reshape(31, 40).T).reshape(40, 31, 1, 1)
+            want = reference_functional("fwd", x, w, None, gy, **conv_args(case))
+        else:
+            weight, want = w, reference_functional("fwd", x, w, b, gy, **conv_args(case))
+        _engine._run_in_place(fp, (tile, out_len, left, tiles_inner), x, weight, None if transposed else b, y, 2,
+                              weight_transposed=transposed)
+        assert_close(y, want, dtype, f"{spec.name}, {H}x{W}")
+    _engine.forward_plan.cache_clear()
+
+
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
 def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
     """A forward that keeps the input itself for the weight gradient (the drop-in's, whose
@@ -1029,7 +1060,7 @@ def test_in_place_rule():
     assert in_place(1, 960, 160, 7, 7) and in_place(1, 64, 64, 56, 56)         # 2^23 multiply-adds or fewer
     assert in_place(1, 8, 8, 20, 20) and in_place(1, 160, 960, 7, 7)          # no channel-vector tile
     assert in_place(1, 16, 96, 112, 112) and in_place(1, 2048, 512, 7, 7)
-    assert not in_place(1, 256, 64, 56, 56) and not in_place(1, 1024, 256, 14, 14)   # the panels
+    assert not in_place(1, 256, 64, 56, 56) and not in_place(2, 1024, 256, 14, 14)   # the panels
     assert not in_place(1, 64, 256, 56, 56)
     assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
     assert in_place(4, 2048, 512, 7, 7) and in_place(2, 512, 512, 10, 10)      # maps of 100 pixels or fewer
@@ -1039,16 +1070,19 @@ def test_in_place_rule():
     def plan(N, C, OC, H, W, dtype="f32"):
         return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
                                                     dtype)).in_place[1:]
-    # (chunks, then pixels past them: IN_PLACE_LEFTOVER)
-    assert plan(1, 2048, 512, 7, 7) == (48, 1) and plan(2, 960, 160, 7, 7, "f64") == (48, 1)
-    assert plan(1, 32, 16, 10, 10) == (96, 4) and plan(1, 144, 24, 14, 14) == (192, 4)
-    assert plan(1, 64, 64, 56, 56) == (3168, 0) and plan(1, 16, 8, 9, 9) == (96, 0)   # 16 or 33 past 48: none
+    # (chunks, then pixels past them: IN_PLACE_LEFTOVER; whether each chunk runs every channel
+    # tile, but on one 14x14 map: IN_PLACE_CHUNKS_INNER_PIXELS)
+    assert plan(1, 2048, 512, 7, 7) == (48, 1, True) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, True)
+    assert plan(1, 32, 16, 10, 10) == (96, 4, True) and plan(1, 144, 24, 14, 14) == (192, 4, True)
+    assert plan(1, 64, 64, 56, 56) == (3168, 0, True) and plan(1, 16, 8, 9, 9) == (96, 0, True)   # 16 or 33 past 48
+    assert plan(1, 1024, 256, 14, 14) == (192, 4, False) and plan(1, 256, 1024, 14, 14) == (192, 4, False)
+    assert not in_place(1, 512, 128, 28, 28)
 
     def where_aligned(N, C, OC, H, W):
         return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
                                                     "f32")).in_place_aligned is not None
     assert where_aligned(1, 256, 64, 56, 56) and where_aligned(1, 512, 128, 28, 28)   # 4 MB and 2 MB
-    assert not where_aligned(1, 1024, 256, 14, 14)   # 784-byte planes: most start mid-line
+    assert not where_aligned(2, 1024, 256, 14, 14)   # 784-byte planes: most start mid-line
     assert not where_aligned(8, 256, 64, 56, 56) and not where_aligned(1, 64, 128, 112, 112)   # 32 and 9.6 MB
     assert not where_aligned(1, 144, 24, 56, 56)     # in place wherever it starts
     assert not in_place(1, 144, 24, 56, 56, pad=1) and not in_place(1, 144, 24, 56, 56, stride=2)
