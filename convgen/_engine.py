@@ -172,10 +172,19 @@ PACK_BLOCKS = True
 # windows gathered as channels from this many taps (see patch_pointwise).  (2 threads,
 # against the generic kernel on its phase planes, separate processes alternating, 3 -> 768
 # 16x16 at stride 16 on 224x224: forward 1.09x, backward 2.6x, a batch of 4 1.25x, 3.0x;
-# 32x32: 1.0x, 6.4x.  Smaller windows gained in the backward but not always in the
-# forward, where the 1x1 layer's weight pack weighs more: 3 -> 384 8x8 1.01-1.06x, 1.6x;
-# 14x14 to 1024 0.83x, 1.57x; ConvNeXt's 4x4 stem 0.85x, 1.13x.)
-PATCH_MIN_TAPS = 256
+# 32x32: 1.0x, 6.4x.  Smaller windows, module backward, 5-6 rounds: ConvNeXt's 4x4 stem
+# 1.51x, a batch of 4 1.21x, Swin's (to 128) 1.14x, 4x4 from 8 channels 1.40x, 3 -> 384 and
+# 768 8x8 1.61x and 2.04x, 14x14 to 384, 768 and DINOv2's 1024 1.66x, 1.42x and 1.50x, a 4x4
+# stem to 512 1.57x; 3x3 windows 0.98x, so not from 9.  A training step, forward and
+# backward: ConvNeXt's stem 1.43x, the 4x4 stem to 512 1.52x, 8x8 to 384 1.44x, DINOv2's
+# 1.39x; its forward alone 0.82-1.08x.)
+PATCH_MIN_TAPS = 16
+# ... but a forward that keeps nothing for a weight gradient (inference: the route of the
+# backward's planes does not bind it) only from this many: against the generic kernel, those
+# smaller windows' forwards were mixed (ConvNeXt's 4x4 stem 1.06x, a batch of 4 1.20x, 8x8 to
+# 384 and 768 1.14x and 1.07x, but a 4x4 stem to 512 0.87x, 14x14 to 768 0.93x, DINOv2's
+# 0.91x).
+PATCH_MIN_TAPS_INFERENCE = 256
 # Grouped layers with wide groups (at least 2 vectors of output channels and 16 input
 # channels each, their blocks of output channels at most CVEC_CHANNEL_WASTE idle) sum
 # their weight gradient by output channel (see ForwardPlan).  (2 threads, side by side,
@@ -1192,7 +1201,7 @@ def backward_data_plan(p: Problem) -> BackwardDataPlan:
 
 
 @lru_cache(maxsize=256)
-def patch_pointwise(p: Problem):
+def patch_pointwise(p: Problem, inference=False):
     """A layer without padding whose windows do not overlap (a 1x1 layer with a stride,
     ResNet's downsampling shortcuts; a patch embedding, ViT's 16x16 at stride 16) reads
     each input pixel at most once: it is a stride-1 1x1 layer over its windows gathered
@@ -1201,13 +1210,14 @@ def patch_pointwise(p: Problem):
     windows, its input gradient is that layer's scattered back with zeros between, and
     its weight gradient reads their planes (a quarter of the input for a 1x1 layer at
     stride 2, one phase instead of four).  Windows of more than one pixel are taken from
-    PATCH_MIN_TAPS pixels, for dense layers only (a grouped or depthwise layer's
+    PATCH_MIN_TAPS pixels (inference: a forward keeping nothing for a weight gradient,
+    PATCH_MIN_TAPS_INFERENCE), for dense layers only (a grouped or depthwise layer's
     gathered channels would make many small groups)."""
     windows = (p.KH - 1) * p.dh + 1, (p.KW - 1) * p.dw + 1
     taps = p.KH * p.KW
     if (windows[0] > p.sh or windows[1] > p.sw or (p.KH, p.KW, p.sh, p.sw) == (1, 1, 1, 1)
             or any((p.pad_top, p.pad_bottom, p.pad_left, p.pad_right))
-            or (taps > 1 and (p.groups > 1 or taps < PATCH_MIN_TAPS))):
+            or (taps > 1 and (p.groups > 1 or taps < (PATCH_MIN_TAPS_INFERENCE if inference else PATCH_MIN_TAPS)))):
         return None
     OH, OW = p.output_hw
     return p._replace(C=p.C * p.KH * p.KW, H=OH, W=OW, KH=1, KW=1, sh=1, sw=1, dh=1, dw=1, mode="zeros")
@@ -1278,7 +1288,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
     nonfinite False (those tiles multiply real pixels only).
     out: a C-contiguous array of the output's shape and dtype to write y into."""
-    q = patch_pointwise(p)
+    q = patch_pointwise(p, inference=not keep)
     if q is not None:   # (share_input does not apply: the gathered windows are a copy)
         fq = forward_plan(q)
         return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,

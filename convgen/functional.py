@@ -53,7 +53,10 @@ class Config:
         """Name of the generated kernel that runs this configuration (any input size).
         (Wide groups may run as dense layers, through the dense kernel of the same kernel
         size, stride and dilation, on inputs whose groups suit its channel-vector tile;
-        the weight gradient likewise: see _engine.ForwardPlan.groupwise and wgrad_ocvec.)"""
+        the weight gradient likewise: see _engine.ForwardPlan.groupwise and wgrad_ocvec.
+        A patch embedding of windows of 16 to 255 pixels runs the 1x1 kernel where its
+        forward keeps its input for a weight gradient, its own kernel under no_grad():
+        see _engine.PATCH_MIN_TAPS_INFERENCE.)"""
         shape = (1, self.in_channels, 1, 1)
         p = Problem(*shape, self.out_channels, *self.kernel_size, *self.stride, *self.run_dilation,
                     *self.pads, self.groups, self.padding_mode, DTYPE_SUFFIX[np.dtype(dtype)])

@@ -1476,14 +1476,15 @@ PATCH_CASES = {
 
 @pytest.fixture
 def patch_taps():
-    """Sets _engine.PATCH_MIN_TAPS for a test (and drops the plans made under it)."""
-    default = _engine.PATCH_MIN_TAPS
+    """Sets _engine.PATCH_MIN_TAPS and PATCH_MIN_TAPS_INFERENCE for a test (and drops the
+    plans made under them)."""
+    defaults = _engine.PATCH_MIN_TAPS, _engine.PATCH_MIN_TAPS_INFERENCE
 
-    def set_taps(n):
-        _engine.PATCH_MIN_TAPS = n
+    def set_taps(n, inference=None):
+        _engine.PATCH_MIN_TAPS, _engine.PATCH_MIN_TAPS_INFERENCE = n, n if inference is None else inference
         _engine.patch_pointwise.cache_clear()
     yield set_taps
-    set_taps(default)
+    set_taps(*defaults)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -1532,6 +1533,36 @@ def test_patch_pointwise(dtype, case_name, monkeypatch, restore_threads, patch_t
         assert conv.weight.grad is grad   # (the second step added into the first's array)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_patch_pointwise_inference_takes_its_own_route(dtype, monkeypatch):
+    """ConvNeXt's 4x4 stem: a forward that keeps its input (a module's training step) and the
+    gradients run as the 1x1 layer over the gathered windows, an inference forward
+    (no_grad) on the layer's own kernel, which gathers nothing; all against the reference."""
+    dtype = np.dtype(dtype)
+    case = dict(N=2, C=3, OC=20, H=17, W=21, kernel=(4, 4), stride=(4, 4), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    p = _plan(case, dtype).problem
+    assert _engine.patch_pointwise(p) is not None and _engine.patch_pointwise(p, inference=True) is None
+    calls = []
+    real = _engine._layout.windows
+    monkeypatch.setattr(_engine._layout, "windows", lambda *a: calls.append("scatter" if a[3] else "gather") or real(*a))
+    x, w, b, gy = case_arrays(case, dtype, make_rng("patch-inference", dtype.name))
+    args = conv_args(case)
+    conv = convgen.Conv2d(3, 20, 4, stride=4, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    with convgen.no_grad():
+        y = conv(x)
+    assert calls == []
+    assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, "inference forward")
+    y = conv(x)
+    assert calls == ["gather"]
+    assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, "training forward")
+    gx = conv.backward(gy)
+    assert calls == ["gather", "scatter"]
+    assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "input gradient")
+    assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "weight gradient")
+
+
 def test_patch_pointwise_only_where_windows_do_not_overlap(patch_taps):
     """Padding, overlapping windows, windows of fewer than PATCH_MIN_TAPS pixels, or a
     grouped layer with windows of more than a pixel run their own kernels, and kernel_for
@@ -1542,7 +1573,10 @@ def test_patch_pointwise_only_where_windows_do_not_overlap(patch_taps):
         return _plan({**case, **kw}, np.float32).problem
     assert _engine.patch_pointwise(problem()) is not None
     assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16))) is not None
-    assert _engine.patch_pointwise(problem(kernel=(8, 8), stride=(8, 8))) is None       # 64 < PATCH_MIN_TAPS
+    assert _engine.patch_pointwise(problem(kernel=(4, 4), stride=(4, 4))) is not None
+    assert _engine.patch_pointwise(problem(kernel=(3, 3), stride=(3, 3))) is None       # 9 < PATCH_MIN_TAPS
+    assert _engine.patch_pointwise(problem(kernel=(8, 8), stride=(8, 8)), inference=True) is None   # 64 < 256
+    assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16)), inference=True) is not None
     assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16), groups=2)) is None
     patch_taps(1)
     assert _engine.patch_pointwise(problem(kernel=(2, 2))) is not None
