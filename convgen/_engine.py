@@ -242,14 +242,18 @@ PANEL_MIN_ITEMS = 8
 IN_PLACE = True
 IN_PLACE_MAX_OUT = 32
 IN_PLACE_MAX_WORK = 1 << 24
-# ... or on maps of at most this many pixels, whatever the batch (one map's are too few for
-# the channel-vector tile: 49, 64 and 100 pixels take it only in batches).  (As above, in
-# batches of 2-8, against the channel-vector tile: 960 -> 160 and 1024 -> 256 at 7x7 1.30x
-# and 1.03x, 512 -> 2048 at 7x7 1.02x, 2048 -> 512 1.24x; 512 -> 512 at 8x8 1.36x and at
-# 10x10 1.28x.  At 14x14, mixed: 0.89-1.08x, so not there.)
+# ... or on maps of at most IN_PLACE_MAX_PIXELS pixels in batches of at most
+# IN_PLACE_MAX_BATCH_PIXELS (one map's are too few for the channel-vector tile: 49, 64 and
+# 100 pixels take it only in batches).  (As above, in batches of 2-8, against the
+# channel-vector tile: 960 -> 160 and 1024 -> 256 at 7x7 1.30x and 1.03x, 512 -> 2048 at 7x7
+# 1.02x, 2048 -> 512 1.24x; 512 -> 512 at 8x8 1.36x and at 10x10 1.28x.  At 14x14, mixed:
+# 0.89-1.08x; in larger batches, 16 of 1024 -> 256 at 7x7 0.98x, 32 of 2048 -> 512 and of
+# 512 -> 2048 0.91x, 32 of 512 -> 512 at 8x8 1.03x, so not there.)
 IN_PLACE_MAX_PIXELS = 100
-# ... and, beyond all of those, a single map of at most this many pixels, with each channel
-# tile's run of pixel chunks innermost (plan's last field false): its few chunks then reuse
+IN_PLACE_MAX_BATCH_PIXELS = 400
+# ... and, beyond all of those, maps of at most this many pixels in all (one 14x14 map), with
+# each channel tile's run of pixel chunks innermost (plan's last field false): their few
+# chunks then reuse
 # the tile's weights from cache, where the channel-vector tile would pack every weight
 # each call.  (2 threads, module calls, against the channel-vector tile, 5-6 alternating
 # rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14 inference
@@ -901,7 +905,7 @@ class ForwardPlan:
                 plan = (short[0], pixels - pixels % short[1], pixels % short[1])
             if plan[1] + plan[2] <= IN_PLACE_PIXEL_WASTE * pixels:
                 if (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK
-                        or pixels <= IN_PLACE_MAX_PIXELS):
+                        or (pixels <= IN_PLACE_MAX_PIXELS and p.N * pixels <= IN_PLACE_MAX_BATCH_PIXELS)):
                     self.in_place = plan + (True,)
                 elif p.N * pixels <= IN_PLACE_CHUNKS_INNER_PIXELS:
                     self.in_place = plan + (False,)

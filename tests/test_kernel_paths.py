@@ -1064,6 +1064,7 @@ def test_in_place_rule():
     assert not in_place(1, 64, 256, 56, 56)
     assert not in_place(2, 64, 64, 56, 56)                                     # 2^24.6 multiply-adds
     assert in_place(4, 2048, 512, 7, 7) and in_place(2, 512, 512, 10, 10)      # maps of 100 pixels or fewer
+    assert in_place(8, 512, 2048, 7, 7) and not in_place(16, 2048, 512, 7, 7)   # ... in batches of 400 or fewer
     assert not in_place(2, 256, 1024, 14, 14)
     assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
 
