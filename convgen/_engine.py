@@ -253,9 +253,8 @@ IN_PLACE_MAX_PIXELS = 100
 IN_PLACE_MAX_BATCH_PIXELS = 400
 # ... and, beyond all of those, maps of at most this many pixels in all (one 14x14 map), with
 # each channel tile's run of pixel chunks innermost (plan's last field false): their few
-# chunks then reuse
-# the tile's weights from cache, where the channel-vector tile would pack every weight
-# each call.  (2 threads, module calls, against the channel-vector tile, 5-6 alternating
+# chunks then reuse the tile's weights from cache, where the channel-vector tile would pack
+# every weight each call.  (2 threads, module calls, against the channel-vector tile, 5-6 alternating
 # rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14 inference
 # forward 1.28x, 1.17x, 1.16x and 1.12x, training forward 1.17x, 1.02x and 1.17x, backward
 # 0.98-1.13x; 1024 -> 256 at 12x12 1.40x; ViT-B's patch embedding (768 -> 768 at 14x14 as a
