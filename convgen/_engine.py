@@ -254,11 +254,11 @@ IN_PLACE_MAX_BATCH_PIXELS = 400
 # ... and, beyond all of those, maps of at most this many pixels in all (one 14x14 map), with
 # each channel tile's run of pixel chunks innermost (plan's last field false): their few
 # chunks then reuse the tile's weights from cache, where the channel-vector tile would pack
-# every weight each call.  (2 threads, module calls, against the channel-vector tile, 5-6 alternating
-# rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14 inference
-# forward 1.28x, 1.17x, 1.16x and 1.12x, training forward 1.17x, 1.02x and 1.17x, backward
-# 0.98-1.13x; 1024 -> 256 at 12x12 1.40x; ViT-B's patch embedding (768 -> 768 at 14x14 as a
-# 1x1 layer) 1.03x.  A batch of two of 1024 -> 256 at 14x14 1.0x and 28x28 maps 0.70-0.94x,
+# every weight each call.  (2 threads, module calls, against the channel-vector tile, 5-6
+# alternating rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14
+# inference forward 1.28x, 1.17x, 1.16x and 1.12x, training forward 1.17x, 1.02x and 1.17x,
+# backward 0.98-1.13x; 1024 -> 256 at 12x12 1.40x; ViT-B's patch embedding (768 -> 768 at
+# 14x14 as a 1x1 layer) 1.03x.  A batch of two of 1024 -> 256 at 14x14 1.0x and 28x28 maps 0.70-0.94x,
 # so not there.  With the chunks outermost instead, as the rules above run them: 1024 -> 256
 # at 14x14 0.93x, 256 -> 1024 0.91x; the other way round, the rules above would lose:
 # 256 -> 32 at 56x56 0.54x, 384 -> 64 at 14x14 0.94x.)
@@ -753,6 +753,15 @@ class BandSplit:
         return rows
 
 
+class InPlacePlan(NamedTuple):
+    """How a 1x1 layer's forward runs the pixel tiles over its input in place (IN_PLACE)."""
+    tile: int          # the compiled tile (Kernel.variants index)
+    out_len: int       # flat output pixels of a plane that its chunks cover
+    left: int          # pixels past them, computed as dot products (IN_PLACE_LEFTOVER)
+    tiles_inner: bool  # each chunk runs every channel tile (else each channel tile its
+                       # run of chunks: IN_PLACE_CHUNKS_INNER_PIXELS)
+
+
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes)."""
@@ -890,27 +899,25 @@ class ForwardPlan:
         if self.panels:
             self.rblock = self.Cg   # (a panel holds every channel: one pass)
             self.panel_pixels = _panel_pixels(p, self.Cg, self.cvec[1])
-        # ... or run the pixel tiles over it in place (IN_PLACE): (tile, flat output pixels
-        # of its chunks, pixels past them: see IN_PLACE_LEFTOVER, whether each chunk runs
-        # every channel tile: see IN_PLACE_CHUNKS_INNER_PIXELS), always (in_place) or where
-        # the input starts on a cache line (in_place_aligned).
+        # ... or run the pixel tiles over it in place (IN_PLACE; an InPlacePlan), always
+        # (in_place) or where the input starts on a cache line (in_place_aligned).
         self.in_place = self.in_place_aligned = None
         pixels = p.H * p.W
         if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
-            plan = (tile, _geometry.round_up(pixels, chunk), 0)
+            plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True)
             short = self.kernel.pick_tile_leftover(self.OCg, pixels, IN_PLACE_LEFTOVER, IN_PLACE_LEFTOVER_PRICE)
             if short is not None and short[2] < self.kernel.tile_cost(tile, self.OCg, pixels):
-                plan = (short[0], pixels - pixels % short[1], pixels % short[1])
-            if plan[1] + plan[2] <= IN_PLACE_PIXEL_WASTE * pixels:
+                plan = plan._replace(tile=short[0], out_len=pixels - pixels % short[1], left=pixels % short[1])
+            if plan.out_len + plan.left <= IN_PLACE_PIXEL_WASTE * pixels:
                 if (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK
                         or (pixels <= IN_PLACE_MAX_PIXELS and p.N * pixels <= IN_PLACE_MAX_BATCH_PIXELS)):
-                    self.in_place = plan + (True,)
+                    self.in_place = plan
                 elif p.N * pixels <= IN_PLACE_CHUNKS_INNER_PIXELS:
-                    self.in_place = plan + (False,)
+                    self.in_place = plan._replace(tiles_inner=False)
                 elif (pixels * itemsize % ALIGN == 0
                       and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):
-                    self.in_place_aligned = plan + (True,)
+                    self.in_place_aligned = plan
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -931,8 +938,9 @@ class ForwardPlan:
         self.wgrad_ocvec = self.wgrad_kernel if p.groups == 1 else _dispatch.lookup("bwd_weight",
                                                                                     p._replace(groups=1))
         self.wgrad_by_channel = (self.wgrad_ocvec.ocvec is not None and self.OCg >= WGRAD_MIN_OUT_VECTORS * lanes
-                                 and self.Cg >= 16 and (p.groups == 1 or WGRAD_GROUPWISE and _geometry.round_up(self.OCg, 2 * lanes)
-                                      <= CVEC_CHANNEL_WASTE * self.OCg))
+                                 and self.Cg >= 16
+                                 and (p.groups == 1 or WGRAD_GROUPWISE
+                                      and _geometry.round_up(self.OCg, 2 * lanes) <= CVEC_CHANNEL_WASTE * self.OCg))
         self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = None, False, None
         if self.wgrad_by_channel:
             self.wgrad_tiles, self.wgrad_tap_major = _wgrad_tiles(
@@ -1409,10 +1417,9 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
 
 
 def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):
-    """The pixel tiles of a 1x1 layer's forward over its input x itself (ForwardPlan.in_place's
-    plan: tile, pixels of its chunks, pixels past them, each chunk's channel tiles
-    consecutive); weight_transposed: weight is the
-    (C, OC) weight of the layer whose input gradient this forward computes."""
+    """The pixel tiles of a 1x1 layer's forward over its input x itself, as `plan` (an
+    InPlacePlan: ForwardPlan.in_place's) says; weight_transposed: weight is the (C, OC)
+    weight of the layer whose input gradient this forward computes."""
     p = fp.problem
     tile, out_len, left, tiles_inner = plan
     # (each image's pixels past the chunks, copied there channels contiguous)
