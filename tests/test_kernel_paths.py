@@ -1052,9 +1052,12 @@ def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
 
 def test_in_place_rule():
     """Which stride-1 1x1 forwards without padding read their input in place (IN_PLACE)."""
-    def in_place(N, C, OC, H, W, dtype="f32", pad=0, stride=1, groups=1):
-        p = _engine.Problem(N, C, H, W, OC, 1, 1, stride, stride, 1, 1, pad, pad, pad, pad, groups, "zeros", dtype)
-        return _engine.forward_plan(p).in_place is not None
+    def forward_plan(N, C, OC, H, W, dtype="f32", pad=0, stride=1, groups=1):
+        return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, stride, stride, 1, 1, pad, pad, pad, pad,
+                                                    groups, "zeros", dtype))
+
+    def in_place(*args, **kwargs):
+        return forward_plan(*args, **kwargs).in_place is not None
     assert in_place(1, 144, 24, 56, 56) and in_place(4, 144, 24, 56, 56, "f64")   # few output channels
     assert in_place(1, 32, 16, 112, 112) and in_place(8, 256, 32, 56, 56)
     assert in_place(1, 960, 160, 7, 7) and in_place(1, 64, 64, 56, 56)         # 2^23 multiply-adds or fewer
@@ -1068,9 +1071,8 @@ def test_in_place_rule():
     assert not in_place(2, 256, 1024, 14, 14)
     assert not in_place(1, 960, 240, 1, 1)                                     # 1x1 maps: 63 of 64 lanes idle
 
-    def plan(N, C, OC, H, W, dtype="f32"):
-        return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
-                                                    dtype)).in_place[1:]
+    def plan(*args):
+        return forward_plan(*args).in_place[1:]
     # (chunks, then pixels past them: IN_PLACE_LEFTOVER; whether each chunk runs every channel
     # tile, but on one 14x14 map: IN_PLACE_CHUNKS_INNER_PIXELS)
     assert plan(1, 2048, 512, 7, 7) == (48, 1, True) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, True)
@@ -1079,9 +1081,8 @@ def test_in_place_rule():
     assert plan(1, 1024, 256, 14, 14) == (192, 4, False) and plan(1, 256, 1024, 14, 14) == (192, 4, False)
     assert not in_place(1, 512, 128, 28, 28)
 
-    def where_aligned(N, C, OC, H, W):
-        return _engine.forward_plan(_engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros",
-                                                    "f32")).in_place_aligned is not None
+    def where_aligned(*args):
+        return forward_plan(*args).in_place_aligned is not None
     assert where_aligned(1, 256, 64, 56, 56) and where_aligned(1, 512, 128, 28, 28)   # 4 MB and 2 MB
     assert not where_aligned(2, 1024, 256, 14, 14)   # 784-byte planes: most start mid-line
     assert not where_aligned(8, 256, 64, 56, 56) and not where_aligned(1, 64, 128, 112, 112)   # 32 and 9.6 MB
