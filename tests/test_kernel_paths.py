@@ -826,22 +826,25 @@ def test_one_by_one_channel_tiles_inner(spec):
 PANEL_SPECS = [s for s in ONE_BY_ONE if s.stride == 1 and s.cvec_tile is not None]
 
 
+@pytest.mark.parametrize("images", [1, 2])
 @pytest.mark.parametrize("panel_chunks", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", PANEL_SPECS, ids=lambda s: s.name)
-def test_one_by_one_panels(spec, threads, panel_chunks, forced_flat, monkeypatch, restore_threads):
-    """2 x 11 x 9 pixels: the last chunk of each image is partial and, at 3 chunks per
-    panel, so is its last panel (two chunks of 3)."""
+def test_one_by_one_panels(spec, threads, panel_chunks, images, forced_flat, monkeypatch, restore_threads):
+    """Images of 11 x 9 pixels: the last chunk of each image is partial and, at 3 chunks
+    per panel, so is its last panel (two chunks of 3).  A single image on 2 threads
+    shares its 8 chunks out again, as 4 panels of 2, an even number of work items."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     convgen.set_num_threads(threads)
     C, OC = (40, 21) if spec.direction == "fwd" else (21, 40)   # a partial block of channels
     lanes, itemsize = spec.lanes, spec_dtype(spec).itemsize
     chunk = spec.cvec_tile[0]
     monkeypatch.setattr(_engine, "PANEL_MIN_ITEMS", 1)
+    monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS_1X1", 0)   # (else one 11 x 9 map takes the pixel tiles)
     # (the panel holds the 40 channels reduced over, rounded up to a vector)
     monkeypatch.setattr(_engine, "PANEL_BUDGET", panel_chunks * chunk * _geometry.round_up(40, lanes) * itemsize)
     case = _case(spec, C, OC)
-    case.update(N=2)
+    case.update(N=images)
     fp = _plan(case, spec_dtype(spec))
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.kernel.name == spec.name
