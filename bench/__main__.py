@@ -4,6 +4,8 @@
     python -m bench --quick          3 rounds, short samples, float32 kernels vs PyTorch only
                                      (well under 2 minutes on 2 idle cores)
     python -m bench --only resnet50  only cases whose name contains (or glob-matches) a pattern
+    python -m bench --part layers --peers convgen_1t
+                                     the layer suite's scaling from 1 thread to --threads
     python -m bench --list           the cases, without timing anything
 
 Results: bench/results/ (results.json, README.md, layers.png, micro.png);
@@ -29,7 +31,10 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 # rounds, seconds per timing sample, FMA-peak trials and seconds per trial
 # and which micro-benchmarks (a glob on the kernel name) against which peers: --quick times
 # the float32 kernels only, against PyTorch only (the layer suite still meets every peer).
-MODES = {"full": dict(rounds=15, min_time=0.02, peak_trials=7, peak_seconds=0.1, micro="*", micro_peers=None),
+# (convgen_1t, convgen on one thread, times the layer suite only: its ratios there are the
+# scaling from 1 thread to --threads.)
+MODES = {"full": dict(rounds=15, min_time=0.02, peak_trials=7, peak_seconds=0.1, micro="*",
+                      micro_peers=("convgen", "torch", "numpy", "onnxruntime")),
          "quick": dict(rounds=3, min_time=0.003, peak_trials=3, peak_seconds=0.05, micro="*_f32_*",
                        micro_peers=("convgen", "torch"))}
 
@@ -44,7 +49,8 @@ def parse_args(argv):
     ap.add_argument("--layers", metavar="PATH", default=DEFAULT_LAYERS, help="the layer suite (JSON)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every peer")
     ap.add_argument("--peers", default=",".join(NAMES),
-                    help=f"comma-separated peers (convgen is always included); default {','.join(NAMES)}")
+                    help=f"comma-separated peers (convgen is always included; convgen_1t is convgen "
+                         f"on one thread, whose ratios are the scaling); default {','.join(NAMES)}")
     ap.add_argument("--repeats", type=int, help="alternating rounds per case (default: 15, --quick 3)")
     ap.add_argument("--min-time", type=float, help="seconds per timing sample (default 0.02, --quick 0.003)")
     ap.add_argument("--out", metavar="DIR", help="results folder (default bench/results, --quick bench/results/quick)")
@@ -62,7 +68,8 @@ def parse_args(argv):
     unknown = [p for p in peers if p not in NAMES]
     if unknown:
         ap.error(f"unknown peer(s) {unknown}; choose from {list(NAMES)}")
-    args.peers = ["convgen"] + [p for p in NAMES if p in peers and p != "convgen"]
+    args.peers = ["convgen"] + [p for p in NAMES if p in peers and p != "convgen"
+                                and not (p == "convgen_1t" and args.threads == 1)]   # (itself, then)
     mode = "quick" if args.quick else "full"
     settings = MODES[mode]
     args.mode = mode

@@ -245,5 +245,10 @@ class OnnxruntimePeer(Peer):
         return run, lambda: (out["y"],)
 
 
-PEERS = {p.name: p for p in (ConvgenPeer, TorchPeer, NumpyPeer, OnnxruntimePeer)}
+class ConvgenOneThreadPeer(ConvgenPeer):
+    """convgen on one thread (suite.PEER_THREADS): the reference for its scaling."""
+    name = "convgen_1t"
+
+
+PEERS = {p.name: p for p in (ConvgenPeer, TorchPeer, NumpyPeer, OnnxruntimePeer, ConvgenOneThreadPeer)}
 assert tuple(PEERS) == NAMES

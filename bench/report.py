@@ -11,7 +11,8 @@ import os
 
 from .suite import CLASSES, PEER_NAMES as PEER_ORDER, describe, flops
 
-PEER_LABEL = {"torch": "PyTorch", "numpy": "NumPy im2col", "onnxruntime": "onnxruntime"}
+PEER_LABEL = {"torch": "PyTorch", "numpy": "NumPy im2col", "onnxruntime": "onnxruntime",
+              "convgen_1t": "convgen 1 thread"}
 DTYPE_KEY = {"float32": "f32", "float64": "f64"}
 
 
@@ -245,6 +246,9 @@ def markdown(results, images=()):
         "range / median): another job shared the cores; its fastest round is in results.json.",
         "- **Ratios are peer time / convgen time: > 1 means convgen is faster**; bold marks < 1. "
         "Geomeans over the layers of each class (each layer counts in one class).",
+        *([f"- convgen 1 thread (`convgen_1t`) is convgen itself on one thread, so the ratio to it is "
+           f"convgen's scaling from 1 to {meta['threads']} threads."]
+          if any("convgen_1t" in r["results"] for r in results.get("layers", [])) else []),
         "",
     ]
     if results.get("layers"):
@@ -306,7 +310,8 @@ def console_summary(results):
 
 # ---------------------------------------------------------------- plots
 
-COLORS = {"convgen": "#d62728", "torch": "#1f77b4", "numpy": "#7f7f7f", "onnxruntime": "#2ca02c"}
+COLORS = {"convgen": "#d62728", "torch": "#1f77b4", "numpy": "#7f7f7f", "onnxruntime": "#2ca02c",
+          "convgen_1t": "#ff9896"}
 
 
 def plot_layers(results, path):

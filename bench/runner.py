@@ -19,7 +19,7 @@ import time
 from multiprocessing.connection import Connection
 
 from .progress import Progress
-from .suite import ROOT
+from .suite import PEER_THREADS, ROOT
 
 # Relative error (max |a - b| / max |ref|) above which two peers "disagree".
 CHECK_TOL = {"float32": 1e-3, "float64": 1e-9}
@@ -147,7 +147,7 @@ class Runner:
         self.failed = {}
         for peer in self.peers:
             try:
-                self.workers[peer] = WorkerProcess(peer, threads)
+                self.workers[peer] = WorkerProcess(peer, PEER_THREADS.get(peer, threads))
             except (WorkerDied, RuntimeError) as e:
                 self.failed[peer] = str(e)
                 self.progress.note(f"peer {peer} is unavailable: {str(e).strip().splitlines()[-1]}")

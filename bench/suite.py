@@ -22,7 +22,11 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 DEFAULT_LAYERS = os.path.normpath(os.path.join(ROOT, os.pardir, "shared", "bench", "layers.json"))
 
 # The peers, in report order (implemented in bench/peers.py, which only workers import).
-PEER_NAMES = ("convgen", "torch", "numpy", "onnxruntime")
+# convgen_1t is convgen on one thread: the ratio to it is convgen's scaling from 1 thread
+# to the run's --threads.
+PEER_NAMES = ("convgen", "torch", "numpy", "onnxruntime", "convgen_1t")
+# Peers that run on a fixed number of threads, whatever --threads says.
+PEER_THREADS = {"convgen_1t": 1}
 
 # Directions a case may time.  "bwd" is a whole backward pass (input, weight and
 # bias gradients); the micro-benchmarks time one kernel direction each.

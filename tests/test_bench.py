@@ -156,6 +156,26 @@ def test_python_m_bench_quick_one_layer(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_one_thread_peer_measures_scaling(tmp_path):
+    """convgen_1t runs convgen on one thread beside the run's threads; the report reads its
+    ratios as the scaling.  On one thread it would time convgen against itself: dropped."""
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps({"layers": [TINY]}))
+    out = tmp_path / "results"
+    common = ["--quick", "--part", "layers", "--layers", str(layers), "--peers", "convgen_1t", "--repeats", "1",
+              "--out", str(out), "--no-plot", "--no-progress"]
+    assert bench_main(common + ["--threads", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["peers"]["convgen"]["threads"] == 2
+    assert results["meta"]["peers"]["convgen_1t"]["threads"] == 1
+    assert set(results["layers"][0]["results"]) == {"convgen", "convgen_1t"}
+    text = (out / "README.md").read_text()
+    assert "vs convgen 1 thread" in text and "scaling from 1 to 2 threads" in text
+    assert bench_main(common + ["--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["meta"]["peers"]) == {"convgen"} and "scaling" not in (out / "README.md").read_text()
+
+
 def test_update_merges_into_earlier_results(tmp_path):
     from bench.__main__ import merge
 
