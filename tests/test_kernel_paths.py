@@ -1944,3 +1944,34 @@ def test_weights_packed_by_block_where_they_outweigh_the_input(dtype, k, restore
     # 1x1 expansions; not narrowing layers, which read their input through the panels
     assert rule(1, 96, 14, 576, k=1) and rule(1, 256, 14, 1024, k=1)
     assert not rule(1, 128, 28, 512, k=1) and not rule(1, 1024, 14, 256, k=1) and not rule(1, 576, 14, 96, k=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
+    """1x1 layers whose weights outgrow L2 run their input gradient's pixel tiles in even
+    passes of at most L1_PASS_BYTES of grad_output (checked on 1 and 2 threads, against
+    the reference, on a small weight budget); the rule on ResNet's and MobileNetV2's
+    layers."""
+    def plan(C, OC, H, N=1, k=1, dt="f32"):
+        p = _engine.Problem(N, C, H, H, OC, k, k, 1, 1, 1, 1, k // 2, k // 2, k // 2, k // 2, 1, "zeros", dt)
+        return _engine.backward_data_plan(p)
+
+    bp = plan(512, 2048, 7)   # ResNet's 512 -> 2048 at 7x7: 13 passes of 158 channels
+    assert bp.cvec is None and bp.rblock == 158 and bp.rblock * bp.plane_len * 4 <= _engine.L1_PASS_BYTES
+    assert plan(2048, 512, 7).rblock == 128 and plan(512, 2048, 7, dt="f64").rblock == 79
+    assert plan(160, 960, 7).rblock == 960      # (0.6 MB of weights: one pass)
+    assert plan(512, 512, 7, k=3).rblock == 512   # (3x3: one pass)
+    monkeypatch.setattr(_engine, "L1_PASS_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(_engine, "L1_PASS_BYTES", 100 * 64 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # (2 threads even on a small problem)
+    _engine.backward_data_plan.cache_clear()
+    try:
+        case = dict(N=2, C=45, OC=300, H=7, W=7, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                    groups=1)
+        p = _plan(case, dtype).problem
+        bp = _engine.backward_data_plan(p)
+        assert _engine.input_gradient_as_forward(p) is None   # (the pixel tiles run it)
+        assert bp.cvec is None and bp.plane_len == 64 and bp.rblock == 100   # (3 passes of 100)
+        _check_directions(case, np.dtype(dtype), make_rng("l1-passes", np.dtype(dtype).name))
+    finally:
+        _engine.backward_data_plan.cache_clear()
