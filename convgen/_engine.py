@@ -1183,7 +1183,8 @@ class BackwardDataPlan:
         self.panels = (self.cvec is not None and p.pointwise and self.tiles_inner and interior
                        and self.width == fp.OW and not self.row_tiles and not self.pack_blocks and PANELS)
         self.rblock = _reduction_block(fp.OCg, self.plane_len * itemsize, fp.kk)
-        if self.cvec is None and fp.kk == 1 and p.OC * fp.Cg * itemsize >= L1_PASS_MIN_WEIGHT_BYTES:
+        l1_passes = self.cvec is None and fp.kk == 1 and p.OC * fp.Cg * itemsize >= L1_PASS_MIN_WEIGHT_BYTES
+        if l1_passes:
             self.rblock = min(self.rblock, _l1_pass(fp.OCg, self.plane_len * itemsize))
         # As the forward's bands (but for panels): output row i reads grad_output's
         # bordered rows from shift // width + i on.  (2 threads, module backward against
@@ -1200,8 +1201,12 @@ class BackwardDataPlan:
         # the 7x7 stem's input gradient 2.35 -> 1.93 ms, 3 -> 64 3x3 at 224x224 1.95 ->
         # 1.66 ms, 8 -> 64 5x5 stride 2 0.63 -> 0.53 ms; 16 channels in two tiles of rows
         # ran 0.91x as fast.)
+        # So do the L1 passes: each thread keeps the same tiles, their partial sums and
+        # columns of weights, through every pass (2 threads: ResNet's 512 -> 2048 at 7x7
+        # 1.05x, 2048 -> 512 and 1024 -> 2048 1.015x).
         self.static_schedule = fp.static_schedule or (self.cvec is None and p.groups == 1
-                                                      and fp.Cg <= self.kernel.variants[self.tile][0])
+                                                      and fp.Cg <= self.kernel.variants[self.tile][0]) or (
+            l1_passes and self.rblock < fp.OCg)
         if self.cvec is not None:  # as the forward's
             self.rblock = fp.OCg if self.panels or self.pack_blocks else _cvec_pass(fp.OCg, self.rblock, lanes)
         if self.panels:

@@ -1958,6 +1958,7 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
 
     bp = plan(512, 2048, 7)   # ResNet's 512 -> 2048 at 7x7: 13 passes of 158 channels
     assert bp.cvec is None and bp.rblock == 158 and bp.rblock * bp.plane_len * 4 <= _engine.L1_PASS_BYTES
+    assert bp.static_schedule   # (each thread the same tiles in every pass)
     assert plan(2048, 512, 7).rblock == 128 and plan(512, 2048, 7, dt="f64").rblock == 79
     assert plan(160, 960, 7).rblock == 960      # (0.6 MB of weights: one pass)
     assert plan(512, 512, 7, k=3).rblock == 512   # (3x3: one pass)
