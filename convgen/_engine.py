@@ -308,6 +308,20 @@ ROW_TILE_OVERHEAD = 2
 # Forward row tiles of a tail's pixels or fewer run two rows at once where both rows
 # skip the same taps (see _row_pairs).
 ROW_PAIRS = True
+# ... so such a tile pays half of ROW_TILE_OVERHEAD per row (its weight loads feed both
+# rows), plus this much for its narrower register tile (see _run_price).
+ROW_PAIR_PRICE = 0.25
+# Rows that _cvec_layout leaves on the flat grid run row tiles instead where, so priced
+# and skipping the taps that read only padding, they pay at most this share of the flat
+# grid's tiles (_flat_price).  The price runs 4-8% optimistic, so only clear savings
+# switch: small maps with wide padding, whose flat grids compute up to half their pixels
+# in scratch columns and every tap through padding.  (2 threads, forward, 6 alternating
+# rounds, against the flat grid, predicted / measured: 5x5 at 9x9 and 17x17 1.30 / 1.20x
+# and 1.21 / 1.16x, 3x3 at rate 2 on 10x10 and 16x16 1.25 / 1.20x and 1.18 / 1.16x, 3x3 at
+# 11x11 and 12x12 1.17 / 1.13x and 1.16 / 1.11x, 5x5 at 30x30 1.12 / 1.04x; below the
+# bound: 3x3 at 24x24 1.06 / 0.98x, CIFAR's batch of 32 1.05 / 1.00-1.05x, at rate 2 on
+# 58x58 1.06 / 1.01x, 5x5 at 64x64 1.05 / 1.01x, 3x3 at 38x38 1.04 / 1.03x.)
+ROW_PAIR_SAVING = 0.9
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -534,6 +548,17 @@ def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols,
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
+def _pair_width(cvec):
+    """The widest of a channel-vector tile's row tiles that run as row pairs, or 0."""
+    return cvec[5] if ROW_PAIRS else 0
+
+
+def _flat_price(out_len, taps, pixels):
+    """What the tiles of `pixels` along a flat grid of out_len pay, as _row_tiling prices
+    row tiles: each chunk runs every tap, and starts and stores once."""
+    return out_len // pixels * (taps + 1) * (pixels + ROW_TILE_OVERHEAD)
+
+
 def _tap_positions(weight_taps, taps):
     """intp (taps,): each weight tap's position in weight_taps (the weight indices of a run
     of taps), -1 where the run does not have it (what the kernels' block packing reads)."""
@@ -580,6 +605,14 @@ def _form(pixels, forms):
     """The pixels computed by a row tile of `pixels`: it runs the narrowest form that
     holds them."""
     return min(f for f in forms if f >= pixels)
+
+
+def _run_price(pixels, forms, pair_width):
+    """What a row tile of `pixels` pays per tap and row, in pixels (see ROW_TILE_OVERHEAD
+    and ROW_PAIR_PRICE): pair_width, the widest tile that runs as row pairs (0: none)."""
+    if pixels <= pair_width:
+        return _form(pixels, forms) + ROW_TILE_OVERHEAD / 2 + ROW_PAIR_PRICE
+    return _form(pixels, forms) + ROW_TILE_OVERHEAD
 
 
 def _row_tiled_length(flat_len, rows, width, tile_cols, forms, pixels):
@@ -675,15 +708,16 @@ def _padding_masks(taps, rows, cols, out_rows, out_cols):
     return masks
 
 
-def _row_tiling(masks, forms):
-    """How row tiles cover each output row: (tile_cols, skip).  tile_cols (tiles, 2):
+def _row_tiling(masks, forms, pair_width=0):
+    """How row tiles cover each output row: (tile_cols, skip, price).  tile_cols (tiles, 2):
     each tile's first column and its pixels, the same in every row; skip uint8
     (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
-    tap (which it then skips), or None where no tile does.  masks: _padding_masks.
-    forms: the pixels of the tile's forms (see _form).
+    tap (which it then skips), or None where no tile does; price, what the split pays
+    (below).  masks: _padding_masks.  forms: the pixels of the tile's forms (see _form); pair_width: the widest tile that
+    runs as row pairs, which pays less (_run_price).
 
     The split minimises the pixels computed, counting a tap a tile skips as free, by
-    dynamic programming over the columns: a tile pays (its form's pixels +
+    dynamic programming over the columns: a tile pays its _run_price (its form's pixels +
     ROW_TILE_OVERHEAD) per tap and row it runs, and once more per row (its start and
     store).  So a tile
     boundary lands where a tap starts or stops reading padding when that pays: DeepLab's
@@ -698,11 +732,10 @@ def _row_tiling(masks, forms):
     best[0], choice = 0.0, np.zeros(out_cols + 1, np.intp)
     run_cost = []   # run_cost[n - 1][s]: cost of a tile of n pixels at column s
     for n in range(1, min(widest, out_cols) + 1):
-        form = _form(n, forms)
         starts = np.arange(out_cols - n + 1)
         skipped = (padding[:, :, starts + n] - padding[:, :, starts]) == n   # (taps, rows, starts)
         runs = taps * out_rows - skipped.sum(axis=(0, 1)) + out_rows
-        run_cost.append(runs * (form + ROW_TILE_OVERHEAD))
+        run_cost.append(runs * _run_price(n, forms, pair_width))
     for end in range(1, out_cols + 1):
         for n in range(1, min(widest, end) + 1):
             cost = best[end - n] + run_cost[n - 1][end - n]
@@ -717,7 +750,7 @@ def _row_tiling(masks, forms):
     for j, (s, n) in enumerate(tile_cols):
         skip[:, j, :] = masks[:, :, s:s + n].all(axis=2).T
     skip = skip.reshape(out_rows * len(tile_cols), taps)
-    return tile_cols, (skip if skip.any() else None)
+    return tile_cols, (skip if skip.any() else None), best[out_cols]
 
 
 def _row_pairs(tile_cols, skip, out_rows, narrow):
@@ -880,12 +913,21 @@ class ForwardPlan:
         self.tile_cols, self.tap_skip, self.row_pairs = None, None, None
         masks = None   # (the taps' padding masks, made when first needed: also below)
         if self.row_tiles:
-            forms = _tile_forms(self.cvec)
             masks = self.padding_masks(taps)
-            self.tile_cols, self.tap_skip = _row_tiling(masks, forms)
+            self.tile_cols, self.tap_skip, _ = _row_tiling(masks, _tile_forms(self.cvec))
+        elif self.cvec is not None and _pair_width(self.cvec) and self.We > self.OW:
+            # The flat grid computes scratch columns: row tiles, priced as row pairs, may
+            # still cost less (ROW_PAIR_SAVING).  (Only here: rows that split evenly into
+            # wide tiles measured no faster split into pairs: 27 and 13 pixels, 0.98-0.99x.)
+            masks = self.padding_masks(taps)
+            cols, skip, price = _row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec))
+            if price <= ROW_PAIR_SAVING * _flat_price(self.out_len, len(taps), self.cvec[1]):
+                self.tile_cols, self.tap_skip, self.row_tiles = cols, skip, 1
+        if self.row_tiles:
+            forms = _tile_forms(self.cvec)
             self.row_tiles = len(self.tile_cols)
-            if ROW_PAIRS and self.cvec[5]:   # (the kernel's widest row pair, or 0)
-                self.row_pairs = _row_pairs(self.tile_cols, self.tap_skip, self.OH, self.cvec[5])
+            if _pair_width(self.cvec):
+                self.row_pairs = _row_pairs(self.tile_cols, self.tap_skip, self.OH, _pair_width(self.cvec))
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
         self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
@@ -1148,7 +1190,7 @@ class BackwardDataPlan:
                 taps = [(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]]
                 rows, cols, _ = bordered(out_rows + max(t[2] for t in taps) + 1)
                 masks = _padding_masks(taps, rows, cols, out_rows, self.out_cols)
-            self.tile_cols, skip = _row_tiling(masks, forms)
+            self.tile_cols, skip, _ = _row_tiling(masks, forms)
             self.tap_skips = None if skip is None else [skip]
             self.row_tiles = len(self.tile_cols)
             self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.tile_cols, forms, chunk)

@@ -43,6 +43,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
+    monkeypatch.setattr(_engine, "ROW_PAIR_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
     monkeypatch.setattr(_engine, "CVEC_PASS_BLOCKS", 1)
@@ -295,17 +296,26 @@ def test_row_tiling():
     and stops reading padding, and the edge tiles skip those taps."""
     forms = (14, 7, 6)
     plain = np.zeros((9, 4, 33), bool)
-    tile_cols, skip = _engine._row_tiling(plain, forms)
+    tile_cols, skip, _ = _engine._row_tiling(plain, forms)
     assert tile_cols.tolist() == [[0, 14], [14, 14], [28, 5]] and skip is None
     masks = _square_3x3_masks(33, 6)
-    tile_cols, skip = _engine._row_tiling(masks, forms)
+    tile_cols, skip, _ = _engine._row_tiling(masks, forms)
     assert tile_cols.tolist() == [[0, 6], [6, 14], [20, 7], [27, 6]]
     _check_tiling(tile_cols, skip, masks, forms)
     # (random masks: still a cover, and an exact skip table)
     rng = np.random.default_rng(0)
     for out_cols in (1, 5, 29, 40):
         masks = rng.random((4, 3, out_cols)) < 0.7
-        _check_tiling(*_engine._row_tiling(masks, forms), masks, forms)
+        for pair_width in (0, 7):
+            _check_tiling(*_engine._row_tiling(masks, forms, pair_width)[:2], masks, forms)
+    # Narrow tiles priced as row pairs: 32 columns split 14 + 6 + 6 + 6 rather than 14 +
+    # 14 + 4 (which computes 6), and the price is the split's: 4 rows x (9 taps + 1) runs.
+    plain = np.zeros((9, 4, 32), bool)
+    tile_cols, _, price = _engine._row_tiling(plain, forms, 7)
+    assert tile_cols.tolist() == [[0, 14], [14, 6], [20, 6], [26, 6]]
+    paired = 6 + _engine.ROW_TILE_OVERHEAD / 2 + _engine.ROW_PAIR_PRICE
+    assert price == pytest.approx(4 * 10 * (14 + _engine.ROW_TILE_OVERHEAD + 3 * paired))
+    assert _engine._row_tiling(plain, forms)[0].tolist() == [[0, 14], [14, 14], [28, 4]]
 
 
 def test_row_pairs():
@@ -320,7 +330,7 @@ def test_row_pairs():
     assert _engine._row_pairs(np.array([[0, 14], [14, 14]], np.intp), None, 8, 7) is None
     # DeepLab's ASPP: rows 0-5 and 27-32 read padding through their own taps
     masks = _square_3x3_masks(33, 6)
-    tile_cols, skip = _engine._row_tiling(masks, (14, 7, 6))
+    tile_cols, skip, _ = _engine._row_tiling(masks, (14, 7, 6))
     pairs = _engine._row_pairs(tile_cols, skip, 33, 7).reshape(33, len(tile_cols))
     taps = skip.reshape(33, len(tile_cols), -1)
     for j, (_, n) in enumerate(tile_cols):
@@ -334,6 +344,36 @@ def test_row_pairs():
         assert len(heads) == 16   # 33 rows: one left alone
         single = np.flatnonzero(col == 0)
         assert len(single) == 1
+
+
+# Small maps with wide zero padding, whose flat grids compute many scratch columns and
+# every tap through padding: the float32 forward runs row tiles priced as row pairs
+# instead (ROW_PAIR_SAVING); float64 (no row pairs), the input gradient, and rows whose
+# flat grid costs little more (CIFAR's 32x32) keep theirs.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layer", ["5x5 at 9x9", "3x3 rate 2 at 16x16", "3x3 at 12x12"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paired_rows_on_small_maps(layer, dtype, threads):
+    kernel, dilation, size = {"5x5 at 9x9": (5, 1, 9), "3x3 rate 2 at 16x16": (3, 2, 16), "3x3 at 12x12": (3, 1, 12)}[layer]
+    pad = dilation * (kernel - 1) // 2
+    case = dict(N=4, C=40, OC=64, H=size, W=size, kernel=kernel, stride=1, padding=pad, dilation=dilation, groups=1)
+    fp = _plan(case, dtype)
+    assert fp.cvec is not None and fp.We > fp.OW
+    if dtype == np.float32:
+        assert fp.row_tiles > 1 and fp.row_pairs is not None and (fp.tile_cols[:, 1] <= 7).any()
+        assert fp.tap_skip is not None
+    else:
+        assert fp.row_tiles == 0
+    bp = _engine.backward_data_plan(fp.problem)
+    assert not bp.row_tiles
+    cifar = _plan(dict(case, N=32, C=64, OC=64, H=32, W=32, kernel=3, padding=1, dilation=1), np.float32)
+    assert cifar.cvec is not None and cifar.row_tiles == 0
+    x, w, b, gy = case_arrays(case, dtype, make_rng("paired-rows", layer, dtype))
+    args = conv_args(case)
+    convgen.set_num_threads(threads)
+    for direction in ("fwd", "bwd_data"):
+        got = convgen_functional(direction, x, w, b, gy, **args)
+        assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{layer} {direction}")
 
 
 # The forward's row pairs (f32 kernels), forced row tiles whose rows end in a 7- or a
