@@ -311,17 +311,20 @@ ROW_PAIRS = True
 # ... so such a tile pays half of ROW_TILE_OVERHEAD per row (its weight loads feed both
 # rows), plus this much for its narrower register tile (see _run_price).
 ROW_PAIR_PRICE = 0.25
-# Rows that _cvec_layout leaves on the flat grid run row tiles instead where, so priced
-# and skipping the taps that read only padding, they pay at most this share of the flat
-# grid's tiles (_flat_price).  The price runs 4-8% optimistic, so only clear savings
-# switch: small maps with wide padding, whose flat grids compute up to half their pixels
-# in scratch columns and every tap through padding.  (2 threads, forward, 6 alternating
-# rounds, against the flat grid, predicted / measured: 5x5 at 9x9 and 17x17 1.30 / 1.20x
-# and 1.21 / 1.16x, 3x3 at rate 2 on 10x10 and 16x16 1.25 / 1.20x and 1.18 / 1.16x, 3x3 at
-# 11x11 and 12x12 1.17 / 1.13x and 1.16 / 1.11x, 5x5 at 30x30 1.12 / 1.04x; below the
-# bound: 3x3 at 24x24 1.06 / 0.98x, CIFAR's batch of 32 1.05 / 1.00-1.05x, at rate 2 on
-# 58x58 1.06 / 1.01x, 5x5 at 64x64 1.05 / 1.01x, 3x3 at 38x38 1.04 / 1.03x.)
-ROW_PAIR_SAVING = 0.9
+# Rows that _cvec_layout leaves on the flat grid run row tiles instead where, priced by
+# _row_tiling (skipping the taps that read only padding; in the float32 forward, narrow
+# tiles as row pairs), they pay at most this share of the flat grid's tiles (_flat_price).
+# The price runs 4-8% optimistic, so only clear savings switch: small maps with wide
+# padding, whose flat grids compute up to half their pixels in scratch columns and every
+# tap through padding.  (2 threads, 6 alternating rounds, against the flat grid.
+# Forward, predicted / measured: 5x5 at 9x9 and 17x17 1.30 / 1.20x and 1.21 / 1.16x, 3x3
+# at rate 2 on 10x10 and 16x16 1.25 / 1.20x and 1.18 / 1.16x, 3x3 at 11x11 and 12x12
+# 1.17 / 1.13x and 1.16 / 1.11x, 5x5 at 30x30 1.12 / 1.04x; below the bound: 3x3 at 24x24
+# 1.06 / 0.98x, CIFAR's batch of 32 1.05 / 1.00-1.05x, at rate 2 on 58x58 1.06 / 1.01x,
+# 5x5 at 64x64 1.05 / 1.01x, 3x3 at 38x38 1.04 / 1.03x.  Module backward, whose input
+# gradient switches: 5x5 at 9x9 1.07x, a batch of four 1.07x, 3x3 at rate 2 on 16x16 and
+# on a batch of four 10x10 1.06x and 1.04-1.08x, 5x5 and 1x7 at 15x15 1.07x and 1.05x.)
+ROW_PRICE_SAVING = 0.9
 
 
 # Depthwise forward runs its row-block tile when a row's vectors cover at most this
@@ -917,11 +920,11 @@ class ForwardPlan:
             self.tile_cols, self.tap_skip, _ = _row_tiling(masks, _tile_forms(self.cvec))
         elif self.cvec is not None and _pair_width(self.cvec) and self.We > self.OW:
             # The flat grid computes scratch columns: row tiles, priced as row pairs, may
-            # still cost less (ROW_PAIR_SAVING).  (Only here: rows that split evenly into
+            # still cost less (ROW_PRICE_SAVING).  (Only here: rows that split evenly into
             # wide tiles measured no faster split into pairs: 27 and 13 pixels, 0.98-0.99x.)
             masks = self.padding_masks(taps)
             cols, skip, price = _row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec))
-            if price <= ROW_PAIR_SAVING * _flat_price(self.out_len, len(taps), self.cvec[1]):
+            if price <= ROW_PRICE_SAVING * _flat_price(self.out_len, len(taps), self.cvec[1]):
                 self.tile_cols, self.tap_skip, self.row_tiles = cols, skip, 1
         if self.row_tiles:
             forms = _tile_forms(self.cvec)
@@ -1183,14 +1186,23 @@ class BackwardDataPlan:
         # As the forward's row tiles.  They skip the taps that read only grad_output's
         # zero border where they store into gx (stride 1, zero padding: one phase).
         self.tile_cols, self.tap_skips = None, None
+        masks = None
+        if self.cvec is not None and interior and (self.row_tiles or self.width > self.out_cols):
+            taps = [(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]]
+            rows, cols, _ = bordered(out_rows + max(t[2] for t in taps) + 1)
+            masks = _padding_masks(taps, rows, cols, out_rows, self.out_cols)
+        tiling = None
         if self.row_tiles:
+            tiling = _row_tiling(np.zeros((1, out_rows, self.out_cols), bool) if masks is None else masks,
+                                 _tile_forms(self.cvec))
+        elif masks is not None:
+            # As the forward's (ROW_PRICE_SAVING; no row pairs here).
+            tiling = _row_tiling(masks, _tile_forms(self.cvec))
+            if tiling[2] > ROW_PRICE_SAVING * _flat_price(self.out_len, len(masks), chunk):
+                tiling = None
+        if tiling is not None:
             forms = _tile_forms(self.cvec)
-            masks = np.zeros((1, out_rows, self.out_cols), bool)
-            if interior:
-                taps = [(0, 0, t.dy + p.pad_top, t.dx + p.pad_left) for t in phases[0]]
-                rows, cols, _ = bordered(out_rows + max(t[2] for t in taps) + 1)
-                masks = _padding_masks(taps, rows, cols, out_rows, self.out_cols)
-            self.tile_cols, skip, _ = _row_tiling(masks, forms)
+            self.tile_cols, skip, _ = tiling
             self.tap_skips = None if skip is None else [skip]
             self.row_tiles = len(self.tile_cols)
             self.out_len = _row_tiled_length(self.out_len, out_rows, self.width, self.tile_cols, forms, chunk)

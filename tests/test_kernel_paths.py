@@ -43,7 +43,7 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS", 0)
     monkeypatch.setattr(_engine, "CVEC_CHANNEL_WASTE", 100.0)
     monkeypatch.setattr(_engine, "ROW_TILE_SAVING", 100.0 if row_tiles else 0.0)
-    monkeypatch.setattr(_engine, "ROW_PAIR_SAVING", 100.0 if row_tiles else 0.0)
+    monkeypatch.setattr(_engine, "ROW_PRICE_SAVING", 100.0 if row_tiles else 0.0)
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)   # passes of a few channels on 1x1 kernels too
     monkeypatch.setattr(_engine, "CVEC_PASS_BLOCKS", 1)
@@ -347,28 +347,32 @@ def test_row_pairs():
 
 
 # Small maps with wide zero padding, whose flat grids compute many scratch columns and
-# every tap through padding: the float32 forward runs row tiles priced as row pairs
-# instead (ROW_PAIR_SAVING); float64 (no row pairs), the input gradient, and rows whose
-# flat grid costs little more (CIFAR's 32x32) keep theirs.
+# every tap through padding, run row tiles priced by _row_tiling instead (ROW_PRICE_SAVING):
+# the float32 forward's with narrow tiles as row pairs; the input gradient's (no row pairs,
+# either dtype) where skipping taps alone pays.  Rows whose flat grid costs little more
+# (CIFAR's 32x32) keep it.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layer", ["5x5 at 9x9", "3x3 rate 2 at 16x16", "3x3 at 12x12"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_paired_rows_on_small_maps(layer, dtype, threads):
+def test_priced_row_tiles_on_small_maps(layer, dtype, threads):
     kernel, dilation, size = {"5x5 at 9x9": (5, 1, 9), "3x3 rate 2 at 16x16": (3, 2, 16), "3x3 at 12x12": (3, 1, 12)}[layer]
     pad = dilation * (kernel - 1) // 2
-    case = dict(N=4, C=40, OC=64, H=size, W=size, kernel=kernel, stride=1, padding=pad, dilation=dilation, groups=1)
+    case = dict(N=4, C=64, OC=64, H=size, W=size, kernel=kernel, stride=1, padding=pad, dilation=dilation, groups=1)
     fp = _plan(case, dtype)
-    assert fp.cvec is not None and fp.We > fp.OW
+    bp = _engine.backward_data_plan(fp.problem)
+    assert fp.cvec is not None and fp.We > fp.OW and bp.cvec is not None
     if dtype == np.float32:
         assert fp.row_tiles > 1 and fp.row_pairs is not None and (fp.tile_cols[:, 1] <= 7).any()
         assert fp.tap_skip is not None
     else:
         assert fp.row_tiles == 0
-    bp = _engine.backward_data_plan(fp.problem)
-    assert not bp.row_tiles
-    cifar = _plan(dict(case, N=32, C=64, OC=64, H=32, W=32, kernel=3, padding=1, dilation=1), np.float32)
+    assert (bp.row_tiles > 1) == (layer != "3x3 at 12x12")
+    if bp.row_tiles:
+        assert bp.tap_skips is not None
+    cifar = _plan(dict(case, N=32, H=32, W=32, kernel=3, padding=1, dilation=1), dtype)
     assert cifar.cvec is not None and cifar.row_tiles == 0
-    x, w, b, gy = case_arrays(case, dtype, make_rng("paired-rows", layer, dtype))
+    assert _engine.backward_data_plan(cifar.problem).row_tiles == 0
+    x, w, b, gy = case_arrays(case, dtype, make_rng("priced-rows", layer, dtype))
     args = conv_args(case)
     convgen.set_num_threads(threads)
     for direction in ("fwd", "bwd_data"):
