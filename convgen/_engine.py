@@ -716,8 +716,8 @@ def _row_tiling(masks, forms, pair_width=0):
     each tile's first column and its pixels, the same in every row; skip uint8
     (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
     tap (which it then skips), or None where no tile does; price, what the split pays
-    (below).  masks: _padding_masks.  forms: the pixels of the tile's forms (see _form); pair_width: the widest tile that
-    runs as row pairs, which pays less (_run_price).
+    (below).  masks: _padding_masks.  forms: the pixels of the tile's forms (see _form).
+    pair_width: the widest tile that runs as row pairs, which pays less (_run_price).
 
     The split minimises the pixels computed, counting a tap a tile skips as free, by
     dynamic programming over the columns: a tile pays its _run_price (its form's pixels +

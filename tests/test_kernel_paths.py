@@ -355,7 +355,8 @@ def test_row_pairs():
 @pytest.mark.parametrize("layer", ["5x5 at 9x9", "3x3 rate 2 at 16x16", "3x3 at 12x12"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_priced_row_tiles_on_small_maps(layer, dtype, threads):
-    kernel, dilation, size = {"5x5 at 9x9": (5, 1, 9), "3x3 rate 2 at 16x16": (3, 2, 16), "3x3 at 12x12": (3, 1, 12)}[layer]
+    kernel, dilation, size = {"5x5 at 9x9": (5, 1, 9), "3x3 rate 2 at 16x16": (3, 2, 16),
+                              "3x3 at 12x12": (3, 1, 12)}[layer]
     pad = dilation * (kernel - 1) // 2
     case = dict(N=4, C=64, OC=64, H=size, W=size, kernel=kernel, stride=1, padding=pad, dilation=dilation, groups=1)
     fp = _plan(case, dtype)
