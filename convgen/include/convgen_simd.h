@@ -272,6 +272,33 @@ static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, i
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
 }
 
+/* The first n (<= lanes) values p[0], p[stride], p[2 * stride], ... (zeros after): an
+ * AVX-512 masked gather where the build has it, else element by element.  (The input
+ * gradient's weight pack: each output channel's taps are contiguous, so a vector of
+ * channels for one tap lies `taps` values apart.)  stride * lanes must fit an int. */
+#ifdef __AVX512F__
+static inline cg_vf32 cg_load_strided_f32(const float *p, ptrdiff_t stride, int n) {
+    __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                     _mm512_set1_epi32((int)stride));
+    return (cg_vf32)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)((1u << n) - 1), idx, p, 4);
+}
+static inline cg_vf64 cg_load_strided_f64(const double *p, ptrdiff_t stride, int n) {
+    __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)stride));
+    return (cg_vf64)_mm512_mask_i32gather_pd(_mm512_setzero_pd(), (__mmask8)((1u << n) - 1), idx, p, 8);
+}
+#else
+static inline cg_vf32 cg_load_strided_f32(const float *p, ptrdiff_t stride, int n) {
+    cg_vf32 v = {0};
+    for (int l = 0; l < n; l++) v[l] = p[l * stride];
+    return v;
+}
+static inline cg_vf64 cg_load_strided_f64(const double *p, ptrdiff_t stride, int n) {
+    cg_vf64 v = {0};
+    for (int l = 0; l < n; l++) v[l] = p[l * stride];
+    return v;
+}
+#endif
+
 /* v's 16 floats added, each widened to a double, into lo (lanes 0-7) and hi (8-15): long
  * float32 sums kept in float64 (the bias gradient's: see _layout's channel sums). */
 #ifdef __AVX512F__
