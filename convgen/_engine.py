@@ -312,8 +312,8 @@ ROW_PAIRS = True
 # rows), plus this much for its narrower register tile (see _run_price).
 ROW_PAIR_PRICE = 0.25
 # Rows that _cvec_layout leaves on the flat grid run row tiles instead where, priced by
-# _row_tiling (skipping the taps that read only padding; in the float32 forward, narrow
-# tiles as row pairs), they pay at most this share of the flat grid's tiles (_flat_price).
+# _row_tiling (skipping the taps that read only padding; where the kernel has row pairs, the
+# float32 forward's, narrow tiles as pairs), they pay at most this share of the flat grid's tiles (_flat_price).
 # The price runs 4-8% optimistic, so only clear savings switch: small maps with wide
 # padding, whose flat grids compute up to half their pixels in scratch columns and every
 # tap through padding.  (2 threads, 6 alternating rounds, against the flat grid.
@@ -323,7 +323,9 @@ ROW_PAIR_PRICE = 0.25
 # 1.06 / 0.98x, CIFAR's batch of 32 1.05 / 1.00-1.05x, at rate 2 on 58x58 1.06 / 1.01x,
 # 5x5 at 64x64 1.05 / 1.01x, 3x3 at 38x38 1.04 / 1.03x.  Module backward, whose input
 # gradient switches: 5x5 at 9x9 1.07x, a batch of four 1.07x, 3x3 at rate 2 on 16x16 and
-# on a batch of four 10x10 1.06x and 1.04-1.08x, 5x5 and 1x7 at 15x15 1.07x and 1.05x.)
+# on a batch of four 10x10 1.06x and 1.04-1.08x, 5x5 and 1x7 at 15x15 1.07x and 1.05x.
+# Float64 forward, no row pairs, 8 rounds: 5x5 at 9x9 (a batch of four) and 15x15 1.16x,
+# 3x3 at rate 2 on four 10x10 maps and on 16x16 1.11x and 1.13x.)
 ROW_PRICE_SAVING = 0.9
 
 
@@ -918,10 +920,11 @@ class ForwardPlan:
         if self.row_tiles:
             masks = self.padding_masks(taps)
             self.tile_cols, self.tap_skip, _ = _row_tiling(masks, _tile_forms(self.cvec))
-        elif self.cvec is not None and _pair_width(self.cvec) and self.We > self.OW:
-            # The flat grid computes scratch columns: row tiles, priced as row pairs, may
-            # still cost less (ROW_PRICE_SAVING).  (Only here: rows that split evenly into
-            # wide tiles measured no faster split into pairs: 27 and 13 pixels, 0.98-0.99x.)
+        elif self.cvec is not None and self.We > self.OW:
+            # The flat grid computes scratch columns: row tiles, priced as row pairs where
+            # the kernel has them, may still cost less (ROW_PRICE_SAVING).  (Only here: rows
+            # that split evenly into wide tiles measured no faster split into pairs: 27 and
+            # 13 pixels, 0.98-0.99x.)
             masks = self.padding_masks(taps)
             cols, skip, price = _row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec))
             if price <= ROW_PRICE_SAVING * _flat_price(self.out_len, len(taps), self.cvec[1]):
