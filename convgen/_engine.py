@@ -258,8 +258,8 @@ IN_PLACE_MAX_BATCH_PIXELS = 400
 # alternating rounds: ResNet's 1024 -> 256, 256 -> 1024, 1024 -> 512 and 512 -> 512 at 14x14
 # inference forward 1.28x, 1.17x, 1.16x and 1.12x, training forward 1.17x, 1.02x and 1.17x,
 # backward 0.98-1.13x; 1024 -> 256 at 12x12 1.40x; ViT-B's patch embedding (768 -> 768 at
-# 14x14 as a 1x1 layer) 1.03x.  A batch of two of 1024 -> 256 at 14x14 1.0x and 28x28 maps 0.70-0.94x,
-# so not there.  With the chunks outermost instead, as the rules above run them: 1024 -> 256
+# 14x14 as a 1x1 layer) 1.03x.  A batch of two of 1024 -> 256 at 14x14 1.0x and 28x28 maps
+# 0.70-0.94x, so not there.  With the chunks outermost instead, as the rules above run them: 1024 -> 256
 # at 14x14 0.93x, 256 -> 1024 0.91x; the other way round, the rules above would lose:
 # 256 -> 32 at 56x56 0.54x, 384 -> 64 at 14x14 0.94x.)
 IN_PLACE_CHUNKS_INNER_PIXELS = 196
@@ -313,8 +313,8 @@ ROW_PAIRS = True
 ROW_PAIR_PRICE = 0.25
 # Rows that _cvec_layout leaves on the flat grid run row tiles instead where, priced by
 # _row_tiling (skipping the taps that read only padding; where the kernel has row pairs, the
-# float32 forward's, narrow tiles as pairs), they pay at most this share of the flat grid's tiles (_flat_price).
-# The price runs 4-8% optimistic, so only clear savings switch: small maps with wide
+# float32 forward's, narrow tiles as pairs), they pay at most this share of the flat grid's
+# tiles (_priced_row_tiling).  The price runs 4-8% optimistic, so only clear savings switch: small maps with wide
 # padding, whose flat grids compute up to half their pixels in scratch columns and every
 # tap through padding.  (2 threads, 6 alternating rounds, against the flat grid.
 # Forward, predicted / measured: 5x5 at 9x9 and 17x17 1.30 / 1.20x and 1.21 / 1.16x, 3x3
@@ -562,6 +562,14 @@ def _flat_price(out_len, taps, pixels):
     """What the tiles of `pixels` along a flat grid of out_len pay, as _row_tiling prices
     row tiles: each chunk runs every tap, and starts and stores once."""
     return out_len // pixels * (taps + 1) * (pixels + ROW_TILE_OVERHEAD)
+
+
+def _priced_row_tiling(masks, forms, pair_width, flat_len, pixels):
+    """_row_tiling(masks, forms, pair_width) for rows left on a flat grid of flat_len
+    pixels (chunks of `pixels`), where its price is at most ROW_PRICE_SAVING of the flat
+    grid's tiles (_flat_price), else None."""
+    tiling = _row_tiling(masks, forms, pair_width)
+    return tiling if tiling[2] <= ROW_PRICE_SAVING * _flat_price(flat_len, len(masks), pixels) else None
 
 
 def _tap_positions(weight_taps, taps):
@@ -917,20 +925,21 @@ class ForwardPlan:
         # is NaN).
         self.tile_cols, self.tap_skip, self.row_pairs = None, None, None
         masks = None   # (the taps' padding masks, made when first needed: also below)
+        tiling = None
         if self.row_tiles:
             masks = self.padding_masks(taps)
-            self.tile_cols, self.tap_skip, _ = _row_tiling(masks, _tile_forms(self.cvec))
+            tiling = _row_tiling(masks, _tile_forms(self.cvec))
         elif self.cvec is not None and self.We > self.OW:
             # The flat grid computes scratch columns: row tiles, priced as row pairs where
             # the kernel has them, may still cost less (ROW_PRICE_SAVING).  (Only here: rows
             # that split evenly into wide tiles measured no faster split into pairs: 27 and
             # 13 pixels, 0.98-0.99x.)
             masks = self.padding_masks(taps)
-            cols, skip, price = _row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec))
-            if price <= ROW_PRICE_SAVING * _flat_price(self.out_len, len(taps), self.cvec[1]):
-                self.tile_cols, self.tap_skip, self.row_tiles = cols, skip, 1
-        if self.row_tiles:
+            tiling = _priced_row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec), self.out_len,
+                                        self.cvec[1])
+        if tiling is not None:
             forms = _tile_forms(self.cvec)
+            self.tile_cols, self.tap_skip, _ = tiling
             self.row_tiles = len(self.tile_cols)
             if _pair_width(self.cvec):
                 self.row_pairs = _row_pairs(self.tile_cols, self.tap_skip, self.OH, _pair_width(self.cvec))
@@ -1198,11 +1207,8 @@ class BackwardDataPlan:
         if self.row_tiles:
             tiling = _row_tiling(np.zeros((1, out_rows, self.out_cols), bool) if masks is None else masks,
                                  _tile_forms(self.cvec))
-        elif masks is not None:
-            # As the forward's (ROW_PRICE_SAVING; no row pairs here).
-            tiling = _row_tiling(masks, _tile_forms(self.cvec))
-            if tiling[2] > ROW_PRICE_SAVING * _flat_price(self.out_len, len(masks), chunk):
-                tiling = None
+        elif masks is not None:   # (as the forward's; no row pairs here)
+            tiling = _priced_row_tiling(masks, _tile_forms(self.cvec), 0, self.out_len, chunk)
         if tiling is not None:
             forms = _tile_forms(self.cvec)
             self.tile_cols, skip, _ = tiling
