@@ -20,7 +20,7 @@ class Kernel(NamedTuple):
     tile: tuple     # primary register tile (rows, cols)
     chunk: int      # output pixels per primary tile (fwd / bwd_data); 0 for bwd_weight
     variants: tuple  # (rows, cols, chunk) of every compiled tile, primary first
-    fused: Callable  # variant with the padding fused in (depthwise and grouped forward), or None
+    fused: Callable  # forward variant with the padding fused in (ForwardPlan.fused), or None
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
     ocvec_chunks: Callable  # the same, split over pixels (weight gradients small beside the data), or None
     cvec: tuple      # (tile index, pixels, channels per block, tail and short tail pixels) of the

@@ -474,11 +474,12 @@ def test_render_is_strict_about_missing_values(env):
 
 
 def test_render_small_table(env):
-    """A one-kernel table renders a module with just that kernel."""
+    """A one-kernel table renders a module with just that kernel (and its form with the
+    padding fused in)."""
     only = [KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")]
     text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", only), env)
-    assert f"def {only[0].name}(" in text
-    assert text.count("\ndef conv2d_") == 1
+    assert f"def {only[0].name}(" in text and f"def {only[0].name}_fused(" in text
+    assert text.count("\ndef conv2d_") == 2
 
 
 # ---- emit: files, written only when changed -------------------------------------

@@ -1679,6 +1679,51 @@ def test_grouped_forward_fused(spec, mode, threads, monkeypatch, restore_threads
                  f"{spec.name}, weight gradient from the kept planes, vs reference")
 
 
+# Dense forwards on the pixel tiles over a batch of small images run fused too: each
+# work item pads one image's planes, then runs every tile over them.
+DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
+def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
+    """Five images of 6 channels, 11 output channels (a partial tile): the plan runs the
+    fused form (three images do not, nor 1x1 layers that read their input in place), and the forward without and with its planes kept,
+    and the weight gradient from those planes, match the reference, bit for bit the same
+    on 1 and 2 threads."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=5, C=6, OC=11, groups=1, H=11, W=13, padding_mode=mode)
+    if spec.kernel == 1:
+        case["padding"] = 1   # (a 1x1 layer without padding reads its input in place instead)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.fused and fp.cvec is None and not fp.one_pass
+    assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).fused
+    if spec.kernel == 1 and spec.stride == 1:
+        assert not _plan(dict(case, padding=0), dtype).fused
+    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused", spec.name, mode))
+    args = conv_args(case)
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    expected_gw = ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args)
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        conv = convgen.Conv2d(6, 11, case["kernel"], padding_mode=mode, dtype=dtype, **args)
+        conv.weight[...] = w
+        conv.bias[...] = b
+        with convgen.no_grad():
+            y = conv(x)
+        assert_close(y, expected, dtype, f"{spec.name} vs reference")
+        y_kept = conv(x)
+        assert_close(y_kept, expected, dtype, f"{spec.name}, planes kept, vs reference")
+        conv.backward(gy)
+        assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
+        results.append((y, y_kept, conv.weight.grad))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
 # The input gradient of a dense layer whose input channels fit one tile of rows (first
 # layers: 3 channels) hands its pixel runs out statically, through reduction passes.
 DENSE_BWD_DATA_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "dense"]
