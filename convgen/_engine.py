@@ -1110,7 +1110,6 @@ class ForwardPlan:
         self.run_args = (self.G, self.Cg, self.OCg, self.out_len, self.block_len if self.cvec else self.x_chan,
                          self.kk, self.block_off if self.cvec else self.tap_off, self.tap_w, self.We, self.OH,
                          self.OW, self.rblock)
-        # One pass of the pixel tiles over every image, from planes padded beforehand.
         # Grouped and depthwise forwards pad each (image, group)'s channels just before its
         # tiles run (the kernel's fused form); so do dense ones on the pixel tiles over a
         # batch of small images (DENSE_FUSED_MIN_IMAGES, CACHE_BUDGET).
@@ -1118,6 +1117,7 @@ class ForwardPlan:
             p.groups != 1 or (DENSE_FUSED and self.cvec is None and self.in_place is None and self.groupwise is None
                               and self.rblock >= self.Cg and p.N >= DENSE_FUSED_MIN_IMAGES
                               and p.C * self.x_chan * itemsize <= CACHE_BUDGET))
+        # One pass of the pixel tiles over every image, from planes padded beforehand.
         self.one_pass = (self.cvec is None and not self.fused and self.images >= p.N
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
