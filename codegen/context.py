@@ -235,6 +235,9 @@ def kernel_context(spec):
                 ctx["phases"] = [dict(index=0, taps=[dict(t, plane=0) for t in any_taps])]
     if spec.direction == "bwd_data":
         ctx["phase_runs"] = _phase_runs(ctx["phases"])
+        # The input gradient with extend and fold fused in (BackwardDataPlan.fused): per
+        # channel (depthwise) or per image (dense), for kernels whose taps are unrolled.
+        ctx["fused"] = spec.groups in ("depthwise", "dense") and ctx["phases"] is not None
     return ctx
 
 

@@ -361,8 +361,16 @@ CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28
 # on eight 112x112 maps 1.26x / 1.24x, float64 24 -> 24 on eight 56x56 1.22x / 1.16x,
 # batches of 4-32 32x32 RGB maps 1.11-1.22x; LeNet's 6 -> 16 5x5 on 64 14x14 maps 0.99x /
 # 0.98x.  On two images training forwards lost (the seed example's batch of two 0.86x).
+# Their input gradients (DENSE_FUSED_INPUT) likewise extend an image's grad_output, run
+# every phase's tiles and fold them into its input gradient, an image per work item, where
+# the plan would run the pixel tiles in one reduction pass and the image's extended
+# grad_output and phase planes take at most CACHE_BUDGET.  Module backward (input, weight
+# and bias gradients), 2 threads, against the three parallel passes: the stride-2 layer
+# above 1.57x, its 16 -> 16 1.16x, 1 -> 32 on 28x28 maps 1.25x, LeNet's first layer 1.13x,
+# four 32x32 RGB images 1.14x; 8x8 maps 1.01-1.08x; maps too large for it unchanged.
 DENSE_FUSED = True
 DENSE_FUSED_MIN_IMAGES = 4
+DENSE_FUSED_INPUT = True
 
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
@@ -1300,6 +1308,15 @@ class BackwardDataPlan:
         group_bytes = (fp.OCg * self.plane_len + fp.Cg * self.n_planes * self.out_len) * itemsize
         fit = max(1, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET) // group_bytes)
         self.block = (max(1, min(p.N, fit // fp.G)), fp.G) if fit >= fp.G else (1, fit)
+        # Extend, the phases' tiles and fold fused, an item per (image, group) in each
+        # thread's scratch (fused_len values): depthwise layers (a group: a channel), and
+        # dense ones on the pixel tiles over batches of small images (as the forward's
+        # DENSE_FUSED; a group: an image).
+        self.fused_len = None
+        dense_fused = (DENSE_FUSED_INPUT and p.groups == 1 and self.cvec is None and self.rblock >= fp.OCg
+                       and p.N >= DENSE_FUSED_MIN_IMAGES and group_bytes <= CACHE_BUDGET)
+        if self.kernel.fused is not None and (p.groups != 1 or dense_fused):
+            self.fused_len = _geometry.round_up(group_bytes // itemsize, lanes)
         # Depthwise stride-2 layers (zero padding, one output channel per channel) run the
         # channel-block tile, over grad_output's zero-bordered pixel-major copy:
         # (its rows / columns tables, the copy's columns' interior, strips).
@@ -1681,13 +1698,13 @@ def _input_gradient(grad_y, weight, p: Problem):
         bp.kernel.cblock(grad_y, weight, gx, buf, p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip,
                          threads)
         return gx
-    if bp.kernel.fused is not None:
-        # Depthwise: extend, the phases' tiles and fold, per (image, channel) in cache.
-        per = _geometry.round_up(fp.OCg * bp.plane_len + bp.n_planes * bp.out_len, LANES[p.dtype])
-        buf = scratch("bwd_fused", (threads * per,), grad_y.dtype)
+    if bp.fused_len is not None:
+        # Extend, the phases' tiles and fold, per (image, channel) of a depthwise layer or
+        # per image of a dense one, in cache.
+        buf = scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype)
         bp.kernel.fused(grad_y, weight, gx, buf, p.N, p.C, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
                         bp.phase_offs, bp.width, bp.top, bp.left, bp.fold_rows, bp.fold_cols, bp.fold_interior,
-                        bp.fold_pad_left, threads, p.mode == "zeros")
+                        bp.fold_pad_left, threads, p.mode == "zeros", dense=p.groups == 1, tile=bp.tile)
         return gx
     images, groups = bp.block
     packed = {}
