@@ -368,9 +368,16 @@ CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28
 # and bias gradients), 2 threads, against the three parallel passes: the stride-2 layer
 # above 1.57x, its 16 -> 16 1.16x, 1 -> 32 on 28x28 maps 1.25x, LeNet's first layer 1.13x,
 # four 32x32 RGB images 1.14x; 8x8 maps 1.01-1.08x; maps too large for it unchanged.
+# Forwards on the channel-vector tile in one reduction pass (DENSE_FUSED_CVEC) likewise pad
+# an image's blocks of channels per work item, into its thread's scratch, where an image's
+# blocks take at most CACHE_BUDGET (inference / training forward): CIFAR ResNet-20's
+# 32 -> 32 on 128 16x16 maps 1.20x / 1.21x, 64 -> 64 on 8x8 1.06x / 1.06x, the suite's CIFAR
+# batch of 32 (64 -> 64 at 32x32) 1.06-1.08x / 1.06-1.11x, 32 -> 64 on 64 14x14 maps
+# 1.04x / 1.04x, 64 -> 256 1x1 on eight 28x28 maps 1.26-1.28x / 1.22x.
 DENSE_FUSED = True
 DENSE_FUSED_MIN_IMAGES = 4
 DENSE_FUSED_INPUT = True
+DENSE_FUSED_CVEC = True
 
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
@@ -1125,13 +1132,20 @@ class ForwardPlan:
             p.groups != 1 or (DENSE_FUSED and self.cvec is None and self.in_place is None and self.groupwise is None
                               and self.rblock >= self.Cg and p.N >= DENSE_FUSED_MIN_IMAGES
                               and p.C * self.x_chan * itemsize <= CACHE_BUDGET))
+        # ... and dense ones on the channel-vector tile (one reduction pass), whose work
+        # items each pad an image into its thread's blocks (see _run_fused_images).
+        self.cvec_fused = (DENSE_FUSED_CVEC and self.cvec is not None and p.groups == 1 and self.in_place is None
+                           and not (self.panels or self.pack_blocks) and self.rblock >= self.Cg
+                           and p.N >= DENSE_FUSED_MIN_IMAGES
+                           and self.in_blocks * self.block_len * itemsize <= CACHE_BUDGET)
         # One pass of the pixel tiles over every image, from planes padded beforehand.
         self.one_pass = (self.cvec is None and not self.fused and self.images >= p.N
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
         # for 1x1 panels and small maps' packed blocks), run in bands when they have enough
         # pixel chunks.
-        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)),
+        self.bands = BandSplit(self.one_pass or (self.cvec is not None
+                                                 and not (self.panels or self.pack_blocks or self.cvec_fused)),
                                self.OH, self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
     def padding_masks(self, taps):
@@ -1519,10 +1533,18 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
             part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
         packed = (wp, bp, part, fp.tile_cols, fp.tiles_inner)
         yext = None
-        xblocks = None if fp.panels else scratch("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len), x.dtype)
+        xblocks = None if fp.panels or fp.cvec_fused else scratch("fwd_blocked", (fp.images * fp.in_blocks,
+                                                                                   fp.block_len), x.dtype)
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     nonfinite = False
+    if fp.cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
+        if xin is not None:  # the planes kept for the weight gradient
+            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
+        blocks = scratch("fwd_fused_blocks", (threads, fp.in_blocks * fp.block_len), x.dtype)
+        fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+                      pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
+        return (y, xin, nonfinite) if keep else (y, None, False)
     if fp.panels:
         if xin is not None and not shared:  # the planes kept for the weight gradient
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)

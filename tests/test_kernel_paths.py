@@ -1688,9 +1688,9 @@ DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "den
 @pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
 def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
     """Five images of 6 channels, 11 output channels (a partial tile): the plan runs the
-    fused form (three images do not, nor 1x1 layers that read their input in place), and the forward without and with its planes kept,
-    and the weight gradient from those planes, match the reference, bit for bit the same
-    on 1 and 2 threads."""
+    fused form (three images do not, nor 1x1 layers that read their input in place), and
+    the forward without and with its planes kept, and the weight gradient from those
+    planes, match the reference, bit for bit the same on 1 and 2 threads."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     dtype = spec_dtype(spec)
     case = case_for(spec)
@@ -1720,6 +1720,45 @@ def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
         conv.backward(gy)
         assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
         results.append((y, y_kept, conv.weight.grad))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
+def test_dense_forward_fused_channel_vectors(spec, mode, monkeypatch, restore_threads):
+    """The same on the channel-vector tile: five images of 40 channels (a partial block) to
+    56 (a partial block of output channels), each image padded into its thread's blocks
+    just before its tiles run (three images are padded as one batch)."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=5, C=40, OC=56, groups=1, H=17, W=19, padding_mode=mode)
+    if spec.kernel == 1:
+        case["padding"] = 1
+    if spec.kernel == 3 and spec.stride == 2:
+        case.update(H=33, W=35)   # (smaller maps pack their weights a block at a time instead)
+    fp = _plan(case, dtype)
+    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.cvec_fused and fp.bands(2) is None
+    assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).cvec_fused
+    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused-cvec", spec.name, mode))
+    args = conv_args(case)
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    expected_gw = ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args)
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        conv = convgen.Conv2d(40, 56, case["kernel"], padding_mode=mode, dtype=dtype, **args)
+        conv.weight[...] = w
+        conv.bias[...] = b
+        with convgen.no_grad():
+            y = conv(x)
+        assert_close(y, expected, dtype, f"{spec.name} vs reference")
+        y_kept = conv(x)
+        assert_close(y_kept, expected, dtype, f"{spec.name}, planes kept, vs reference")
+        conv.backward(gy)
+        assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
+        results.append((y, y_kept))
     for one, two in zip(*results):
         np.testing.assert_array_equal(one, two)
 
