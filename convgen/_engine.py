@@ -373,11 +373,16 @@ CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28
 # blocks take at most CACHE_BUDGET (inference / training forward): CIFAR ResNet-20's
 # 32 -> 32 on 128 16x16 maps 1.20x / 1.21x, 64 -> 64 on 8x8 1.06x / 1.06x, the suite's CIFAR
 # batch of 32 (64 -> 64 at 32x32) 1.06-1.08x / 1.06-1.11x, 32 -> 64 on 64 14x14 maps
-# 1.04x / 1.04x, 64 -> 256 1x1 on eight 28x28 maps 1.26-1.28x / 1.22x.
+# 1.04x / 1.04x, 64 -> 256 1x1 on eight 28x28 maps 1.26-1.28x / 1.22x.  So do their input
+# gradients where they store straight into it (DENSE_FUSED_CVEC_INPUT: stride 1, zero
+# padding), bordering an image's grad_output per work item; module backward: 32 -> 32 on
+# 16x16 maps 1.15x, 64 -> 64 on 8x8 1.06x, the CIFAR batch of 32 1.04x, 32 -> 64 at 14x14
+# 1.06x, 64 -> 64 on sixteen 16x16 maps 1.04x.
 DENSE_FUSED = True
 DENSE_FUSED_MIN_IMAGES = 4
 DENSE_FUSED_INPUT = True
 DENSE_FUSED_CVEC = True
+DENSE_FUSED_CVEC_INPUT = True
 
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
@@ -1331,6 +1336,13 @@ class BackwardDataPlan:
                        and p.N >= DENSE_FUSED_MIN_IMAGES and group_bytes <= CACHE_BUDGET)
         if self.kernel.fused is not None and (p.groups != 1 or dense_fused):
             self.fused_len = _geometry.round_up(group_bytes // itemsize, lanes)
+        # ... and on the channel-vector tile, stored straight into the input gradient in one
+        # reduction pass: each work item borders an image's grad_output into its thread's
+        # blocks (the forward's cvec_fused; see _run_fused_images).
+        self.cvec_fused = (DENSE_FUSED_CVEC_INPUT and self.cvec is not None and p.groups == 1 and self.direct
+                           and not (self.panels or self.pack_blocks) and self.rblock >= fp.OCg
+                           and p.N >= DENSE_FUSED_MIN_IMAGES
+                           and _geometry.ceil_div(p.OC, lanes) * self.block_plane * lanes * itemsize <= CACHE_BUDGET)
         # Depthwise stride-2 layers (zero padding, one output channel per channel) run the
         # channel-block tile, over grad_output's zero-bordered pixel-major copy:
         # (its rows / columns tables, the copy's columns' interior, strips).
@@ -1753,6 +1765,18 @@ def _input_gradient(grad_y, weight, p: Problem):
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
                       pack_positions=bp.phase_pos if bp.pack_blocks else None)
+    if bp.cvec_fused:
+        # Each work item borders its image's grad_output into its thread's blocks and stores
+        # straight into gx (see _run_fused_images): no gyp, and gxph (here gx) goes unused.
+        blocks = scratch("bwd_fused_blocks", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype])
+                                              * bp.block_plane * LANES[p.dtype]), grad_y.dtype)
+        gx3 = gx.reshape(p.N * p.C, p.H, p.W)
+        bp.kernel.run(grad_y, weight, gx3, p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.block_plane * LANES[p.dtype], fp.kk,
+                      bp.block_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed, gx=gx3,
+                      static_schedule=bp.static_schedule,
+                      fused=(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), *bp.block_tables, bp.block_plane, bp.left,
+                             blocks))
+        return gx
     if bp.panels:  # each thread's panel
         gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
                                      * bp.panel_pixels), grad_y.dtype)

@@ -1795,6 +1795,38 @@ def test_dense_input_gradient_fused(spec, mode, monkeypatch, restore_threads):
     np.testing.assert_array_equal(results[0], results[1])
 
 
+# ... and on the channel-vector tile where it stores straight into the input gradient
+# (stride 1, zero padding): each work item borders one image's grad_output into its
+# thread's blocks.
+DENSE_STRIDE1_BWD_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "dense"
+                           and s.stride in (1, None)]   # (None: any stride, taken at run time)
+
+
+@pytest.mark.parametrize("spec", DENSE_STRIDE1_BWD_SPECS, ids=lambda s: s.name)
+def test_dense_input_gradient_fused_channel_vectors(spec, monkeypatch, restore_threads):
+    """Five images, 40 output channels (a partial block) reduced into 56 input channels:
+    the plan fuses them (three images do not), and the input gradient matches the
+    reference, bit for bit the same on 1 and 2 threads."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=5, C=56, OC=40, groups=1, H=17, W=19, stride=1)
+    fp = _plan(case, dtype)
+    bp = _engine.backward_data_plan(fp.problem)
+    assert bp.kernel.name == spec.name and bp.cvec is not None and bp.direct and bp.cvec_fused
+    assert not _engine.backward_data_plan(_plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).problem
+                                          ).cvec_fused
+    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused-cvec-input", spec.name))
+    expected = ref.conv2d_input(x.shape, w, gy, **conv_args(case))
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        gx = _engine.backward_data(gy, w, fp.problem)
+        assert_close(gx, expected, dtype, f"{spec.name} vs reference")
+        results.append(gx)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 # The input gradient of a dense layer whose input channels fit one tile of rows (first
 # layers: 3 channels) hands its pixel runs out statically, through reduction passes.
 DENSE_BWD_DATA_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "dense"]
