@@ -1679,6 +1679,47 @@ def test_grouped_forward_fused(spec, mode, threads, monkeypatch, restore_threads
                  f"{spec.name}, weight gradient from the kept planes, vs reference")
 
 
+def _check_forward_on_both_thread_counts(spec, case, dtype, label):
+    """The module's forward without and with its planes kept, and the weight gradient from
+    those planes, against the reference, and bit for bit the same on 1 and 2 threads."""
+    x, w, b, gy = case_arrays(case, dtype, make_rng(label, spec.name, case["padding_mode"]))
+    args = conv_args(case)
+    mode = case["padding_mode"]
+    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
+    expected_gw = ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args)
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], padding_mode=mode, dtype=dtype, **args)
+        conv.weight[...] = w
+        conv.bias[...] = b
+        with convgen.no_grad():
+            y = conv(x)
+        assert_close(y, expected, dtype, f"{spec.name} vs reference")
+        y_kept = conv(x)
+        assert_close(y_kept, expected, dtype, f"{spec.name}, planes kept, vs reference")
+        conv.backward(gy)
+        assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
+        results.append((y, y_kept, conv.weight.grad))
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+def _check_input_gradient_on_both_thread_counts(spec, case, dtype, problem, label):
+    """The input gradient of `problem` against the reference, and bit for bit the same on
+    1 and 2 threads."""
+    mode = case.get("padding_mode", "zeros")
+    x, w, b, gy = case_arrays(case, dtype, make_rng(label, spec.name, mode))
+    expected = ref.conv2d_input(x.shape, w, gy, padding_mode=mode, **conv_args(case))
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        gx = _engine.backward_data(gy, w, problem)
+        assert_close(gx, expected, dtype, f"{spec.name} vs reference")
+        results.append(gx)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 # Dense forwards on the pixel tiles over a batch of small images run fused too: each
 # work item pads one image's planes, then runs every tile over them.
 DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
@@ -1702,26 +1743,7 @@ def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
     assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).fused
     if spec.kernel == 1 and spec.stride == 1:
         assert not _plan(dict(case, padding=0), dtype).fused
-    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused", spec.name, mode))
-    args = conv_args(case)
-    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
-    expected_gw = ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args)
-    results = []
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        conv = convgen.Conv2d(6, 11, case["kernel"], padding_mode=mode, dtype=dtype, **args)
-        conv.weight[...] = w
-        conv.bias[...] = b
-        with convgen.no_grad():
-            y = conv(x)
-        assert_close(y, expected, dtype, f"{spec.name} vs reference")
-        y_kept = conv(x)
-        assert_close(y_kept, expected, dtype, f"{spec.name}, planes kept, vs reference")
-        conv.backward(gy)
-        assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
-        results.append((y, y_kept, conv.weight.grad))
-    for one, two in zip(*results):
-        np.testing.assert_array_equal(one, two)
+    _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused")
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
@@ -1741,26 +1763,7 @@ def test_dense_forward_fused_channel_vectors(spec, mode, monkeypatch, restore_th
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name and fp.cvec is not None and fp.cvec_fused and fp.bands(2) is None
     assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).cvec_fused
-    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused-cvec", spec.name, mode))
-    args = conv_args(case)
-    expected = ref.conv2d(x, w, b, padding_mode=mode, **args)
-    expected_gw = ref.conv2d_weight(x, w.shape, gy, padding_mode=mode, **args)
-    results = []
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        conv = convgen.Conv2d(40, 56, case["kernel"], padding_mode=mode, dtype=dtype, **args)
-        conv.weight[...] = w
-        conv.bias[...] = b
-        with convgen.no_grad():
-            y = conv(x)
-        assert_close(y, expected, dtype, f"{spec.name} vs reference")
-        y_kept = conv(x)
-        assert_close(y_kept, expected, dtype, f"{spec.name}, planes kept, vs reference")
-        conv.backward(gy)
-        assert_close(conv.weight.grad, expected_gw, dtype, f"{spec.name}, weight gradient from the kept planes")
-        results.append((y, y_kept))
-    for one, two in zip(*results):
-        np.testing.assert_array_equal(one, two)
+    _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused-cvec")
 
 
 # So do their input gradients (kernels whose taps are unrolled): each work item extends
@@ -1783,16 +1786,7 @@ def test_dense_input_gradient_fused(spec, mode, monkeypatch, restore_threads):
     assert bp.kernel.name == spec.name and bp.fused_len is not None and bp.cvec is None
     assert _engine.backward_data_plan(_plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).problem
                                       ).fused_len is None
-    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused-input", spec.name, mode))
-    args = conv_args(case)
-    expected = ref.conv2d_input(x.shape, w, gy, padding_mode=mode, **args)
-    results = []
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        gx = _engine.backward_data(gy, w, fp.problem)
-        assert_close(gx, expected, dtype, f"{spec.name} vs reference")
-        results.append(gx)
-    np.testing.assert_array_equal(results[0], results[1])
+    _check_input_gradient_on_both_thread_counts(spec, case, dtype, fp.problem, "dense-fused-input")
 
 
 # ... and on the channel-vector tile where it stores straight into the input gradient
@@ -1816,15 +1810,7 @@ def test_dense_input_gradient_fused_channel_vectors(spec, monkeypatch, restore_t
     assert bp.kernel.name == spec.name and bp.cvec is not None and bp.direct and bp.cvec_fused
     assert not _engine.backward_data_plan(_plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).problem
                                           ).cvec_fused
-    x, w, b, gy = case_arrays(case, dtype, make_rng("dense-fused-cvec-input", spec.name))
-    expected = ref.conv2d_input(x.shape, w, gy, **conv_args(case))
-    results = []
-    for threads in (1, 2):
-        convgen.set_num_threads(threads)
-        gx = _engine.backward_data(gy, w, fp.problem)
-        assert_close(gx, expected, dtype, f"{spec.name} vs reference")
-        results.append(gx)
-    np.testing.assert_array_equal(results[0], results[1])
+    _check_input_gradient_on_both_thread_counts(spec, case, dtype, fp.problem, "dense-fused-cvec-input")
 
 
 # The input gradient of a dense layer whose input channels fit one tile of rows (first
