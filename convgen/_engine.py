@@ -383,6 +383,12 @@ DENSE_FUSED_MIN_IMAGES = 4
 DENSE_FUSED_INPUT = True
 DENSE_FUSED_CVEC = True
 DENSE_FUSED_CVEC_INPUT = True
+# ... where the images share evenly among the threads, or there are at least this many: an
+# image per work item leaves a thread idle through the last one when they do not (2
+# threads, against the old paths, forward / module backward: 3 images of 64 channels at
+# 32x32 and 56x56 0.82x / 0.90x, 5 0.88-0.91x / 0.93-0.96x, 7 0.92x / 0.97x; 13 of 32
+# channels at 16x16 1.05x / 1.06x).
+DENSE_FUSED_UNEVEN_IMAGES = 12
 
 # Multiply-adds per output element that a reduction pass does at least (_reduction_block).
 PASS_MIN_MACS = 64
@@ -585,6 +591,12 @@ def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols,
     rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a tail tile's if it can
     computed = (row_tiles - 1) * cvec[1] + (cvec[3] if rest <= cvec[3] else cvec[1])
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
+
+
+def _shared_evenly(images, threads):
+    """Whether a dense layer's fused forms (an image per work item) keep `threads` evenly
+    busy over `images` (DENSE_FUSED_UNEVEN_IMAGES)."""
+    return images % threads == 0 or images >= DENSE_FUSED_UNEVEN_IMAGES
 
 
 def _pair_width(cvec):
@@ -1144,13 +1156,13 @@ class ForwardPlan:
                            and p.N >= DENSE_FUSED_MIN_IMAGES
                            and self.in_blocks * self.block_len * itemsize <= CACHE_BUDGET)
         # One pass of the pixel tiles over every image, from planes padded beforehand.
-        self.one_pass = (self.cvec is None and not self.fused and self.images >= p.N
+        # (Dense layers run it where they do not run fused: see _shared_evenly.)
+        self.one_pass = (self.cvec is None and (p.groups == 1 or not self.fused) and self.images >= p.N
                          and self.rblock >= self.Cg)
         # On several threads the pixel tiles' one pass, and the channel-vector tiles (but
         # for 1x1 panels and small maps' packed blocks), run in bands when they have enough
         # pixel chunks.
-        self.bands = BandSplit(self.one_pass or (self.cvec is not None
-                                                 and not (self.panels or self.pack_blocks or self.cvec_fused)),
+        self.bands = BandSplit(self.one_pass or (self.cvec is not None and not (self.panels or self.pack_blocks)),
                                self.OH, self.row_tiles, self.out_len, chunk, self.We, 0, self.Hq)
 
     def padding_masks(self, taps):
@@ -1485,7 +1497,8 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
             fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads,
                              whole_map)
             return y, xin, nonfinite
-    fused = fp.fused
+    fused = fp.fused and (p.groups != 1 or _shared_evenly(p.N, threads))
+    cvec_fused = fp.cvec_fused and _shared_evenly(p.N, threads)
     in_place = fp.in_place
     if in_place is None and fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0:
         in_place = fp.in_place_aligned
@@ -1507,7 +1520,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         xin = planes_in_place(x, p)
     else:
         xin = _kept_planes(fp, x, recycle)
-    if fp.one_pass:
+    if fp.one_pass and not fused:
         # (most small layers: every image in one pass of the pixel tiles)
         bands = fp.bands(threads)
         nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads, bands)
@@ -1523,7 +1536,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         return (y, xin, bool(flags.any())) if keep else (y, None, False)
     packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
     skip = None
-    bands = fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
+    bands = None if cvec_fused else fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
     wp_copy = 0
     if fp.cvec is not None:
         width = fp.cvec[2]
@@ -1545,12 +1558,12 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
             part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
         packed = (wp, bp, part, fp.tile_cols, fp.tiles_inner)
         yext = None
-        xblocks = None if fp.panels or fp.cvec_fused else scratch("fwd_blocked", (fp.images * fp.in_blocks,
+        xblocks = None if fp.panels or cvec_fused else scratch("fwd_blocked", (fp.images * fp.in_blocks,
                                                                                    fp.block_len), x.dtype)
     else:
         yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
     nonfinite = False
-    if fp.cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
+    if cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
         if xin is not None:  # the planes kept for the weight gradient
             nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
         blocks = scratch("fwd_fused_blocks", (threads, fp.in_blocks * fp.block_len), x.dtype)
@@ -1732,7 +1745,7 @@ def _input_gradient(grad_y, weight, p: Problem):
         bp.kernel.cblock(grad_y, weight, gx, buf, p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip,
                          threads)
         return gx
-    if bp.fused_len is not None:
+    if bp.fused_len is not None and (p.groups != 1 or _shared_evenly(p.N, threads)):
         # Extend, the phases' tiles and fold, per (image, channel) of a depthwise layer or
         # per image of a dense one, in cache.
         buf = scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype)
@@ -1765,7 +1778,7 @@ def _input_gradient(grad_y, weight, p: Problem):
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
                       pack_positions=bp.phase_pos if bp.pack_blocks else None)
-    if bp.cvec_fused:
+    if bp.cvec_fused and _shared_evenly(p.N, threads):
         # Each work item borders its image's grad_output into its thread's blocks and stores
         # straight into gx (see _run_fused_images): no gyp, and gxph (here gx) goes unused.
         blocks = scratch("bwd_fused_blocks", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype])

@@ -1679,6 +1679,26 @@ def test_grouped_forward_fused(spec, mode, threads, monkeypatch, restore_threads
                  f"{spec.name}, weight gradient from the kept planes, vs reference")
 
 
+def test_fused_forms_share_images_evenly():
+    """Dense layers run their fused forms (an image per work item) only where the images
+    keep the threads evenly busy, or are many (DENSE_FUSED_UNEVEN_IMAGES)."""
+    assert _engine._shared_evenly(4, 2) and _engine._shared_evenly(5, 1) and _engine._shared_evenly(6, 3)
+    assert not _engine._shared_evenly(5, 2) and not _engine._shared_evenly(7, 2)
+    assert _engine._shared_evenly(_engine.DENSE_FUSED_UNEVEN_IMAGES + 1, 2)
+
+
+def _spy_on_kernel(monkeypatch, plan, field, calls, fused_kwarg=False):
+    """Make plan.kernel.<field> record its thread counts in `calls` (with fused_kwarg: only
+    the calls given a `fused` argument), so a test can tell that the fused form ran."""
+    inner = getattr(plan.kernel, field)
+
+    def recording(*args, **kwargs):
+        if not fused_kwarg or kwargs.get("fused") is not None:
+            calls.append(convgen.get_num_threads())
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(plan, "kernel", plan.kernel._replace(**{field: recording}))
+
+
 def _check_forward_on_both_thread_counts(spec, case, dtype, label):
     """The module's forward without and with its planes kept, and the weight gradient from
     those planes, against the reference, and bit for bit the same on 1 and 2 threads."""
@@ -1728,42 +1748,48 @@ DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "den
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
 def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
-    """Five images of 6 channels, 11 output channels (a partial tile): the plan runs the
+    """Six images of 6 channels, 11 output channels (a partial tile): the plan runs the
     fused form (three images do not, nor 1x1 layers that read their input in place), and
     the forward without and with its planes kept, and the weight gradient from those
     planes, match the reference, bit for bit the same on 1 and 2 threads."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     dtype = spec_dtype(spec)
     case = case_for(spec)
-    case.update(N=5, C=6, OC=11, groups=1, H=11, W=13, padding_mode=mode)
+    case.update(N=6, C=6, OC=11, groups=1, H=11, W=13, padding_mode=mode)
     if spec.kernel == 1:
         case["padding"] = 1   # (a 1x1 layer without padding reads its input in place instead)
     fp = _plan(case, dtype)
-    assert fp.kernel.name == spec.name and fp.fused and fp.cvec is None and not fp.one_pass
+    assert fp.kernel.name == spec.name and fp.fused and fp.cvec is None
     assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).fused
     if spec.kernel == 1 and spec.stride == 1:
         assert not _plan(dict(case, padding=0), dtype).fused
+    calls = []
+    _spy_on_kernel(monkeypatch, fp, "fused", calls)
     _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused")
+    assert calls == [1, 1, 2, 2]   # (inference and training forwards, 1 and 2 threads)
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("spec", DENSE_FWD_SPECS, ids=lambda s: s.name)
 def test_dense_forward_fused_channel_vectors(spec, mode, monkeypatch, restore_threads):
-    """The same on the channel-vector tile: five images of 40 channels (a partial block) to
+    """The same on the channel-vector tile: six images of 40 channels (a partial block) to
     56 (a partial block of output channels), each image padded into its thread's blocks
     just before its tiles run (three images are padded as one batch)."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     dtype = spec_dtype(spec)
     case = case_for(spec)
-    case.update(N=5, C=40, OC=56, groups=1, H=17, W=19, padding_mode=mode)
+    case.update(N=6, C=40, OC=56, groups=1, H=17, W=19, padding_mode=mode)
     if spec.kernel == 1:
         case["padding"] = 1
     if spec.kernel == 3 and spec.stride == 2:
         case.update(H=33, W=35)   # (smaller maps pack their weights a block at a time instead)
     fp = _plan(case, dtype)
-    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.cvec_fused and fp.bands(2) is None
+    assert fp.kernel.name == spec.name and fp.cvec is not None and fp.cvec_fused
     assert not _plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).cvec_fused
+    calls = []
+    _spy_on_kernel(monkeypatch, fp, "run", calls, fused_kwarg=True)
     _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused-cvec")
+    assert calls == [1, 1, 2, 2]
 
 
 # So do their input gradients (kernels whose taps are unrolled): each work item extends
@@ -1774,19 +1800,24 @@ DENSE_FUSED_BWD_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.gro
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("spec", DENSE_FUSED_BWD_SPECS, ids=lambda s: s.name)
 def test_dense_input_gradient_fused(spec, mode, monkeypatch, restore_threads):
-    """Five images, 11 output channels reduced into 6 input channels (a partial tile of
+    """Six images, 11 output channels reduced into 6 input channels (a partial tile of
     rows): the plan fuses them (three images do not), and the input gradient matches the
     reference, bit for bit the same on 1 and 2 threads."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     dtype = spec_dtype(spec)
     case = case_for(spec)
-    case.update(N=5, C=6, OC=11, groups=1, H=11, W=13, padding_mode=mode)
+    case.update(N=6, C=6, OC=11, groups=1, H=11, W=13, padding_mode=mode)
+    if spec.kernel == 1:
+        case["padding"] = 1   # (without padding, a 1x1 layer's runs as the transposed layer's forward)
     fp = _plan(case, dtype)
     bp = _engine.backward_data_plan(fp.problem)
     assert bp.kernel.name == spec.name and bp.fused_len is not None and bp.cvec is None
     assert _engine.backward_data_plan(_plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).problem
                                       ).fused_len is None
+    calls = []
+    _spy_on_kernel(monkeypatch, bp, "fused", calls)
     _check_input_gradient_on_both_thread_counts(spec, case, dtype, fp.problem, "dense-fused-input")
+    assert calls == [1, 2]
 
 
 # ... and on the channel-vector tile where it stores straight into the input gradient
@@ -1798,19 +1829,24 @@ DENSE_STRIDE1_BWD_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.g
 
 @pytest.mark.parametrize("spec", DENSE_STRIDE1_BWD_SPECS, ids=lambda s: s.name)
 def test_dense_input_gradient_fused_channel_vectors(spec, monkeypatch, restore_threads):
-    """Five images, 40 output channels (a partial block) reduced into 56 input channels:
+    """Six images, 40 output channels (a partial block) reduced into 56 input channels:
     the plan fuses them (three images do not), and the input gradient matches the
     reference, bit for bit the same on 1 and 2 threads."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     dtype = spec_dtype(spec)
     case = case_for(spec)
-    case.update(N=5, C=56, OC=40, groups=1, H=17, W=19, stride=1)
+    case.update(N=6, C=56, OC=40, groups=1, H=17, W=19, stride=1)
+    if spec.kernel == 1:
+        case["padding"] = 1   # (as above)
     fp = _plan(case, dtype)
     bp = _engine.backward_data_plan(fp.problem)
     assert bp.kernel.name == spec.name and bp.cvec is not None and bp.direct and bp.cvec_fused
     assert not _engine.backward_data_plan(_plan(dict(case, N=_engine.DENSE_FUSED_MIN_IMAGES - 1), dtype).problem
                                           ).cvec_fused
+    calls = []
+    _spy_on_kernel(monkeypatch, bp, "run", calls, fused_kwarg=True)
     _check_input_gradient_on_both_thread_counts(spec, case, dtype, fp.problem, "dense-fused-cvec-input")
+    assert calls == [1, 2]
 
 
 # The input gradient of a dense layer whose input channels fit one tile of rows (first
@@ -1881,9 +1917,6 @@ def _banded_matches_one_thread(direction, x, w, b, gy, args, dtype, threads, nam
     assert_close(got, reference_functional(direction, x, w, b, gy, **args), dtype, f"{name} vs reference")
     assert np.array_equal(got, alone), f"{name}: the bands' result differs from one thread's"
     return alone
-
-
-DENSE_FWD_SPECS = [s for s in SPECS if s.direction == "fwd" and s.groups == "dense"]
 
 
 @pytest.mark.parametrize("threads", [2, 3])
