@@ -1725,6 +1725,18 @@ def _check_forward_on_both_thread_counts(spec, case, dtype, label):
         np.testing.assert_array_equal(one, two)
 
 
+def _check_kept_planes(fp, case, dtype):
+    """A training forward's kept planes are the whole padded input (pad_phase's), and an
+    infinity in the last image's last channel is reported."""
+    x, w, b, _ = case_arrays(case, dtype, make_rng("kept-planes", fp.kernel.name))
+    y, xin, nonfinite = _engine.forward(x, w, b, fp.problem)
+    planes = np.zeros_like(xin)
+    _layout.pad_phase(x.reshape(fp.x3_shape), planes, *fp.pad_args, 1)
+    assert np.array_equal(xin, planes) and not nonfinite
+    x[-1, -1, -1, -1] = np.inf
+    assert _engine.forward(x, w, b, fp.problem)[2]
+
+
 def _check_input_gradient_on_both_thread_counts(spec, case, dtype, problem, label):
     """The input gradient of `problem` against the reference, and bit for bit the same on
     1 and 2 threads."""
@@ -1767,6 +1779,7 @@ def test_dense_forward_fused(spec, mode, monkeypatch, restore_threads):
     _spy_on_kernel(monkeypatch, fp, "fused", calls)
     _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused")
     assert calls == [1, 1, 2, 2]   # (inference and training forwards, 1 and 2 threads)
+    _check_kept_planes(fp, case, dtype)
 
 
 @pytest.mark.parametrize("mode", ["zeros", "reflect"])
@@ -1790,6 +1803,7 @@ def test_dense_forward_fused_channel_vectors(spec, mode, monkeypatch, restore_th
     _spy_on_kernel(monkeypatch, fp, "run", calls, fused_kwarg=True)
     _check_forward_on_both_thread_counts(spec, case, dtype, "dense-fused-cvec")
     assert calls == [1, 1, 2, 2]
+    _check_kept_planes(fp, case, dtype)
 
 
 # So do their input gradients (kernels whose taps are unrolled): each work item extends
