@@ -235,7 +235,7 @@ def kernel_context(spec):
                 ctx["phases"] = [dict(index=0, taps=[dict(t, plane=0) for t in any_taps])]
     if spec.direction == "bwd_data":
         ctx["phase_runs"] = _phase_runs(ctx["phases"])
-        # The input gradient with extend and fold fused in (BackwardDataPlan.fused): per
+        # The input gradient with extend and fold fused in (BackwardDataPlan.fused_len): per
         # channel (depthwise) or per image (dense), for kernels whose taps are unrolled.
         ctx["fused"] = spec.groups in ("depthwise", "dense") and ctx["phases"] is not None
     return ctx

@@ -1298,6 +1298,8 @@ class BackwardDataPlan:
         if self.cvec is not None:
             rows = _geometry.ceil_div(self.plane_len, self.width)
             self.block_plane = _geometry.round_up(rows * self.width, lanes)
+            # (an image's blocks, and each one's values: as ForwardPlan.in_blocks, block_len)
+            self.gy_blocks, self.gy_block_len = _geometry.ceil_div(p.OC, lanes), self.block_plane * lanes
             self.block_tables = bordered(rows)
             self.block_offs = [offs * lanes for offs in self.phase_offs]
         self.tiles_inner = fp.kk == 1 and fp.OCg > fp.Cg  # as ForwardPlan.tiles_inner, roles swapped
@@ -1354,7 +1356,7 @@ class BackwardDataPlan:
         self.cvec_fused = (DENSE_FUSED_CVEC_INPUT and self.cvec is not None and p.groups == 1 and self.direct
                            and not (self.panels or self.pack_blocks) and self.rblock >= fp.OCg
                            and p.N >= DENSE_FUSED_MIN_IMAGES
-                           and _geometry.ceil_div(p.OC, lanes) * self.block_plane * lanes * itemsize <= CACHE_BUDGET)
+                           and self.gy_blocks * self.gy_block_len * itemsize <= CACHE_BUDGET)
         # Depthwise stride-2 layers (zero padding, one output channel per channel) run the
         # channel-block tile, over grad_output's zero-bordered pixel-major copy:
         # (its rows / columns tables, the copy's columns' interior, strips).
@@ -1781,10 +1783,9 @@ def _input_gradient(grad_y, weight, p: Problem):
     if bp.cvec_fused and _shared_evenly(p.N, threads):
         # Each work item borders its image's grad_output into its thread's blocks and stores
         # straight into gx (see _run_fused_images): no gyp, and gxph (here gx) goes unused.
-        blocks = scratch("bwd_fused_blocks", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype])
-                                              * bp.block_plane * LANES[p.dtype]), grad_y.dtype)
+        blocks = scratch("bwd_fused_blocks", (threads, bp.gy_blocks * bp.gy_block_len), grad_y.dtype)
         gx3 = gx.reshape(p.N * p.C, p.H, p.W)
-        bp.kernel.run(grad_y, weight, gx3, p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.block_plane * LANES[p.dtype], fp.kk,
+        bp.kernel.run(grad_y, weight, gx3, p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.gy_block_len, fp.kk,
                       bp.block_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed, gx=gx3,
                       static_schedule=bp.static_schedule,
                       fused=(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), *bp.block_tables, bp.block_plane, bp.left,
@@ -1796,8 +1797,7 @@ def _input_gradient(grad_y, weight, p: Problem):
     elif bp.cvec is None:
         gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
     else:  # dense: one group
-        gyp = scratch("gyp_blocked", (images * _geometry.ceil_div(p.OC, LANES[p.dtype]),
-                                      bp.block_plane * LANES[p.dtype]), grad_y.dtype)
+        gyp = scratch("gyp_blocked", (images * bp.gy_blocks, bp.gy_block_len), grad_y.dtype)
     gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
     if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
         _input_gradient_block(p, fp, bp, grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), weight, gyp, gxph,
@@ -1838,7 +1838,7 @@ def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, 
             x_chan, offs = bp.plane_len, bp.phase_offs
         else:
             bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads, bands)
-            x_chan, offs = bp.block_plane * LANES[p.dtype], bp.block_offs
+            x_chan, offs = bp.gy_block_len, bp.block_offs
         kwargs["banded"] = bands is not None
         bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
                       offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs)
