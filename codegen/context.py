@@ -134,15 +134,16 @@ def _store_columns(pixels, lanes):
     return geometry.round_up(pixels, lanes)
 
 
-def _cvec_form(row_pixels, rows, lanes, vectors):
+def _cvec_form(row_pixels, rows, lanes, vectors, name=""):
     """A channel-vector tile's form: row_pixels pixels of each of `rows` (1 or 2) output
     rows, one flat row apart (the second row reads its input from xr2 and keeps its
     partial sums in part2, the slot of the chunk a row below), pixel p being row
-    p // row_pixels's pixel p % row_pixels."""
+    p // row_pixels's pixel p % row_pixels.  name: its function's suffix (the wide
+    tile's is given by the template)."""
     width = vectors * lanes
     pixels = range(row_pixels * rows)
     base = ("", "2")
-    return dict(name=f"_pair{row_pixels}" if rows > 1 else "", row_pixels=row_pixels,
+    return dict(name=name, row_pixels=row_pixels,
                 pixels=list(pixels),
                 rows=[dict(index=h, first=h * row_pixels) for h in range(rows)],
                 broadcasts=[dict(pixel=p, base="xr" + base[p // row_pixels], offset=p % row_pixels * lanes)
@@ -204,9 +205,8 @@ def kernel_context(spec):
         # channel is p * lanes values after pixel 0's)
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}",
                            **_cvec_form(pixels, 1, lanes, vectors),
-                           tail=_cvec_form(spec.cvec_tail, 1, lanes, vectors),
-                           short_tail=_cvec_form(spec.cvec_short_tail, 1, lanes, vectors),
-                           pairs=[_cvec_form(n, 2, lanes, vectors) for n in spec.cvec_pairs],
+                           narrow=[_cvec_form(n, 1, lanes, vectors, f"_narrow{n}") for n in spec.cvec_narrow],
+                           pairs=[_cvec_form(n, 2, lanes, vectors, f"_pair{n}") for n in spec.cvec_pairs],
                            widest_pair=max(spec.cvec_pairs, default=0),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)

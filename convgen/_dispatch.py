@@ -23,8 +23,8 @@ class Kernel(NamedTuple):
     fused: Callable  # forward variant with the padding fused in (ForwardPlan.fused), or None
     ocvec: Callable  # channel-vectorised variant (dense weight gradient), or None
     ocvec_chunks: Callable  # the same, split over pixels (weight gradients small beside the data), or None
-    cvec: tuple      # (tile index, pixels, channels per block, tail and short tail pixels) of the
-                     # channel-vector tile, or None
+    cvec: tuple      # (tile index, pixels, channels per block, its narrower twins' pixels, widest
+                     # row pair's pixels) of the channel-vector tile (CVEC_TILES), or None
     pack: Callable   # packs weights for the channel-vector tile (its module's pack_weights), or None
     row_blocks: tuple  # (output rows, pixels per row) of each row-block tile (depthwise forward)
     cblock: Callable  # channel-block variant (depthwise forward, nothing kept), or None

@@ -571,8 +571,7 @@ def _interior(pad, count, step, size):
 
 def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width,
                  min_out=None, waste=None, any_pixels=False):
-    """How a kernel's channel-vector tile `cvec` (tile index, pixels, channels per block,
-    pixels of its tail tile) runs: None where it should not (too few channels either way,
+    """How a kernel's channel-vector tile `cvec` (its module's CVEC_TILES entry) runs: None where it should not (too few channels either way,
     too few output pixels per weight unless the rows are wide, too many idle lanes in the
     blocks of output channels), else its row tiles per output row (rows `width` apart,
     `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING).
@@ -588,8 +587,8 @@ def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols,
             or _geometry.round_up(out_channels, cvec[2]) > waste * out_channels):
         return None
     row_tiles = _geometry.ceil_div(cols, cvec[1])
-    rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a tail tile's if it can
-    computed = (row_tiles - 1) * cvec[1] + (cvec[3] if rest <= cvec[3] else cvec[1])
+    rest = cols - (row_tiles - 1) * cvec[1]   # the last tile's pixels: a narrower twin's if it can
+    computed = (row_tiles - 1) * cvec[1] + _form(rest, _tile_forms(cvec))
     return row_tiles if computed < ROW_TILE_SAVING * width else 0
 
 
@@ -601,7 +600,7 @@ def _shared_evenly(images, threads):
 
 def _pair_width(cvec):
     """The widest of a channel-vector tile's row tiles that run as row pairs, or 0."""
-    return cvec[5] if ROW_PAIRS else 0
+    return cvec[4] if ROW_PAIRS else 0
 
 
 def _flat_price(out_len, taps, pixels):
@@ -656,8 +655,8 @@ def _panel_pixels(p: "Problem", channels, chunk):
 
 
 def _tile_forms(cvec):
-    """The pixels of a channel-vector tile and of its narrower twins (tail, short tail)."""
-    return cvec[1], cvec[3], cvec[4]
+    """The pixels of a channel-vector tile and of its narrower twins."""
+    return (cvec[1], *cvec[3])
 
 
 def _form(pixels, forms):

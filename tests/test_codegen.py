@@ -262,16 +262,23 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
-            f'{dense3.cvec_tail}, {dense3.cvec_short_tail}, {max(dense3.cvec_pairs)}),') in text
-    assert f"cdef inline void _{dense3.name}{suffix}_tail(" in text
+            f'(6, 7, 8, ), {max(dense3.cvec_pairs)}),') in text
+    for n in dense3.cvec_narrow:
+        assert f"cdef inline void _{dense3.name}{suffix}_narrow{n}(" in text
     generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")   # (its taps in a loop: no unrolled tap)
     generic_tile = text[text.index(f"cdef inline void _{generic.name}{suffix}_tile("):]
     generic_tile = generic_tile[:generic_tile.index("cdef inline void", 10)]
     assert "for t in range(a.ntaps):" in generic_tile and "# tap 0:" not in generic_tile
-    short = text[text.index(f"cdef inline void _{dense3.name}{suffix}_short_tail("):]
-    short = short[:short.index("\ncdef ")]
-    assert dense3.cvec_short_tail < dense3.cvec_tail < dense3.cvec_tile[0]
-    assert f"a_{dense3.cvec_short_tail - 1}_1 = " in short and f"a_{dense3.cvec_short_tail}_0" not in short
+    assert dense3.cvec_narrow == (6, 7, 8) and max(dense3.cvec_narrow) < dense3.cvec_tile[0]
+    for n in dense3.cvec_narrow:   # (n pixels: accumulators up to a_{n-1}, no further)
+        twin = text[text.index(f"cdef inline void _{dense3.name}{suffix}_narrow{n}("):]
+        twin = twin[:twin.index("\ncdef ")]
+        assert f"a_{n - 1}_1 = " in twin and f"a_{n}_0" not in twin
+    # The item runs the narrowest twin that holds a row tile's pixels, else the wide tile.
+    item = text[text.index(f"cdef void _{dense3.name}{suffix}_item("):]
+    item = item[:item.index("\ncdef ")]
+    assert item.index("if npix <= 6:") < item.index("elif npix <= 7:") < item.index("elif npix <= 8:")
+    assert f"_{dense3.name}{suffix}_narrow8(a, " in item and f"_{dense3.name}{suffix}_tile(a, " in item
     # The generic input gradient: one tile for every phase, its taps in a loop; run()
     # sends any phase to it (a kernel of fixed stride has one per phase).
     text = render.render("conv2d_bwd_data.pyx.j2", context.module_context("bwd_data", "f32", SPECS), env)
@@ -305,13 +312,12 @@ def test_channel_vector_tiles_prefetch_weights_taps_ahead(env):
 
 
 def test_channel_vector_row_pairs_only_in_float32_forward(env):
-    """The f32 forward's channel-vector tiles have row-pair twins (the tail's and the
-    short tail's pixels, two rows): the second row broadcasts from xr2, a flat row on,
+    """The f32 forward's channel-vector tiles have row-pair twins (the 6- and 7-pixel
+    twins, two rows; 8 would need every register): the second row broadcasts from xr2, a flat row on,
     and keeps its partial sums in part2; the item runs them where a.pairs says so.
     Nothing else has them."""
     for s in SPECS:
-        want = [s.cvec_short_tail, s.cvec_tail] if (s.cvec_tile and s.direction == "fwd"
-                                                    and s.dtype == "f32") else []
+        want = [6, 7] if (s.cvec_tile and s.direction == "fwd" and s.dtype == "f32") else []
         assert s.cvec_pairs == want, s.name
     text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", SPECS), env)
     dense3 = KernelSpec("fwd", "f32", 3, 1, 1, "dense")

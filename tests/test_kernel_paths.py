@@ -348,7 +348,8 @@ def test_row_pairs():
 
 # Small maps with wide zero padding, whose flat grids compute many scratch columns and
 # every tap through padding, run row tiles priced by _row_tiling instead (ROW_PRICE_SAVING):
-# the float32 forward's with narrow tiles as row pairs; the float64 forward's and the input
+# the float32 forward's with narrow tiles as row pairs (or, on 16-pixel rows, two 8-pixel
+# twins); the float64 forward's and the input
 # gradient's (no row pairs) where skipping taps alone pays.  Rows whose flat grid costs
 # little more (CIFAR's 32x32) keep it.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -362,7 +363,9 @@ def test_priced_row_tiles_on_small_maps(layer, dtype, threads):
     fp = _plan(case, dtype)
     bp = _engine.backward_data_plan(fp.problem)
     assert fp.cvec is not None and fp.We > fp.OW and bp.cvec is not None
-    if dtype == np.float32:
+    if dtype == np.float32 and layer == "3x3 rate 2 at 16x16":   # (rows of two 8-pixel twins)
+        assert fp.tile_cols[:, 1].tolist() == [8, 8] and fp.row_pairs is None
+    elif dtype == np.float32:
         assert fp.row_tiles > 1 and fp.row_pairs is not None and (fp.tile_cols[:, 1] <= 7).any()
     else:   # (no row pairs: skipping taps alone pays on the two maps with wider padding)
         assert fp.row_pairs is None and (fp.row_tiles > 1) == (layer != "3x3 at 12x12")
@@ -402,12 +405,12 @@ def test_channel_vector_row_pairs(spec, shape, threads, forced_rows, banded, mon
     case = _case(spec, 37, 37)
     kh, kw = case["kernel"]
     d = spec.dilation or 3
-    width = {"tail": spec.cvec_tile[0] + spec.cvec_tail, "short tail": spec.cvec_tile[0] + 3, "padding": 33}[shape]
+    width = {"tail": spec.cvec_tile[0] + max(spec.cvec_pairs), "short tail": spec.cvec_tile[0] + 3, "padding": 33}[shape]
     pad = (max(1, d * (kh - 1)), max(1, d * (kw - 1))) if shape == "padding" else 0
     stride = case["stride"] if isinstance(case["stride"], int) else case["stride"][1]
     case.update(N=2, dilation=d, padding=pad, H=9 * stride + d * (kh - 1), W=width * stride + d * (kw - 1))
     if shape == "padding":
-        case.update(H=11, W=33)
+        case.update(H=11, W=31)   # (rows that end in a 6- or 7-pixel tile, not an 8: no pairs)
     args = conv_args(case)
     x, w, b, _ = case_arrays(case, dtype, make_rng("row-pairs", spec.name, shape))
     fp = _plan(case, dtype)
@@ -456,23 +459,24 @@ def test_every_pixel_tile(spec, monkeypatch):
             _check(spec, case)
 
 
-@pytest.mark.parametrize("twin", ["tail", "short tail"])
-@pytest.mark.parametrize("spec", CVEC_SPECS, ids=lambda s: s.name)
-def test_channel_vector_tail_tile(spec, twin, forced_rows):
-    """Rows whose last tile has at most a narrower twin's pixels end with that twin
-    (here rows of 14 + 7 or 1..6 pixels, or 2 x 14 + as many)."""
-    low, high = ((spec.cvec_short_tail + 1, spec.cvec_tail) if twin == "tail" else (1, spec.cvec_short_tail))
+@pytest.mark.parametrize("spec, twin", [(s, n) for s in CVEC_SPECS for n in s.cvec_narrow],
+                         ids=lambda v: f"narrow{v}" if isinstance(v, int) else v.name)
+def test_channel_vector_narrow_tiles(spec, twin, forced_rows):
+    """Each narrower twin runs the row tiles of at most its pixels (and more than the
+    next narrower one's): the first width from 16 whose rows' tiling has such a tile
+    (rows of 14 + 8, 8 + 8, 14 + 7, 14 + 14 + 6, ...)."""
+    narrower = [n for n in spec.cvec_narrow if n < twin]
+    low, high = max(narrower, default=0) + 1, twin
     for W in range(16, 64):
         case = _case(spec, 37, 21)
         case.update(W=W)
         fp = _plan(case, spec_dtype(spec))
-        cols = fp.OW if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem).out_cols
-        if cols > spec.cvec_tile[0] and low <= cols % spec.cvec_tile[0] <= high:
+        plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
+        assert plan.cvec is not None and plan.tile_cols is not None
+        if any(low <= n <= high for _, n in plan.tile_cols):
             break
     else:
-        raise AssertionError(f"no width ends in the {twin}")
-    plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
-    assert plan.cvec is not None and any(low <= n <= high for _, n in plan.tile_cols)
+        raise AssertionError(f"no width has a tile of {low}..{high} pixels")
     _check(spec, case)
 
 
@@ -1313,13 +1317,15 @@ def test_channel_vector_tile_rule():
     """When the dense layers run the channel-vector tile (enough channels both ways,
     enough output pixels per packed weight), and whether its tiles start at each row
     (where that computes fewer pixels than the flat grid's rows)."""
-    cvec = (1, 14, 32, 7)
+    cvec = (1, 14, 32, (6, 7, 8), 7)
     rule = _engine._cvec_layout
     assert rule(cvec, 64, 64, 9, 1, 128, 128, 130) == 0            # 128x128: 140 of 130 columns: flat
     assert rule(cvec, 64, 64, 9, 1, 56, 56, 58) == 4               # 56x56: 56 of 58 columns
-    assert rule(cvec, 256, 512, 9, 1, 33, 33, 45) == 3             # ASPP: 14 + 14 + a tail of 7 of 45 columns
+    assert rule(cvec, 256, 512, 9, 1, 33, 33, 45) == 3             # ASPP: 14 + 14 + a twin of 6 of 45 columns
     assert rule(cvec, 64, 48, 25, 1, 35, 35, 39) == 3              # 14 + 14 + 7 of 39 columns
-    assert rule(cvec, 64, 64, 9, 1, 32, 32, 34) == 0               # 14 + 14 + 14 > 34 columns: flat
+    assert rule(cvec, 64, 64, 9, 1, 32, 32, 34) == 0               # 14 + 14 + 6 = 34 columns: flat
+    assert rule(cvec, 64, 64, 9, 128, 8, 8, 10) == 1               # a batch of 8x8 maps: 8 of 10 columns
+    assert rule(cvec, 64, 64, 9, 128, 22, 22, 24) == 2             # 14 + 8 of 24 columns
     assert rule(cvec, 64, 256, 1, 1, 56, 56, 56) == 0              # 1x1: no scratch columns
     assert rule(cvec, 256, 256, 9, 1, 14, 14, 16) is None          # 14x14: too few pixels per weight
     assert rule(cvec, 128, 128, 7, 1, 17, 17, 23) == 2             # ... unless rows 1.3x wider (1x7, Inception)
