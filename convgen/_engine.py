@@ -112,6 +112,15 @@ def threads_for(work, values=0):
 # (Forward, 2 threads: ResNet's strided 3x3 at 28x28 1.18x faster than the pixel
 # tiles, DeepLab's rate-2 layer 1.09x; at 14x14 and 7x7 packing costs more than it saves.)
 CVEC_MIN_CHANNELS = 32
+# ... or, forwards that keep nothing for a backward (inference) of kernels larger than 1x1,
+# from this many input channels: their pixel tiles read padded planes that a training
+# forward keeps for the weight gradient anyway, but an inference forward copies only for
+# them.  (2 threads, no_grad forwards, separate processes alternating, 6 rounds, against
+# the pixel tiles: CIFAR ResNet-20's strided 16 -> 32 on 128 32x32 maps 1.28x, the digits
+# example's 16 -> 32 on 32 8x8 maps 1.46x, 16 -> 32 on 8 28x28 maps 1.19x, 5x5 on 16 24x24
+# maps 1.12x, at stride 2 on 112x112 1.13x, on 112x112 1.10x; 20 and 24 channels
+# 1.00-1.03x.  Training forwards: the strided one 0.89x, so not there.)
+CVEC_MIN_CHANNELS_INFERENCE = 16
 CVEC_MIN_PIXELS = 512
 # ... or, 1x1 layers, this many: the pixel tiles would waste a third of a 14x14 map, which
 # the 14-pixel channel-vector tile divides exactly (2 threads: ResNet's 1024 -> 256 at 14x14
@@ -570,18 +579,20 @@ def _interior(pad, count, step, size):
 
 
 def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width,
-                 min_out=None, waste=None, any_pixels=False):
+                 min_out=None, waste=None, any_pixels=False, min_reduced=None):
     """How a kernel's channel-vector tile `cvec` (its module's CVEC_TILES entry) runs: None where it should not (too few channels either way,
     too few output pixels per weight unless the rows are wide, too many idle lanes in the
     blocks of output channels), else its row tiles per output row (rows `width` apart,
     `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING).
     min_out / waste: the fewest output channels and the most idle lanes in their blocks
-    allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given); any_pixels: however
+    allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given); min_reduced: the
+    fewest channels reduced over (CVEC_MIN_CHANNELS unless given); any_pixels: however
     few output pixels (where the weights are packed a block at a time: PACK_BLOCK_BYTES)."""
     min_out = CVEC_MIN_CHANNELS if min_out is None else min_out
+    min_reduced = CVEC_MIN_CHANNELS if min_reduced is None else min_reduced
     waste = CVEC_CHANNEL_WASTE if waste is None else waste
     wide = width >= CVEC_WIDE_ROWS * cols and images * rows * cols >= CVEC_MIN_PIXELS_WIDE
-    if (cvec is None or out_channels < min_out or reduced_channels < CVEC_MIN_CHANNELS
+    if (cvec is None or out_channels < min_out or reduced_channels < min_reduced
             or (images * rows * width < (CVEC_MIN_PIXELS if taps > 1 else CVEC_MIN_PIXELS_1X1)
                 and not (wide or any_pixels))
             or _geometry.round_up(out_channels, cvec[2]) > waste * out_channels):
@@ -881,10 +892,12 @@ class InPlacePlan(NamedTuple):
 
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
-    same padded phase planes)."""
+    same padded phase planes).  inference: for a forward that keeps nothing for a
+    backward (see inference_plan)."""
 
-    def __init__(self, p: Problem):
+    def __init__(self, p: Problem, inference=False):
         self.problem = p
+        self.inference_twin = self if inference else None   # (see inference_plan)
         self.G = p.groups
         self.Cg, self.OCg = p.C // p.groups, p.OC // p.groups
         self.kk = p.KH * p.KW
@@ -906,13 +919,15 @@ class ForwardPlan:
         # channels: the pixel tiles read it along as many streams as channels.
         narrowing = p.KH * p.KW == 1 and self.Cg > self.OCg
         min_out, waste = (min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else (None, None)
+        min_reduced = min(CVEC_MIN_CHANNELS, CVEC_MIN_CHANNELS_INFERENCE) if inference and self.kk > 1 else None
         layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
-                              min_out, waste)
+                              min_out, waste, min_reduced=min_reduced)
         # Small maps: the tiles pack their own blocks of weights (PACK_BLOCK_BYTES).
         self.pack_blocks = False
         if layout is None:
             layout = _small_map_layout(self.kernel.cvec, p.dtype, self.OCg, self.Cg, self.kk, p.N * self.OH * self.OW,
-                                       (p.N, self.OH, self.OW, self.We), dict(min_out=min_out, waste=waste))
+                                       (p.N, self.OH, self.OW, self.We),
+                                       dict(min_out=min_out, waste=waste, min_reduced=min_reduced))
             self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
@@ -1379,6 +1394,17 @@ def forward_plan(p: Problem) -> ForwardPlan:
     return ForwardPlan(p)
 
 
+def inference_plan(p: Problem) -> ForwardPlan:
+    """The plan of a forward that keeps nothing for a backward: forward_plan(p) unless the
+    channel-vector tile's rule for such forwards (CVEC_MIN_CHANNELS_INFERENCE) reaches
+    it.  Kept on forward_plan(p)'s plan, so that clearing its cache clears both."""
+    fp = forward_plan(p)
+    if fp.inference_twin is None:
+        reaches = fp.kk > 1 and CVEC_MIN_CHANNELS_INFERENCE <= fp.Cg < CVEC_MIN_CHANNELS
+        fp.inference_twin = ForwardPlan(p, inference=True) if reaches else fp
+    return fp.inference_twin
+
+
 @lru_cache(maxsize=256)
 def backward_data_plan(p: Problem) -> BackwardDataPlan:
     return BackwardDataPlan(forward_plan(p))
@@ -1477,7 +1503,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         fq = forward_plan(q)
         return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,
                        recycle, keep, out=out)
-    fp = forward_plan(p)
+    fp = forward_plan(p) if keep else inference_plan(p)
     threads = threads_for(fp.work, fp.values)
     y = np.empty(fp.y_shape, dtype=x.dtype) if out is None else out
     x3 = x.reshape(fp.x3_shape)

@@ -1812,6 +1812,30 @@ def test_dense_forward_fused_channel_vectors(spec, mode, monkeypatch, restore_th
     _check_kept_planes(fp, case, dtype)
 
 
+# Inference forwards (no planes kept for a backward) of kernels larger than 1x1 run the
+# channel-vector tile from fewer input channels than training forwards do.
+@pytest.mark.parametrize("images", [3, 6])   # (6: one image per work item)
+@pytest.mark.parametrize("spec", [s for s in DENSE_FWD_SPECS if s.kernel != 1], ids=lambda s: s.name)
+def test_inference_forward_channel_vectors(spec, images, monkeypatch, restore_threads):
+    """16 input channels to 56: the inference plan runs the channel-vector tile, the
+    training plan the pixel tiles (and 15 channels neither); both forwards and the weight
+    gradient match the reference, bit for bit the same on 1 and 2 threads."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = case_for(spec)
+    case.update(N=images, C=_engine.CVEC_MIN_CHANNELS_INFERENCE, OC=56, groups=1, H=17, W=19,
+                padding_mode="zeros")
+    fp = _plan(case, dtype)
+    ip = _engine.inference_plan(fp.problem)
+    assert fp.kernel.name == spec.name and fp.cvec is None and ip.cvec is not None
+    fewer = _plan(dict(case, C=case["C"] - 1), dtype)
+    assert _engine.inference_plan(fewer.problem) is fewer and fewer.cvec is None
+    calls = []
+    _spy_on_kernel(monkeypatch, ip, "run", calls)
+    _check_forward_on_both_thread_counts(spec, case, dtype, "inference-cvec")
+    assert calls == [1, 2]   # (the inference forwards only, on 1 and 2 threads)
+
+
 # So do their input gradients (kernels whose taps are unrolled): each work item extends
 # one image's grad_output, runs every phase's tiles and folds them into its input gradient.
 DENSE_FUSED_BWD_SPECS = [s for s in SPECS if s.direction == "bwd_data" and s.groups == "dense" and not s.is_generic]
