@@ -206,6 +206,7 @@ def kernel_context(spec):
         ctx["cvec"] = dict(index=len(ctx["tiles"]), suffix=f"_c{pixels}x{vectors}",
                            **_cvec_form(pixels, 1, lanes, vectors),
                            narrow=[_cvec_form(n, 1, lanes, vectors, f"_narrow{n}") for n in spec.cvec_narrow],
+                           narrow_pixels=tuple(spec.cvec_narrow),   # (CVEC_TILES' entry)
                            pairs=[_cvec_form(n, 2, lanes, vectors, f"_pair{n}") for n in spec.cvec_pairs],
                            widest_pair=max(spec.cvec_pairs, default=0),
                            slot=pixels * vectors * lanes,   # one tile's partial sums

@@ -147,7 +147,7 @@ class KernelSpec:
         its edge tiles skipping a column of taps) and a row's last few pixels, 7 for
         Inception's 35-pixel rows (14 + 14 + 7) and 7x7 maps, 8 for whole rows of 8x8
         maps (CIFAR ResNet's last stage: 64 pixels computed where the flat grid of
-        10-pixel rows computes 84; forward 1.32x, backward 1.15x on 2 threads)."""
+        10-pixel rows computes 84; forward 1.28x, backward 1.13x on 2 threads)."""
         return () if self.cvec_tile is None else (6, 7, 8)
 
     @property

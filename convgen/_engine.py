@@ -115,11 +115,11 @@ CVEC_MIN_CHANNELS = 32
 # ... or, forwards that keep nothing for a backward (inference) of kernels larger than 1x1,
 # from this many input channels: their pixel tiles read padded planes that a training
 # forward keeps for the weight gradient anyway, but an inference forward copies only for
-# them.  (2 threads, no_grad forwards, separate processes alternating, 6 rounds, against
-# the pixel tiles: CIFAR ResNet-20's strided 16 -> 32 on 128 32x32 maps 1.28x, the digits
-# example's 16 -> 32 on 32 8x8 maps 1.46x, 16 -> 32 on 8 28x28 maps 1.19x, 5x5 on 16 24x24
-# maps 1.12x, at stride 2 on 112x112 1.13x, on 112x112 1.10x; 20 and 24 channels
-# 1.00-1.03x.  Training forwards: the strided one 0.89x, so not there.)
+# them.  (2 threads, no_grad module forwards, separate processes alternating, 6 rounds,
+# against the pixel tiles: the digits example's 16 -> 32 on 32 8x8 maps 1.41x, CIFAR
+# ResNet-20's strided 16 -> 32 on 128 32x32 maps 1.34x, 16 -> 32 on 8 28x28 maps 1.18x,
+# 5x5 on 16 24x24 maps 1.15x, 16 -> 32 on 112x112 1.13x, 24 -> 64 on 56x56 1.05x, 20
+# channels 1.00x.  Training forwards: the strided one 0.89x, so not there.)
 CVEC_MIN_CHANNELS_INFERENCE = 16
 CVEC_MIN_PIXELS = 512
 # ... or, 1x1 layers, this many: the pixel tiles would waste a third of a 14x14 map, which
@@ -580,10 +580,11 @@ def _interior(pad, count, step, size):
 
 def _cvec_layout(cvec, out_channels, reduced_channels, taps, images, rows, cols, width,
                  min_out=None, waste=None, any_pixels=False, min_reduced=None):
-    """How a kernel's channel-vector tile `cvec` (its module's CVEC_TILES entry) runs: None where it should not (too few channels either way,
-    too few output pixels per weight unless the rows are wide, too many idle lanes in the
-    blocks of output channels), else its row tiles per output row (rows `width` apart,
-    `cols` real pixels each), or 0 for tiles along the flat grid (see ROW_TILE_SAVING).
+    """How a kernel's channel-vector tile `cvec` (its module's CVEC_TILES entry) runs: None
+    where it should not (too few channels either way, too few output pixels per weight
+    unless the rows are wide, too many idle lanes in the blocks of output channels), else
+    its row tiles per output row (rows `width` apart, `cols` real pixels each), or 0 for
+    tiles along the flat grid (see ROW_TILE_SAVING).
     min_out / waste: the fewest output channels and the most idle lanes in their blocks
     allowed (CVEC_MIN_CHANNELS and CVEC_CHANNEL_WASTE unless given); min_reduced: the
     fewest channels reduced over (CVEC_MIN_CHANNELS unless given); any_pixels: however

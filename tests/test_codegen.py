@@ -262,7 +262,7 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     suffix = "_c{}x{}".format(*dense3.cvec_tile)
     assert f"cdef void _{dense3.name}{suffix}_item(" in text
     assert (f'"{dense3.name}": ({len(dense3.tiles)}, {dense3.cvec_tile[0]}, {dense3.cvec_tile[1] * 16}, '
-            f'(6, 7, 8, ), {max(dense3.cvec_pairs)}),') in text
+            f'(6, 7, 8), {max(dense3.cvec_pairs)}),') in text
     for n in dense3.cvec_narrow:
         assert f"cdef inline void _{dense3.name}{suffix}_narrow{n}(" in text
     generic = KernelSpec("fwd", "f32", ANY, ANY, ANY, "dense")   # (its taps in a loop: no unrolled tap)
