@@ -147,8 +147,11 @@ class KernelSpec:
         its edge tiles skipping a column of taps) and a row's last few pixels, 7 for
         Inception's 35-pixel rows (14 + 14 + 7) and 7x7 maps, 8 for whole rows of 8x8
         maps (CIFAR ResNet's last stage: 64 pixels computed where the flat grid of
-        10-pixel rows computes 84; forward 1.28x, backward 1.13x on 2 threads)."""
-        return () if self.cvec_tile is None else (6, 7, 8)
+        10-pixel rows computes 84; forward 1.28x, backward 1.13x on 2 threads).  float32
+        only has the 8: each twin costs the cold build about 3% per dtype."""
+        if self.cvec_tile is None:
+            return ()
+        return (6, 7, 8) if self.dtype == "f32" else (6, 7)
 
     @property
     def cvec_pairs(self):

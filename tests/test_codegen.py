@@ -270,6 +270,7 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     generic_tile = generic_tile[:generic_tile.index("cdef inline void", 10)]
     assert "for t in range(a.ntaps):" in generic_tile and "# tap 0:" not in generic_tile
     assert dense3.cvec_narrow == (6, 7, 8) and max(dense3.cvec_narrow) < dense3.cvec_tile[0]
+    assert KernelSpec("bwd_data", "f64", 3, 1, 1, "dense").cvec_narrow == (6, 7)   # (float32 only has the 8)
     for n in dense3.cvec_narrow:   # (n pixels: accumulators up to a_{n-1}, no further)
         twin = text[text.index(f"cdef inline void _{dense3.name}{suffix}_narrow{n}("):]
         twin = twin[:twin.index("\ncdef ")]
