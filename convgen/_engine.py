@@ -41,6 +41,14 @@ STATIC_WORK = 1 << 23
 # pixel chunks per thread: a band is a static share, off by at most a chunk (ResNet's
 # 256 -> 256 at 14x14, 5 chunks: 0.93 -> 1.11 ms banded).
 BAND_MIN_CHUNKS = 8
+# ... and on at most this many threads.  Bands pay on these 2 cores, where reading a line
+# the other core has just written costs most (ResNet's 3x3 at 56x56 and its strided 3x3
+# 1.09x and 1.10x against the dynamic schedule, 8 alternating rounds).  On a 16-core Intel
+# Xeon (a device machine lent for one session, 4-5 alternating rounds) the dynamic
+# schedule ran DeepLab's ASPP 1.26x faster on 16 threads and 1.27x on 8 (its bands of two
+# rows each: the edge rows skip a third of their taps), ResNet's 3x3 at 56x56 1.03x and
+# 1.05x.  Between 2 and 8 threads nothing was measured: 4 splits the difference.
+BAND_MAX_THREADS = 4
 # ... and each thread packs its own copy of the channel-vector tile's weights where the
 # copies take at most this many bytes in all: reading the half another core packed costs
 # more than packing it again (2 threads, 21 alternating rounds: Inception's 5x5 1.038x,
@@ -870,8 +878,8 @@ class BandSplit:
     def __call__(self, threads):
         """band_rows (intp, threads + 1) for pad_phase / pad_blocked / extend when the call
         runs in bands on `threads` threads, else None: BAND_MIN_CHUNKS chunks per thread
-        at least, for balance."""
-        if threads == 1 or self.chunks < BAND_MIN_CHUNKS * threads:
+        at least, for balance, and at most BAND_MAX_THREADS threads."""
+        if threads == 1 or threads > BAND_MAX_THREADS or self.chunks < BAND_MIN_CHUNKS * threads:
             return None
         rows = self._rows.get(threads)
         if rows is None:

@@ -1988,6 +1988,25 @@ def test_one_pass_forward_in_bands(spec, threads, banded, monkeypatch):
         _engine.forward_plan.cache_clear()
 
 
+def test_no_bands_past_band_max_threads(banded):
+    """Bands on up to BAND_MAX_THREADS threads; past that the tiles go to the threads
+    dynamically, with the same bits as one thread's (forward and input gradient)."""
+    dtype = np.dtype(np.float32)
+    case = dict(N=1, C=64, OC=64, H=30, W=30, kernel=(3, 3), stride=(1, 1), padding=1, dilation=1, groups=1)
+    fp = _plan(case, dtype)
+    bp = _engine.backward_data_plan(fp.problem)
+    most = _engine.BAND_MAX_THREADS
+    for plan, last in ((fp, fp.Hq), (bp, None)):
+        assert plan.cvec is not None
+        rows = plan.bands(most)
+        assert rows is not None and len(rows) == most + 1 and (last is None or rows[-1] == last)
+        assert plan.bands(most + 1) is None
+    args = conv_args(case)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("no-bands", "many threads"))
+    for direction in ("fwd", "bwd_data"):
+        _banded_matches_one_thread(direction, x, w, b, gy, args, dtype, most + 1, f"{direction} on {most + 1} threads")
+
+
 CVEC_FWD_SPECS = [s for s in CVEC_SPECS if s.direction == "fwd"]
 
 
