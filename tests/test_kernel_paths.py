@@ -1127,8 +1127,11 @@ def test_in_place_rule():
     def plan(*args):
         return forward_plan(*args).in_place[1:]
     # (chunks, then pixels past them: IN_PLACE_LEFTOVER; whether each chunk runs every channel
-    # tile, but on one 14x14 map: IN_PLACE_CHUNKS_INNER_PIXELS)
-    assert plan(1, 2048, 512, 7, 7) == (48, 1, True) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, True)
+    # tile, but on one 14x14 map, IN_PLACE_CHUNKS_INNER_PIXELS, and where the weights outweigh
+    # the input, IN_PLACE_WEIGHT_MAJOR)
+    assert plan(1, 2048, 512, 7, 7) == (48, 1, False) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, False)
+    assert plan(4, 960, 160, 7, 7) == (48, 1, True)                             # 160 channels, 196 pixels
+    assert plan(1, 96, 576, 14, 14) == (192, 4, False) and plan(1, 384, 64, 14, 14) == (192, 4, True)
     assert plan(1, 32, 16, 10, 10) == (96, 4, True) and plan(1, 144, 24, 14, 14) == (192, 4, True)
     assert plan(1, 64, 64, 56, 56) == (3168, 0, True) and plan(1, 16, 8, 9, 9) == (96, 0, True)   # 16 or 33 past 48
     assert plan(1, 1024, 256, 14, 14) == (192, 4, False) and plan(1, 256, 1024, 14, 14) == (192, 4, False)
