@@ -627,6 +627,13 @@ def _shared_evenly(images, threads):
     return images % threads == 0 or images >= DENSE_FUSED_UNEVEN_IMAGES
 
 
+def _runs_fused(planned, p: "Problem", threads):
+    """Whether a fused form that a plan has (planned) runs on a call on `threads` threads:
+    a grouped or depthwise layer's always, a dense layer's (an image per work item) only
+    where its images keep the threads evenly busy (_shared_evenly)."""
+    return bool(planned) and (p.groups != 1 or _shared_evenly(p.N, threads))
+
+
 def _pair_width(cvec):
     """The widest of a channel-vector tile's row tiles that run as row pairs, or 0."""
     return cvec[4] if ROW_PAIRS else 0
@@ -911,7 +918,8 @@ class InPlacePlan(NamedTuple):
 class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes).  inference: for a forward that keeps nothing for a
-    backward (see inference_plan)."""
+    backward, the channel-vector tile from CVEC_MIN_CHANNELS_INFERENCE channels
+    (inference_plan says which layers build one)."""
 
     def __init__(self, p: Problem, inference=False):
         self.problem = p
@@ -937,7 +945,7 @@ class ForwardPlan:
         # channels: the pixel tiles read it along as many streams as channels.
         narrowing = p.KH * p.KW == 1 and self.Cg > self.OCg
         min_out, waste = (min(CVEC_MIN_CHANNELS, CVEC_NARROW_MIN_OUT), float("inf")) if narrowing else (None, None)
-        min_reduced = min(CVEC_MIN_CHANNELS, CVEC_MIN_CHANNELS_INFERENCE) if inference and self.kk > 1 else None
+        min_reduced = min(CVEC_MIN_CHANNELS, CVEC_MIN_CHANNELS_INFERENCE) if inference else None
         layout = _cvec_layout(self.kernel.cvec, self.OCg, self.Cg, p.KH * p.KW, p.N, self.OH, self.OW, self.We,
                               min_out, waste, min_reduced=min_reduced)
         # Small maps: the tiles pack their own blocks of weights (PACK_BLOCK_BYTES).
@@ -1544,8 +1552,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
             fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads,
                              whole_map)
             return y, xin, nonfinite
-    fused = fp.fused and (p.groups != 1 or _shared_evenly(p.N, threads))
-    cvec_fused = fp.cvec_fused and _shared_evenly(p.N, threads)
+    fused, cvec_fused = _runs_fused(fp.fused, p, threads), _runs_fused(fp.cvec_fused, p, threads)
     in_place = fp.in_place
     if in_place is None and fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0:
         in_place = fp.in_place_aligned
@@ -1792,7 +1799,7 @@ def _input_gradient(grad_y, weight, p: Problem):
         bp.kernel.cblock(grad_y, weight, gx, buf, p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip,
                          threads)
         return gx
-    if bp.fused_len is not None and (p.groups != 1 or _shared_evenly(p.N, threads)):
+    if _runs_fused(bp.fused_len is not None, p, threads):
         # Extend, the phases' tiles and fold, per (image, channel) of a depthwise layer or
         # per image of a dense one, in cache.
         buf = scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype)
@@ -1825,7 +1832,7 @@ def _input_gradient(grad_y, weight, p: Problem):
         packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
                       out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
                       pack_positions=bp.phase_pos if bp.pack_blocks else None)
-    if bp.cvec_fused and _shared_evenly(p.N, threads):
+    if _runs_fused(bp.cvec_fused, p, threads):
         # Each work item borders its image's grad_output into its thread's blocks and stores
         # straight into gx (see _run_fused_images): no gyp, and gxph (here gx) goes unused.
         blocks = scratch("bwd_fused_blocks", (threads, bp.gy_blocks * bp.gy_block_len), grad_y.dtype)

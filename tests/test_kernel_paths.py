@@ -1696,6 +1696,36 @@ def test_fused_forms_share_images_evenly():
     assert _engine._shared_evenly(_engine.DENSE_FUSED_UNEVEN_IMAGES + 1, 2)
 
 
+def test_fused_forms_skipped_where_images_share_unevenly(monkeypatch, restore_threads):
+    """Five images of a dense layer on the pixel tiles: both directions run their fused
+    forms on one thread but not on two (_runs_fused), with the same results either way.
+    A grouped layer's fused forward runs on both."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    dtype = np.dtype(np.float32)
+    case = dict(N=5, C=6, OC=11, H=11, W=13, kernel=(3, 3), stride=(1, 1), padding=1, dilation=1, groups=1)
+    fp = _plan(case, dtype)
+    bp = _engine.backward_data_plan(fp.problem)
+    assert fp.fused and bp.fused_len is not None
+    forward, backward = [], []
+    _spy_on_kernel(monkeypatch, fp, "fused", forward)
+    _spy_on_kernel(monkeypatch, bp, "fused", backward)
+    args = conv_args(case)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("uneven", "fused"))
+    results = []
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        y = convgen_functional("fwd", x, w, b, gy, **args)
+        gx = convgen_functional("bwd_data", x, w, b, gy, **args)
+        assert_close(y, reference_functional("fwd", x, w, b, gy, **args), dtype, f"forward, {threads} threads")
+        assert_close(gx, reference_functional("bwd_data", x, w, b, gy, **args), dtype, f"input gradient, {threads}")
+        results.append((y, gx))
+    assert forward == [1] and backward == [1]
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    grouped = _plan(dict(case, C=12, OC=12, groups=2), dtype)
+    assert grouped.fused and _engine._runs_fused(grouped.fused, grouped.problem, 2)
+
+
 def _spy_on_kernel(monkeypatch, plan, field, calls, fused_kwarg=False):
     """Make plan.kernel.<field> record its thread counts in `calls` (with fused_kwarg: only
     the calls given a `fused` argument), so a test can tell that the fused form ran."""
