@@ -193,6 +193,16 @@ def kernel_context(spec):
                                 # columns stored together by one transposed store (<= lanes)
                                 col_groups=[dict(start=g, cols=cols[g:g + lanes])
                                             for g in range(0, len(cols), lanes)])
+        # ... and, for too few output channels for that, the form vectorised over input
+        # channels: output channels x columns (a vector of input channels at one tap each).
+        ctx["icvec"] = None
+        if spec.icvec_tile is not None:
+            nrows, ncols = spec.icvec_tile
+            # (a row of its table, convgen._engine._icvec_table: each column's offset in
+            # the window of input pixels, then each one's in a row of the partial sums)
+            ctx["icvec"] = dict(rows=list(range(nrows)),
+                                cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)],
+                                used=2 * ncols)   # (then how many columns are real)
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,
@@ -258,18 +268,20 @@ def module_context(direction, dtype, specs, template=None):
         sfx=dtype,
         lanes={"f32": 16, "f64": 8}[dtype],
         ocvec_fields=repr(OCVEC_FIELDS),
-        ocvec=_shared_ocvec(kernels),
+        ocvec=_shared(kernels, "ocvec"),
+        icvec=_shared(kernels, "icvec"),
         kernels=kernels,
     )
 
 
-def _shared_ocvec(kernels):
-    """The dense weight gradients' channel-vectorised tile, generated once per module for
-    every kernel that has it (it takes its columns and their taps from a table at run
-    time, so nothing in it depends on the kernel), or None."""
-    tiles = [k["ocvec"] for k in kernels if k.get("ocvec")]
+def _shared(kernels, form):
+    """A weight-gradient form shared by a module's dense kernels ("ocvec" or "icvec"),
+    generated once per module for every kernel that has it (it takes its columns and
+    their taps from a table at run time, so nothing in it depends on the kernel), or
+    None."""
+    tiles = [k[form] for k in kernels if k.get(form)]
     if any(t != tiles[0] for t in tiles):
-        raise ValueError("the dense weight-gradient kernels of a module must share one ocvec tile")
+        raise ValueError(f"the dense weight-gradient kernels of a module must share one {form} tile")
     return tiles[0] if tiles else None
 
 

@@ -174,6 +174,16 @@ class KernelSpec:
         return (2, 12)
 
     @property
+    def icvec_tile(self):
+        """Register tile (output channels, columns) of the dense weight gradient's form
+        vectorised over input channels (``_icvec``), for layers with too few output
+        channels for ``ocvec_tile``, or None.  Each column is a vector of input channels
+        at one tap; the output channels' gradients are broadcast."""
+        if self.direction != "bwd_weight" or self.groups != "dense":
+            return None
+        return (8, 3)
+
+    @property
     def other_tiles(self):
         """The tiles besides ``tile`` that the runtime may pick, as short labels."""
         labels = []
@@ -181,6 +191,8 @@ class KernelSpec:
             labels.append("channel-vector {}x{} (narrow {})".format(*self.cvec_tile, ", ".join(map(str, self.cvec_narrow))))
         if self.ocvec_tile:
             labels.append("by-channel {}x{}".format(*self.ocvec_tile))
+        if self.icvec_tile:
+            labels.append("by-input-channel {}x{}".format(*self.icvec_tile))
         labels += ["rows {}x{}".format(*b) for b in self.row_blocks]
         if self.channel_block:
             labels.append("channel-block {}x{}".format(*self.channel_block))

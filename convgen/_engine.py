@@ -88,6 +88,24 @@ WGRAD_MIN_OUT_VECTORS = 1.5
 # forward, which keeps padded planes for the pixel-vectorised kernel, 1.33-1.46x, its
 # backward 0.95-1.01x.  Its backward from a plain copy of the input, transposed: 0.90-0.97x.)
 WGRAD_TRANSPOSED = True
+# Dense layers with too few output channels for that form (below WGRAD_MIN_OUT_VECTORS
+# vectors) and not transposed sum their weight gradient vectorised over input channels
+# instead (KernelSpec.icvec_tile): 8 output channels' gradients broadcast against 3
+# vectors of input channels at a time, each loaded once per pixel, where the pixel-
+# vectorised kernel loads a vector of grad_output and of input per column and re-reads
+# its segment from L2 for every tile.  From ICVEC_MIN_CHANNELS input channels, whose
+# vectors leave at most CVEC_CHANNEL_WASTE of their lanes idle.  (Measured below, at
+# the rule.)
+WGRAD_BY_INPUT = True
+ICVEC_MIN_CHANNELS = 16
+ICVEC_MIN_OUT_CHANNELS = 4
+# Bytes of a work item's window of the input (every channel, pixel-major), which its
+# tiles read while it stays in L2; and of the partial sums of all work items together,
+# past which an item takes several images.
+ICVEC_WINDOW_BYTES = 256 << 10
+ICVEC_PARTIAL_BYTES = 4 << 20
+ICVEC_ITEM_PIXELS = 1024
+ICVEC_WINDOW_RATIO = 5
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -736,6 +754,44 @@ def _wgrad_chunks(N, OH, OW, C, OC, kk, x_chan, itemsize):
     return rows, images
 
 
+def _icvec_table(C, kk, lanes, tap_off, span, columns):
+    """The tiles' table of the weight gradient vectorised over input channels: a row per
+    tile of `columns` columns (a block of `lanes` channels at one tap each, block-major,
+    the last tile's spare columns repeating its last), each column's offset in a window
+    of `span` pixels (pixel-major blocks of channels), then each one's in an output
+    channel's row of partial sums (tap-major: tap * Cp + block * lanes), then how many
+    of the columns are real."""
+    Cp = _geometry.round_up(C, lanes)
+    cols = [(b, t) for b in range(Cp // lanes) for t in range(kk)]
+    rows = []
+    for i in range(0, len(cols), columns):
+        group = cols[i:i + columns]
+        used = len(group)
+        group = group + [group[-1]] * (columns - used)
+        rows.append([(b * span + int(tap_off[t])) * lanes for b, t in group]
+                    + [t * Cp + b * lanes for b, t in group] + [used])
+    return np.asarray(rows, dtype=np.intp)
+
+
+def _icvec_chunking(N, OH, We, C, OC, kk, max_off, itemsize, lanes):
+    """(output rows per work item, window length, images per item) of the weight
+    gradient vectorised over input channels: windows within ICVEC_WINDOW_BYTES, at
+    least WGRAD_CHUNKS items (rows cut finer on few images), of ICVEC_ITEM_PIXELS pixels
+    where that leaves as many (images grouped on small maps), and the partial sums
+    within ICVEC_PARTIAL_BYTES.  None of it depends on the threads, so neither do the
+    sums."""
+    Cp = _geometry.round_up(C, lanes)
+    rows = max(1, min(OH, (ICVEC_WINDOW_BYTES // (Cp * itemsize) - max_off) // We))
+    chunks = _geometry.ceil_div(OH, rows)
+    if N * chunks < WGRAD_CHUNKS:
+        chunks = min(OH, _geometry.ceil_div(WGRAD_CHUNKS, N))
+        rows = _geometry.ceil_div(OH, chunks)
+        chunks = _geometry.ceil_div(OH, rows)
+    images = max(1, min(_geometry.ceil_div(ICVEC_ITEM_PIXELS, rows * We), N * chunks // WGRAD_CHUNKS),
+                 _geometry.ceil_div(N * chunks * OC * kk * Cp * itemsize, ICVEC_PARTIAL_BYTES))
+    return rows, rows * We + max_off, images
+
+
 def _wgrad_tiles(masks, C, kk, columns, fields):
     """The dense weight gradient's tile table (its module's `ocvec` and `ocvec_chunks`)
     and whether it sums tap-major.  The table: a row per tile of `columns` columns
@@ -1176,6 +1232,24 @@ class ForwardPlan:
             self.wgrad_segments = (max(1, seg // per_image), self.wgrad_shape[0], self.wgrad_shape[1])
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
+        # ... or, few output channels, vectorised over input channels (WGRAD_BY_INPUT),
+        # reading grad_output's own rows, where the last row's taps lie within the planes.
+        max_off = int(self.tap_off.max())
+        self.wgrad_by_input = (WGRAD_BY_INPUT and p.groups == 1 and not self.wgrad_by_channel
+                               and self.wgrad_transposed is None and self.wgrad_kernel.icvec is not None
+                               and p.C >= ICVEC_MIN_CHANNELS and p.OC >= ICVEC_MIN_OUT_CHANNELS
+                               and _geometry.round_up(p.C, lanes) <= CVEC_CHANNEL_WASTE * p.C
+                               and self.OH * self.We + max_off <= self.x_chan)
+        if self.wgrad_by_input:
+            self.icvec_chunking = _icvec_chunking(p.N, self.OH, self.We, p.C, p.OC, self.kk, max_off, itemsize,
+                                                  lanes)
+            # (not where each item would copy far more of the input than its rows: a
+            # stride's other phase planes under a few rows)
+            rows, span, _ = self.icvec_chunking
+            self.wgrad_by_input = span <= ICVEC_WINDOW_RATIO * rows * self.We
+        if self.wgrad_by_input:
+            self.icvec_tiles = _icvec_table(p.C, self.kk, lanes, self.tap_off, self.icvec_chunking[1],
+                                            self.wgrad_kernel.icvec_columns)
         # The calls' fixed arguments, gathered once (small layers: each attribute looked up
         # per call costs a share of the convolution's few microseconds).
         self.y_shape = (p.N, p.OC, self.OH, self.OW)
@@ -2000,6 +2074,14 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                                          p.C * x_chan, g * fp.OCg)
             if fp.wgrad_tap_major:
                 _layout.taps_last(out, gw, fp.kk, into, threads)
+        elif fp.wgrad_by_input:
+            rows, span, images = fp.icvec_chunking
+            Cp = _geometry.round_up(p.C, LANES[p.dtype])
+            items = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
+            partial = scratch("wgrad_partial", (items, p.OC * fp.kk * Cp), grad_y.dtype)
+            windows = scratch("wgrad_windows", (threads, Cp * span), grad_y.dtype)
+            fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW,
+                                  fp.We, fp.icvec_tiles, rows, span, images, threads, into)
         else:
             gy = grad_y
             if fp.wgrad_flat:

@@ -463,6 +463,16 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     body = text[text.index(tile):text.index("def ocvec(")]
     assert "store = tile[13]" in body and "h0 = tile[14], h1 = tile[15]" in body
     assert "cg_store_transposed_inlined_f64(gw + (o0 + 8) * ncols + store + 8," in body
+    # ... and one tile vectorised over input channels (8 output channels x 3 columns),
+    # its columns' window offsets, store offsets and count of real ones from its table.
+    tile = "cdef inline void _icvec_tile("
+    assert "def icvec(" in text and "ICVEC_COLUMNS = 3" in text
+    assert text.count(tile) == 1 and text.count("_icvec_tile(") == 2
+    body = text[text.index(tile):text.index("def icvec(")]
+    assert "used = tile[6]" in body and "x_2 = xw + tile[2]" in body
+    assert body.count("cg_fma_f64(") == 24 and "a_7_2 = cg_fma_f64(a_7_2, v_2, g_7[ow])" in body
+    assert "cg_store_f64(part + o_7 * row_len + tile[5]," in body
+    assert "dense_icvec" not in text   # (no per-kernel copies)
 
 
 def test_render_dispatch_table_is_python(env):
@@ -568,6 +578,17 @@ def test_transposed_store_helper_in_header():
                 assert sum(len(g["cols"]) for g in groups) == len(ctx["ocvec"]["cols"])
 
 
+def test_weight_gradient_forms_of_dense_kernels_only():
+    """Only dense weight-gradient specs have the channel-vectorised forms; the module
+    context gives each once."""
+    for s in SPECS:
+        dense_wgrad = s.direction == "bwd_weight" and s.groups == "dense"
+        assert (s.ocvec_tile is not None) == dense_wgrad and (s.icvec_tile is not None) == dense_wgrad
+    ctx = context.module_context("bwd_weight", "f32", SPECS)
+    assert ctx["icvec"]["used"] == 6 and [c["s"] for c in ctx["icvec"]["cols"]] == [3, 4, 5]
+    assert context.module_context("bwd_data", "f32", SPECS)["icvec"] is None
+
+
 def test_weight_gradient_module_shares_one_ocvec_tile():
     """The dense weight gradients of a module share one channel-vectorised tile: the
     context gives it once, and refuses kernels whose tiles differ."""
@@ -577,4 +598,4 @@ def test_weight_gradient_module_shares_one_ocvec_tile():
     assert context.module_context("fwd", "f32", SPECS)["ocvec"] is None
     odd = dict(dense[0], ocvec=dict(dense[0]["ocvec"], width=1))
     with pytest.raises(ValueError, match="share one ocvec tile"):
-        context._shared_ocvec([odd, dense[1]])
+        context._shared([odd, dense[1]], "ocvec")

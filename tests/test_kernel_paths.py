@@ -582,6 +582,64 @@ def test_weight_gradient_pixel_chunks(spec, chunks, monkeypatch, restore_threads
     _check_threads_agree(spec, case, fp, make_rng("pixel-chunks", spec.name), accumulate=True)
 
 
+@pytest.fixture(params=["row chunks", "image pairs"])
+def icvec_items(monkeypatch, request):
+    """The work items of the weight gradient vectorised over input channels, forced:
+    5 output rows (several an image, the last partial), or two whole images (the last
+    item one)."""
+    def chunking(N, OH, We, C, OC, kk, max_off, itemsize, lanes):
+        rows, images = (5, 1) if request.param == "row chunks" else (OH, 2)
+        return rows, rows * We + max_off, images
+    monkeypatch.setattr(_engine, "_icvec_chunking", chunking)
+    monkeypatch.setattr(_engine, "ICVEC_WINDOW_RATIO", 1 << 30)   # (windows of 5 rows on every spec)
+    _engine.forward_plan.cache_clear()
+    yield request.param
+    _engine.forward_plan.cache_clear()
+
+
+@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+def test_weight_gradient_by_input_channel(spec, icvec_items, monkeypatch, restore_threads):
+    """Dense layers with too few output channels for the by-channel form sum their weight
+    gradient vectorised over input channels (the module's icvec): 27 channels, a partial
+    second vector (16 on 1x1 layers, which 27 would send to the transposed gradient), and
+    1.5 vectors less one of output channels, a partial last tile of 8, in items of a few
+    rows or of two images; against the reference and torch, and on 1 and 2 threads with
+    the same bits, accumulating into .grad."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    dtype = spec_dtype(spec)
+    case = _case(spec, 16 if spec.kernel == 1 else 27, spec.lanes * 3 // 2 - 1)
+    case.update(N=3, H=23, W=21)
+    fp = _plan(case, dtype)
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_by_input and not fp.wgrad_by_channel
+    rows, _, images = fp.icvec_chunking
+    assert fp.OH % rows if icvec_items == "row chunks" else case["N"] % images
+    used = _scratch_names(monkeypatch)
+    _check(spec, case)
+    assert "wgrad_windows" in used and "gT" not in used
+    _check_threads_agree(spec, case, fp, make_rng("by-input-channel", spec.name), accumulate=True)
+
+
+def test_weight_gradient_by_input_channel_rule():
+    """Which dense layers take the weight gradient by input channel (WGRAD_BY_INPUT), and
+    its work items: never fewer than WGRAD_CHUNKS, images grouped on small maps."""
+    def plan(N=8, C=16, H=32, OC=16, k=3, s=1, groups=1, dtype=np.float32):
+        return _plan(dict(N=N, C=C, H=H, W=H, OC=OC, kernel=k, stride=s, padding=k // 2, dilation=1,
+                          groups=groups), dtype)
+    assert plan().wgrad_by_input and plan(OC=4).wgrad_by_input and plan(C=27, k=5).wgrad_by_input
+    assert plan(OC=8, dtype=np.float64).wgrad_by_input and not plan(dtype=np.float64).wgrad_by_input
+    assert not plan(OC=24).wgrad_by_input          # (by output channel)
+    assert not plan(OC=3).wgrad_by_input           # (tiles of 8 output channels mostly idle)
+    assert not plan(C=8).wgrad_by_input and not plan(C=20).wgrad_by_input   # (idle input lanes)
+    assert not plan(C=32, groups=2).wgrad_by_input
+    assert not plan(C=32, OC=16, k=1).wgrad_by_input   # (transposed: 16 -> 32's by output channel)
+    single = plan(N=1, H=56)
+    rows, span, images = single.icvec_chunking
+    assert images == 1 and -(-56 // rows) >= _engine.WGRAD_CHUNKS and span == rows * 58 + 2 * 58 + 2
+    small = plan(N=32, H=8)
+    rows, _, images = small.icvec_chunking
+    assert rows == 8 and images > 1 and -(-32 // images) >= _engine.WGRAD_CHUNKS
+
+
 def _check_threads_agree(spec, case, fp, rng, accumulate=False):
     """The module's weight gradient on 1 and on 2 threads: the same bits (and, with
     accumulate, a second backward adding the same again into .grad)."""

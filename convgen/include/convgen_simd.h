@@ -20,6 +20,7 @@ typedef double cg_vf64 __attribute__((vector_size(64)));
     /* acc + x * w with w broadcast: one FMA */                                   \
     static inline V cg_fma_##SFX(V acc, V x, T w) { return acc + x * w; }       \
     static inline V cg_fmav_##SFX(V acc, V x, V y) { return acc + x * y; }      \
+    static inline V cg_add_##SFX(V a, V b) { return a + b; }                      \
 
 typedef int cg_vi32 __attribute__((vector_size(64)));
 typedef long long cg_vi64 __attribute__((vector_size(64)));
