@@ -106,6 +106,21 @@ ICVEC_WINDOW_BYTES = 256 << 10
 ICVEC_PARTIAL_BYTES = 4 << 20
 ICVEC_ITEM_PIXELS = 1024
 ICVEC_WINDOW_RATIO = 5
+# Stride-1 dense layers (not 1x1) that the by-channel form would take run this one
+# instead where that form's one block of output channels would leave more than
+# CVEC_CHANNEL_WASTE of it idle (24 of 32), or on maps of at most ICVEC_SMALL_MAP
+# pixels whose batch has ICVEC_MIN_PIXELS_PER_WEIGHT pixels per weight (the partial
+# sums of each work item are a whole weight gradient).  (Module backward, 2 threads, 6
+# alternating rounds, against by channel: 24 output channels from 16 at 32x32 x 64,
+# from 64 at 56x56 and from 32 at 28x28 x 8 1.15x, 1.11x, 1.14x; CIFAR ResNet-20's
+# 32 at 16x16 and 64 at 8x8 x 128 1.04x and 1.08x, 32 at 14x14 x 16 1.13x, 32 -> 64 at
+# 14x14 x 64 1.05x, 64 at 16x16 x 8 1.04x, 128 at 8x8 x 32 1.09x.  Not chosen: 128 and
+# 256 at 8x8 x 8 and x 32 (0.0035 pixels per weight) 0.83x and 0.95x; 64 at 32x32 x 32,
+# 32 and 64 at 56x56, Inception's 5x5 at 35x35 0.95-0.99x; stride 2, 64 from 32x32,
+# 0.83x.)
+ICVEC_INSTEAD = True
+ICVEC_SMALL_MAP = 256
+ICVEC_MIN_PIXELS_PER_WEIGHT = 0.01
 
 
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
@@ -1233,9 +1248,15 @@ class ForwardPlan:
         else:
             self.wgrad_segments = (1, seg_rows, seg_cols)
         # ... or, few output channels, vectorised over input channels (WGRAD_BY_INPUT),
-        # reading grad_output's own rows, where the last row's taps lie within the planes.
+        # reading grad_output's own rows, where the last row's taps lie within the planes;
+        # also instead of by channel on some stride-1 layers (ICVEC_INSTEAD).
         max_off = int(self.tap_off.max())
-        self.wgrad_by_input = (WGRAD_BY_INPUT and p.groups == 1 and not self.wgrad_by_channel
+        instead = (ICVEC_INSTEAD and self.wgrad_by_channel and p.groups == 1 and not p.pointwise
+                   and p.sh == p.sw == 1
+                   and (p.OC < 2 * lanes and _geometry.round_up(p.OC, 2 * lanes) > CVEC_CHANNEL_WASTE * p.OC
+                        or self.OH * self.OW <= ICVEC_SMALL_MAP
+                        and p.N * self.OH * self.OW >= ICVEC_MIN_PIXELS_PER_WEIGHT * p.C * p.OC * self.kk))
+        self.wgrad_by_input = (WGRAD_BY_INPUT and p.groups == 1 and (instead or not self.wgrad_by_channel)
                                and self.wgrad_transposed is None and self.wgrad_kernel.icvec is not None
                                and p.C >= ICVEC_MIN_CHANNELS and p.OC >= ICVEC_MIN_OUT_CHANNELS
                                and _geometry.round_up(p.C, lanes) <= CVEC_CHANNEL_WASTE * p.C
@@ -1248,6 +1269,7 @@ class ForwardPlan:
             rows, span, _ = self.icvec_chunking
             self.wgrad_by_input = span <= ICVEC_WINDOW_RATIO * rows * self.We
         if self.wgrad_by_input:
+            self.wgrad_by_channel, self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = False, None, False, None
             self.icvec_tiles = _icvec_table(p.C, self.kk, lanes, self.tap_off, self.icvec_chunking[1],
                                             self.wgrad_kernel.icvec_columns)
         # The calls' fixed arguments, gathered once (small layers: each attribute looked up

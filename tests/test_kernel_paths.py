@@ -495,10 +495,13 @@ def test_weight_gradient_by_channel(spec, forced, monkeypatch):
 
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, restore_threads):
+def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, monkeypatch, restore_threads):
     """Dense layers with 1.5 vectors of output channels (WGRAD_MIN_OUT_VECTORS), one partial
-    block of the tile's two, take the weight gradient by channel; fewer do not: against the
-    reference and torch, on 1 and 2 threads."""
+    block of the tile's two, take the weight gradient by channel (unless by input channel
+    instead, here switched off); fewer do not: against the reference and torch, on 1 and
+    2 threads."""
+    monkeypatch.setattr(_engine, "ICVEC_INSTEAD", False)
+    _engine.forward_plan.cache_clear()
     dtype = np.dtype(dtype)
     lanes = 64 // dtype.itemsize
     case = dict(N=2, C=40, OC=lanes * 3 // 2, H=13, W=11, kernel=(kernel, kernel), stride=(1, 1),
@@ -627,11 +630,18 @@ def test_weight_gradient_by_input_channel_rule():
                           groups=groups), dtype)
     assert plan().wgrad_by_input and plan(OC=4).wgrad_by_input and plan(C=27, k=5).wgrad_by_input
     assert plan(OC=8, dtype=np.float64).wgrad_by_input and not plan(dtype=np.float64).wgrad_by_input
-    assert not plan(OC=24).wgrad_by_input          # (by output channel)
+    assert not plan(OC=32, H=40).wgrad_by_input    # (by output channel)
     assert not plan(OC=3).wgrad_by_input           # (tiles of 8 output channels mostly idle)
     assert not plan(C=8).wgrad_by_input and not plan(C=20).wgrad_by_input   # (idle input lanes)
     assert not plan(C=32, groups=2).wgrad_by_input
     assert not plan(C=32, OC=16, k=1).wgrad_by_input   # (transposed: 16 -> 32's by output channel)
+    # Instead of by output channel (ICVEC_INSTEAD): 24 output channels, batches of small maps
+    assert plan(OC=24).wgrad_by_input and not plan(OC=24).wgrad_by_channel
+    assert not plan(OC=28).wgrad_by_input and plan(OC=28).wgrad_by_channel
+    assert not plan(OC=24, s=2).wgrad_by_input and not plan(OC=24, k=1).wgrad_by_input
+    assert plan(N=128, C=64, H=8, OC=64).wgrad_by_input and plan(N=32, C=32, H=16, OC=32).wgrad_by_input
+    assert not plan(N=8, C=128, H=8, OC=128).wgrad_by_input   # (a gradient per item beside 512 pixels)
+    assert not plan(N=32, C=64, H=32, OC=64).wgrad_by_input   # (larger maps)
     single = plan(N=1, H=56)
     rows, span, images = single.icvec_chunking
     assert images == 1 and -(-56 // rows) >= _engine.WGRAD_CHUNKS and span == rows * 58 + 2 * 58 + 2
