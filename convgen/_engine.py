@@ -78,6 +78,15 @@ WGRAD_BANDS = True
 # layers to 24 channels: 32 at 56x56 1.06x, 16 at 112x112 1.10x, 64 at 28x28 0.96x, float64
 # 32 -> 12 1.08x.  16 output channels, half the lanes idle, 0.92-1.0x, 8 0.77x.)
 WGRAD_MIN_OUT_VECTORS = 1.5
+# ... and from this many input channels (a group's), or, dense layers, this many columns
+# (input channels x taps: first layers with large kernels).  (Module backward, 2 threads,
+# 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem 1.14x,
+# float64 1.13x; 8 -> 32 at 32x32 x 32 1.12x, float64 1.13x; 12 -> 48 5x5 at 28x28 x 16
+# 1.10x.  Fewer columns lost or tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112
+# 0.90x, MobileNetV2's 3 -> 32 stem 1.02x, MNIST's 1 -> 32 1.04x; so did a grouped layer
+# of 8 channels a group, 0.75x.)
+WGRAD_MIN_CHANNELS = 16
+WGRAD_MIN_COLUMNS = 64
 # Stride-1 1x1 layers without padding with fewer output channels than that compute their
 # weight gradient as the transposed one of the 1x1 layer the other way round, which runs by
 # channel (see ForwardPlan.wgrad_transposed), where their planes are the input itself;
@@ -1180,7 +1189,8 @@ class ForwardPlan:
         self.wgrad_ocvec = self.wgrad_kernel if p.groups == 1 else _dispatch.lookup("bwd_weight",
                                                                                     p._replace(groups=1))
         self.wgrad_by_channel = (self.wgrad_ocvec.ocvec is not None and self.OCg >= WGRAD_MIN_OUT_VECTORS * lanes
-                                 and self.Cg >= 16
+                                 and (self.Cg >= WGRAD_MIN_CHANNELS
+                                      or p.groups == 1 and self.Cg * self.kk >= WGRAD_MIN_COLUMNS)
                                  and (p.groups == 1 or WGRAD_GROUPWISE
                                       and _geometry.round_up(self.OCg, 2 * lanes) <= CVEC_CHANNEL_WASTE * self.OCg))
         self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = None, False, None

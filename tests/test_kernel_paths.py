@@ -493,6 +493,26 @@ def test_weight_gradient_by_channel(spec, forced, monkeypatch):
     _check(spec, case)
 
 
+@pytest.mark.parametrize("spec", [s for s in WGRAD_SPECS if s.kernel != 1], ids=lambda s: s.name)
+def test_weight_gradient_by_channel_from_few_channels(spec):
+    """First layers with fewer input channels than WGRAD_MIN_CHANNELS take the weight
+    gradient by output channel where they have WGRAD_MIN_COLUMNS columns (input channels
+    x taps): the fewest channels that reach it, against the reference and torch; one
+    fewer does not."""
+    case = _case(spec, 1, 40)
+    kh, kw = case["kernel"] if isinstance(case["kernel"], tuple) else (case["kernel"],) * 2
+    C = -(-_engine.WGRAD_MIN_COLUMNS // (kh * kw))
+    assert C < _engine.WGRAD_MIN_CHANNELS
+    case.update(C=C, N=2)
+    fp = _plan(case, spec_dtype(spec))
+    assert fp.wgrad_kernel.name == spec.name and fp.wgrad_by_channel
+    assert not _plan(dict(case, C=C - 1), spec_dtype(spec)).wgrad_by_channel or C == 1
+    grouped = dict(case, C=2 * C, OC=4 * spec.lanes, groups=2)   # (two whole vectors a group)
+    assert not _plan(grouped, spec_dtype(spec)).wgrad_by_channel   # (dense only)
+    assert _plan(dict(grouped, C=2 * _engine.WGRAD_MIN_CHANNELS), spec_dtype(spec)).wgrad_by_channel
+    _check(spec, case)
+
+
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, monkeypatch, restore_threads):
