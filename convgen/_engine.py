@@ -80,9 +80,9 @@ WGRAD_BANDS = True
 WGRAD_MIN_OUT_VECTORS = 1.5
 # ... and from this many input channels (a group's), or, dense layers, this many columns
 # (input channels x taps: first layers with large kernels).  (Module backward, 2 threads,
-# 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem 1.14x,
-# float64 1.13x; 8 -> 32 at 32x32 x 32 1.12x, float64 1.13x; 12 -> 48 5x5 at 28x28 x 16
-# 1.10x.  Fewer columns lost or tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112
+# 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem 1.14-1.16x,
+# float64 1.13x, a batch of 8 1.24x; YOLOv5's 6x6 stem 1.21x; 8 -> 32 at 32x32 x 32 1.12x,
+# float64 1.13x; 12 -> 48 5x5 at 28x28 x 16 1.10x.  Fewer columns lost or tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112
 # 0.90x, MobileNetV2's 3 -> 32 stem 1.02x, MNIST's 1 -> 32 1.04x; so did a grouped layer
 # of 8 channels a group, 0.75x.)
 WGRAD_MIN_CHANNELS = 16
