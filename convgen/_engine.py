@@ -80,11 +80,11 @@ WGRAD_BANDS = True
 WGRAD_MIN_OUT_VECTORS = 1.5
 # ... and from this many input channels (a group's), or, dense layers, this many columns
 # (input channels x taps: first layers with large kernels).  (Module backward, 2 threads,
-# 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem 1.14-1.16x,
-# float64 1.13x, a batch of 8 1.24x; YOLOv5's 6x6 stem 1.21x; 8 -> 32 at 32x32 x 32 1.12x,
-# float64 1.13x; 12 -> 48 5x5 at 28x28 x 16 1.10x.  Fewer columns lost or tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112
-# 0.90x, MobileNetV2's 3 -> 32 stem 1.02x, MNIST's 1 -> 32 1.04x; so did a grouped layer
-# of 8 channels a group, 0.75x.)
+# 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem
+# 1.14-1.16x, float64 1.13x, a batch of 8 1.24x; YOLOv5's 6x6 stem 1.21x; 8 -> 32 at 32x32
+# x 32 1.12x, float64 1.13x; 12 -> 48 5x5 at 28x28 x 16 1.10x.  Fewer columns lost or
+# tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112 0.90x, MobileNetV2's 3 -> 32 stem
+# 1.02x, MNIST's 1 -> 32 1.04x; so did a grouped layer of 8 channels a group, 0.75x.)
 WGRAD_MIN_CHANNELS = 16
 WGRAD_MIN_COLUMNS = 64
 # Stride-1 1x1 layers without padding with fewer output channels than that compute their
@@ -103,17 +103,25 @@ WGRAD_TRANSPOSED = True
 # vectors of input channels at a time, each loaded once per pixel, where the pixel-
 # vectorised kernel loads a vector of grad_output and of input per column and re-reads
 # its segment from L2 for every tile.  From ICVEC_MIN_CHANNELS input channels, whose
-# vectors leave at most CVEC_CHANNEL_WASTE of their lanes idle.  (Measured below, at
-# the rule.)
+# vectors leave at most CVEC_CHANNEL_WASTE of their lanes idle, and from
+# ICVEC_MIN_OUT_CHANNELS output channels.  (Module backward, 2 threads, 6-8 alternating
+# rounds, against the pixel-vectorised kernel: CIFAR ResNet-20's stage 1, 16 at 32x32 x
+# 128, 1.28x, x 8 1.32x; 16 at 56x56 1.18x; 32 -> 16 5x5 at 28x28 x 16 1.20x; 16 -> 8 at
+# 8x8 x 32 1.27x; stride 2, 16 from 32x32 x 64, 1.21x; 7x7 16 at 28x28 1.25x; 32 -> 8 at
+# 112x112 1.12x; 64 -> 16 at 56x56 1.12x; 48 -> 20 at 14x14 x 8 1.06x; 16 -> 4 1.13x;
+# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x; but 16 -> 1 0.88x.)
 WGRAD_BY_INPUT = True
 ICVEC_MIN_CHANNELS = 16
 ICVEC_MIN_OUT_CHANNELS = 4
-# Bytes of a work item's window of the input (every channel, pixel-major), which its
-# tiles read while it stays in L2; and of the partial sums of all work items together,
-# past which an item takes several images.
+# Its work items (see _icvec_chunking): windows of the input (every channel, pixel-major)
+# of at most ICVEC_WINDOW_BYTES, which the item's tiles read while they stay in L2; at
+# least ICVEC_ITEM_PIXELS output pixels an item on small maps (each item zeroes, fills and
+# hands over a whole partial gradient); the partial sums of all items at most
+# ICVEC_PARTIAL_BYTES.  Not where a window would hold more than ICVEC_WINDOW_RATIO times
+# the flat-grid pixels of its rows (a stride's other phase planes beneath few rows).
 ICVEC_WINDOW_BYTES = 256 << 10
-ICVEC_PARTIAL_BYTES = 4 << 20
 ICVEC_ITEM_PIXELS = 1024
+ICVEC_PARTIAL_BYTES = 4 << 20
 ICVEC_WINDOW_RATIO = 5
 # Stride-1 dense layers (not 1x1) that the by-channel form would take run this one
 # instead where that form's one block of output channels would leave more than
