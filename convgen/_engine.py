@@ -109,7 +109,9 @@ WGRAD_TRANSPOSED = True
 # 128, 1.28x, x 8 1.32x; 16 at 56x56 1.18x; 32 -> 16 5x5 at 28x28 x 16 1.20x; 16 -> 8 at
 # 8x8 x 32 1.27x; stride 2, 16 from 32x32 x 64, 1.21x; 7x7 16 at 28x28 1.25x; 32 -> 8 at
 # 112x112 1.12x; 64 -> 16 at 56x56 1.12x; 48 -> 20 at 14x14 x 8 1.06x; 16 -> 4 1.13x;
-# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x; but 16 -> 1 0.88x.)
+# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x; but 1-3 output channels,
+# most of its 8 rows idle, 0.76-0.88x: 16 -> 1, 32 -> 2, an RGB output layer 64 -> 3 at
+# 128x128 0.79x, 32 -> 3 9x9 0.76x.)
 WGRAD_BY_INPUT = True
 ICVEC_MIN_CHANNELS = 16
 ICVEC_MIN_OUT_CHANNELS = 4
