@@ -459,6 +459,20 @@ def test_every_pixel_tile(spec, monkeypatch):
             _check(spec, case)
 
 
+def test_three_row_tile_for_few_output_channels():
+    """Float32 dense forwards at stride 1 (or any) pick their 3-row tile for 1-3 output
+    channels, the primary tiles from 4; stride-2 and float64 forwards have none."""
+    for spec in SPECS:
+        if spec.direction != "fwd" or spec.groups != "dense":
+            continue
+        kernel = _dispatch.lookup("fwd", _plan(case_for(spec), spec_dtype(spec)).problem)
+        three = [i for i, (rows, cols, _) in enumerate(kernel.variants) if (rows, cols) == (3, 8)]
+        assert bool(three) == (spec.dtype == "f32" and spec.stride != 2), spec.name
+        for out in range(1, 8):
+            index, _ = kernel.pick_tile(out, 1024)
+            assert (index in three) == (bool(three) and out <= 3), (spec.name, out)
+
+
 @pytest.mark.parametrize("spec, twin", [(s, n) for s in CVEC_SPECS for n in s.cvec_narrow],
                          ids=lambda v: f"narrow{v}" if isinstance(v, int) else v.name)
 def test_channel_vector_narrow_tiles(spec, twin, forced_rows):
