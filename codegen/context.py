@@ -195,14 +195,12 @@ def kernel_context(spec):
                                             for g in range(0, len(cols), lanes)])
         # ... and, for too few output channels for that, the form vectorised over input
         # channels: output channels x columns (a vector of input channels at one tap each).
-        ctx["icvec"] = None
-        if spec.icvec_tile is not None:
-            nrows, ncols = spec.icvec_tile
-            # (a row of its table, convgen._engine._icvec_table: each column's offset in
-            # the window of input pixels, then each one's in a row of the partial sums)
-            ctx["icvec"] = dict(rows=list(range(nrows)),
-                                cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)],
-                                used=2 * ncols)   # (then how many columns are real)
+        ctx["icvec"] = [dict(index=i, suffix=f"_{nrows}x{ncols}", rows=list(range(nrows)),
+                             # (a row of its table, convgen._engine._icvec_table: each column's
+                             # offset in the window of input pixels, then each one's in a row
+                             # of the partial sums, then how many columns are real)
+                             cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)], used=2 * ncols)
+                        for i, (nrows, ncols) in enumerate(spec.icvec_tiles)] or None
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,

@@ -178,14 +178,16 @@ class KernelSpec:
         return (2, 12)
 
     @property
-    def icvec_tile(self):
-        """Register tile (output channels, columns) of the dense weight gradient's form
+    def icvec_tiles(self):
+        """Register tiles (output channels, columns) of the dense weight gradient's form
         vectorised over input channels (``_icvec``), for layers with too few output
-        channels for ``ocvec_tile``, or None.  Each column is a vector of input channels
-        at one tap; the output channels' gradients are broadcast."""
+        channels for ``ocvec_tile``; empty elsewhere.  Each column is a vector of input
+        channels at one tap; the output channels' gradients are broadcast.  The 3-row
+        tile serves 1-7 output channels (an RGB output layer's), whose rows the 8-row
+        one would mostly leave idle; the runtime picks the one that wastes least."""
         if self.direction != "bwd_weight" or self.groups != "dense":
-            return None
-        return (8, 3)
+            return []
+        return [(8, 3), (3, 8)]
 
     @property
     def other_tiles(self):
@@ -195,8 +197,7 @@ class KernelSpec:
             labels.append("channel-vector {}x{} (narrow {})".format(*self.cvec_tile, ", ".join(map(str, self.cvec_narrow))))
         if self.ocvec_tile:
             labels.append("by-channel {}x{}".format(*self.ocvec_tile))
-        if self.icvec_tile:
-            labels.append("by-input-channel {}x{}".format(*self.icvec_tile))
+        labels += ["by-input-channel {}x{}".format(*t) for t in self.icvec_tiles]
         labels += ["rows {}x{}".format(*b) for b in self.row_blocks]
         if self.channel_block:
             labels.append("channel-block {}x{}".format(*self.channel_block))

@@ -33,7 +33,7 @@ class Kernel(NamedTuple):
     ocvec_fields: tuple  # the fields after the columns in a row of their tile table
     in_place: bool   # its pixel tiles can read a 1x1 layer's input in place (run's in_place)
     icvec: Callable  # the dense weight gradient vectorised over input channels (few output channels), or None
-    icvec_columns: int  # columns per tile of icvec (0 without it)
+    icvec_tiles: tuple  # (rows, columns) of each tile icvec can run (empty without it)
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that costs least on `out_rows` output channels by
@@ -102,7 +102,7 @@ def _load(key):
     # (the dense weight gradients of a module share its ocvec / ocvec_chunks)
     ocvec_columns = getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0)
     ocvec = (mod.ocvec, mod.ocvec_chunks) if ocvec_columns else (None, None)
-    icvec = (mod.icvec, mod.ICVEC_COLUMNS) if ocvec_columns and hasattr(mod, "icvec") else (None, 0)
+    icvec = (mod.icvec, tuple(mod.ICVEC_TILES)) if ocvec_columns and hasattr(mod, "icvec") else (None, ())
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   *ocvec, getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),

@@ -109,12 +109,14 @@ WGRAD_TRANSPOSED = True
 # 128, 1.28x, x 8 1.32x; 16 at 56x56 1.18x; 32 -> 16 5x5 at 28x28 x 16 1.20x; 16 -> 8 at
 # 8x8 x 32 1.27x; stride 2, 16 from 32x32 x 64, 1.21x; 7x7 16 at 28x28 1.25x; 32 -> 8 at
 # 112x112 1.12x; 64 -> 16 at 56x56 1.12x; 48 -> 20 at 14x14 x 8 1.06x; 16 -> 4 1.13x;
-# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x; but 1-3 output channels,
-# most of its 8 rows idle, 0.76-0.88x: 16 -> 1, 32 -> 2, an RGB output layer 64 -> 3 at
-# 128x128 0.79x, 32 -> 3 9x9 0.76x.)
+# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x.  On 1-3 output channels its
+# 8-row tile, mostly idle, ran 0.76-0.88x: 16 -> 1, 32 -> 2, an RGB output layer 64 -> 3
+# at 128x128 0.79x, 32 -> 3 9x9 0.76x; the 3-row tile (_icvec_shape) runs 2 and 3 output
+# channels 1.01-1.17x (64 -> 3 1.01x, 32 -> 3 at 64x64 x 8 1.04x, 32 -> 2 1.05x, the 9x9
+# 1.17x), 1 0.98x; on 4-12 it runs as the 8-row one, 0.98-1.09x.)
 WGRAD_BY_INPUT = True
 ICVEC_MIN_CHANNELS = 16
-ICVEC_MIN_OUT_CHANNELS = 4
+ICVEC_MIN_OUT_CHANNELS = 2
 # Its work items (see _icvec_chunking): windows of the input (every channel, pixel-major)
 # of at most ICVEC_WINDOW_BYTES, which the item's tiles read while they stay in L2; at
 # least ICVEC_ITEM_PIXELS output pixels an item on small maps (each item zeroes, fills and
@@ -807,6 +809,14 @@ def _icvec_table(C, kk, lanes, tap_off, span, columns):
     return np.asarray(rows, dtype=np.intp)
 
 
+def _icvec_shape(tiles, OC, columns):
+    """Which of the weight gradient's tiles by input channel (rows, columns) wastes least
+    on OC output channels x `columns` columns, both rounded up to whole tiles (the first
+    on a tie): their loads per multiply-add are the same."""
+    return min(range(len(tiles)), key=lambda i: (_geometry.round_up(OC, tiles[i][0])
+                                                 * _geometry.round_up(columns, tiles[i][1]), i))
+
+
 def _icvec_chunking(N, OH, We, C, OC, kk, max_off, itemsize, lanes):
     """(output rows per work item, window length, images per item) of the weight
     gradient vectorised over input channels: windows within ICVEC_WINDOW_BYTES, at
@@ -1290,8 +1300,10 @@ class ForwardPlan:
             self.wgrad_by_input = span <= ICVEC_WINDOW_RATIO * rows * self.We
         if self.wgrad_by_input:
             self.wgrad_by_channel, self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = False, None, False, None
-            self.icvec_tiles = _icvec_table(p.C, self.kk, lanes, self.tap_off, self.icvec_chunking[1],
-                                            self.wgrad_kernel.icvec_columns)
+            self.icvec_shape = _icvec_shape(self.wgrad_kernel.icvec_tiles, p.OC,
+                                            _geometry.ceil_div(p.C, lanes) * self.kk)
+            self.icvec_table = _icvec_table(p.C, self.kk, lanes, self.tap_off, self.icvec_chunking[1],
+                                            self.wgrad_kernel.icvec_tiles[self.icvec_shape][1])
         # The calls' fixed arguments, gathered once (small layers: each attribute looked up
         # per call costs a share of the convolution's few microseconds).
         self.y_shape = (p.N, p.OC, self.OH, self.OW)
@@ -2123,7 +2135,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             partial = scratch("wgrad_partial", (items, p.OC * fp.kk * Cp), grad_y.dtype)
             windows = scratch("wgrad_windows", (threads, Cp * span), grad_y.dtype)
             fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW,
-                                  fp.We, fp.icvec_tiles, rows, span, images, threads, into)
+                                  fp.We, fp.icvec_shape, fp.icvec_table, rows, span, images, threads, into)
         else:
             gy = grad_y
             if fp.wgrad_flat:

@@ -463,16 +463,19 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     body = text[text.index(tile):text.index("def ocvec(")]
     assert "store = tile[13]" in body and "h0 = tile[14], h1 = tile[15]" in body
     assert "cg_store_transposed_inlined_f64(gw + (o0 + 8) * ncols + store + 8," in body
-    # ... and one tile vectorised over input channels (8 output channels x 3 columns),
-    # its columns' window offsets, store offsets and count of real ones from its table.
-    tile = "cdef inline void _icvec_tile("
-    assert "def icvec(" in text and "ICVEC_COLUMNS = 3" in text
-    assert text.count(tile) == 1 and text.count("_icvec_tile(") == 2
-    body = text[text.index(tile):text.index("def icvec(")]
-    assert "used = tile[6]" in body and "x_2 = xw + tile[2]" in body
-    assert body.count("cg_fma_f64(") == 24 and "a_7_2 = cg_fma_f64(a_7_2, v_2, g_7[ow])" in body
-    assert "cg_store_f64(part + o_7 * row_len + tile[5]," in body
+    # ... and two tiles vectorised over input channels (8 output channels x 3 columns, 3 x
+    # 8), each column's window offset, store offset and the count of real ones from the
+    # table, each called by icvec for its shape.
+    assert "def icvec(" in text and "ICVEC_TILES = [(8, 3), (3, 8), ]" in text
     assert "dense_icvec" not in text   # (no per-kernel copies)
+    for suffix, used, fmas, last in (("_8x3", 6, "a_7_2 = cg_fma_f64(a_7_2, v_2, g_7[ow])", "o_7 * row_len + tile[5]"),
+                                     ("_3x8", 16, "a_2_7 = cg_fma_f64(a_2_7, v_7, g_2[ow])", "o_2 * row_len + tile[15]")):
+        tile = f"cdef inline void _icvec{suffix}_tile("
+        assert text.count(tile) == 1 and text.count(f"_icvec{suffix}_tile(") == 2
+        body = text[text.index(tile):]
+        body = body[:body.index("\n\n\n")]
+        assert f"used = tile[{used}]" in body and body.count("cg_fma_f64(") == 24 and fmas in body
+        assert f"cg_store_f64(part + {last}," in body
 
 
 def test_render_dispatch_table_is_python(env):
@@ -583,9 +586,10 @@ def test_weight_gradient_forms_of_dense_kernels_only():
     context gives each once."""
     for s in SPECS:
         dense_wgrad = s.direction == "bwd_weight" and s.groups == "dense"
-        assert (s.ocvec_tile is not None) == dense_wgrad and (s.icvec_tile is not None) == dense_wgrad
+        assert (s.ocvec_tile is not None) == dense_wgrad and bool(s.icvec_tiles) == dense_wgrad
     ctx = context.module_context("bwd_weight", "f32", SPECS)
-    assert ctx["icvec"]["used"] == 6 and [c["s"] for c in ctx["icvec"]["cols"]] == [3, 4, 5]
+    assert [(len(t["rows"]), len(t["cols"]), t["used"]) for t in ctx["icvec"]] == [(8, 3, 6), (3, 8, 16)]
+    assert [c["s"] for c in ctx["icvec"][0]["cols"]] == [3, 4, 5]
     assert context.module_context("bwd_data", "f32", SPECS)["icvec"] is None
 
 

@@ -634,20 +634,24 @@ def icvec_items(monkeypatch, request):
     _engine.forward_plan.cache_clear()
 
 
+@pytest.mark.parametrize("rows", [8, 3], ids=["8-row tile", "3-row tile"])
 @pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
-def test_weight_gradient_by_input_channel(spec, icvec_items, monkeypatch, restore_threads):
+def test_weight_gradient_by_input_channel(spec, rows, icvec_items, monkeypatch, restore_threads):
     """Dense layers with too few output channels for the by-channel form sum their weight
     gradient vectorised over input channels (the module's icvec): 27 channels, a partial
-    second vector (16 on 1x1 layers, which 27 would send to the transposed gradient), and
-    1.5 vectors less one of output channels, a partial last tile of 8, in items of a few
-    rows or of two images; against the reference and torch, and on 1 and 2 threads with
-    the same bits, accumulating into .grad."""
+    last vector (1x1 layers: 16 for the 8-row tile, which 27 would send to the transposed
+    gradient, 64 for the 3-row one), and 23 output channels in float32, 8 in float64 (the
+    8-row tile; float64 runs 9-11 on the 3-row one) or 2 (the 3-row tile, partial), in
+    items of a few rows or of two images; against the reference and torch, and on 1 and 2
+    threads with the same bits, accumulating into .grad."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     dtype = spec_dtype(spec)
-    case = _case(spec, 16 if spec.kernel == 1 else 27, spec.lanes * 3 // 2 - 1)
+    C = (16 if rows == 8 else 64) if spec.kernel == 1 else 27
+    case = _case(spec, C, (23 if spec.dtype == "f32" else 8) if rows == 8 else 2)
     case.update(N=3, H=23, W=21)
     fp = _plan(case, dtype)
     assert fp.wgrad_kernel.name == spec.name and fp.wgrad_by_input and not fp.wgrad_by_channel
+    assert fp.wgrad_kernel.icvec_tiles[fp.icvec_shape][0] == rows
     rows, _, images = fp.icvec_chunking
     assert fp.OH % rows if icvec_items == "row chunks" else case["N"] % images
     used = _scratch_names(monkeypatch)
@@ -665,7 +669,10 @@ def test_weight_gradient_by_input_channel_rule():
     assert plan().wgrad_by_input and plan(OC=4).wgrad_by_input and plan(C=27, k=5).wgrad_by_input
     assert plan(OC=8, dtype=np.float64).wgrad_by_input and not plan(dtype=np.float64).wgrad_by_input
     assert not plan(OC=32, H=40).wgrad_by_input    # (by output channel)
-    assert not plan(OC=3).wgrad_by_input           # (tiles of 8 output channels mostly idle)
+    assert plan(OC=3).wgrad_by_input and plan(C=64, OC=2).wgrad_by_input   # (the 3-row tile)
+    assert not plan(OC=1).wgrad_by_input
+    shape = lambda **kw: plan(**kw).wgrad_kernel.icvec_tiles[plan(**kw).icvec_shape]
+    assert shape() == (8, 3) and shape(OC=3) == (3, 8) and shape(C=64, OC=5) == (3, 8)   # (least waste)
     assert not plan(C=8).wgrad_by_input and not plan(C=20).wgrad_by_input   # (idle input lanes)
     assert not plan(C=32, groups=2).wgrad_by_input
     assert not plan(C=32, OC=16, k=1).wgrad_by_input   # (transposed: 16 -> 32's by output channel)
