@@ -183,8 +183,8 @@ class KernelSpec:
         vectorised over input channels (``_icvec``), for layers with too few output
         channels for ``ocvec_tile``; empty elsewhere.  Each column is a vector of input
         channels at one tap; the output channels' gradients are broadcast.  The 3-row
-        tile serves 1-7 output channels (an RGB output layer's), whose rows the 8-row
-        one would mostly leave idle; the runtime picks the one that wastes least."""
+        tile serves layers with few output channels (an RGB output layer's 3), whose rows
+        the 8-row one would mostly leave idle: the plan takes the one that wastes least."""
         if self.direction != "bwd_weight" or self.groups != "dense":
             return []
         return [(8, 3), (3, 8)]
