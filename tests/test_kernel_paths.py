@@ -507,12 +507,23 @@ def test_weight_gradient_by_channel(spec, forced, monkeypatch):
     _check(spec, case)
 
 
+@pytest.fixture
+def no_icvec_instead(monkeypatch):
+    """The weight gradient by input channel only where by output channel cannot run
+    (ICVEC_INSTEAD off); the plans made meanwhile are dropped after."""
+    monkeypatch.setattr(_engine, "ICVEC_INSTEAD", False)
+    _engine.forward_plan.cache_clear()
+    yield
+    _engine.forward_plan.cache_clear()
+
+
 @pytest.mark.parametrize("spec", [s for s in WGRAD_SPECS if s.kernel != 1], ids=lambda s: s.name)
-def test_weight_gradient_by_channel_from_few_channels(spec):
+def test_weight_gradient_by_channel_from_few_channels(spec, no_icvec_instead):
     """First layers with fewer input channels than WGRAD_MIN_CHANNELS take the weight
     gradient by output channel where they have WGRAD_MIN_COLUMNS columns (input channels
     x taps): the fewest channels that reach it, against the reference and torch; one
-    fewer does not."""
+    fewer does not.  (By input channel instead, which float64's 8 channels may take on
+    small maps, switched off.)"""
     case = _case(spec, 1, 40)
     kh, kw = case["kernel"] if isinstance(case["kernel"], tuple) else (case["kernel"],) * 2
     C = -(-_engine.WGRAD_MIN_COLUMNS // (kh * kw))
@@ -529,13 +540,11 @@ def test_weight_gradient_by_channel_from_few_channels(spec):
 
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, monkeypatch, restore_threads):
+def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, no_icvec_instead, restore_threads):
     """Dense layers with 1.5 vectors of output channels (WGRAD_MIN_OUT_VECTORS), one partial
     block of the tile's two, take the weight gradient by channel (unless by input channel
     instead, here switched off); fewer do not: against the reference and torch, on 1 and
     2 threads."""
-    monkeypatch.setattr(_engine, "ICVEC_INSTEAD", False)
-    _engine.forward_plan.cache_clear()
     dtype = np.dtype(dtype)
     lanes = 64 // dtype.itemsize
     case = dict(N=2, C=40, OC=lanes * 3 // 2, H=13, W=11, kernel=(kernel, kernel), stride=(1, 1),
@@ -674,6 +683,7 @@ def test_weight_gradient_by_input_channel_rule():
     shape = lambda **kw: plan(**kw).wgrad_kernel.icvec_tiles[plan(**kw).icvec_shape]
     assert shape() == (8, 3) and shape(OC=3) == (3, 8) and shape(C=64, OC=5) == (3, 8)   # (least waste)
     assert not plan(C=8).wgrad_by_input and not plan(C=20).wgrad_by_input   # (idle input lanes)
+    assert plan(C=8, OC=8, dtype=np.float64).wgrad_by_input   # (one vector of float64)
     assert not plan(C=32, groups=2).wgrad_by_input
     assert not plan(C=32, OC=16, k=1).wgrad_by_input   # (transposed: 16 -> 32's by output channel)
     # Instead of by output channel (ICVEC_INSTEAD): 24 output channels, batches of small maps
