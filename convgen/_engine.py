@@ -82,11 +82,13 @@ WGRAD_MIN_OUT_VECTORS = 1.5
 # (input channels x taps: first layers with large kernels).  (Module backward, 2 threads,
 # 6 alternating rounds, against the pixel-vectorised kernel: ResNet's 7x7 stem
 # 1.14-1.16x, float64 1.13x, a batch of 8 1.24x; YOLOv5's 6x6 stem 1.21x; 8 -> 32 at 32x32
-# x 32 1.12x, float64 1.13x; 12 -> 48 5x5 at 28x28 x 16 1.10x.  Fewer columns lost or
-# tied: 3 -> 64 3x3 at 224x224 0.94x, 1 -> 32 at 112x112 0.90x, MobileNetV2's 3 -> 32 stem
-# 1.02x, MNIST's 1 -> 32 1.04x; so did a grouped layer of 8 channels a group, 0.75x.)
+# x 32 1.12x, float64 1.13x; 12 -> 48 5x5 at 28x28 x 16 1.10x; 36-54 columns 1.03-1.11x
+# (4 -> 32 at 56x56 x 8, 6 -> 64 at 32x32 x 16, 2 -> 32 5x5 at 28x28 x 32, 4 -> 64 at
+# 224x224).  Fewer columns lost or tied: 27, 3 -> 64 3x3 at 224x224, 0.94x, and 1.01-1.02x
+# (MobileNetV2's 3 -> 32 stem, 3 -> 64 at 56x56); 9, 1 -> 32 at 112x112, 0.90x, MNIST's
+# 1 -> 32 1.04x; so did a grouped layer of 8 channels a group, 0.75x.)
 WGRAD_MIN_CHANNELS = 16
-WGRAD_MIN_COLUMNS = 64
+WGRAD_MIN_COLUMNS = 32
 # Stride-1 1x1 layers without padding with fewer output channels than that compute their
 # weight gradient as the transposed one of the 1x1 layer the other way round, which runs by
 # channel (see ForwardPlan.wgrad_transposed), where their planes are the input itself;
