@@ -117,7 +117,9 @@ WGRAD_TRANSPOSED = True
 # 8-row tile, mostly idle, ran 0.76-0.88x: 16 -> 1, 32 -> 2, an RGB output layer 64 -> 3
 # at 128x128 0.79x, 32 -> 3 9x9 0.76x; the 3-row tile (_icvec_shape) runs 2 and 3 output
 # channels 1.01-1.17x (64 -> 3 1.01x, 32 -> 3 at 64x64 x 8 1.04x, 32 -> 2 1.05x, the 9x9
-# 1.17x), 1 0.98x; on 4-12 it runs as the 8-row one, 0.98-1.09x.)
+# 1.17x), 1 0.98x; on 4-12 it runs as the 8-row one, 0.98-1.09x.  Not 1x1 layers, whose
+# one column a block of input channels leaves most of a tile's idle: 16 -> 16 at 56x56 x 8
+# 0.94x, 16 -> 8 at 112x112 0.64x.)
 WGRAD_BY_INPUT = True
 ICVEC_MIN_VECTORS = 1
 ICVEC_MIN_OUT_CHANNELS = 2
@@ -1290,7 +1292,8 @@ class ForwardPlan:
                    and (p.OC < 2 * lanes and _geometry.round_up(p.OC, 2 * lanes) > CVEC_CHANNEL_WASTE * p.OC
                         or self.OH * self.OW <= ICVEC_SMALL_MAP
                         and p.N * self.OH * self.OW >= ICVEC_MIN_PIXELS_PER_WEIGHT * p.C * p.OC * self.kk))
-        self.wgrad_by_input = (WGRAD_BY_INPUT and p.groups == 1 and (instead or not self.wgrad_by_channel)
+        self.wgrad_by_input = (WGRAD_BY_INPUT and p.groups == 1 and self.kk > 1
+                               and (instead or not self.wgrad_by_channel)
                                and self.wgrad_transposed is None and self.wgrad_kernel.icvec is not None
                                and p.C >= ICVEC_MIN_VECTORS * lanes and p.OC >= ICVEC_MIN_OUT_CHANNELS
                                and _geometry.round_up(p.C, lanes) <= CVEC_CHANNEL_WASTE * p.C

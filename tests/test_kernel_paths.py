@@ -644,19 +644,17 @@ def icvec_items(monkeypatch, request):
 
 
 @pytest.mark.parametrize("rows", [8, 3], ids=["8-row tile", "3-row tile"])
-@pytest.mark.parametrize("spec", WGRAD_SPECS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", [s for s in WGRAD_SPECS if s.kernel != 1], ids=lambda s: s.name)
 def test_weight_gradient_by_input_channel(spec, rows, icvec_items, monkeypatch, restore_threads):
     """Dense layers with too few output channels for the by-channel form sum their weight
-    gradient vectorised over input channels (the module's icvec): 27 channels, a partial
-    last vector (1x1 layers: 16 for the 8-row tile, which 27 would send to the transposed
-    gradient, 64 for the 3-row one), and 23 output channels in float32, 8 in float64 (the
+    gradient vectorised over input channels (the module's icvec; 1x1 layers do not): 27
+    channels, a partial last vector, and 23 output channels in float32, 8 in float64 (the
     8-row tile; float64 runs 9-11 on the 3-row one) or 2 (the 3-row tile, partial), in
     items of a few rows or of two images; against the reference and torch, and on 1 and 2
     threads with the same bits, accumulating into .grad."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     dtype = spec_dtype(spec)
-    C = (16 if rows == 8 else 64) if spec.kernel == 1 else 27
-    case = _case(spec, C, (23 if spec.dtype == "f32" else 8) if rows == 8 else 2)
+    case = _case(spec, 27, (23 if spec.dtype == "f32" else 8) if rows == 8 else 2)
     case.update(N=3, H=23, W=21)
     fp = _plan(case, dtype)
     assert fp.wgrad_kernel.name == spec.name and fp.wgrad_by_input and not fp.wgrad_by_channel
@@ -679,6 +677,7 @@ def test_weight_gradient_by_input_channel_rule():
     assert plan(OC=8, dtype=np.float64).wgrad_by_input and not plan(dtype=np.float64).wgrad_by_input
     assert not plan(OC=32, H=40).wgrad_by_input    # (by output channel)
     assert plan(OC=3).wgrad_by_input and plan(C=64, OC=2).wgrad_by_input   # (the 3-row tile)
+    assert not plan(k=1).wgrad_by_input and not plan(C=16, OC=8, k=1).wgrad_by_input   # (1x1)
     assert not plan(OC=1).wgrad_by_input
     shape = lambda **kw: plan(**kw).wgrad_kernel.icvec_tiles[plan(**kw).icvec_shape]
     assert shape() == (8, 3) and shape(OC=3) == (3, 8) and shape(C=64, OC=5) == (3, 8)   # (least waste)
