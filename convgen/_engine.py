@@ -102,24 +102,23 @@ WGRAD_TRANSPOSED = True
 # Dense layers with too few output channels for that form (below WGRAD_MIN_OUT_VECTORS
 # vectors) and not transposed sum their weight gradient vectorised over input channels
 # instead (KernelSpec.icvec_tiles): 8 output channels' gradients broadcast against 3
-# vectors of input channels at a time, each loaded once per pixel, where the pixel-
-# vectorised kernel loads a vector of grad_output and of input per column and re-reads
-# its segment from L2 for every tile.  From ICVEC_MIN_VECTORS vectors of input channels
-# (16 in float32, 8 in float64), whose vectors leave at most CVEC_CHANNEL_WASTE of their
-# lanes idle, and from
-# ICVEC_MIN_OUT_CHANNELS output channels.  (Module backward, 2 threads, 6-8 alternating
-# rounds, against the pixel-vectorised kernel: CIFAR ResNet-20's stage 1, 16 at 32x32 x
-# 128, 1.28x, x 8 1.32x; 16 at 56x56 1.18x; 32 -> 16 5x5 at 28x28 x 16 1.20x; 16 -> 8 at
-# 8x8 x 32 1.27x; stride 2, 16 from 32x32 x 64, 1.21x; 7x7 16 at 28x28 1.25x; 32 -> 8 at
-# 112x112 1.12x; 64 -> 16 at 56x56 1.12x; 48 -> 20 at 14x14 x 8 1.06x; 16 -> 4 1.13x;
-# float64 32 -> 8 and 16 -> 8 1.12x and 1.20x, 16 -> 4 1.04x, 8 -> 8 at 32x32 x 32 1.24x,
-# 8 -> 4 5x5 1.04x.  On 1-3 output channels its
-# 8-row tile, mostly idle, ran 0.76-0.88x: 16 -> 1, 32 -> 2, an RGB output layer 64 -> 3
-# at 128x128 0.79x, 32 -> 3 9x9 0.76x; the 3-row tile (_icvec_shape) runs 2 and 3 output
-# channels 1.01-1.17x (64 -> 3 1.01x, 32 -> 3 at 64x64 x 8 1.04x, 32 -> 2 1.05x, the 9x9
-# 1.17x), 1 0.98x; on 4-12 it runs as the 8-row one, 0.98-1.09x.  Not 1x1 layers, whose
-# one column a block of input channels leaves most of a tile's idle: 16 -> 16 at 56x56 x 8
-# 0.94x, 16 -> 8 at 112x112 0.64x.)
+# vectors of input channels at a time (or 3 against 8, _icvec_shape), each loaded once
+# per pixel, where the pixel-vectorised kernel loads a vector of grad_output and of input
+# per column and re-reads its segment from L2 for every tile.  Kernels larger than 1x1,
+# from ICVEC_MIN_VECTORS vectors of input channels (16 in float32, 8 in float64) that
+# leave at most CVEC_CHANNEL_WASTE of their lanes idle, from ICVEC_MIN_OUT_CHANNELS
+# output channels.  (Module backward, 2 threads, 6-8 alternating rounds, against the
+# pixel-vectorised kernel: CIFAR ResNet-20's stage 1, 16 at 32x32 x 128, 1.28x, x 8
+# 1.32x; 16 at 56x56 1.18x; 32 -> 16 5x5 at 28x28 x 16 1.20x; 16 -> 8 at 8x8 x 32 1.27x;
+# stride 2, 16 from 32x32 x 64, 1.21x; 7x7 16 at 28x28 1.25x; 32 -> 8 at 112x112 1.12x;
+# 64 -> 16 at 56x56 1.12x; 48 -> 20 at 14x14 x 8 1.06x; 16 -> 4 1.13x; float64 32 -> 8,
+# 16 -> 8, 8 -> 8 at 32x32 x 32 1.12x, 1.20x, 1.24x, 16 -> 4 and 8 -> 4 5x5 1.04x.  On
+# 1-3 output channels the 8-row tile, mostly idle, ran 0.76-0.88x (16 -> 1, 32 -> 2, an
+# RGB output layer 64 -> 3 at 128x128 0.79x, 32 -> 3 9x9 0.76x); the 3-row one runs 2
+# and 3 of them 1.01-1.17x (64 -> 3 1.01x, 32 -> 3 at 64x64 x 8 1.04x, 32 -> 2 1.05x, the
+# 9x9 1.17x), 1 0.98x, and 4-12 as the 8-row one, 0.98-1.09x.  On 1x1 layers one column a
+# block of input channels leaves most of a tile idle: 16 -> 16 at 56x56 x 8 0.94x,
+# 16 -> 8 at 112x112 0.64x.)
 WGRAD_BY_INPUT = True
 ICVEC_MIN_VECTORS = 1
 ICVEC_MIN_OUT_CHANNELS = 2
