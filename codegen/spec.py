@@ -110,15 +110,18 @@ class KernelSpec:
         """Every register tile compiled for this kernel, the primary (``tile``) first.
         Dense bwd_data kernels also get a 3-row tile, which the runtime picks when
         the output channels (e.g. an RGB input's gradient) would leave most rows of
-        the primary tile idle; so do float32 dense forward kernels but the stride-2
-        ones, for 1-3 output channels (an RGB or one-channel output layer, a head of few
-        classes: 64 -> 3 3x3 at 128x128 1.28x faster, 32 -> 3 9x9 at 256x256 1.43x, one
-        output channel 1.30x, 2 threads).  (Each variant costs the cold build about 5% per
-        dtype; float64 has none.)"""
+        the primary tile idle; so do the float32 dense forward kernels that output layers
+        use, for 1-3 output channels (an RGB or one-channel output layer, a head of few
+        classes): 1x1, 3x3 at stride and dilation 1 and the generic kernel (64 -> 3 3x3 at
+        128x128 1.28x faster, 32 -> 3 9x9 at 256x256 1.43x, one output channel 1.30x, 2
+        threads).  (The variant costs the cold build about 5% per dtype on every such
+        kernel: float64 has none, nor do the other fixed kernels, which run those layers
+        on their primary tiles.)"""
         if self.direction == "bwd_data" and self.groups == "dense":
             return [self.tile, (3, 8), (8, 3)]
         if self.direction == "fwd" and self.groups == "dense":
-            return [self.tile, (8, 3)] + ([(3, 8)] if self.stride != 2 and self.dtype == "f32" else [])
+            output_layer = self.kernel == 1 or self.kernel is ANY or (self.kernel, self.stride, self.dilation) == (3, 1, 1)
+            return [self.tile, (8, 3)] + ([(3, 8)] if output_layer and self.dtype == "f32" else [])
         return [self.tile]
 
     @property

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from codegen.cases import case_for
+from codegen.spec import ANY
 from codegen.table import SPECS
 from conftest import (assert_close, case_arrays, conv_args, convgen_functional, make_rng,
                       reference_functional, spec_dtype, torch_functional)
@@ -460,14 +461,16 @@ def test_every_pixel_tile(spec, monkeypatch):
 
 
 def test_three_row_tile_for_few_output_channels():
-    """Float32 dense forwards at stride 1 (or any) pick their 3-row tile for 1-3 output
-    channels, the primary tiles from 4; stride-2 and float64 forwards have none."""
+    """The float32 dense forwards of output layers (1x1, 3x3 at stride and dilation 1, the
+    generic kernel) pick their 3-row tile for 1-3 output channels, the primary tiles from
+    4; other kernels and float64 have none."""
     for spec in SPECS:
         if spec.direction != "fwd" or spec.groups != "dense":
             continue
         kernel = _dispatch.lookup("fwd", _plan(case_for(spec), spec_dtype(spec)).problem)
         three = [i for i, (rows, cols, _) in enumerate(kernel.variants) if (rows, cols) == (3, 8)]
-        assert bool(three) == (spec.dtype == "f32" and spec.stride != 2), spec.name
+        output_layer = spec.kernel in (1, ANY) or (spec.kernel, spec.stride, spec.dilation) == (3, 1, 1)
+        assert bool(three) == (spec.dtype == "f32" and output_layer), spec.name
         for out in range(1, 8):
             index, _ = kernel.pick_tile(out, 1024)
             assert (index in three) == (bool(three) and out <= 3), (spec.name, out)
