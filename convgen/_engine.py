@@ -142,7 +142,8 @@ ICVEC_WINDOW_RATIO = 5
 # alternating rounds, against by channel: 24 output channels from 16 at 32x32 x 64,
 # from 64 at 56x56 and from 32 at 28x28 x 8 1.15x, 1.11x, 1.14x; CIFAR ResNet-20's
 # 32 at 16x16 and 64 at 8x8 x 128 1.04x and 1.08x, 32 at 14x14 x 16 1.13x, 32 -> 64 at
-# 14x14 x 64 1.05x, 64 at 16x16 x 8 1.04x, 128 at 8x8 x 32 1.09x.  Not chosen: 128 and
+# 14x14 x 64 1.05x, 64 at 16x16 x 8 1.04x, 128 at 8x8 x 32 1.09x; float64 64 at 8x8 x 128
+# 1.05x, 32 at 16x16 x 64 1.01x, 32 -> 12 at 28x28 x 8 1.04x.  Not chosen: 128 and
 # 256 at 8x8 x 8 and x 32 (0.0035 pixels per weight) 0.83x and 0.95x; 64 at 32x32 x 32,
 # 32 and 64 at 56x56, Inception's 5x5 at 35x35 0.95-0.99x; stride 2, 64 from 32x32,
 # 0.83x.)
