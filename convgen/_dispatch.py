@@ -102,7 +102,7 @@ def _load(key):
     # (the dense weight gradients of a module share its ocvec / ocvec_chunks)
     ocvec_columns = getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0)
     ocvec = (mod.ocvec, mod.ocvec_chunks) if ocvec_columns else (None, None)
-    icvec = (mod.icvec, tuple(mod.ICVEC_TILES)) if ocvec_columns and hasattr(mod, "icvec") else (None, ())
+    icvec = (mod.icvec, tuple(mod.ICVEC_TILES)) if ocvec_columns else (None, ())
     return Kernel(name, getattr(mod, name), tile, variants[0][2], variants, getattr(mod, name + "_fused", None),
                   *ocvec, getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),

@@ -839,8 +839,8 @@ def _icvec_chunking(N, OH, We, C, OC, kk, max_off, itemsize, lanes):
         chunks = min(OH, _geometry.ceil_div(WGRAD_CHUNKS, N))
         rows = _geometry.ceil_div(OH, chunks)
         chunks = _geometry.ceil_div(OH, rows)
-    images = max(1, min(_geometry.ceil_div(ICVEC_ITEM_PIXELS, rows * We), N * chunks // WGRAD_CHUNKS),
-                 _geometry.ceil_div(N * chunks * OC * kk * Cp * itemsize, ICVEC_PARTIAL_BYTES))
+    images = min(N, max(1, min(_geometry.ceil_div(ICVEC_ITEM_PIXELS, rows * We), N * chunks // WGRAD_CHUNKS),
+                        _geometry.ceil_div(N * chunks * OC * kk * Cp * itemsize, ICVEC_PARTIAL_BYTES)))
     return rows, rows * We + max_off, images
 
 
@@ -1309,10 +1309,13 @@ class ForwardPlan:
             self.wgrad_by_input = span <= ICVEC_WINDOW_RATIO * rows * self.We
         if self.wgrad_by_input:
             self.wgrad_by_channel, self.wgrad_tiles, self.wgrad_tap_major, self.wgrad_chunks = False, None, False, None
-            self.icvec_shape = _icvec_shape(self.wgrad_kernel.icvec_tiles, p.OC,
-                                            _geometry.ceil_div(p.C, lanes) * self.kk)
-            self.icvec_table = _icvec_table(p.C, self.kk, lanes, self.tap_off, self.icvec_chunking[1],
+            Cp = _geometry.round_up(p.C, lanes)
+            self.icvec_shape = _icvec_shape(self.wgrad_kernel.icvec_tiles, p.OC, Cp // lanes * self.kk)
+            self.icvec_table = _icvec_table(p.C, self.kk, lanes, self.tap_off, span,
                                             self.wgrad_kernel.icvec_tiles[self.icvec_shape][1])
+            # Its scratch: the work items' partial sums (items, values each), a window per thread.
+            items = _geometry.ceil_div(p.N, self.icvec_chunking[2]) * _geometry.ceil_div(self.OH, rows)
+            self.icvec_partial, self.icvec_window = (items, p.OC * self.kk * Cp), Cp * span
         # The calls' fixed arguments, gathered once (small layers: each attribute looked up
         # per call costs a share of the convolution's few microseconds).
         self.y_shape = (p.N, p.OC, self.OH, self.OW)
@@ -2138,13 +2141,10 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             if fp.wgrad_tap_major:
                 _layout.taps_last(out, gw, fp.kk, into, threads)
         elif fp.wgrad_by_input:
-            rows, span, images = fp.icvec_chunking
-            Cp = _geometry.round_up(p.C, LANES[p.dtype])
-            items = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
-            partial = scratch("wgrad_partial", (items, p.OC * fp.kk * Cp), grad_y.dtype)
-            windows = scratch("wgrad_windows", (threads, Cp * span), grad_y.dtype)
+            partial = scratch("wgrad_partial", fp.icvec_partial, grad_y.dtype)
+            windows = scratch("wgrad_windows", (threads, fp.icvec_window), grad_y.dtype)
             fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW,
-                                  fp.We, fp.icvec_shape, fp.icvec_table, rows, span, images, threads, into)
+                                  fp.We, fp.icvec_shape, fp.icvec_table, *fp.icvec_chunking, threads, into)
         else:
             gy = grad_y
             if fp.wgrad_flat:
