@@ -594,6 +594,16 @@ def scratch(name, shape, dtype):
     return view
 
 
+def scratches(names_shapes, dtype):
+    """[scratch(name, shape, dtype) for each (name, shape)], in one Python call."""
+    pool = _scratch_pool.__dict__
+    views = []
+    for name, shape in names_shapes:
+        last = pool.get((name, dtype))
+        views.append(last[2] if last is not None and last[1] == shape else scratch(name, shape, dtype))
+    return views
+
+
 class Problem(NamedTuple):
     """A convolution's shape, normalised: every pair split into (h, w)."""
 
@@ -1032,6 +1042,7 @@ class ForwardPlan:
     def __init__(self, p: Problem, inference=False):
         self.problem = p
         self.inference_twin = self if inference else None   # (see inference_plan)
+        self.routes = {}   # forward()'s steps by (keep, share_input, threads, aligned)
         self.G = p.groups
         self.Cg, self.OCg = p.C // p.groups, p.OC // p.groups
         self.kk = p.KH * p.KW
@@ -1665,18 +1676,43 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     layer whose forward reads x in place (1x1 panels) and whose weight gradient can
     too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
     nonfinite False (those tiles multiply real pixels only).
-    out: a C-contiguous array of the output's shape and dtype to write y into."""
+    out: a C-contiguous array of the output's shape and dtype to write y into.
+    The steps depend only on the plan, the threads, keep, share_input and x's alignment,
+    so they are worked out once (_forward_route) and kept on the plan: after a kernel has
+    swept the caches every Python call costs microseconds, so a call runs few."""
+    fp = forward_plan(p)
+    if not keep:
+        fp = fp.inference_twin if fp.inference_twin is not None else inference_plan(p)
+    threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
+    aligned = fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0
+    key = (keep, share_input, threads, aligned)
+    route = fp.routes.get(key)
+    if route is None:
+        route = fp.routes[key] = _forward_route(fp, keep, share_input, threads, aligned)
+    return route(x, weight, bias, recycle, out)
+
+
+def _forward_route(fp, keep, share_input, threads, aligned):
+    """forward()'s steps for plan fp on `threads` threads, as a function
+    (x, weight, bias, recycle, out) -> (y, xin, nonfinite); aligned: x's data starts on
+    an ALIGN boundary.  Whatever does not depend on the arrays is decided here, once:
+    which kernels run, their fixed arguments and the sizes of their scratch memory."""
+    p = fp.problem
     q = patch_pointwise(p, inference=not keep)
     if q is not None:   # (share_input does not apply: the gathered windows are a copy)
         fq = forward_plan(q)
-        return forward(_gathered(x, p, q, threads_for(fq.work, fq.values)), _pointwise_weight(weight, q), bias, q,
-                       recycle, keep, out=out)
-    fp = forward_plan(p) if keep else inference_plan(p)
-    threads = threads_for(fp.work, fp.values)
-    y = np.empty(fp.y_shape, dtype=x.dtype) if out is None else out
-    x3 = x.reshape(fp.x3_shape)
+        gather_threads = threads_for(fq.work, fq.values)
+
+        def patches(x, weight, bias, recycle, out):
+            return forward(_gathered(x, p, q, gather_threads), _pointwise_weight(weight, q), bias, q, recycle, keep,
+                           out=out)
+        return patches
+    y_shape, kernel = fp.y_shape, fp.kernel
     if fp.groupwise is not None:
-        return _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads)
+        def groupwise(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            return _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads)
+        return groupwise
     if fp.channel_block is not None and (not keep or fp.channel_block_keeps):
         # Depthwise: the channel-block tile reads x itself; planes kept for the weight
         # gradient are a copy of their own.
@@ -1684,111 +1720,182 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
         whole_map = fp.channel_block_map is not None
         strip = (fp.OH, fp.channel_block_map) if whole_map else channel_block_strip(fp, threads)
         if strip is not None:
-            xin, nonfinite = None, False
-            if keep:
-                xin = _kept_planes(fp, x, recycle)
-                nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-            xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
-            fp.kernel.cblock(x, weight, bias, y, xp, p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads,
-                             whole_map)
-            return y, xin, nonfinite
+            cblock_args = (p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads, whole_map)
+
+            def channel_block(x, weight, bias, recycle, out):
+                y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+                xin, nonfinite = None, False
+                if keep:
+                    xin = _kept_planes(fp, x, recycle)
+                    nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+                xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
+                kernel.cblock(x, weight, bias, y, xp, *cblock_args)
+                return y, xin, nonfinite
+            return channel_block
     fused, cvec_fused = _runs_fused(fp.fused, p, threads), _runs_fused(fp.cvec_fused, p, threads)
     in_place = fp.in_place
-    if in_place is None and fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0:
+    if in_place is None and fp.in_place_aligned is not None and aligned:
         in_place = fp.in_place_aligned
     shared = keep and share_input and (fp.panels or in_place) and fp.wgrad_reads_input
     if in_place:
-        _run_in_place(fp, in_place, x, weight, bias, y, threads)
-        xin, nonfinite = None, False
-        if shared:
-            xin = planes_in_place(x, p)
-        elif keep:   # (the weight gradient's planes, padded as the other paths keep them)
-            xin = _kept_planes(fp, x, recycle)
-            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-        return y, xin, nonfinite
-    if not keep:
-        # (the channel-vector tile reads only its pixel-major blocks)
-        xin = None if fp.cvec is not None else scratch("fwd_planes", (threads * fp.Cg if fused else fp.images * p.C,
-                                                                       fp.x_chan), x.dtype)
-    elif shared:
-        xin = planes_in_place(x, p)
-    else:
-        xin = _kept_planes(fp, x, recycle)
+        def pixels_in_place(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            _run_in_place(fp, in_place, x, weight, bias, y, threads)
+            xin, nonfinite = None, False
+            if shared:
+                xin = planes_in_place(x, p)
+            elif keep:   # (the weight gradient's planes, padded as the other paths keep them)
+                xin = _kept_planes(fp, x, recycle)
+                nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+            return y, xin, nonfinite
+        return pixels_in_place
+    planes = _planes_route(fp, keep, shared, (threads * fp.Cg if fused else fp.images * p.C, fp.x_chan))
     if fp.one_pass and not fused:
         # (most small layers: every image in one pass of the pixel tiles)
         bands = fp.bands(threads)
-        nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads, bands)
-        fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile,
-                      static_schedule=fp.static_schedule, banded=bands is not None)
-        return (y, xin, nonfinite) if keep else (y, None, False)
+        one_pass_kw = dict(static_schedule=fp.static_schedule, banded=bands is not None)
+
+        def one_pass(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            xin = None if planes is None else planes(x, recycle)
+            nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads, bands)
+            kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, **one_pass_kw)
+            return (y, xin, nonfinite) if keep else (y, None, False)
+        return one_pass
     if fused:
-        flags = np.zeros(p.N * p.C, dtype=np.intc)
-        fp.kernel.fused(x, xin, flags, weight, bias, y, p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off,
-                        fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols, fp.col_interior, fp.plane_len,
-                        threads, fp.tile, -1 if fp.row_block is None else fp.row_block, keep, fp.Cg,
-                        fp.static_schedule)
-        return (y, xin, bool(flags.any())) if keep else (y, None, False)
-    packed = (None, None, None, None, fp.tiles_inner)  # run()'s trailing arguments: wp, bp, part, tile_cols, tiles_inner
-    skip = None
+        fused_args = (p.N, p.C, fp.OCg, fp.out_len, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rows, fp.cols,
+                      fp.col_interior, fp.plane_len, threads, fp.tile, -1 if fp.row_block is None else fp.row_block,
+                      keep, fp.Cg, fp.static_schedule)
+
+        def fused_planes(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            xin = None if planes is None else planes(x, recycle)
+            flags = np.zeros(p.N * p.C, dtype=np.intc)
+            kernel.fused(x, xin, flags, weight, bias, y, *fused_args)
+            return (y, xin, bool(flags.any())) if keep else (y, None, False)
+        return fused_planes
     bands = None if cvec_fused else fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
-    wp_copy = 0
-    if fp.cvec is not None:
-        width = fp.cvec[2]
-        if fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
-            wp = scratch("wp", (threads * _packed_block_values(p.dtype, fp.Cg, fp.kk, width),), x.dtype)
-            copies = 1
-        else:
-            wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
-            copies = threads if bands is not None and threads * wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
-            wp_copy = wp_len if copies > 1 else 0
-            wp = scratch("wp", (copies * wp_len,), x.dtype)
-        bp = scratch("bp", (fp.G * fp.blocks * width,), x.dtype)
-        nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk,
-                                          fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies,
-                                          weights=not fp.pack_blocks, positions=fp.tap_pos)
-        skip = None if nonfinite_weight else fp.tap_skip
-        part = None
-        if fp.rblock < fp.Cg:
-            part = scratch("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,), x.dtype)
-        packed = (wp, bp, part, fp.tile_cols, fp.tiles_inner)
-        yext = None
-        xblocks = None if fp.panels or cvec_fused else scratch("fwd_blocked", (fp.images * fp.in_blocks,
-                                                                                   fp.block_len), x.dtype)
-    else:
-        yext = scratch("yext", (fp.images * p.OC, fp.out_len), x.dtype) if fp.rblock < fp.Cg else None
-    nonfinite = False
+    prepare, wp_copy = _packing_route(fp, threads, bands, cvec_fused)
     if cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
-        if xin is not None:  # the planes kept for the weight gradient
-            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-        blocks = scratch("fwd_fused_blocks", (threads, fp.in_blocks * fp.block_len), x.dtype)
-        fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                      pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
-        return (y, xin, nonfinite) if keep else (y, None, False)
+        blocks_shape = (threads, fp.in_blocks * fp.block_len)
+
+        def cvec_fused_images(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            xin = None if planes is None else planes(x, recycle)
+            packed, skip, _, _ = prepare(weight, bias, x.dtype)
+            x3 = x.reshape(fp.x3_shape)
+            nonfinite = False
+            if xin is not None:  # the planes kept for the weight gradient
+                nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
+            blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
+            kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+                       pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
+            return (y, xin, nonfinite) if keep else (y, None, False)
+        return cvec_fused_images
     if fp.panels:
-        if xin is not None and not shared:  # the planes kept for the weight gradient
-            nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
-        panels = scratch("fwd_panels", (threads, fp.in_blocks * LANES[p.dtype] * fp.panel_pixels), x.dtype)
-        fp.kernel.run(x.reshape(p.N * p.C, p.H * p.W), weight, bias, y, None, p.N, fp.G, fp.Cg, fp.OCg, fp.out_len,
-                      0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW, fp.rblock, threads, fp.tile, *packed,
-                      panels=panels)
+        panels_shape = (threads, fp.in_blocks * LANES[p.dtype] * fp.panel_pixels)
+        flat = (p.N * p.C, p.H * p.W)
+        panel_args = (p.N, fp.G, fp.Cg, fp.OCg, fp.out_len, 0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW,
+                      fp.rblock, threads, fp.tile)
+
+        def panels(x, weight, bias, recycle, out):
+            y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+            xin = None if planes is None else planes(x, recycle)
+            packed, _, _, _ = prepare(weight, bias, x.dtype)
+            nonfinite = False
+            if xin is not None and not shared:  # the planes kept for the weight gradient
+                nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+            kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
+                       panels=scratch("fwd_panels", panels_shape, x.dtype))
+            return (y, xin, nonfinite) if keep else (y, None, False)
+        return panels
+    # A few images at a time: their padded planes are still in cache for the kernel.
+    image_blocks = [(n0, min(p.N, n0 + fp.images)) for n0 in range(0, p.N, fp.images)]
+    pad_blocked_tail = (p.C, *fp.pad_args, p.pad_left, threads, bands)
+    run_kw = dict(static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy, pairs=fp.row_pairs,
+                  pack_positions=fp.tap_pos if fp.pack_blocks else None)
+
+    def by_images(x, weight, bias, recycle, out):
+        y = np.empty(y_shape, dtype=x.dtype) if out is None else out
+        xin = None if planes is None else planes(x, recycle)
+        packed, skip, yext, xblocks = prepare(weight, bias, x.dtype)
+        x3 = x.reshape(fp.x3_shape)
+        nonfinite = False
+        for n0, n1 in image_blocks:
+            x3b, yb = (x3, y) if n1 - n0 == p.N else (x3[n0 * p.C:n1 * p.C], y[n0:n1])
+            if xin is not None:
+                # kept planes: each block its own; scratch planes: the same ones for every block
+                first = n0 * p.C if keep else 0
+                xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
+                nonfinite |= _layout.pad_phase(x3b, xb, *fp.pad_args, threads)
+            if xblocks is not None:
+                # the channel-vector tile reads its own copy: blocks of channels, pixel-major
+                xb = xblocks if n1 - n0 == fp.images else xblocks[:(n1 - n0) * fp.in_blocks]
+                kernel.pad_blocked(x3b, xb, *pad_blocked_tail)
+            kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+                       **run_kw)
         return (y, xin, nonfinite) if keep else (y, None, False)
-    for n0 in range(0, p.N, fp.images):
-        # A few images at a time: their padded planes are still in cache for the kernel.
-        n1 = min(p.N, n0 + fp.images)
-        x3b, yb = (x3, y) if n1 - n0 == p.N else (x3[n0 * p.C:n1 * p.C], y[n0:n1])
-        if xin is not None:
-            # kept planes: each block its own; scratch planes: the same ones for every block
-            first = n0 * p.C if keep else 0
-            xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
-            nonfinite |= _layout.pad_phase(x3b, xb, *fp.pad_args, threads)
+    return by_images
+
+
+def _planes_route(fp, keep, shared, scratch_shape):
+    """(x, recycle) -> the padded planes a forward writes, or None where it writes none
+    (keeping nothing, the channel-vector tile reads only its pixel-major blocks):
+    scratch memory of scratch_shape when it keeps nothing, x itself when shared, else
+    kept planes."""
+    if not keep:
         if fp.cvec is not None:
-            # the channel-vector tile reads its own copy: blocks of channels, pixel-major
-            xb = xblocks[:(n1 - n0) * fp.in_blocks]
-            fp.kernel.pad_blocked(x3b, xb, p.C, *fp.pad_args, p.pad_left, threads, bands)
-        fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                      static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy,
-                      pairs=fp.row_pairs, pack_positions=fp.tap_pos if fp.pack_blocks else None)
-    return (y, xin, nonfinite) if keep else (y, None, False)
+            return None
+        return lambda x, recycle: scratch("fwd_planes", scratch_shape, x.dtype)
+    if shared:
+        return lambda x, recycle: planes_in_place(x, fp.problem)
+    return lambda x, recycle: _kept_planes(fp, x, recycle)
+
+
+def _packing_route(fp, threads, bands, cvec_fused):
+    """(prepare, wp_copy): prepare(weight, bias, dtype) -> (run()'s trailing arguments wp,
+    bp, part, tile_cols, tiles_inner; skip; yext; the blocked input's scratch or None),
+    packing the weights for the channel-vector tile; wp_copy as run() takes it."""
+    p = fp.problem
+    if fp.cvec is None:
+        packed = (None, None, None, None, fp.tiles_inner)
+        yext_shape = (fp.images * p.OC, fp.out_len) if fp.rblock < fp.Cg else None
+
+        def pixel_tiles(weight, bias, dtype):
+            return packed, None, None if yext_shape is None else scratch("yext", yext_shape, dtype), None
+        return pixel_tiles, 0
+    width = fp.cvec[2]
+    wp_copy = 0
+    if fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
+        wp_shape = (threads * _packed_block_values(p.dtype, fp.Cg, fp.kk, width),)
+        copies = 1
+    else:
+        wp_len = fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width
+        copies = threads if bands is not None and threads * wp_len * ITEMSIZE[p.dtype] <= PACK_COPY_BYTES else 1
+        wp_copy = wp_len if copies > 1 else 0
+        wp_shape = (copies * wp_len,)
+    bp_shape = (fp.G * fp.blocks * width,)
+    pack_args = (fp.G, fp.OCg, fp.Cg, fp.OCg * fp.Cg * fp.kk, fp.Cg * fp.kk, fp.kk, fp.tap_w, width, threads, copies)
+    pack_kw = dict(weights=not fp.pack_blocks, positions=fp.tap_pos)
+    # scratch memory: packed weights and bias, then the partial sums and the blocked input
+    # where they are used
+    memory = [("wp", wp_shape), ("bp", bp_shape)]
+    with_part = fp.rblock < fp.Cg
+    if with_part:
+        memory.append(("part", (fp.images * fp.G * fp.blocks * fp.tiled_len * width,)))
+    with_blocks = not (fp.panels or cvec_fused)
+    if with_blocks:
+        memory.append(("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len)))
+    pack = fp.kernel.pack
+
+    def channel_vectors(weight, bias, dtype):
+        wp, bp, *rest = scratches(memory, dtype)
+        nonfinite_weight = pack(weight, bias, wp, bp, *pack_args, **pack_kw)
+        part = rest.pop(0) if with_part else None
+        xblocks = rest.pop(0) if with_blocks else None
+        return ((wp, bp, part, fp.tile_cols, fp.tiles_inner), None if nonfinite_weight else fp.tap_skip, None,
+                xblocks)
+    return channel_vectors, wp_copy
 
 
 def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):

@@ -839,3 +839,56 @@ def follow_flush_denormal():
         cg_set_flush_bits(bits)
     cg_followed_bits = bits
     cg_followed_threads = threads
+
+
+# ---- gradient mode (convgen.grad_mode) ----
+# Whether forwards keep what a backward needs, per thread (each Python thread is one OS
+# thread).  In C, with the context managers' entry and exit, so that a forward under
+# `with convgen.no_grad():` runs no Python for them: after a kernel has swept the caches,
+# every Python call costs microseconds.
+
+cdef extern from *:
+    """
+    static __thread int cg_grad_off = 0;
+    """
+    int cg_grad_off
+
+
+def grad_enabled():
+    """Whether Conv2d.forward keeps what its backward needs (True unless in no_grad)."""
+    return not cg_grad_off
+
+
+cdef class GradMode:
+    """Base of convgen.grad_mode's context managers: inside a with block (or a function
+    it decorates) the mode is the instance's `enabled`; leaving puts back the mode found
+    on entering (a stack, so that a decorated function may recurse)."""
+
+    cdef list _outer
+    cdef object _first_outer   # (set_grad_enabled) what the first with block puts back
+
+    def __cinit__(self):
+        self._outer = []
+        self._first_outer = None
+
+    def _set_now(self, bint mode):
+        """Set the mode at once (set_grad_enabled): the first with block puts back the
+        mode found here."""
+        global cg_grad_off
+        self._first_outer = not cg_grad_off
+        cg_grad_off = not mode
+
+    def __enter__(self):
+        global cg_grad_off
+        if self._first_outer is not None:
+            self._outer.append(self._first_outer)
+            self._first_outer = None
+        else:
+            self._outer.append(not cg_grad_off)
+        cg_grad_off = not self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        global cg_grad_off
+        cg_grad_off = not self._outer.pop()
+        return False

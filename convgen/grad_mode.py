@@ -1,37 +1,22 @@
 """Gradient mode, as torch's: ``with convgen.no_grad(): y = conv(x)`` runs a forward
 that keeps nothing for a backward (inference), so it skips the copy of the input
-that the weight gradient would read.  The mode belongs to the Python thread."""
+that the weight gradient would read.  The mode belongs to the Python thread.
+(The state and the context managers' entry and exit are in C: convgen._layout.)"""
 
 import contextlib
-import threading
+
+from . import _layout
 
 __all__ = ["no_grad", "enable_grad", "set_grad_enabled", "is_grad_enabled"]
 
-_state = threading.local()
+is_grad_enabled = _layout.grad_enabled
 
 
-def is_grad_enabled():
-    """Whether Conv2d.forward keeps what its backward needs (True unless in no_grad)."""
-    return getattr(_state, "enabled", True)
-
-
-class _GradMode(contextlib.ContextDecorator):
+class _GradMode(_layout.GradMode, contextlib.ContextDecorator):
     """Sets the mode to `enabled` inside a with block or a decorated function, and
     puts back the mode it found (a stack, so a decorated function may recurse)."""
 
     enabled = True
-
-    def __enter__(self):
-        self.__dict__.setdefault("_outer", []).append(self._mode_to_restore())
-        _state.enabled = self.enabled
-        return self
-
-    def _mode_to_restore(self):
-        return is_grad_enabled()
-
-    def __exit__(self, *exc):
-        _state.enabled = self._outer.pop()
-        return False
 
 
 class no_grad(_GradMode):
@@ -54,9 +39,4 @@ class set_grad_enabled(_GradMode):
         if not isinstance(mode, bool):
             raise TypeError(f"set_grad_enabled() takes a bool, got {type(mode).__name__}")
         self.enabled = mode
-        self._before = is_grad_enabled()   # what the first with block restores
-        _state.enabled = mode
-
-    def _mode_to_restore(self):
-        before = self.__dict__.pop("_before", None)
-        return is_grad_enabled() if before is None else before
+        self._set_now(mode)

@@ -116,6 +116,8 @@ def _scratch_names(monkeypatch):
     test can tell which path ran)."""
     used, scratch = [], _engine.scratch
     monkeypatch.setattr(_engine, "scratch", lambda name, *a: used.append(name) or scratch(name, *a))
+    monkeypatch.setattr(_engine, "scratches", lambda names_shapes, dtype: [
+        used.append(name) or scratch(name, shape, dtype) for name, shape in names_shapes])
     return used
 
 
@@ -1193,6 +1195,38 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
     assert not routed(1, 2048, 512, 7, 7) and not routed(1, 512, 512, 10, 10)
     assert not routed(1, 256, 64, 56, 56)     # a forward from 64 to 256 channels at 56x56: the panels
     assert not routed(1, 144, 24, 56, 56, pad=1) and not routed(1, 144, 24, 56, 56, stride=2)
+
+
+def test_forward_steps_worked_out_once_per_kind_of_call(monkeypatch, restore_threads, forced_rows):
+    """forward() works out its steps once per plan and kind of call (keep, share_input,
+    threads, alignment: _forward_route) and reuses them: repeated calls on 2 and 1
+    threads, inference and training, weights changed in place and made infinite in
+    between all give the reference's results, from one route per kind of call."""
+    built = []
+    route = _engine._forward_route
+    monkeypatch.setattr(_engine, "_forward_route", lambda fp, *kind: built.append(kind) or route(fp, *kind))
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # (every call on the threads set)
+    _engine.forward_plan.cache_clear()
+    conv = convgen.Conv2d(32, 40, 3, padding=2, seed=0)
+    x = make_rng("routes").standard_normal((2, 32, 10, 33)).astype(np.float32)
+    fp = _engine.inference_plan(conv._cfg.problem(x.shape, x.dtype))
+    assert fp.cvec is not None and fp.tap_skip is not None   # (weights packed per call; padding taps skipped)
+    for step, threads in enumerate((2, 2, 1, 1, 2)):
+        convgen.set_num_threads(threads)
+        conv.weight[step % 40] *= -1.5
+        if step == 3:
+            conv.weight[0, 0, 0, 0] = np.inf
+        want = ref.conv2d(x, conv.weight, conv.bias, padding=2)
+        with convgen.no_grad():
+            got = conv(x)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert_close(got[np.isfinite(want)], want[np.isfinite(want)], np.float32, f"inference, step {step}")
+        got = conv(x)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert_close(got[np.isfinite(want)], want[np.isfinite(want)], np.float32, f"training, step {step}")
+    assert built == [(False, False, 2, False), (True, False, 2, False), (False, False, 1, False),
+                     (True, False, 1, False)]
+    _engine.forward_plan.cache_clear()
 
 
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
