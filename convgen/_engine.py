@@ -1043,6 +1043,8 @@ class ForwardPlan:
         self.problem = p
         self.inference_twin = self if inference else None   # (see inference_plan)
         self.routes = {}   # forward()'s steps by (keep, share_input, threads, aligned)
+        self.input_gradient_routes = {}   # _input_gradient's by threads
+        self.weight_gradient_routes = {}   # backward_params' kernels by threads
         self.G = p.groups
         self.Cg, self.OCg = p.C // p.groups, p.OC // p.groups
         self.kk = p.KH * p.KW
@@ -1707,7 +1709,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             return forward(_gathered(x, p, q, gather_threads), _pointwise_weight(weight, q), bias, q, recycle, keep,
                            out=out)
         return patches
-    y_shape, kernel = fp.y_shape, fp.kernel
+    y_shape = fp.y_shape
     if fp.groupwise is not None:
         def groupwise(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
@@ -1729,7 +1731,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                     xin = _kept_planes(fp, x, recycle)
                     nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
                 xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
-                kernel.cblock(x, weight, bias, y, xp, *cblock_args)
+                fp.kernel.cblock(x, weight, bias, y, xp, *cblock_args)
                 return y, xin, nonfinite
             return channel_block
     fused, cvec_fused = _runs_fused(fp.fused, p, threads), _runs_fused(fp.cvec_fused, p, threads)
@@ -1759,7 +1761,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin = None if planes is None else planes(x, recycle)
             nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads, bands)
-            kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, **one_pass_kw)
+            fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, **one_pass_kw)
             return (y, xin, nonfinite) if keep else (y, None, False)
         return one_pass
     if fused:
@@ -1771,7 +1773,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin = None if planes is None else planes(x, recycle)
             flags = np.zeros(p.N * p.C, dtype=np.intc)
-            kernel.fused(x, xin, flags, weight, bias, y, *fused_args)
+            fp.kernel.fused(x, xin, flags, weight, bias, y, *fused_args)
             return (y, xin, bool(flags.any())) if keep else (y, None, False)
         return fused_planes
     bands = None if cvec_fused else fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
@@ -1788,7 +1790,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             if xin is not None:  # the planes kept for the weight gradient
                 nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
             blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
-            kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+            fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                        pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
             return (y, xin, nonfinite) if keep else (y, None, False)
         return cvec_fused_images
@@ -1805,7 +1807,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             nonfinite = False
             if xin is not None and not shared:  # the planes kept for the weight gradient
                 nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
-            kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
+            fp.kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
                        panels=scratch("fwd_panels", panels_shape, x.dtype))
             return (y, xin, nonfinite) if keep else (y, None, False)
         return panels
@@ -1831,8 +1833,8 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             if xblocks is not None:
                 # the channel-vector tile reads its own copy: blocks of channels, pixel-major
                 xb = xblocks if n1 - n0 == fp.images else xblocks[:(n1 - n0) * fp.in_blocks]
-                kernel.pad_blocked(x3b, xb, *pad_blocked_tail)
-            kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
+                fp.kernel.pad_blocked(x3b, xb, *pad_blocked_tail)
+            fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                        **run_kw)
         return (y, xin, nonfinite) if keep else (y, None, False)
     return by_images
@@ -1886,11 +1888,10 @@ def _packing_route(fp, threads, bands, cvec_fused):
     with_blocks = not (fp.panels or cvec_fused)
     if with_blocks:
         memory.append(("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len)))
-    pack = fp.kernel.pack
 
     def channel_vectors(weight, bias, dtype):
         wp, bp, *rest = scratches(memory, dtype)
-        nonfinite_weight = pack(weight, bias, wp, bp, *pack_args, **pack_kw)
+        nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw)
         part = rest.pop(0) if with_part else None
         xblocks = rest.pop(0) if with_blocks else None
         return ((wp, bp, part, fp.tile_cols, fp.tiles_inner), None if nonfinite_weight else fp.tap_skip, None,
@@ -2012,138 +2013,213 @@ def _input_gradient(grad_y, weight, p: Problem):
     """backward_data's kernels (its check for non-finite weights covers the whole layer, so
     the calls here for a patch layer's 1x1 and per group skip it).  Runs in blocks of
     images, or of groups within an image, whose bordered grad_output and phase planes fit
-    in cache across the three passes."""
+    in cache across the three passes.  As forward(), its steps are worked out once per
+    plan and threads (_input_gradient_route)."""
+    fp = forward_plan(p)
+    threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
+    route = fp.input_gradient_routes.get(threads)
+    if route is None:
+        route = fp.input_gradient_routes[threads] = _input_gradient_route(fp, threads)
+    return route(grad_y, weight)
+
+
+def _input_gradient_route(fp, threads):
+    """_input_gradient's steps for plan fp's layer on `threads` threads, as a function
+    (grad_y, weight) -> gx; decided once, as _forward_route's."""
+    p = fp.problem
+    gx_shape = (p.N, p.C, p.H, p.W)
     q = input_gradient_as_forward(p)
     if q is not None:
         if p.groups == 1:   # (a dense 1x1 layer: its weight read transposed)
             fq = forward_plan(q)
-            gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
-            _run_in_place(fq, fq.in_place, grad_y, weight, None, gx, threads_for(fq.work, fq.values),
-                          weight_transposed=True)
-            return gx
-        # (depthwise: its taps flipped)
-        return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
+            q_threads = threads_for(fq.work, fq.values)
+
+            def transposed(grad_y, weight):
+                gx = np.empty(gx_shape, dtype=grad_y.dtype)
+                _run_in_place(fq, fq.in_place, grad_y, weight, None, gx, q_threads, weight_transposed=True)
+                return gx
+            return transposed
+
+        def flipped(grad_y, weight):   # (depthwise: its taps flipped)
+            return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
+        return flipped
     q = patch_pointwise(p)
     if q is not None:
-        gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q)
-        gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
         fq = forward_plan(q)
-        _layout.windows(gq.reshape(q.N * q.C, q.H, q.W), gx.reshape(p.N * p.C, p.H, p.W), _window_geometry(p, q),
-                        True, threads_for(fq.work, fq.values))
-        return gx
-    fp, bp = forward_plan(p), backward_data_plan(p)
-    threads = threads_for(fp.work, fp.values)
-    gx = np.empty((p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
+        geometry, q_threads = _window_geometry(p, q), threads_for(fq.work, fq.values)
+
+        def patches(grad_y, weight):
+            gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q)
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            _layout.windows(gq.reshape(q.N * q.C, q.H, q.W), gx.reshape(p.N * p.C, p.H, p.W), geometry, True,
+                            q_threads)
+            return gx
+        return patches
     if fp.groupwise_input is not None:   # (wide groups: each group's as a dense layer's)
-        for g in range(fp.G):
-            gx[:, g * fp.Cg:(g + 1) * fp.Cg] = _input_gradient(_group(grad_y, g, fp.OCg, "group_grad_output"),
-                                                               weight[g * fp.OCg:(g + 1) * fp.OCg], fp.groupwise_input)
-        return gx
+        def groupwise(grad_y, weight):
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            for g in range(fp.G):
+                gx[:, g * fp.Cg:(g + 1) * fp.Cg] = _input_gradient(_group(grad_y, g, fp.OCg, "group_grad_output"),
+                                                                   weight[g * fp.OCg:(g + 1) * fp.OCg],
+                                                                   fp.groupwise_input)
+            return gx
+        return groupwise
+    bp = backward_data_plan(p)
     strip = channel_block_strip(bp, threads)
     if strip is not None:
         rows, cols, interior, _ = bp.channel_block
-        buf = scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype)
-        bp.kernel.cblock(grad_y, weight, gx, buf, p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip,
-                         threads)
-        return gx
+        cblock_args = (p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip, threads)
+
+        def channel_block(grad_y, weight):
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            bp.kernel.cblock(grad_y, weight, gx, scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype),
+                          *cblock_args)
+            return gx
+        return channel_block
     if _runs_fused(bp.fused_len is not None, p, threads):
         # Extend, the phases' tiles and fold, per (image, channel) of a depthwise layer or
         # per image of a dense one, in cache.
-        buf = scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype)
-        bp.kernel.fused(grad_y, weight, gx, buf, p.N, p.C, fp.OCg, bp.out_len, bp.plane_len, fp.kk,
-                        bp.phase_offs, bp.width, bp.top, bp.left, bp.fold_rows, bp.fold_cols, bp.fold_interior,
-                        bp.fold_pad_left, threads, p.mode == "zeros", dense=p.groups == 1, tile=bp.tile)
-        return gx
+        fused_args = (p.N, p.C, fp.OCg, bp.out_len, bp.plane_len, fp.kk, bp.phase_offs, bp.width, bp.top, bp.left,
+                      bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.fold_pad_left, threads, p.mode == "zeros")
+        fused_kw = dict(dense=p.groups == 1, tile=bp.tile)
+
+        def fused(grad_y, weight):
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            bp.kernel.fused(grad_y, weight, gx, scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype), *fused_args,
+                         **fused_kw)
+            return gx
+        return fused
     images, groups = bp.block
-    packed = {}
-    if bp.cvec is not None:  # dense: one group
-        width = bp.cvec[2]
-        wps = []
-        zeros = scratch("bwd_bp", (bp.blocks * width,), grad_y.dtype)
-        nonfinite_weight = False
-        if bp.pack_blocks:   # (each thread packs one block at a time, every phase into the same array)
-            wp = scratch("bwd_wp", (threads * _packed_block_values(p.dtype, fp.OCg, fp.kk, width),), grad_y.dtype)
-            zeros.fill(0)   # (the input gradient has no bias)
-        for i, ws in enumerate([] if bp.pack_blocks else bp.phase_ws):
-            wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
-            wp = scratch(f"bwd_wp{i}", (max(1, wp_len),), grad_y.dtype)
-            if len(ws):
-                nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, 1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk,
-                                                   fp.kk, fp.Cg * fp.kk, ws, width, threads)
-            wps.append(wp)
-        part = None
-        if bp.rblock < fp.OCg:
-            part = scratch("bwd_part", (images * bp.blocks * bp.tiled_len * width,), grad_y.dtype)
-        if bp.pack_blocks:
-            wps = [wp] * len(bp.phase_ws)
-        packed = dict(wps=wps, bp=zeros, part=part, tile_cols=bp.tile_cols, out_rows=bp.out_rows,
-                      out_cols=bp.out_cols, width=bp.width, skips=None if nonfinite_weight else bp.tap_skips,
-                      pack_positions=bp.phase_pos if bp.pack_blocks else None)
+    pack = _input_gradient_packing(fp, bp, threads) if bp.cvec is not None else lambda weight, dtype: {}
+    gx3_shape, gy3_shape = (p.N * p.C, p.H, p.W), (p.N * p.OC, fp.OH, fp.OW)
     if _runs_fused(bp.cvec_fused, p, threads):
         # Each work item borders its image's grad_output into its thread's blocks and stores
         # straight into gx (see _run_fused_images): no gyp, and gxph (here gx) goes unused.
-        blocks = scratch("bwd_fused_blocks", (threads, bp.gy_blocks * bp.gy_block_len), grad_y.dtype)
-        gx3 = gx.reshape(p.N * p.C, p.H, p.W)
-        bp.kernel.run(grad_y, weight, gx3, p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.gy_block_len, fp.kk,
-                      bp.block_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **packed, gx=gx3,
-                      static_schedule=bp.static_schedule,
-                      fused=(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), *bp.block_tables, bp.block_plane, bp.left,
-                             blocks))
-        return gx
+        blocks_shape = (threads, bp.gy_blocks * bp.gy_block_len)
+        run_args = (p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.gy_block_len, fp.kk, bp.block_offs, bp.phase_ws, bp.rblock,
+                    threads, bp.tile, bp.tiles_inner)
+
+        def cvec_fused(grad_y, weight):
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            packed = pack(weight, grad_y.dtype)
+            blocks = scratch("bwd_fused_blocks", blocks_shape, grad_y.dtype)
+            gx3 = gx.reshape(gx3_shape)
+            bp.kernel.run(grad_y, weight, gx3, *run_args, **packed, gx=gx3, static_schedule=bp.static_schedule,
+                       fused=(grad_y.reshape(gy3_shape), *bp.block_tables, bp.block_plane, bp.left, blocks))
+            return gx
+        return cvec_fused
     if bp.panels:  # each thread's panel
-        gyp = scratch("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
-                                     * bp.panel_pixels), grad_y.dtype)
+        gyp_memory = ("gyp_panels", (threads, _geometry.ceil_div(p.OC, LANES[p.dtype]) * LANES[p.dtype]
+                                     * bp.panel_pixels))
     elif bp.cvec is None:
-        gyp = scratch("gyp", (images * groups * fp.OCg, bp.plane_len), grad_y.dtype)
+        gyp_memory = ("gyp", (images * groups * fp.OCg, bp.plane_len))
     else:  # dense: one group
-        gyp = scratch("gyp_blocked", (images * bp.gy_blocks, bp.gy_block_len), grad_y.dtype)
-    gxph = scratch("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len), grad_y.dtype)
+        gyp_memory = ("gyp_blocked", (images * bp.gy_blocks, bp.gy_block_len))
+    memory = (gyp_memory, ("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len)))
+    block = _input_gradient_block_route(p, fp, bp, threads)
     if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
-        _input_gradient_block(p, fp, bp, grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), weight, gyp, gxph,
-                              gx.reshape(p.N * p.C, p.H, p.W), p.N, fp.G, threads, packed)
+        def one_block(grad_y, weight):
+            gx = np.empty(gx_shape, dtype=grad_y.dtype)
+            gyp, gxph = scratches(memory, grad_y.dtype)
+            block(grad_y.reshape(gy3_shape), weight, gyp, gxph, gx.reshape(gx3_shape), p.N, fp.G,
+                  pack(weight, grad_y.dtype))
+            return gx
+        return one_block
+
+    def by_blocks(grad_y, weight):
+        gx = np.empty(gx_shape, dtype=grad_y.dtype)
+        packed = pack(weight, grad_y.dtype)
+        gyp, gxph = scratches(memory, grad_y.dtype)
+        gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
+        gx2 = gx.reshape(p.N * p.C, p.H * p.W)
+        for n0 in range(0, p.N, images):
+            n1 = min(p.N, n0 + images)
+            for g0 in range(0, fp.G, groups):
+                g1 = min(fp.G, g0 + groups)
+                # rows of (image, channel) in this block: contiguous, as the block is whole
+                # images or groups of one image
+                oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
+                c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
+                # (grad_output's extended rows, or its blocks, or the threads' panels)
+                gyp_rows = (len(gyp) if bp.panels else (n1 - n0) * len(gyp) // images if bp.cvec is not None
+                            else oc1 - oc0)
+                block(gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW), weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:gyp_rows],
+                      gxph[:c1 - c0], gx2[c0:c1].reshape(c1 - c0, p.H, p.W), n1 - n0, g1 - g0, packed)
         return gx
-    gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
-    gx2 = gx.reshape(p.N * p.C, p.H * p.W)
-    for n0 in range(0, p.N, images):
-        n1 = min(p.N, n0 + images)
-        for g0 in range(0, fp.G, groups):
-            g1 = min(fp.G, g0 + groups)
-            # rows of (image, channel) in this block: contiguous, as the block is whole
-            # images or groups of one image
-            oc0, oc1 = n0 * p.OC + g0 * fp.OCg, (n1 - 1) * p.OC + g1 * fp.OCg
-            c0, c1 = n0 * p.C + g0 * fp.Cg, (n1 - 1) * p.C + g1 * fp.Cg
-            # (grad_output's extended rows, or its blocks, or the threads' panels)
-            gyp_rows = (len(gyp) if bp.panels else (n1 - n0) * len(gyp) // images if bp.cvec is not None
-                        else oc1 - oc0)
-            _input_gradient_block(p, fp, bp, gy2[oc0:oc1].reshape(oc1 - oc0, fp.OH, fp.OW),
-                                  weight[g0 * fp.OCg:g1 * fp.OCg], gyp[:gyp_rows], gxph[:c1 - c0],
-                                  gx2[c0:c1].reshape(c1 - c0, p.H, p.W), n1 - n0, g1 - g0, threads, packed)
-    return gx
+    return by_blocks
 
 
-def _input_gradient_block(p, fp, bp, gy, weight, gyp, gxph, gx, images, groups, threads, packed):
-    """One block of images x groups of the input gradient: grad_output's rows gy extended
-    into gyp (pixel-major blocks for the channel-vector tile), the phases' tiles into
-    gxph, folded into gx's rows."""
-    # (the channel-vector tile's arguments, and gx where the kernels store straight into it)
-    kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {}), "static_schedule": bp.static_schedule}
-    if bp.panels:
-        bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, 0, fp.kk,
-                      bp.phase_offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs, panels=gyp)
+def _input_gradient_packing(fp, bp, threads):
+    """(weight, dtype) -> the channel-vector tile's keyword arguments for its run():
+    each stride phase's weights packed (or, with bp.pack_blocks, packed by the tiles a
+    block at a time), the scratch memory for them and for partial sums."""
+    p = fp.problem
+    width = bp.cvec[2]
+    memory = [("bwd_bp", (bp.blocks * width,))]
+    if bp.pack_blocks:   # (each thread packs one block at a time, every phase into the same array)
+        memory.append(("bwd_wp", (threads * _packed_block_values(p.dtype, fp.OCg, fp.kk, width),)))
     else:
-        bands = bp.bands(threads)
-        if bp.cvec is None:
-            _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads, bands)
-            x_chan, offs = bp.plane_len, bp.phase_offs
+        for i, ws in enumerate(bp.phase_ws):
+            wp_len = bp.blocks * _geometry.round_up(fp.OCg, LANES[p.dtype]) * len(ws) * width
+            memory.append((f"bwd_wp{i}", (max(1, wp_len),)))
+    with_part = bp.rblock < fp.OCg
+    if with_part:
+        memory.append(("bwd_part", (bp.block[0] * bp.blocks * bp.tiled_len * width,)))
+    phases = len(bp.phase_ws)
+    pack_args = (1, fp.Cg, fp.OCg, fp.OCg * fp.Cg * fp.kk, fp.kk, fp.Cg * fp.kk)
+    fixed = dict(tile_cols=bp.tile_cols, out_rows=bp.out_rows, out_cols=bp.out_cols, width=bp.width,
+                 pack_positions=bp.phase_pos if bp.pack_blocks else None)
+
+    def packed(weight, dtype):
+        zeros, *views = scratches(memory, dtype)
+        nonfinite_weight = False
+        if bp.pack_blocks:
+            zeros.fill(0)   # (the input gradient has no bias)
+            wps = [views[0]] * phases
         else:
-            bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads, bands)
-            x_chan, offs = bp.gy_block_len, bp.block_offs
-        kwargs["banded"] = bands is not None
-        bp.kernel.run(gyp, weight, gxph, images, groups, fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk,
-                      offs, bp.phase_ws, bp.rblock, threads, bp.tile, bp.tiles_inner, **kwargs)
-    if not bp.direct:
-        _layout.fold_phases(gxph, gx, bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len,
-                            bp.fold_pad_left, p.mode == "zeros", threads)
+            wps = views[:phases]
+            for wp, ws in zip(wps, bp.phase_ws):
+                if len(ws):
+                    nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, *pack_args, ws, width, threads)
+        return dict(fixed, wps=wps, bp=zeros, part=views[-1] if with_part else None,
+                    skips=None if nonfinite_weight else bp.tap_skips)
+    return packed
+
+
+def _input_gradient_block_route(p, fp, bp, threads):
+    """(gy, weight, gyp, gxph, gx, images, groups, packed) -> None: one block of images x
+    groups of the input gradient: grad_output's rows gy extended into gyp (pixel-major
+    blocks for the channel-vector tile), the phases' tiles into gxph, folded into gx's
+    rows; packed: the channel-vector tile's arguments (_input_gradient_packing's)."""
+    fold_args = (bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.width, bp.out_len, bp.fold_pad_left,
+                 p.mode == "zeros", threads)
+    bands = None if bp.panels else bp.bands(threads)
+    if bp.panels:
+        x_chan, offs = 0, bp.phase_offs
+    elif bp.cvec is None:
+        x_chan, offs = bp.plane_len, bp.phase_offs
+    else:
+        x_chan, offs = bp.gy_block_len, bp.block_offs
+    run_tail = (fp.Cg, fp.OCg, bp.out_len, x_chan, fp.kk, offs, bp.phase_ws, bp.rblock, threads, bp.tile,
+                bp.tiles_inner)
+    run_kw = dict(static_schedule=bp.static_schedule)
+    if not bp.panels:
+        run_kw["banded"] = bands is not None
+
+    def block(gy, weight, gyp, gxph, gx, images, groups, packed):
+        # (gx where the kernels store straight into it)
+        kwargs = {**packed, **(dict(gx=gx, width=bp.width) if bp.direct else {}), **run_kw}
+        if bp.panels:
+            bp.kernel.run(gy.reshape(len(gy), -1), weight, gxph, images, groups, *run_tail, **kwargs, panels=gyp)
+        else:
+            if bp.cvec is None:
+                _layout.extend(gy, gyp, bp.width, bp.top, bp.left, threads, bands)
+            else:
+                bp.kernel.pad_blocked(gy, gyp, p.OC, *bp.block_tables, bp.block_plane, bp.left, threads, bands)
+            bp.kernel.run(gyp, weight, gxph, images, groups, *run_tail, **kwargs)
+        if not bp.direct:
+            _layout.fold_phases(gxph, gx, *fold_args)
+    return block
 
 
 def _tap_window(p: Problem, fp, i, j):
@@ -2186,7 +2262,7 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
         return gw, gb
     p = q or p
     fp = forward_plan(p)
-    threads = threads_for(fp.work, fp.values)
+    threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
     gw = gb = None
     if need_weight and fp.wgrad_transposed is not None and xin.shape[1] == p.H * p.W:
         # (xin: the input itself, grad_output the planes of the layer q; a module's training
@@ -2211,61 +2287,97 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
                 gw += exact
             else:
                 gw[...] = exact
-        elif fp.wgrad_channel_block:
-            lanes = LANES[p.dtype]
-            buf = scratch("wgrad_pixel_major", (threads, (fp.x_chan + fp.OH * fp.OW) * lanes), grad_y.dtype)
-            fp.wgrad_kernel.cblock(xin, grad_y, gw, buf, p.N, p.C, fp.x_chan, fp.OH, fp.OW, fp.We, fp.tap_off,
-                                   threads, into)
-        elif fp.wgrad_by_channel:
-            # (tap-major tiles sum into (OC, kk, C), then turned into the weight's layout)
-            out, out_into = (scratch("wgrad_tap_major", gw.shape, gw.dtype), False) if fp.wgrad_tap_major \
-                else (gw, into)
-            lanes = LANES[p.dtype]
-            x_chan = xin.shape[1]   # (the planes', or the input's own: see planes_in_place)
-            if fp.wgrad_chunks is not None:
-                rows, images = fp.wgrad_chunks
-                chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
-                panels = scratch("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes,
-                                                  rows * fp.We * lanes), grad_y.dtype)
-                partial = scratch("wgrad_partial", (chunks, gw.size), grad_y.dtype)
-                fp.wgrad_ocvec.ocvec_chunks(xin, grad_y, out, partial, panels, p.N, p.C, p.OC, fp.kk, x_chan,
-                                            fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images,
-                                            threads, out_into)
-            else:
-                block = 2 * lanes   # output channels per tile (KernelSpec.ocvec_tile)
-                # (the last group's last block of columns too, whole)
-                ocp = _geometry.round_up((fp.G - 1) * fp.OCg + _geometry.round_up(fp.OCg, block), block)
-                gT = scratch("gT", (p.N, fp.grad_len, ocp), grad_y.dtype)
-                # Bands where the blocks of output channels split evenly over the threads:
-                # each thread transposes the columns of grad_output its tiles then read.
-                banded = WGRAD_BANDS and threads > 1 and fp.G == 1 and ocp // block % threads == 0
-                _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
-                for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, columns of gT)
-                    fp.wgrad_ocvec.ocvec(xin[g * fp.Cg:], gT, out[g * fp.OCg:(g + 1) * fp.OCg], p.N, fp.Cg, fp.OCg,
-                                         fp.kk, x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, out_into,
-                                         fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
-                                         p.C * x_chan, g * fp.OCg)
-            if fp.wgrad_tap_major:
-                _layout.taps_last(out, gw, fp.kk, into, threads)
-        elif fp.wgrad_by_input:
-            partial = scratch("wgrad_partial", fp.icvec_partial, grad_y.dtype)
-            windows = scratch("wgrad_windows", (threads, fp.icvec_window), grad_y.dtype)
-            fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW,
-                                  fp.We, fp.icvec_shape, fp.icvec_table, *fp.icvec_chunking, threads, into)
         else:
-            gy = grad_y
-            if fp.wgrad_flat:
-                gy = scratch("gext", (p.N * p.OC, fp.grad_len), grad_y.dtype)
-                _layout.extend(grad_y.reshape(p.N * p.OC, fp.OH, fp.OW), gy, fp.We, 0, 0, threads)
-            fp.wgrad_kernel.run(xin, gy, gw, p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, *fp.wgrad_shape,
-                                fp.tap_off, *fp.wgrad_segments, threads, into)
+            # (its steps worked out once per plan and threads, as forward()'s)
+            route = fp.weight_gradient_routes.get(threads)
+            if route is None:
+                route = fp.weight_gradient_routes[threads] = _weight_gradient_route(fp, threads)
+            route(xin, grad_y, gw, into)
     if need_bias:
-        gb = np.empty(p.OC, dtype=grad_y.dtype)
+        # (straight into bias_grad where it is overwritten)
+        overwrite = bias_grad is not None and not bias_accumulate
+        gb = bias_grad if overwrite else np.empty(p.OC, dtype=grad_y.dtype)
         _layout.channel_sums(grad_y.reshape(p.N * p.OC, fp.OH * fp.OW), gb, p.N, p.OC, threads)
-        if bias_grad is not None:
-            if bias_accumulate:
-                bias_grad += gb
-            else:
-                bias_grad[...] = gb
+        if bias_grad is not None and not overwrite:
+            bias_grad += gb
             gb = bias_grad
     return gw, gb
+
+
+def _weight_gradient_route(fp, threads):
+    """backward_params' kernels for plan fp's layer on `threads` threads (finite planes),
+    as a function (xin, grad_y, gw, into) -> None that writes the weight gradient into gw,
+    adding to it if `into`; decided once, as _forward_route's."""
+    p = fp.problem
+    lanes = LANES[p.dtype]
+    if fp.wgrad_channel_block:
+        memory = ("wgrad_pixel_major", (threads, (fp.x_chan + fp.OH * fp.OW) * lanes))
+        cblock_args = (p.N, p.C, fp.x_chan, fp.OH, fp.OW, fp.We, fp.tap_off, threads)
+
+        def channel_block(xin, grad_y, gw, into):
+            fp.wgrad_kernel.cblock(xin, grad_y, gw, scratch(*memory, grad_y.dtype), *cblock_args, into)
+        return channel_block
+    if fp.wgrad_by_channel:
+        # (tap-major tiles sum into (OC, kk, C), then turned into the weight's layout)
+        tap_major = fp.wgrad_tap_major
+        if fp.wgrad_chunks is not None:
+            rows, images = fp.wgrad_chunks
+            chunks = _geometry.ceil_div(p.N, images) * _geometry.ceil_div(fp.OH, rows)
+            memory = [("wgrad_panels", (threads, _geometry.round_up(p.OC, 2 * lanes) // lanes, rows * fp.We * lanes)),
+                      ("wgrad_partial", (chunks, p.OC * fp.Cg * fp.kk))]
+            chunk_args = (p.N, p.C, p.OC, fp.kk)
+            chunk_tail = (fp.OH, fp.OW, fp.We, fp.tap_off, fp.wgrad_tiles, rows, images, threads)
+
+            def sum_by_channel(xin, grad_y, out, into):
+                panels, partial = scratches(memory, grad_y.dtype)
+                # (x_chan: the planes', or the input's own: see planes_in_place)
+                fp.wgrad_ocvec.ocvec_chunks(xin, grad_y, out, partial, panels, *chunk_args, xin.shape[1], *chunk_tail,
+                                            into)
+        else:
+            block = 2 * lanes   # output channels per tile (KernelSpec.ocvec_tile)
+            # (the last group's last block of columns too, whole)
+            ocp = _geometry.round_up((fp.G - 1) * fp.OCg + _geometry.round_up(fp.OCg, block), block)
+            gT_shape = (p.N, fp.grad_len, ocp)
+            # Bands where the blocks of output channels split evenly over the threads:
+            # each thread transposes the columns of grad_output its tiles then read.
+            banded = WGRAD_BANDS and threads > 1 and fp.G == 1 and ocp // block % threads == 0
+
+            def sum_by_channel(xin, grad_y, out, into):
+                gT = scratch("gT", gT_shape, grad_y.dtype)
+                _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
+                x_chan = xin.shape[1]   # (the planes', or the input's own: see planes_in_place)
+                for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, columns of gT)
+                    fp.wgrad_ocvec.ocvec(xin[g * fp.Cg:], gT, out[g * fp.OCg:(g + 1) * fp.OCg], p.N, fp.Cg, fp.OCg,
+                                         fp.kk, x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, into,
+                                         fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
+                                         p.C * x_chan, g * fp.OCg)
+        if not tap_major:
+            return sum_by_channel
+
+        def by_channel_tap_major(xin, grad_y, gw, into):
+            out = scratch("wgrad_tap_major", gw.shape, gw.dtype)
+            sum_by_channel(xin, grad_y, out, False)
+            _layout.taps_last(out, gw, fp.kk, into, threads)
+        return by_channel_tap_major
+    if fp.wgrad_by_input:
+        memory = [("wgrad_partial", fp.icvec_partial), ("wgrad_windows", (threads, fp.icvec_window))]
+        icvec_args = (p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW, fp.We, fp.icvec_shape, fp.icvec_table,
+                      *fp.icvec_chunking, threads)
+
+        def by_input(xin, grad_y, gw, into):
+            partial, windows = scratches(memory, grad_y.dtype)
+            fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, *icvec_args, into)
+        return by_input
+    run_args = (p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, *fp.wgrad_shape, fp.tap_off, *fp.wgrad_segments, threads)
+    if fp.wgrad_flat:
+        gext_shape, gy3_shape = (p.N * p.OC, fp.grad_len), (p.N * p.OC, fp.OH, fp.OW)
+
+        def flat(xin, grad_y, gw, into):
+            gy = scratch("gext", gext_shape, grad_y.dtype)
+            _layout.extend(grad_y.reshape(gy3_shape), gy, fp.We, 0, 0, threads)
+            fp.wgrad_kernel.run(xin, gy, gw, *run_args, into)
+        return flat
+
+    def pixels(xin, grad_y, gw, into):
+        fp.wgrad_kernel.run(xin, grad_y, gw, *run_args, into)
+    return pixels

@@ -1229,6 +1229,42 @@ def test_forward_steps_worked_out_once_per_kind_of_call(monkeypatch, restore_thr
     _engine.forward_plan.cache_clear()
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_backward_steps_worked_out_once_per_thread_count(groups, monkeypatch, restore_threads):
+    """The input gradient's and the weight gradient's steps, like the forward's, are worked
+    out once per plan and thread count and reused: repeated module backwards on 2 and 1
+    threads with weights changed in place (one made infinite) in between match torch's
+    input gradient and the reference's weight and bias gradients each time."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # (every call on the threads set)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    conv = convgen.Conv2d(32, 48, 3, stride=2 if groups == 1 else 1, padding=1, groups=groups, seed=1)
+    rng = make_rng("backward-routes", groups)
+    x = rng.standard_normal((2, 32, 17, 19)).astype(np.float32)
+    args = dict(stride=conv.stride, padding=1, groups=groups)
+    for step, threads in enumerate((2, 2, 1, 1, 2)):
+        convgen.set_num_threads(threads)
+        conv.weight[step % 48] *= -1.5
+        if step == 3:
+            conv.weight[1, 0, 1, 1] = np.inf
+        y = conv(x)
+        gy = rng.standard_normal(y.shape).astype(np.float32)
+        conv.zero_grad()
+        gx = conv.backward(gy)
+        # (torch's: where the weights are infinite, its NaN and infinities, as the reference's
+        # padding adjoint has more NaN: see _engine.backward_data)
+        want = torch_functional("bwd_data", x, conv.weight, None, gy, dilation=1, **args)
+        np.testing.assert_array_equal(np.isnan(gx), np.isnan(want))
+        assert_close(gx[np.isfinite(want)], want[np.isfinite(want)], np.float32, f"input gradient, step {step}")
+        assert_close(conv.weight.grad, ref.conv2d_weight(x, conv.weight.shape, gy, **args), np.float32,
+                     f"weight gradient, step {step}")
+        assert_close(conv.bias.grad, gy.sum(axis=(0, 2, 3)), np.float32, f"bias gradient, step {step}")
+    fp = _engine.forward_plan(conv._cfg.problem(x.shape, x.dtype))
+    assert set(fp.input_gradient_routes) == set(fp.weight_gradient_routes) == {1, 2}
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+
+
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
 def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
     """A 1x1 layer beyond IN_PLACE's rule (here every such layer) whose planes are whole
