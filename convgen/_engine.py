@@ -155,20 +155,10 @@ ICVEC_MIN_PIXELS_PER_WEIGHT = 0.01
 # Threads set by convgen.set_num_threads: process-wide, passed to every parallel loop
 # (OpenMP's own setting is per calling thread).  A calling thread whose OpenMP setting
 # differs from the start-up default (threadpoolctl's limits, omp_set_num_threads) keeps
-# its own; None means follow OpenMP (OMP_NUM_THREADS) everywhere.
-_num_threads = None
-_OPENMP_DEFAULT = _layout.get_num_threads()
-
-
-def set_num_threads(n):
-    global _num_threads
-    _num_threads = n
-    _layout.set_num_threads(n)  # this thread's OpenMP setting too, as threadpoolctl sees it
-
-
-def get_num_threads():
-    here = _layout.get_num_threads()
-    return _num_threads if _num_threads is not None and here == _OPENMP_DEFAULT else here
+# its own; until it is called, convgen follows OpenMP (OMP_NUM_THREADS) everywhere.
+set_num_threads = _layout.set_num_threads
+get_num_threads = _layout.get_num_threads
+_OPENMP_DEFAULT = _layout.openmp_default_threads()
 
 
 def threads_for(work, values=0):

@@ -799,16 +799,31 @@ cdef extern from "convgen_fpmode.h" nogil:
 # The threads set_num_threads last asked for, from whichever Python thread (convgen's
 # count is process-wide): follow_flush_denormal covers them too.
 cdef int _threads_set = 1
+# ... 0 until it is first called (convgen then follows OpenMP's setting everywhere)
+cdef int _convgen_threads = 0
+# OpenMP's setting at start-up: a calling thread whose own setting differs from it
+# (threadpoolctl's limits, omp_set_num_threads) keeps its own.
+cdef int _openmp_default = openmp.omp_get_max_threads()
 
 
 def set_num_threads(int n):
-    global _threads_set
-    _threads_set = n
+    """convgen.set_num_threads: process-wide, and this thread's OpenMP setting too (as
+    threadpoolctl sees it)."""
+    global _threads_set, _convgen_threads
+    _threads_set = _convgen_threads = n
     openmp.omp_set_num_threads(n)
 
 
 def get_num_threads():
-    return openmp.omp_get_max_threads()
+    """convgen.get_num_threads: the threads each parallel loop gets (see set_num_threads).
+    In C: it is on the path of every call."""
+    cdef int here = openmp.omp_get_max_threads()
+    return _convgen_threads if _convgen_threads and here == _openmp_default else here
+
+
+def openmp_default_threads():
+    """OpenMP's thread count at start-up."""
+    return _openmp_default
 
 
 def set_flush_denormal(bint mode):

@@ -10,13 +10,14 @@ class Parameter(np.ndarray):
     ordinary ndarray while ``w -= lr * w.grad`` updates the parameter in place.
     """
 
+    # (a class attribute rather than an __array_finalize__ that sets it: views and slices,
+    # which the kernels' callers take, then run no Python)
+    grad = None
+
     def __new__(cls, data, dtype=None):
         obj = np.array(data, dtype=dtype, copy=True, order="C").view(cls)
         obj.grad = None
         return obj
-
-    def __array_finalize__(self, obj):
-        self.grad = None
 
     def __array_wrap__(self, array, context=None, return_scalar=False):
         if return_scalar:
