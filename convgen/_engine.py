@@ -1781,7 +1781,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                 nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
             blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
             fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                       pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
+                          pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
             return (y, xin, nonfinite) if keep else (y, None, False)
         return cvec_fused_images
     if fp.panels:
@@ -1798,7 +1798,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             if xin is not None and not shared:  # the planes kept for the weight gradient
                 nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
             fp.kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
-                       panels=scratch("fwd_panels", panels_shape, x.dtype))
+                          panels=scratch("fwd_panels", panels_shape, x.dtype))
             return (y, xin, nonfinite) if keep else (y, None, False)
         return panels
     # A few images at a time: their padded planes are still in cache for the kernel.
@@ -1825,7 +1825,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                 xb = xblocks if n1 - n0 == fp.images else xblocks[:(n1 - n0) * fp.in_blocks]
                 fp.kernel.pad_blocked(x3b, xb, *pad_blocked_tail)
             fp.kernel.run(xb, weight, bias, yb, yext, n1 - n0, *fp.run_args, threads, fp.tile, *packed, skip=skip,
-                       **run_kw)
+                          **run_kw)
         return (y, xin, nonfinite) if keep else (y, None, False)
     return by_images
 
@@ -1880,12 +1880,11 @@ def _packing_route(fp, threads, bands, cvec_fused):
         memory.append(("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len)))
 
     def channel_vectors(weight, bias, dtype):
-        wp, bp, *rest = scratches(memory, dtype)
+        views = scratches(memory, dtype)
+        wp, bp = views[0], views[1]
         nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw)
-        part = rest.pop(0) if with_part else None
-        xblocks = rest.pop(0) if with_blocks else None
-        return ((wp, bp, part, fp.tile_cols, fp.tiles_inner), None if nonfinite_weight else fp.tap_skip, None,
-                xblocks)
+        packed = (wp, bp, views[2] if with_part else None, fp.tile_cols, fp.tiles_inner)
+        return packed, None if nonfinite_weight else fp.tap_skip, None, views[-1] if with_blocks else None
     return channel_vectors, wp_copy
 
 
@@ -2063,7 +2062,7 @@ def _input_gradient_route(fp, threads):
         def channel_block(grad_y, weight):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             bp.kernel.cblock(grad_y, weight, gx, scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype),
-                          *cblock_args)
+                             *cblock_args)
             return gx
         return channel_block
     if _runs_fused(bp.fused_len is not None, p, threads):
@@ -2075,8 +2074,8 @@ def _input_gradient_route(fp, threads):
 
         def fused(grad_y, weight):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
-            bp.kernel.fused(grad_y, weight, gx, scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype), *fused_args,
-                         **fused_kw)
+            bp.kernel.fused(grad_y, weight, gx, scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype),
+                            *fused_args, **fused_kw)
             return gx
         return fused
     images, groups = bp.block
@@ -2095,7 +2094,7 @@ def _input_gradient_route(fp, threads):
             blocks = scratch("bwd_fused_blocks", blocks_shape, grad_y.dtype)
             gx3 = gx.reshape(gx3_shape)
             bp.kernel.run(grad_y, weight, gx3, *run_args, **packed, gx=gx3, static_schedule=bp.static_schedule,
-                       fused=(grad_y.reshape(gy3_shape), *bp.block_tables, bp.block_plane, bp.left, blocks))
+                          fused=(grad_y.reshape(gy3_shape), *bp.block_tables, bp.block_plane, bp.left, blocks))
             return gx
         return cvec_fused
     if bp.panels:  # each thread's panel
