@@ -140,3 +140,31 @@ def test_set_num_threads_is_process_wide(restore_threads):
     worker.start()
     worker.join()
     assert seen == [wanted]
+
+
+def test_python_threads_share_plans_and_steps():
+    """Python threads running the same layers at once (their own modules, the plans and
+    the steps worked out for them shared; each thread's scratch memory its own) get the
+    results a single thread gets, forward, inference and backward."""
+    from concurrent.futures import ThreadPoolExecutor
+    cases = [c.values[0] for c in THREAD_CASES]
+
+    def run(case):
+        C, OC, H, W, kernel, stride, padding, dilation, groups = case
+        x = make_rng("python-threads", case).standard_normal((N_IMAGES, C, H, W)).astype(np.float32)
+        conv = convgen.Conv2d(C, OC, kernel, stride, padding, dilation, groups, seed=5)
+        out = []
+        for _ in range(3):
+            with convgen.no_grad():
+                out.append(conv(x))
+            y = conv(x)
+            conv.zero_grad()
+            out += [y, conv.backward(np.cos(y)), conv.weight.grad, conv.bias.grad]
+        return out
+
+    alone = [run(case) for case in cases]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(run, cases * 3))
+    for i, got in enumerate(together):
+        for a, b in zip(alone[i % len(cases)], got):
+            assert np.array_equal(a, b), f"case {i % len(cases)} differs when run beside other threads"
