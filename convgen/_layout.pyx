@@ -907,3 +907,32 @@ cdef class GradMode:
         global cg_grad_off
         cg_grad_off = not self._outer.pop()
         return False
+
+
+# ---- Conv2d's check that a call may reuse what the last one validated ----
+
+cdef inline bint _array_of(object a, tuple shape, object dtype, bint exact):
+    """a is a C-contiguous ndarray (exactly, not a subclass, if `exact`) of this shape and
+    dtype (the same dtype object)."""
+    if not (cnp.PyArray_CheckExact(a) if exact else cnp.PyArray_Check(a)):
+        return False
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    cdef int nd = cnp.PyArray_NDIM(arr), i
+    if <object>cnp.PyArray_DESCR(arr) is not dtype or nd != len(shape) or not cnp.PyArray_IS_C_CONTIGUOUS(arr):
+        return False
+    for i in range(nd):
+        if cnp.PyArray_DIM(arr, i) != <Py_ssize_t>shape[i]:
+            return False
+    return True
+
+
+def same_arrays(x, tuple x_shape, dtype, weight, tuple w_shape, bias, b_shape):
+    """Whether x (an ndarray itself), weight and bias (None where b_shape is None) are
+    C-contiguous arrays of these shapes and dtype: Conv2d's test that a call may skip the
+    checks its last call made, in C (every Python step costs microseconds next to a
+    kernel)."""
+    if not (_array_of(x, x_shape, dtype, True) and _array_of(weight, w_shape, dtype, False)):
+        return False
+    if b_shape is None:
+        return bias is None
+    return _array_of(bias, b_shape, dtype, False)

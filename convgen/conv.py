@@ -7,6 +7,7 @@ import numpy as np
 
 from . import functional as F
 from . import init
+from ._layout import same_arrays
 from ._validate import dtype_arg, float_array, input_array
 from .grad_mode import is_grad_enabled
 from .parameter import Parameter
@@ -100,12 +101,7 @@ class Conv2d:
         arrays of the shapes and dtype it checked (small layers: the checks and lookups
         cost as much as the convolution)."""
         last, weight, bias = self._last, self.weight, self.bias
-        if (last is not None and type(x) is np.ndarray and x.shape == last.x_shape and x.dtype is last.dtype
-                and x.flags.c_contiguous and isinstance(weight, np.ndarray) and weight.shape == last.w_shape
-                and weight.dtype is last.dtype and weight.flags.c_contiguous
-                and (bias is None if last.b_shape is None else
-                     isinstance(bias, np.ndarray) and bias.shape == last.b_shape and bias.dtype is last.dtype
-                     and bias.flags.c_contiguous)):
+        if last is not None and same_arrays(x, last.x_shape, last.dtype, weight, last.w_shape, bias, last.b_shape):
             return (x if last.batched else x[None]), last.batched, weight, bias, last.problem
         weight, bias = self._params()
         x4, batched = input_array(x, self.in_channels, weight.dtype)
