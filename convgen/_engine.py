@@ -1688,7 +1688,9 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     """forward()'s steps for plan fp on `threads` threads, as a function
     (x, weight, bias, recycle, out) -> (y, xin, nonfinite); aligned: x's data starts on
     an ALIGN boundary.  Whatever does not depend on the arrays is decided here, once:
-    which kernels run, their fixed arguments and the sizes of their scratch memory."""
+    which kernels run, their fixed arguments and the sizes of their scratch memory.
+    (So are the settings it reads, BAND_MIN_CHUNKS or PACK_COPY_BYTES, as a plan's are
+    when it is made: whoever changes one clears the plans, which hold the routes.)"""
     p = fp.problem
     q = patch_pointwise(p, inference=not keep)
     if q is not None:   # (share_input does not apply: the gathered windows are a copy)

@@ -2164,10 +2164,16 @@ def _poison_scratch(monkeypatch):
 @pytest.fixture
 def banded(monkeypatch, restore_threads):
     """Bands on every call that has a chunk per thread, small ones included, with
-    scratch memory poisoned (see _poison_scratch)."""
+    scratch memory poisoned (see _poison_scratch).  (The steps a plan keeps for its calls
+    are worked out under the settings of the time: the plans go, before and after.)"""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)     # several threads even on a small problem
     monkeypatch.setattr(_engine, "BAND_MIN_CHUNKS", 1)
     _poison_scratch(monkeypatch)
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
+    yield
+    _engine.forward_plan.cache_clear()
+    _engine.backward_data_plan.cache_clear()
 
 
 def _assert_band_rows(rows, threads, last):
@@ -2296,6 +2302,7 @@ def test_weight_gradient_by_channel_in_bands(spec, threads, forced, banded, monk
     x, w, b, gy = case_arrays(case, dtype, make_rng("wgrad-bands", spec.name))
     alone = _banded_matches_one_thread("bwd_weight", x, w, b, gy, args, dtype, threads, spec.name)
     monkeypatch.setattr(_engine, "WGRAD_BANDS", False)
+    _engine.forward_plan.cache_clear()   # (its steps were worked out with the bands)
     assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
     convgen.set_num_threads(3)   # (4 blocks: not split into bands)
     assert np.array_equal(convgen_functional("bwd_weight", x, w, b, gy, **args), alone)
