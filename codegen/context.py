@@ -178,6 +178,9 @@ def kernel_context(spec):
     )
     if spec.direction == "bwd_weight":
         ctx["channel_block"] = _channel_block(spec)
+        # Depthwise kernels also sum the bias gradient as their pixel loop reads grad_output
+        # (memory-bound: the sums cost next to nothing there, a pass of their own did not).
+        ctx["bias_sums"] = spec.groups == "depthwise"
         ctx["cols"] = [dict(index=c) for c in range(cols)]
         ctx["tiles"] = [dict(index=0, suffix="", rows=ctx["rows"], chunk=0, cols=ctx["cols"])]
         # Dense layers also get the channel-vectorised variant (see ForwardPlan for when):

@@ -34,6 +34,7 @@ class Kernel(NamedTuple):
     in_place: bool   # its pixel tiles can read a 1x1 layer's input in place (run's in_place)
     icvec: Callable  # the dense weight gradient vectorised over input channels (few output channels), or None
     icvec_tiles: tuple  # (rows, columns) of each tile icvec can run (empty without it)
+    bias_sums: bool  # its run() sums the bias gradient too (run's bias_grad: depthwise weight gradients)
 
     def pick_tile(self, out_rows, pixels):
         """Index of the compiled tile that costs least on `out_rows` output channels by
@@ -107,7 +108,7 @@ def _load(key):
                   *ocvec, getattr(mod, "CVEC_TILES", {}).get(name), getattr(mod, "pack_weights", None),
                   tuple(getattr(mod, "ROW_BLOCKS", {}).get(name, ())), getattr(mod, name + "_cblock", None),
                   getattr(mod, "pad_blocked", None), ocvec_columns, getattr(mod, "OCVEC_FIELDS", ()),
-                  name in getattr(mod, "IN_PLACE", ()), *icvec)
+                  name in getattr(mod, "IN_PLACE", ()), *icvec, name in getattr(mod, "BIAS_SUMS", ()))
 
 
 def lookup(direction, p):

@@ -2283,7 +2283,13 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
             route = fp.weight_gradient_routes.get(threads)
             if route is None:
                 route = fp.weight_gradient_routes[threads] = _weight_gradient_route(fp, threads)
-            route(xin, grad_y, gw, into)
+            run, sums_bias = route
+            if need_bias and sums_bias:   # (the kernel sums the bias gradient as it reads grad_output)
+                gb = bias_grad if bias_grad is not None else np.empty(p.OC, dtype=grad_y.dtype)
+                run(xin, grad_y, gw, into, gb, bias_grad is not None and bias_accumulate)
+                need_bias = False
+            else:
+                run(xin, grad_y, gw, into)
     if need_bias:
         # (straight into bias_grad where it is overwritten)
         overwrite = bias_grad is not None and not bias_accumulate
@@ -2296,9 +2302,11 @@ def backward_params(grad_y, xin, p: Problem, need_weight=True, need_bias=True, w
 
 
 def _weight_gradient_route(fp, threads):
-    """backward_params' kernels for plan fp's layer on `threads` threads (finite planes),
-    as a function (xin, grad_y, gw, into) -> None that writes the weight gradient into gw,
-    adding to it if `into`; decided once, as _forward_route's."""
+    """backward_params' kernels for plan fp's layer on `threads` threads (finite planes):
+    (run, sums_bias), run(xin, grad_y, gw, into) writing the weight gradient into gw,
+    adding to it if `into`; decided once, as _forward_route's.  sums_bias: run also takes
+    (gb, gb_into) and writes the bias gradient into gb (adding if gb_into), summed as its
+    kernel reads grad_output (Kernel.bias_sums: the depthwise kernels' pixel tiles)."""
     p = fp.problem
     lanes = LANES[p.dtype]
     if fp.wgrad_channel_block:
@@ -2307,7 +2315,7 @@ def _weight_gradient_route(fp, threads):
 
         def channel_block(xin, grad_y, gw, into):
             fp.wgrad_kernel.cblock(xin, grad_y, gw, scratch(*memory, grad_y.dtype), *cblock_args, into)
-        return channel_block
+        return channel_block, False
     if fp.wgrad_by_channel:
         # (tap-major tiles sum into (OC, kk, C), then turned into the weight's layout)
         tap_major = fp.wgrad_tap_major
@@ -2343,13 +2351,13 @@ def _weight_gradient_route(fp, threads):
                                          fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
                                          p.C * x_chan, g * fp.OCg)
         if not tap_major:
-            return sum_by_channel
+            return sum_by_channel, False
 
         def by_channel_tap_major(xin, grad_y, gw, into):
             out = scratch("wgrad_tap_major", gw.shape, gw.dtype)
             sum_by_channel(xin, grad_y, out, False)
             _layout.taps_last(out, gw, fp.kk, into, threads)
-        return by_channel_tap_major
+        return by_channel_tap_major, False
     if fp.wgrad_by_input:
         memory = [("wgrad_partial", fp.icvec_partial), ("wgrad_windows", (threads, fp.icvec_window))]
         icvec_args = (p.N, p.C, p.OC, fp.kk, fp.x_chan, fp.OH, fp.OW, fp.We, fp.icvec_shape, fp.icvec_table,
@@ -2358,7 +2366,7 @@ def _weight_gradient_route(fp, threads):
         def by_input(xin, grad_y, gw, into):
             partial, windows = scratches(memory, grad_y.dtype)
             fp.wgrad_kernel.icvec(xin, grad_y, gw, partial, windows, *icvec_args, into)
-        return by_input
+        return by_input, False
     run_args = (p.N, fp.G, fp.Cg, fp.OCg, fp.kk, fp.x_chan, *fp.wgrad_shape, fp.tap_off, *fp.wgrad_segments, threads)
     if fp.wgrad_flat:
         gext_shape, gy3_shape = (p.N * p.OC, fp.grad_len), (p.N * p.OC, fp.OH, fp.OW)
@@ -2367,8 +2375,8 @@ def _weight_gradient_route(fp, threads):
             gy = scratch("gext", gext_shape, grad_y.dtype)
             _layout.extend(grad_y.reshape(gy3_shape), gy, fp.We, 0, 0, threads)
             fp.wgrad_kernel.run(xin, gy, gw, *run_args, into)
-        return flat
+        return flat, False
 
-    def pixels(xin, grad_y, gw, into):
-        fp.wgrad_kernel.run(xin, grad_y, gw, *run_args, into)
-    return pixels
+    def pixels(xin, grad_y, gw, into, gb=None, gb_into=False):
+        fp.wgrad_kernel.run(xin, grad_y, gw, *run_args, into, bias_grad=gb, bias_accumulate=gb_into)
+    return pixels, fp.wgrad_kernel.bias_sums

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import convgen
+from convgen import _engine
 from convgen import _reference as ref
 from conftest import (DTYPES, assert_close, make_rng, need_torch, torch_dtype, torch_forward_backward,
                       torch_functional, torch_module)
@@ -278,16 +279,25 @@ def test_module_vs_torch_f32_f64(dtype):
     assert_close(conv.bias.grad, tgb, dtype)
 
 
-def test_float32_bias_gradient_sums_accurately():
-    """The bias gradient sums float32 values in float64 past blocks of 256: on 25,088 values
-    a channel whose sums cancel (to a few 1e-6), within 3e-5 of the float64 sum (measured
-    1.0e-5; PyTorch's float32 sum 3.4e-5; a float32 sum throughout, as before, 1.3e-4)."""
+@pytest.mark.parametrize("layer", [(8, 3, 1, 0, 1), (8, 8, 3, 1, 8), (8, 16, 5, 2, 8)],
+                         ids=["1x1", "depthwise", "depthwise-5x5-x2"])
+def test_float32_bias_gradient_sums_accurately(layer):
+    """The bias gradient sums float32 values in float64 past blocks of 256 (_layout's
+    channel sums), or past each row (the depthwise weight gradient's, as it reads
+    grad_output): on 25,088 values a channel whose sums cancel (to a few 1e-6), within
+    3e-5 of the float64 sum (measured 1.0e-5; PyTorch's float32 sum 3.4e-5; a float32 sum
+    throughout, as before, 1.3e-4)."""
+    C, OC, k, pad, groups = layer
     rng = np.random.default_rng(7)
-    conv = convgen.Conv2d(8, 3, 1)
-    x = rng.standard_normal((2, 8, 112, 112)).astype(np.float32)
-    g = rng.standard_normal((2, 3, 112, 112))
+    conv = convgen.Conv2d(C, OC, k, padding=pad, groups=groups)
+    x = rng.standard_normal((2, C, 112, 112)).astype(np.float32)
+    g = rng.standard_normal((2, OC, 112, 112))
     gy = (g - g.mean(axis=(0, 2, 3), keepdims=True)).astype(np.float32)
     conv(x)
     conv.backward(gy)
     want = gy.astype(np.float64).sum(axis=(0, 2, 3))
     assert np.abs(conv.bias.grad - want).max() <= 3e-5
+    conv.backward(gy)   # (accumulated)
+    assert np.abs(conv.bias.grad - 2 * want).max() <= 6e-5
+    route = _engine.forward_plan(conv._cfg.problem(x.shape, x.dtype)).weight_gradient_routes
+    assert [sums_bias for _, sums_bias in route.values()] == [groups > 1]

@@ -318,4 +318,12 @@ static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
 }
 #endif
 
+/* A long sum kept in float64 (the depthwise weight gradient's bias sums, summed as it
+ * reads grad_output): vectors of float32 or float64 added in, float32 lanes widened. */
+typedef struct { cg_vf64 lo, hi; } cg_wide_sum;
+static inline cg_wide_sum cg_wide_zero(void) { cg_wide_sum s = {{0}, {0}}; return s; }
+static inline void cg_wide_add_f32(cg_wide_sum *s, cg_vf32 v) { cg_add_widened_f32(&s->lo, &s->hi, v); }
+static inline void cg_wide_add_f64(cg_wide_sum *s, cg_vf64 v) { s->lo += v; }
+static inline double cg_wide_total(cg_wide_sum s) { return cg_hsum_f64(s.lo + s.hi); }
+
 #endif
