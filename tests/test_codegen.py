@@ -603,3 +603,20 @@ def test_weight_gradient_module_shares_one_ocvec_tile():
     odd = dict(dense[0], ocvec=dict(dense[0]["ocvec"], width=1))
     with pytest.raises(ValueError, match="share one ocvec tile"):
         context._shared([odd, dense[1]], "ocvec")
+
+
+def test_depthwise_weight_gradients_sum_the_bias(env):
+    """Depthwise weight-gradient kernels (and only they) sum the bias gradient in their
+    pixel loop: the context says so, their items add grad_output's rows into float64
+    sums, and the module lists them in BIAS_SUMS."""
+    for s in SPECS:
+        if s.direction == "bwd_weight":
+            assert context.kernel_context(s)["bias_sums"] == (s.groups == "depthwise"), s.name
+    text = render.render("conv2d_bwd_weight.pyx.j2", context.module_context("bwd_weight", "f32", SPECS), env)
+    summing = [s.name for s in SPECS if s.direction == "bwd_weight" and s.dtype == "f32" and s.groups == "depthwise"]
+    listed = text.split("BIAS_SUMS = (")[1].split(")")[0]
+    assert sorted(n.strip().strip('",') for n in listed.split() if n.strip()) == sorted(summing)
+    for s in SPECS:
+        if s.direction == "bwd_weight" and s.dtype == "f32":
+            item = text.split(f"cdef inline void _{s.name}_item(")[1].split("\ncdef ")[0]
+            assert ("cg_wide_add_f32(&bias_0, row_0)" in item) == (s.groups == "depthwise"), s.name
