@@ -1770,17 +1770,15 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         return fused_planes
     bands = None if cvec_fused else fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
     prepare, wp_copy = _packing_route(fp, threads, bands, cvec_fused)
+    padded = _padded_planes_route(fp, keep, shared, threads)   # (the fused images' and the panels')
     if cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
         blocks_shape = (threads, fp.in_blocks * fp.block_len)
 
         def cvec_fused_images(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
-            xin = None if planes is None else planes(x, recycle)
+            xin, nonfinite = padded(x, recycle)
             packed, skip, _, _ = prepare(weight, bias, x.dtype)
             x3 = x.reshape(fp.x3_shape)
-            nonfinite = False
-            if xin is not None:  # the planes kept for the weight gradient
-                nonfinite = _layout.pad_phase(x3, xin, *fp.pad_args, threads)
             blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
             fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
                           pairs=fp.row_pairs, fused=(x3, *fp.pad_args, p.pad_left, blocks))
@@ -1794,11 +1792,8 @@ def _forward_route(fp, keep, share_input, threads, aligned):
 
         def panels(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
-            xin = None if planes is None else planes(x, recycle)
+            xin, nonfinite = padded(x, recycle)
             packed, _, _, _ = prepare(weight, bias, x.dtype)
-            nonfinite = False
-            if xin is not None and not shared:  # the planes kept for the weight gradient
-                nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
             fp.kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
                           panels=scratch("fwd_panels", panels_shape, x.dtype))
             return (y, xin, nonfinite) if keep else (y, None, False)
@@ -1844,6 +1839,22 @@ def _planes_route(fp, keep, shared, scratch_shape):
     if shared:
         return lambda x, recycle: planes_in_place(x, fp.problem)
     return lambda x, recycle: _kept_planes(fp, x, recycle)
+
+
+def _padded_planes_route(fp, keep, shared, threads):
+    """(x, recycle) -> (the planes kept for the weight gradient, whether they hold an
+    infinity or a NaN), padded whole, for the routes whose kernels read none themselves
+    (the channel-vector tile's fused images and its panels): (None, False) when nothing is
+    kept, x itself when shared."""
+    if not keep:
+        return lambda x, recycle: (None, False)
+    if shared:
+        return lambda x, recycle: (planes_in_place(x, fp.problem), False)
+
+    def kept(x, recycle):
+        xin = _kept_planes(fp, x, recycle)
+        return xin, _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+    return kept
 
 
 def _packing_route(fp, threads, bands, cvec_fused):
