@@ -180,6 +180,29 @@ def test_zero_grad_and_parameters():
     assert nobias.weight.grad is None
 
 
+def test_gradients_kept_past_zero_grad_stay_as_they_were():
+    """zero_grad() sets .grad to None, as torch's: a gradient the caller still holds keeps
+    its values through the next backward (whose fresh gradients may reuse only arrays
+    nobody holds), and a gradient nobody holds is reused."""
+    conv = convgen.Conv2d(2, 3, 3, seed=0)
+    x = make_rng("kept-grads").standard_normal((1, 2, 6, 6)).astype(np.float32)
+    conv.backward(np.ones_like(conv(x)))
+    kept_w, kept_b = conv.weight.grad, conv.bias.grad
+    before_w, before_b = kept_w.copy(), kept_b.copy()
+    conv.zero_grad()
+    conv.backward(2 * np.ones_like(conv(x)))
+    assert conv.weight.grad is not kept_w and conv.bias.grad is not kept_b
+    np.testing.assert_array_equal(kept_w, before_w)
+    np.testing.assert_array_equal(kept_b, before_b)
+    np.testing.assert_allclose(conv.weight.grad, 2 * before_w, rtol=1e-5)
+    ids = id(conv.weight.grad), id(conv.bias.grad)
+    del kept_w, kept_b
+    conv.zero_grad()
+    conv.backward(np.ones_like(conv(x)))
+    assert (id(conv.weight.grad), id(conv.bias.grad)) == ids   # (nobody held them: reused)
+    np.testing.assert_allclose(conv.weight.grad, before_w, rtol=1e-5)
+
+
 def test_sgd_step_through_parameters():
     """Updating the parameters in place (as an optimiser does) changes the next forward."""
     conv = convgen.Conv2d(2, 3, 3, padding=1, dtype=np.float64, seed=0)
