@@ -1715,13 +1715,11 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         strip = (fp.OH, fp.channel_block_map) if whole_map else channel_block_strip(fp, threads)
         if strip is not None:
             cblock_args = (p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads, whole_map)
+            kept = _padded_planes_route(fp, keep, False, threads)
 
             def channel_block(x, weight, bias, recycle, out):
                 y = np.empty(y_shape, dtype=x.dtype) if out is None else out
-                xin, nonfinite = None, False
-                if keep:
-                    xin = _kept_planes(fp, x, recycle)
-                    nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+                xin, nonfinite = (None, False) if kept is None else kept(x, recycle)
                 xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
                 fp.kernel.cblock(x, weight, bias, y, xp, *cblock_args)
                 return y, xin, nonfinite
@@ -1731,16 +1729,13 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     if in_place is None and fp.in_place_aligned is not None and aligned:
         in_place = fp.in_place_aligned
     shared = keep and share_input and (fp.panels or in_place) and fp.wgrad_reads_input
+    # (the planes kept for the weight gradient where the kernels read none themselves)
+    padded = _padded_planes_route(fp, keep, shared, threads)
     if in_place:
         def pixels_in_place(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             _run_in_place(fp, in_place, x, weight, bias, y, threads)
-            xin, nonfinite = None, False
-            if shared:
-                xin = planes_in_place(x, p)
-            elif keep:   # (the weight gradient's planes, padded as the other paths keep them)
-                xin = _kept_planes(fp, x, recycle)
-                nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads)
+            xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
             return y, xin, nonfinite
         return pixels_in_place
     planes = _planes_route(fp, keep, shared, (threads * fp.Cg if fused else fp.images * p.C, fp.x_chan))
@@ -1770,13 +1765,12 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         return fused_planes
     bands = None if cvec_fused else fp.bands(threads)   # (None on the pixel tiles' passes: one pass only)
     prepare, wp_copy = _packing_route(fp, threads, bands, cvec_fused)
-    padded = _padded_planes_route(fp, keep, shared, threads)   # (the fused images' and the panels')
     if cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
         blocks_shape = (threads, fp.in_blocks * fp.block_len)
 
         def cvec_fused_images(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
-            xin, nonfinite = padded(x, recycle)
+            xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
             packed, skip, _, _ = prepare(weight, bias, x.dtype)
             x3 = x.reshape(fp.x3_shape)
             blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
@@ -1792,7 +1786,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
 
         def panels(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
-            xin, nonfinite = padded(x, recycle)
+            xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
             packed, _, _, _ = prepare(weight, bias, x.dtype)
             fp.kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
                           panels=scratch("fwd_panels", panels_shape, x.dtype))
@@ -1844,10 +1838,11 @@ def _planes_route(fp, keep, shared, scratch_shape):
 def _padded_planes_route(fp, keep, shared, threads):
     """(x, recycle) -> (the planes kept for the weight gradient, whether they hold an
     infinity or a NaN), padded whole, for the routes whose kernels read none themselves
-    (the channel-vector tile's fused images and its panels): (None, False) when nothing is
-    kept, x itself when shared."""
+    (the depthwise channel-block tile, the 1x1 pixel tiles in place, the channel-vector
+    tile's fused images and its panels): x itself when shared; None (no call) when
+    nothing is kept."""
     if not keep:
-        return lambda x, recycle: (None, False)
+        return None
     if shared:
         return lambda x, recycle: (planes_in_place(x, fp.problem), False)
 

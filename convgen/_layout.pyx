@@ -797,9 +797,8 @@ cdef extern from "convgen_fpmode.h" nogil:
     int cg_followed_threads
 
 # The threads set_num_threads last asked for, from whichever Python thread (convgen's
-# count is process-wide): follow_flush_denormal covers them too.
-cdef int _threads_set = 1
-# ... 0 until it is first called (convgen then follows OpenMP's setting everywhere)
+# count is process-wide; follow_flush_denormal covers them too), or 0 until it is first
+# called (convgen then follows OpenMP's setting everywhere).
 cdef int _convgen_threads = 0
 # OpenMP's setting at start-up: a calling thread whose own setting differs from it
 # (threadpoolctl's limits, omp_set_num_threads) keeps its own.
@@ -809,8 +808,8 @@ cdef int _openmp_default = openmp.omp_get_max_threads()
 def set_num_threads(int n):
     """convgen.set_num_threads: process-wide, and this thread's OpenMP setting too (as
     threadpoolctl sees it)."""
-    global _threads_set, _convgen_threads
-    _threads_set = _convgen_threads = n
+    global _convgen_threads
+    _convgen_threads = n
     openmp.omp_set_num_threads(n)
 
 
@@ -847,7 +846,7 @@ def follow_flush_denormal():
     threads that OpenMP starts later copy the calling thread's mode as they start."""
     global cg_followed_bits, cg_followed_threads   # (thread-local: convgen_fpmode.h)
     cdef unsigned long bits = cg_flush_bits()
-    cdef int threads = max(openmp.omp_get_max_threads(), _threads_set), t
+    cdef int threads = max(openmp.omp_get_max_threads(), _convgen_threads), t
     if bits == cg_followed_bits and threads <= cg_followed_threads:
         return
     for t in prange(threads, nogil=True, schedule="static", chunksize=1, num_threads=threads):
