@@ -1,10 +1,12 @@
 """Build: generate the kernels from templates (write-if-changed), then cythonize
 and compile them with OpenMP.
 
-The build is native (-march=native) by default.  CONVGEN_MARCH=<arch> targets another
-instruction set (e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2);
-CONVGEN_PORTABLE=1 builds for any x86-64 / arm64 (baseline instructions: correct, but
-the 512-bit kernels then run many times slower).  CONVGEN_BUILD_JOBS sets how many
+The build is native (-march=native) by default, its kernels generated for the vector
+unit that enables (codegen.target: AVX-512's 64-byte vectors and 32 registers, else
+AVX2's 32-byte vectors and 16).  CONVGEN_MARCH=<arch> targets another instruction set
+(e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2); CONVGEN_PORTABLE=1 builds
+for any x86-64 / arm64 (baseline instructions, the AVX2 target's tiles: correct, but
+slower).  CONVGEN_BUILD_JOBS sets how many
 extensions compile in parallel (default: all cores).  CONVGEN_DEBUG=1 compiles with
 debug information (Python's -g; left out by default: it makes the build much longer).
 """
@@ -20,31 +22,20 @@ from setuptools.extension import Extension
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
 
-from codegen import emit  # noqa: E402  (the generator lives beside this file)
-
-
-def compile_args():
-    # -fno-tree-loop-distribute-patterns: keep short copy loops (a 7-pixel row) inline
-    # rather than calls to memcpy/memset (measured: 7x7 depthwise forward, 5% faster).
-    args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unused-function",
-            "-Wno-unreachable-code", "-Wno-maybe-uninitialized", "-fno-tree-loop-distribute-patterns"]
-    # -g0 (after Python's own -g): debug information for the generated kernels' long
-    # unrolled functions took 40% of the compile (the float32 forward module: 79 s -> 46 s)
-    # and 90% of the objects' size; it changes no instruction.  CONVGEN_DEBUG=1 keeps it.
-    if os.environ.get("CONVGEN_DEBUG", "0") in ("", "0"):
-        args.append("-g0")
-    if os.environ.get("CONVGEN_PORTABLE", "0") in ("", "0"):
-        args.append("-march=" + (os.environ.get("CONVGEN_MARCH") or "native"))
-    return args
+from codegen import emit, target  # noqa: E402  (the generator lives beside this file)
 
 
 def extensions():
+    # The vector unit to generate for: what the compiler flags enable (codegen.target).
+    build = target.build_target()
+    print(f"convgen: generating kernels for {build.name} ({build.vector_bytes}-byte vectors, "
+          f"{build.registers} registers)")
     emit.write_all()  # stage 4: only changed files are rewritten, so make-style rebuilds stay cheap
     common = dict(
         include_dirs=[numpy.get_include(), os.path.join("convgen", "include")],
-        extra_compile_args=compile_args(),
+        extra_compile_args=target.compile_args(),
         extra_link_args=["-fopenmp"],
-        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION"), ("CG_VECTOR_BYTES", str(build.vector_bytes))],
         # (rebuild every module when a header changes)
         depends=[os.path.join("convgen", "include", h) for h in ("convgen_simd.h", "convgen_fpmode.h")],
     )

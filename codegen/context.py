@@ -256,8 +256,9 @@ def kernel_context(spec):
 def module_context(direction, dtype, specs, template=None):
     """Template values for one extension module: every kernel of a direction and dtype."""
     template = template or TEMPLATES[direction]
-    kernels = [kernel_context(s) for s in sorted(specs, key=lambda s: s.name)
-               if s.direction == direction and s.dtype == dtype]
+    specs = [s for s in specs if s.direction == direction and s.dtype == dtype]
+    kernels = [kernel_context(s) for s in sorted(specs, key=lambda s: s.name)]
+    target = _target(specs)
     return dict(
         banner=banner(template),
         template=template,
@@ -267,12 +268,21 @@ def module_context(direction, dtype, specs, template=None):
         ctype={"f32": "float", "f64": "double"}[dtype],
         vec=f"cg_v{dtype}",
         sfx=dtype,
-        lanes={"f32": 16, "f64": 8}[dtype],
+        lanes=target.lanes(dtype),
+        target=target.name,
         ocvec_fields=repr(OCVEC_FIELDS),
         ocvec=_shared(kernels, "ocvec"),
         icvec=_shared(kernels, "icvec"),
         kernels=kernels,
     )
+
+
+def _target(specs):
+    """The one target (codegen.target) that specs are generated for."""
+    targets = {s.target for s in specs}
+    if len(targets) != 1:
+        raise ValueError(f"a module's kernels must share one target, got {sorted(t.name for t in targets)}")
+    return targets.pop()
 
 
 def _shared(kernels, form):
@@ -296,4 +306,7 @@ def dispatch_context(specs):
     rows = []
     for s in sorted(specs, key=lambda s: s.name):
         rows.append(dict(key=repr(s.key), module=s.module, name=s.name, tile=repr(s.tile)))
-    return dict(banner=banner("dispatch_table.py.j2"), rows=rows, dtypes=DTYPES, any=repr(ANY))
+    target = _target(specs)
+    return dict(banner=banner("dispatch_table.py.j2"), rows=rows, dtypes=DTYPES, any=repr(ANY),
+                target=repr(target.name), vector_bytes=target.vector_bytes,
+                lanes=repr({t: target.lanes(t) for t in DTYPES}))

@@ -5,7 +5,7 @@ import os
 
 from .context import TEMPLATES, banner, dispatch_context, module_context
 from .render import environment, render
-from .spec import C_TYPES, DIRECTIONS, DTYPES, VECTOR_LANES
+from .spec import C_TYPES, DIRECTIONS, DTYPES
 from .table import SPECS
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
@@ -24,9 +24,11 @@ def support_modules():
     return ["_peak"]
 
 
-def peak_context():
-    return dict(banner=banner("fma_peak.pyx.j2"), accumulators=list(range(16)),
-                dtypes=[dict(sfx=t, ctype=C_TYPES[t], vec=f"cg_v{t}", lanes=VECTOR_LANES[t]) for t in DTYPES])
+def peak_context(target):
+    # (16 independent FMA chains: enough for two FMA units of 4-5 cycles' latency; on 16
+    # registers, 12, leaving room for the operands)
+    return dict(banner=banner("fma_peak.pyx.j2"), accumulators=list(range(16 if target.wide else 12)),
+                dtypes=[dict(sfx=t, ctype=C_TYPES[t], vec=f"cg_v{t}", lanes=target.lanes(t)) for t in DTYPES])
 
 
 def generated_files(specs=SPECS):
@@ -36,7 +38,7 @@ def generated_files(specs=SPECS):
     for module, direction, dtype in extension_modules(specs):
         files[module + ".pyx"] = render(TEMPLATES[direction], module_context(direction, dtype, specs), env)
     files["dispatch_table.py"] = render("dispatch_table.py.j2", dispatch_context(specs), env)
-    files["_peak.pyx"] = render("fma_peak.pyx.j2", peak_context(), env)
+    files["_peak.pyx"] = render("fma_peak.pyx.j2", peak_context(specs[0].target), env)
     return files
 
 

@@ -5,15 +5,18 @@ for an axis the kernel takes at run time (``conv2d_bwd_data_f64_kany_sany_dany_g
 The generator, the dispatch table, the test ids and the benchmarks all use it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from .target import AVX512, Target
 
 DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
 DTYPES = ("f32", "f64")
 GROUPS_KINDS = ("dense", "depthwise", "grouped")
 
-# Lanes of one 512-bit vector, and the C / NumPy names of each dtype.
-VECTOR_LANES = {"f32": 16, "f64": 8}
+# Lanes of one 512-bit vector (AVX-512, the reference target: see codegen.target), and the
+# C / NumPy names of each dtype.
+VECTOR_LANES = {"f32": AVX512.lanes("f32"), "f64": AVX512.lanes("f64")}
 C_TYPES = {"f32": "float", "f64": "double"}
 NUMPY_DTYPES = {"f32": "float32", "f64": "float64"}
 
@@ -27,7 +30,9 @@ def _axis(value):
 @dataclass(frozen=True)
 class KernelSpec:
     """One generated kernel.  ``kernel``, ``stride`` and ``dilation`` are square
-    (the same along H and W) compile-time constants, or ``ANY``."""
+    (the same along H and W) compile-time constants, or ``ANY``.  ``target``: the vector
+    unit it is generated for (codegen.target), which sizes its register tiles; not part
+    of its name or key (a build has one target)."""
 
     direction: str
     dtype: str
@@ -35,6 +40,7 @@ class KernelSpec:
     stride: Optional[int]
     dilation: Optional[int]
     groups: str
+    target: Target = field(default=AVX512, compare=False, repr=False)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -93,17 +99,19 @@ class KernelSpec:
         both operands are vectors of pixels, reduced horizontally at the end.
         """
         kk = None if self.kernel is ANY else self.kernel * self.kernel
+        # (16 registers, AVX2: about 12 accumulators, half the columns)
+        wide = self.target.wide
         if self.direction == "bwd_weight":
             if self.groups == "depthwise":
                 if kk is None:
                     return (1, 8)
-                return (1, kk if kk <= 16 else self.kernel)
-            return (4, 6)
+                return (1, kk if kk <= (16 if wide else 9) else self.kernel)
+            return (4, 6 if wide else 3)
         if self.groups == "depthwise":
             return (1, 4)
         if self.groups == "grouped":
-            return (4, 6)   # ResNeXt-style groups have few output channels each
-        return (6, 4)
+            return (4, 6 if wide else 3)   # ResNeXt-style groups have few output channels each
+        return (6, 4 if wide else 2)
 
     @property
     def tiles(self):
@@ -117,11 +125,12 @@ class KernelSpec:
         threads).  (The variant costs the cold build about 5% per dtype on every such
         kernel: float64 has none, nor do the other fixed kernels, which run those layers
         on their primary tiles.)"""
+        few, many = ((3, 8), (8, 3)) if self.target.wide else ((3, 4), (4, 3))
         if self.direction == "bwd_data" and self.groups == "dense":
-            return [self.tile, (3, 8), (8, 3)]
+            return [self.tile, few, many]
         if self.direction == "fwd" and self.groups == "dense":
             output_layer = self.kernel == 1 or self.kernel is ANY or (self.kernel, self.stride, self.dilation) == (3, 1, 1)
-            return [self.tile, (8, 3)] + ([(3, 8)] if output_layer and self.dtype == "f32" else [])
+            return [self.tile, many] + ([few] if output_layer and self.dtype == "f32" else [])
         return [self.tile]
 
     @property
@@ -144,7 +153,7 @@ class KernelSpec:
         each phase's)."""
         if self.groups != "dense" or self.direction == "bwd_weight":
             return None
-        return (14, 2)
+        return (14, 2) if self.target.wide else (6, 2)
 
     @property
     def cvec_narrow(self):
@@ -158,6 +167,8 @@ class KernelSpec:
         only has the 8: each twin costs the cold build about 3% per dtype."""
         if self.cvec_tile is None:
             return ()
+        if not self.target.wide:
+            return (3, 4, 5) if self.dtype == "f32" else (3, 4)   # (AVX2's 6-pixel tile)
         return (6, 7, 8) if self.dtype == "f32" else (6, 7)
 
     @property
@@ -178,7 +189,7 @@ class KernelSpec:
         gradient's channel-vectorised form (``_ocvec``), or None."""
         if self.direction != "bwd_weight" or self.groups != "dense":
             return None
-        return (2, 12)
+        return (2, 12 if self.target.wide else 6)
 
     @property
     def icvec_tiles(self):
@@ -190,7 +201,7 @@ class KernelSpec:
         the 8-row one would mostly leave idle: the plan takes the one that wastes least."""
         if self.direction != "bwd_weight" or self.groups != "dense":
             return []
-        return [(8, 3), (3, 8)]
+        return [(8, 3), (3, 8)] if self.target.wide else [(4, 3), (3, 4)]
 
     @property
     def other_tiles(self):
@@ -218,7 +229,7 @@ class KernelSpec:
         (A narrow 8x1 block for small maps measured no faster than the pixel tiles.)"""
         if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
             return []
-        return [(4, 4)]
+        return [(4, 4 if self.target.wide else 2)]
 
     @property
     def channel_block(self):
@@ -235,14 +246,15 @@ class KernelSpec:
         if self.groups != "depthwise" or self.is_generic:
             return None
         if self.direction == "bwd_weight":
-            return (self.lanes, self.kernel ** 2) if self.kernel <= 5 else None
+            # (a sum per tap in registers: 25 for 5x5 in AVX-512's 32, 9 in AVX2's 16)
+            return (self.lanes, self.kernel ** 2) if self.kernel <= (5 if self.target.wide else 3) else None
         if self.direction == "bwd_data" and (self.stride != 2 or self.dilation != 1):
             return None  # (stride 1 runs as the forward's, see convgen._engine)
         return (self.lanes, 1)
 
     @property
     def lanes(self):
-        return VECTOR_LANES[self.dtype]
+        return self.target.lanes(self.dtype)
 
     @property
     def ctype(self):

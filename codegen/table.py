@@ -5,6 +5,7 @@ test parametrisation and the benchmarks.  Add a row here and the rest follows.
 """
 
 from .spec import ANY, DIRECTIONS, DTYPES, KernelSpec
+from .target import build_target
 
 # (kernel, stride, dilation) compiled as constants, per groups kind.  Chosen
 # from the layers people run: ResNet/VGG 3x3 and 1x1, strided 3x3 downsampling,
@@ -34,15 +35,17 @@ TAPS_UNROLLED = {
 }
 
 
-def build_specs():
+def build_specs(target=None):
+    """Every kernel of the table, for `target` (codegen.target; the build's by default)."""
+    target = target or build_target()
     specs = []
     for direction in DIRECTIONS:
         for dtype in DTYPES:
             for groups, shapes in SPECIALISED.items():
                 shapes = shapes + TAPS_UNROLLED.get(direction, {}).get(groups, [])
                 for kernel, stride, dilation in shapes:
-                    specs.append(KernelSpec(direction, dtype, kernel, stride, dilation, groups))
-                specs.append(KernelSpec(direction, dtype, ANY, ANY, ANY, groups))
+                    specs.append(KernelSpec(direction, dtype, kernel, stride, dilation, groups, target))
+                specs.append(KernelSpec(direction, dtype, ANY, ANY, ANY, groups, target))
     return specs
 
 
@@ -61,6 +64,8 @@ def validate(specs):
                              f"taps unroll for any stride/dilation (see KernelSpec.unrolls_taps)")
         if (s.direction, s.dtype, ANY, ANY, ANY, s.groups) not in keys:
             raise ValueError(f"{s.name}: no generic fallback for its direction/dtype/groups")
+    if len({s.target for s in specs}) > 1:
+        raise ValueError("the spec table mixes targets: a build generates for one")
     return specs
 
 

@@ -9,7 +9,19 @@ import importlib
 from functools import lru_cache
 from typing import Callable, NamedTuple
 
-from ._generated.dispatch_table import ANY, KERNELS
+from . import _layout
+from ._generated.dispatch_table import ANY, KERNELS, LANES, TARGET, VECTOR_BYTES
+
+
+def _check_vector_bytes(module, compiled):
+    """The generated code and the header agree on the vector width (a module compiled with
+    another CG_VECTOR_BYTES than its kernels were generated for would compute garbage)."""
+    if compiled != VECTOR_BYTES:
+        raise ImportError(f"{module} was compiled for {compiled}-byte vectors, the kernels generated for "
+                          f"{VECTOR_BYTES} ({TARGET}): rebuild convgen (python setup.py build_ext --inplace)")
+
+
+_check_vector_bytes("convgen._layout", _layout.VECTOR_BYTES)
 
 DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
 
@@ -99,6 +111,7 @@ def fallback_keys(key):
 def _load(key):
     module, name, tile = KERNELS[key]
     mod = importlib.import_module(f"convgen._generated.{module}")
+    _check_vector_bytes(mod.__name__, mod.VECTOR_BYTES)
     variants = tuple(mod.TILES[name])
     # (the dense weight gradients of a module share its ocvec / ocvec_chunks)
     ocvec_columns = getattr(mod, "OCVEC_COLUMNS", {}).get(name, 0)

@@ -16,7 +16,7 @@ from . import _dispatch, _geometry, _layout
 
 PADDING_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 DTYPE_SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
-LANES = {"f32": 16, "f64": 8}       # elements of one 512-bit vector
+LANES = _dispatch.LANES              # elements of one vector, per dtype (as generated)
 ITEMSIZE = {"f32": 4, "f64": 8}
 
 # Bytes of input a kernel pass should keep in cache (a share of the 2 MB L2 per core):

@@ -23,6 +23,10 @@ cimport openmp
 cnp.import_array()
 
 cdef extern from "convgen_simd.h" nogil:
+    # (the width the kernels were generated for: see codegen.target)
+    const int CG_VECTOR_BYTES
+    const int CG_LANES_F32
+    const int CG_LANES_F64
     ctypedef struct cg_vf32:
         pass
     ctypedef struct cg_vf64:
@@ -50,6 +54,9 @@ cdef extern from "convgen_simd.h" nogil:
 ctypedef fused real:
     float
     double
+
+# Bytes of one vector, as compiled (convgen._dispatch checks it against the kernels').
+VECTOR_BYTES = CG_VECTOR_BYTES
 
 # Padding modes, as codes (see convgen._engine.PADDING_MODES).
 cdef enum:
@@ -494,9 +501,9 @@ cdef void _transposed_row(const real* src, Py_ssize_t plane, Py_ssize_t C, Py_ss
     """dst[j * Cp + c] = src[c * plane + j] for c < C, j < W: blocks of a vector's lanes
     of channels x as many pixels through an in-register transpose, each pixel's channels
     leaving as whole vectors (zeros past C up to the next multiple of the lanes)."""
-    cdef Py_ssize_t lanes = 16 if real is float else 8
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
     cdef Py_ssize_t c0, j0, j, n
-    cdef cg_vf32 c32[16]
+    cdef cg_vf32 c32[16]   # (room for the most lanes, AVX-512's)
     cdef cg_vf64 c64[8]
     c0 = 0
     while c0 < C:   # (a while loop: range() with a run-time step would be Python's)
@@ -519,7 +526,7 @@ cdef void _extend_transposed_rows(const real* g, real* gT, Py_ssize_t N, Py_ssiz
                                   Py_ssize_t W, Py_ssize_t width, Py_ssize_t qlen, Py_ssize_t Cp, Py_ssize_t item,
                                   Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Row (image, row) `item` of extend_transposed, its columns [c0, c1) of gT's Cp."""
-    cdef Py_ssize_t lanes = 16 if real is float else 8
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
     cdef Py_ssize_t n = item // H, i = item % H, j, c
     cdef Py_ssize_t Cb = c0 + (max(0, min(C, c1) - c0) + lanes - 1) // lanes * lanes  # what the transposes write
     cdef real* dst = gT + (n * qlen + i * width) * Cp
@@ -671,7 +678,7 @@ def windows(cnp.ndarray x, cnp.ndarray out, tuple geometry, bint scatter, int th
 
 cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_t L) noexcept nogil:
     """Sum of N rows of L values, `stride` apart, in a fixed order (independent of
-    threads): 16 running sums (element i adds into sum i % 16), then a tree, in
+    threads): a float32 vector's lanes of running sums (element i adds into sum i % lanes), then a tree, in
     registers (an array of sums in memory stalls on store forwarding: 7x7 maps of
     960 channels spent as long on the bias gradient as on the input gradient).  Float32
     sums go on in float64 (in float32 alone, a sum over a 56x56 map of two images was off
@@ -680,20 +687,21 @@ cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_
     cdef const real* row
     cdef cg_vf32 s
     cdef cg_vf64 lo, hi
-    lo = cg_splat_f64(0)   # sums 0-7
-    hi = cg_splat_f64(0)   # sums 8-15
+    cdef Py_ssize_t lanes = CG_LANES_F32, half = CG_LANES_F64
+    lo = cg_splat_f64(0)   # sums 0 .. half - 1
+    hi = cg_splat_f64(0)   # sums half .. lanes - 1
     if real is float:
-        # (each block of 256 values of a row summed in float32, then added in float64:
-        # widening every vector ran 1.3-1.9x slower)
+        # (each block of 16 vectors of a row (256 values in AVX-512's lanes) summed in
+        # float32, then added in float64: widening every vector ran 1.3-1.9x slower)
         for n in range(N):
             row = g + n * stride
             i = 0
             while i < L:
-                end = min(L, i + 256)
+                end = min(L, i + 16 * lanes)
                 s = cg_splat_f32(0)
-                while i + 16 <= end:
+                while i + lanes <= end:
                     s = cg_fma_f32(s, cg_load_f32(row + i), 1)
-                    i = i + 16
+                    i = i + lanes
                 if i < end:
                     s = cg_fma_f32(s, cg_load_partial_f32(row + i, <int>(end - i)), 1)
                     i = end
@@ -703,13 +711,13 @@ cdef real _channel_sum(const real* g, Py_ssize_t N, Py_ssize_t stride, Py_ssize_
         for n in range(N):
             row = g + n * stride
             i = 0
-            while i + 16 <= L:
+            while i + lanes <= L:
                 lo = cg_fma_f64(lo, cg_load_f64(row + i), 1)
-                hi = cg_fma_f64(hi, cg_load_f64(row + i + 8), 1)
-                i = i + 16
-            if i + 8 <= L:
+                hi = cg_fma_f64(hi, cg_load_f64(row + i + half), 1)
+                i = i + lanes
+            if i + half <= L:
                 lo = cg_fma_f64(lo, cg_load_f64(row + i), 1)
-                i = i + 8
+                i = i + half
                 if i < L:
                     hi = cg_fma_f64(hi, cg_load_partial_f64(row + i, <int>(L - i)), 1)
             elif i < L:

@@ -69,7 +69,7 @@ def main():
     for (name, layer, xx, w, repeats, flops), t_np in zip(cases, numpy_times):
         assert np.allclose(layer(xx), im2col_conv(xx, w, 1), rtol=1e-3, atol=1e-3)
         t_cg = _median_time(lambda: layer(xx), repeats)
-        print(f"{name:28s} {t_cg * 1e6:8.1f}us {t_np * 1e6:10.1f}us {t_np / t_cg:6.1f}x {flops / t_cg / 1e9:8.1f}")
+        print(f"{name:28s} {t_cg * 1e6:8.1f}us {t_np * 1e6:10.1f}us {t_np / t_cg:6.2f}x {flops / t_cg / 1e9:8.1f}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,15 @@ import sys
 import jinja2
 import pytest
 
-from codegen import context, emit, render, spec, table
+from codegen import context, emit, render, spec, table, target
 from codegen.spec import ANY, DIRECTIONS, DTYPES, GROUPS_KINDS, KernelSpec
-from codegen.table import SPECS
+from codegen.target import AVX2, AVX512
+
+# The generated text is checked for the reference target, AVX-512, whatever this machine
+# builds (its tile shapes are the ones spelled out below); BUILT, the table this build
+# generated (codegen.target.build_target()), where the test reads the built modules.
+SPECS = table.validate(table.build_specs(AVX512))
+BUILT = table.SPECS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,11 +120,13 @@ def test_validate_rejects_partly_fixed_spec_that_cannot_unroll():
 
 
 def test_dispatch_table_holds_every_spec():
-    from convgen._generated.dispatch_table import KERNELS
-    assert set(KERNELS) == {s.key for s in SPECS}
-    for s in SPECS:
+    from convgen._generated.dispatch_table import KERNELS, LANES, TARGET, VECTOR_BYTES
+    assert set(KERNELS) == {s.key for s in BUILT}
+    for s in BUILT:
         module, name, tile = KERNELS[s.key]
         assert (module, name, tuple(tile)) == (s.module, s.name, s.tile)
+    built = BUILT[0].target
+    assert (TARGET, VECTOR_BYTES, LANES) == (built.name, built.vector_bytes, {t: built.lanes(t) for t in DTYPES})
 
 
 # ---- context: the values a template receives -----------------------------------
@@ -551,9 +559,9 @@ def _cli(*args):
 def test_cli_list():
     out = _cli("--list")
     assert out.returncode == 0, out.stderr
-    for s in SPECS:
+    for s in BUILT:
         assert s.name in out.stdout
-    assert f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules" in out.stdout
+    assert f"{len(BUILT)} kernels in {len(emit.extension_modules())} modules" in out.stdout
     assert _cli().stdout == out.stdout   # --list is the default
 
 
@@ -620,3 +628,54 @@ def test_depthwise_weight_gradients_sum_the_bias(env):
         if s.direction == "bwd_weight" and s.dtype == "f32":
             item = text.split(f"cdef inline void _{s.name}_item(")[1].split("\ncdef ")[0]
             assert ("cg_wide_add_f32(&bias_0, row_0)" in item) == (s.groups == "depthwise"), s.name
+
+
+# ---- targets: the vector unit sizes the tiles --------------------------------------
+
+def _registers_needed(s):
+    """Vector registers the largest of s's register tiles keeps live: its accumulators, plus
+    the operands one multiply-add step holds (a broadcast and the smaller side's vectors)."""
+    needs = [r * c + min(r, c) + 1 for r, c in s.tiles]
+    if s.cvec_tile:
+        pixels, vectors = s.cvec_tile
+        needs += [pixels * vectors + vectors + 1] + [2 * n * vectors + vectors + 1 for n in s.cvec_pairs]
+    if s.ocvec_tile:
+        vectors, cols = s.ocvec_tile
+        needs.append(vectors * cols + vectors + 1)
+    needs += [r * c + min(r, c) + 1 for r, c in s.icvec_tiles]
+    needs += [r * v + v + 1 for r, v in s.row_blocks]
+    if s.channel_block and s.direction == "bwd_weight":
+        needs.append(s.channel_block[1] + 2)   # (a sum per tap, a vector of each operand)
+    return max(needs)
+
+
+@pytest.mark.parametrize("tgt", [AVX512, AVX2], ids=lambda t: t.name)
+def test_tiles_fit_the_targets_registers(tgt):
+    specs = table.validate(table.build_specs(tgt))
+    assert {s.target for s in specs} == {tgt}
+    for s in specs:
+        assert s.lanes == tgt.vector_bytes // {"f32": 4, "f64": 8}[s.dtype]
+        assert _registers_needed(s) <= tgt.registers, (s.name, s.tiles, s.cvec_tile)
+    # AVX2's tiles are the smaller ones (16 registers), and its modules are generated for its lanes.
+    if tgt is AVX2:
+        dense3 = next(s for s in specs if s.key == ("fwd", "f32", 3, 1, 1, "dense"))
+        assert dense3.tile == (6, 2) and dense3.cvec_tile == (6, 2) and max(dense3.cvec_narrow) < 6
+        ctx = context.module_context("fwd", "f32", specs)
+        assert ctx["lanes"] == 8 and ctx["target"] == "avx2"
+        assert context.dispatch_context(specs)["vector_bytes"] == 32
+
+
+def test_build_target_follows_the_compiler(monkeypatch):
+    assert target.target_for_macros({"__AVX512F__", "__AVX2__"}) is AVX512
+    assert target.target_for_macros({"__AVX2__", "__FMA__"}) is AVX2 and target.target_for_macros(set()) is AVX2
+    monkeypatch.setenv("CONVGEN_TARGET", "avx2")
+    assert target.build_target() is AVX2
+    monkeypatch.setenv("CONVGEN_TARGET", "sse")
+    with pytest.raises(ValueError, match="CONVGEN_TARGET"):
+        target.build_target()
+
+
+def test_spec_table_has_one_target():
+    with pytest.raises(ValueError, match="mixes targets"):
+        specs = table.build_specs(AVX512)
+        table.validate([dataclasses.replace(specs[0], target=AVX2)] + specs[1:])

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 import convgen.torch as cgt  # noqa: E402
 from convgen.torch import Conv2d  # noqa: E402
 from convgen import _engine  # noqa: E402
+from conftest import PINNED_GEOMETRY  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -322,7 +323,8 @@ def test_pointwise_layer_keeps_its_input_itself(dtype, in_place, out_channels, m
                         "f32" if dtype == torch.float32 else "f64")
     fp = _engine.forward_plan(p)
     assert (fp.in_place is not None) == in_place and fp.panels and fp.wgrad_reads_input
-    assert (fp.wgrad_transposed is not None) == (out_channels == 17 and dtype == torch.float32)
+    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
+        assert (fp.wgrad_transposed is not None) == (out_channels == 17 and dtype == torch.float32)
     ours, ref = pair(40, out_channels, 1, dtype=dtype)
     x = torch.randn(2, 40, 9, 11, dtype=dtype)
     x[0, 3, 2, 4], x[1, 7, 0, 0] = float("inf"), float("nan")

@@ -1,8 +1,10 @@
-/* Portable 512-bit vectors for the generated kernels (GCC/Clang vector extensions).
+/* Portable vectors for the generated kernels (GCC/Clang vector extensions).
  *
- * Built with -march=native on an AVX-512 machine these are single zmm registers and
- * `acc + x * w` contracts to one vfmadd (with an embedded broadcast when w is a scalar
- * in memory); in a portable build the compiler splits them into narrower vectors.
+ * CG_VECTOR_BYTES (64: AVX-512, 32: AVX2) is the width the kernels were generated for
+ * (codegen.target; setup.py defines it).  Built with -march=native on such a machine
+ * these are single zmm / ymm registers and `acc + x * w` contracts to one vfmadd (with
+ * an embedded broadcast when w is a scalar in memory); in a portable build the compiler
+ * splits them into narrower vectors.
  * Hand-written, not generated: the templates only call these few helpers.
  */
 #ifndef CONVGEN_SIMD_H
@@ -10,8 +12,27 @@
 
 #include <string.h>
 
-typedef float cg_vf32 __attribute__((vector_size(64)));
-typedef double cg_vf64 __attribute__((vector_size(64)));
+#ifndef CG_VECTOR_BYTES
+#error "CG_VECTOR_BYTES (64 or 32) must be defined: setup.py defines it from codegen.target"
+#endif
+#if CG_VECTOR_BYTES != 64 && CG_VECTOR_BYTES != 32
+#error "CG_VECTOR_BYTES must be 64 (AVX-512) or 32 (AVX2)"
+#endif
+#define CG_LANES_F32 (CG_VECTOR_BYTES / 4)
+#define CG_LANES_F64 (CG_VECTOR_BYTES / 8)
+/* AVX-512's masked loads and stores, compress and gathers, where the vectors are its zmm */
+#if CG_VECTOR_BYTES == 64 && defined(__AVX512F__)
+#define CG_AVX512 1
+#endif
+#if CG_VECTOR_BYTES == 32 && defined(__AVX2__)
+#define CG_AVX2 1
+#endif
+#if defined(CG_AVX512) || defined(CG_AVX2)
+#include <immintrin.h>
+#endif
+
+typedef float cg_vf32 __attribute__((vector_size(CG_VECTOR_BYTES)));
+typedef double cg_vf64 __attribute__((vector_size(CG_VECTOR_BYTES)));
 
 #define CG_DEFINE_VECTOR_OPS(SFX, T, V, LANES)                                   \
     static inline V cg_load_##SFX(const T *p) { V v; memcpy(&v, p, sizeof v); return v; } \
@@ -22,11 +43,12 @@ typedef double cg_vf64 __attribute__((vector_size(64)));
     static inline V cg_fmav_##SFX(V acc, V x, V y) { return acc + x * y; }      \
     static inline V cg_add_##SFX(V a, V b) { return a + b; }                      \
 
-typedef int cg_vi32 __attribute__((vector_size(64)));
-typedef long long cg_vi64 __attribute__((vector_size(64)));
+typedef int cg_vi32 __attribute__((vector_size(CG_VECTOR_BYTES)));
+typedef long long cg_vi64 __attribute__((vector_size(CG_VECTOR_BYTES)));
 
 /* Horizontal sums in a fixed tree order (lane i += lane i + w, for w = lanes/2 .. 1),
  * so results do not depend on threads; each round is one shuffle and one add. */
+#if CG_VECTOR_BYTES == 64
 static inline float cg_hsum_f32(cg_vf32 v) {
     v += __builtin_shuffle(v, (cg_vi32){8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15});
     v += __builtin_shuffle(v, (cg_vi32){4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7});
@@ -41,11 +63,24 @@ static inline double cg_hsum_f64(cg_vf64 v) {
     v += __builtin_shuffle(v, (cg_vi64){1, 1, 1, 1, 1, 1, 1, 1});
     return v[0];
 }
+#else
+static inline float cg_hsum_f32(cg_vf32 v) {
+    v += __builtin_shuffle(v, (cg_vi32){4, 5, 6, 7, 4, 5, 6, 7});
+    v += __builtin_shuffle(v, (cg_vi32){2, 3, 2, 3, 2, 3, 2, 3});
+    v += __builtin_shuffle(v, (cg_vi32){1, 1, 1, 1, 1, 1, 1, 1});
+    return v[0];
+}
 
-/* The first n (< lanes) values at p, zeros after: AVX-512's masked load where the build
- * has it (it reads nothing past p + n), else through a zeroed buffer. */
-#ifdef __AVX512F__
-#include <immintrin.h>
+static inline double cg_hsum_f64(cg_vf64 v) {
+    v += __builtin_shuffle(v, (cg_vi64){2, 3, 2, 3});
+    v += __builtin_shuffle(v, (cg_vi64){1, 1, 1, 1});
+    return v[0];
+}
+#endif
+
+/* The first n (< lanes) values at p, zeros after: AVX-512's or AVX2's masked load where
+ * the build has it (it reads nothing past p + n), else through a zeroed buffer. */
+#if defined(CG_AVX512)
 static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
     return (cg_vf32)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
 }
@@ -59,14 +94,25 @@ static inline void cg_store_partial_f32(float *p, cg_vf32 v, int n) {
 static inline void cg_store_partial_f64(double *p, cg_vf64 v, int n) {
     _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), (__m512d)v);
 }
+#elif defined(CG_AVX2)
+static inline __m256i cg_mask_f32(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline __m256i cg_mask_f64(int n) {
+    return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3));
+}
+static inline cg_vf32 cg_load_partial_f32(const float *p, int n) { return (cg_vf32)_mm256_maskload_ps(p, cg_mask_f32(n)); }
+static inline cg_vf64 cg_load_partial_f64(const double *p, int n) { return (cg_vf64)_mm256_maskload_pd(p, cg_mask_f64(n)); }
+static inline void cg_store_partial_f32(float *p, cg_vf32 v, int n) { _mm256_maskstore_ps(p, cg_mask_f32(n), (__m256)v); }
+static inline void cg_store_partial_f64(double *p, cg_vf64 v, int n) { _mm256_maskstore_pd(p, cg_mask_f64(n), (__m256d)v); }
 #else
 static inline void cg_store_partial_f32(float *p, cg_vf32 v, int n) { memcpy(p, &v, n * sizeof(float)); }
 static inline void cg_store_partial_f64(double *p, cg_vf64 v, int n) { memcpy(p, &v, n * sizeof(double)); }
 static inline cg_vf32 cg_load_partial_f32(const float *p, int n) {
-    float t[16] = {0}; memcpy(t, p, n * sizeof(float)); cg_vf32 v; memcpy(&v, t, sizeof v); return v;
+    float t[CG_LANES_F32] = {0}; memcpy(t, p, n * sizeof(float)); cg_vf32 v; memcpy(&v, t, sizeof v); return v;
 }
 static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
-    double t[8] = {0}; memcpy(t, p, n * sizeof(double)); cg_vf64 v; memcpy(&v, t, sizeof v); return v;
+    double t[CG_LANES_F64] = {0}; memcpy(t, p, n * sizeof(double)); cg_vf64 v; memcpy(&v, t, sizeof v); return v;
 }
 #endif
 
@@ -81,7 +127,7 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 
 /* 1 if p[0:n] (n >= 0) holds an infinity or a NaN, whose exponent bits are all ones:
  * whole vectors, then one partial vector (zeros past n, which are finite). */
-#ifdef __AVX512F__
+#if defined(CG_AVX512)
 #define CG_DEFINE_NONFINITE(SFX, T, IV, EXP, LANES, MASK, CMP)                      \
     static inline int cg_nonfinite_##SFX(const T *p, ptrdiff_t n) {                \
         const __m512i exp = (__m512i)((IV){0} + EXP);                               \
@@ -94,10 +140,22 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
         return found != 0;                                                          \
     }
 #else
+/* (vector compares of the exponent bits, any lane's found at the end) */
 #define CG_DEFINE_NONFINITE(SFX, T, IV, EXP, LANES, MASK, CMP)                      \
     static inline int cg_nonfinite_##SFX(const T *p, ptrdiff_t n) {                \
-        for (ptrdiff_t i = 0; i < n; i++)                                           \
-            if (__builtin_isinf(p[i]) || __builtin_isnan(p[i])) return 1;           \
+        const IV exp = (IV){0} + EXP;                                               \
+        IV found = {0}, bits;                                                       \
+        ptrdiff_t i = 0;                                                            \
+        for (; i + LANES <= n; i += LANES) {                                        \
+            memcpy(&bits, p + i, sizeof bits);                                      \
+            found |= (bits & exp) == exp;                                           \
+        }                                                                           \
+        if (i < n) {                                                                \
+            cg_v##SFX v = cg_load_partial_##SFX(p + i, (int)(n - i));               \
+            memcpy(&bits, &v, sizeof bits);                                         \
+            found |= (bits & exp) == exp;                                           \
+        }                                                                           \
+        for (int l = 0; l < LANES; l++) if (found[l]) return 1;                     \
         return 0;                                                                   \
     }
 #endif
@@ -107,12 +165,12 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
 static inline void cg_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
-CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, 16)
-CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, 8)
-CG_DEFINE_COPY(f32, float, 16)
-CG_DEFINE_COPY(f64, double, 8)
-CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, 16, __mmask16, _mm512_cmpeq_epi32_mask)
-CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, 8, __mmask8, _mm512_cmpeq_epi64_mask)
+CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, CG_LANES_F32)
+CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, CG_LANES_F64)
+CG_DEFINE_COPY(f32, float, CG_LANES_F32)
+CG_DEFINE_COPY(f64, double, CG_LANES_F64)
+CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, CG_LANES_F32, __mmask16, _mm512_cmpeq_epi32_mask)
+CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, CG_LANES_F64, __mmask8, _mm512_cmpeq_epi64_mask)
 
 /* The lanes of a vector of flat-grid pixels (the first at row oh, column ow of rows We
  * wide; ow may be >= We) that are real output pixels (column < OW, row < OH), as a bit
@@ -137,7 +195,7 @@ static inline unsigned cg_real_lanes(ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t We, p
 
 /* The lanes of v that mask m names, in order, stored as one run at p: a whole vector
  * when m names them all, else AVX-512's compress and one masked store. */
-#ifdef __AVX512F__
+#if defined(CG_AVX512)
 static inline void cg_store_compressed_f32(float *p, cg_vf32 v, unsigned m) {
     if (m == 0xFFFFu) cg_store_f32(p, v);
     else if (m) _mm512_mask_storeu_ps(p, (__mmask16)((1u << __builtin_popcount(m)) - 1),
@@ -154,8 +212,8 @@ static inline void cg_store_compressed_f64(double *p, cg_vf64 v, unsigned m) {
         int k = 0;                                                                 \
         for (int l = 0; l < LANES; l++) if (m >> l & 1) p[k++] = v[l];             \
     }
-CG_DEFINE_STORE_COMPRESSED(f32, float, cg_vf32, 16)
-CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 8)
+CG_DEFINE_STORE_COMPRESSED(f32, float, cg_vf32, CG_LANES_F32)
+CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
 #endif
 
 /* Transposed store of a block held as column vectors: cols[c] holds column c, lane l
@@ -176,6 +234,9 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 8)
      (6&S)?8+6-S:6, (7&S)?8+7-S:7}, \
     {(0&S)?8+0:0+S, (1&S)?8+1:1+S, (2&S)?8+2:2+S, (3&S)?8+3:3+S, (4&S)?8+4:4+S, (5&S)?8+5:5+S, \
      (6&S)?8+6:6+S, (7&S)?8+7:7+S}
+#define CG_MASKS_4(S) \
+    {(0&S)?4+0-S:0, (1&S)?4+1-S:1, (2&S)?4+2-S:2, (3&S)?4+3-S:3}, \
+    {(0&S)?4+0:0+S, (1&S)?4+1:1+S, (2&S)?4+2:2+S, (3&S)?4+3:3+S}
 
 #define CG_TRANSPOSE_ROUND(V, r, S, LO, HI, LANES)                               \
     for (int i_ = 0; i_ < LANES; i_++) if (!(i_ & S)) {                         \
@@ -207,6 +268,7 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 8)
         }                                                                       \
     }
 
+#if CG_VECTOR_BYTES == 64
 #define CG_STORE_TRANSPOSED_F32 {                                               \
     static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},    \
                          m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};    \
@@ -226,6 +288,24 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)                          \
     CG_STORE_ROWS(f64, r, 8)                                                    \
 }
+#else
+#define CG_STORE_TRANSPOSED_F32 {                                               \
+    static const cg_vi32 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)},      \
+                         m4[2] = {CG_MASKS_8(4)};                               \
+    CG_LOAD_COLUMNS(cg_vf32, r, 8)                                              \
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 8)                          \
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 8)                          \
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 8)                          \
+    CG_STORE_ROWS(f32, r, 8)                                                    \
+}
+#define CG_STORE_TRANSPOSED_F64 {                                               \
+    static const cg_vi64 m1[2] = {CG_MASKS_4(1)}, m2[2] = {CG_MASKS_4(2)};      \
+    CG_LOAD_COLUMNS(cg_vf64, r, 4)                                              \
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 4)                          \
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 4)                          \
+    CG_STORE_ROWS(f64, r, 4)                                                    \
+}
+#endif
 
 static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols,
                                            int n_cols, int n_rows, int accumulate) CG_STORE_TRANSPOSED_F32
@@ -253,6 +333,7 @@ cg_store_transposed_inlined_f64(double *dst, ptrdiff_t stride, const cg_vf64 *co
         r[l] = l >= n_rows ? (V){0} : n_cols == LANES ? cg_load_##SFX(src + l * stride) \
                                                       : cg_load_partial_##SFX(src + l * stride, n_cols);
 
+#if CG_VECTOR_BYTES == 64
 static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
                                           cg_vf32 *r) {
     static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
@@ -272,12 +353,30 @@ static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, i
     CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
     CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
 }
+#else
+static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
+                                          cg_vf32 *r) {
+    static const cg_vi32 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
+    CG_LOAD_ROWS(f32, cg_vf32, r, 8)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 8)
+    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 8)
+}
+
+static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, int n_rows, int n_cols,
+                                          cg_vf64 *r) {
+    static const cg_vi64 m1[2] = {CG_MASKS_4(1)}, m2[2] = {CG_MASKS_4(2)};
+    CG_LOAD_ROWS(f64, cg_vf64, r, 4)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 4)
+    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 4)
+}
+#endif
 
 /* The first n (<= lanes) values p[0], p[stride], p[2 * stride], ... (zeros after): an
  * AVX-512 masked gather where the build has it, else element by element.  (The input
  * gradient's weight pack: each output channel's taps are contiguous, so a vector of
  * channels for one tap lies `taps` values apart.)  stride * lanes must fit an int. */
-#ifdef __AVX512F__
+#if defined(CG_AVX512)
 static inline cg_vf32 cg_load_strided_f32(const float *p, ptrdiff_t stride, int n) {
     __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                      _mm512_set1_epi32((int)stride));
@@ -300,19 +399,25 @@ static inline cg_vf64 cg_load_strided_f64(const double *p, ptrdiff_t stride, int
 }
 #endif
 
-/* v's 16 floats added, each widened to a double, into lo (lanes 0-7) and hi (8-15): long
- * float32 sums kept in float64 (the bias gradient's: see _layout's channel sums). */
-#ifdef __AVX512F__
+/* v's floats added, each widened to a double, into lo (the first half of its lanes) and
+ * hi (the second): long float32 sums kept in float64 (the bias gradient's: see _layout's
+ * channel sums). */
+#if defined(CG_AVX512)
 static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
     __m512 w = (__m512)v;
     *lo += (cg_vf64)_mm512_cvtps_pd(_mm512_castps512_ps256(w));
     *hi += (cg_vf64)_mm512_cvtps_pd((__m256)_mm512_extractf64x4_pd((__m512d)w, 1));
 }
 #else
-typedef float cg_vf32_half __attribute__((vector_size(32)));
+typedef float cg_vf32_half __attribute__((vector_size(CG_VECTOR_BYTES / 2)));
 static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
+#if CG_VECTOR_BYTES == 64
     cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
     cg_vf32_half b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+    cg_vf32_half b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#endif
     *lo += __builtin_convertvector(a, cg_vf64);
     *hi += __builtin_convertvector(b, cg_vf64);
 }

@@ -1,0 +1,92 @@
+"""The vector unit the kernels are generated for, and how the build finds it.
+
+A register tile's shape depends on how wide a vector is and how many registers hold
+them: AVX-512 has 32 registers of 64 bytes, AVX2 (and AVX) 16 of 32 bytes.  Tiles sized
+for 32 registers spill on a 16-register machine, where gcc also splits every 64-byte
+vector in two: the float32 forward module alone then took over 12 minutes to compile on
+a 2-core AVX2 machine (AMD Zen 3), against under a minute for AVX-512.  So the build asks
+the compiler what the flags it compiles with (``compile_args``) enable, and generates
+for that target (``build_target``); the header (convgen_simd.h) and convgen._engine take
+the vector width from what was generated.
+"""
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+
+ITEMSIZE = {"f32": 4, "f64": 8}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A vector unit: its name, the bytes of one vector register and how many there are."""
+
+    name: str
+    vector_bytes: int
+    registers: int
+
+    def lanes(self, dtype):
+        """Values of `dtype` ("f32" / "f64") in one vector."""
+        return self.vector_bytes // ITEMSIZE[dtype]
+
+    @property
+    def wide(self):
+        """32 registers (AVX-512): the tiles of about 24 accumulators; else tiles of about 12."""
+        return self.registers >= 32
+
+
+AVX512 = Target("avx512", 64, 32)
+# AVX / AVX2, and builds for machines without them (CONVGEN_PORTABLE=1), whose compiler
+# splits each vector into two 16-byte ones: correct, not fast.
+AVX2 = Target("avx2", 32, 16)
+TARGETS = {t.name: t for t in (AVX512, AVX2)}
+
+
+def compile_args():
+    """The C compiler flags of every extension module (setup.py).  CONVGEN_MARCH=<arch>
+    targets another instruction set than this machine's (x86-64-v4: any AVX-512 machine,
+    x86-64-v3: AVX2); CONVGEN_PORTABLE=1 any x86-64 / arm64."""
+    # -fno-tree-loop-distribute-patterns: keep short copy loops (a 7-pixel row) inline
+    # rather than calls to memcpy/memset (measured: 7x7 depthwise forward, 5% faster).
+    args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi", "-Wno-unused-function",
+            "-Wno-unreachable-code", "-Wno-maybe-uninitialized", "-fno-tree-loop-distribute-patterns"]
+    # -g0 (after Python's own -g): debug information for the generated kernels' long
+    # unrolled functions took 40% of the compile (the float32 forward module: 79 s -> 46 s)
+    # and 90% of the objects' size; it changes no instruction.  CONVGEN_DEBUG=1 keeps it.
+    if os.environ.get("CONVGEN_DEBUG", "0") in ("", "0"):
+        args.append("-g0")
+    if os.environ.get("CONVGEN_PORTABLE", "0") in ("", "0"):
+        args.append("-march=" + (os.environ.get("CONVGEN_MARCH") or "native"))
+    return args
+
+
+def target_for_macros(macros):
+    """The target of a compiler that predefines `macros` (a set of names)."""
+    return AVX512 if "__AVX512F__" in macros else AVX2
+
+
+def _compiler():
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+
+
+@lru_cache(maxsize=None)
+def _detect(compiler, args):
+    try:
+        out = subprocess.run([compiler, *[a for a in args if a.startswith("-m")], "-dM", "-E", "-x", "c", os.devnull],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return AVX2   # (no compiler to ask: nothing will be built either)
+    return target_for_macros({line.split()[1] for line in out.splitlines() if line.startswith("#define ")})
+
+
+def build_target():
+    """The target the build compiles for: CONVGEN_TARGET (avx512 / avx2) if set, else
+    what the compiler enables with compile_args()'s flags (-march=native: this machine)."""
+    name = os.environ.get("CONVGEN_TARGET")
+    if name:
+        if name not in TARGETS:
+            raise ValueError(f"CONVGEN_TARGET must be one of {sorted(TARGETS)}, got {name!r}")
+        return TARGETS[name]
+    return _detect(_compiler(), tuple(compile_args()))
