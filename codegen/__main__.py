@@ -34,7 +34,9 @@ def main(argv=None):
         for spec in sorted(SPECS, key=lambda s: s.name):
             tile = f"{spec.tile[0]}x{spec.tile[1]}"
             print(f"{spec.name:48s} {spec.module:18s} {tile:6s} {', '.join(spec.other_tiles)}".rstrip())
-        print(f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules")
+        t = SPECS[0].target
+        print(f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules, for {t.name} "
+              f"({t.vector_bytes}-byte vectors, {t.registers} registers; CONVGEN_TARGET=avx512|avx2 to see another)")
     return 0
 
 
