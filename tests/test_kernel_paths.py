@@ -1441,7 +1441,7 @@ def test_depthwise_channel_block(spec, mode, threads, keeps, monkeypatch, restor
     keeps its planes (by the channel-block tile too where `keeps`, at stride 1) must
     agree with it."""
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_KEEP_PIXELS", 1 << 30 if keeps else 0)
-    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 15)
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", (1 << 15) * _engine.LANES["f32"] // 16)   # (per lane)
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAP_SHARE", 0.0)   # (the strips, not the whole map)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     _engine.forward_plan.cache_clear()
@@ -1454,8 +1454,7 @@ def test_depthwise_channel_block(spec, mode, threads, keeps, monkeypatch, restor
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name and fp.channel_block_map is None
     strip, _ = _engine.channel_block_strip(fp, threads)
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-        assert strip < fp.OH   # several strips per image
+    assert strip < fp.OH   # several strips per image
     _check_channel_block_forward(spec, case, mode, used)
 
 
@@ -1627,7 +1626,7 @@ GRAD_BLOCK_SPECS = [s for s in SPECS if s.channel_block and s.direction == "bwd_
 def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, monkeypatch, restore_threads):
     """Both parities of padded rows and of the left padding, a partial channel block
     (21 channels), partial row tiles (37 and 38 columns), and strips of rows."""
-    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", 1 << 14)
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", (1 << 14) * _engine.LANES["f32"] // 16)   # (per lane)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
     monkeypatch.setattr(_engine, "backward_data_plan", _engine.backward_data_plan.__wrapped__)   # no plans kept
     used = _scratch_names(monkeypatch)
@@ -1639,8 +1638,7 @@ def test_depthwise_stride2_input_gradient_channel_block(spec, padding, threads, 
         bp = _engine.backward_data_plan(fp.problem)
         assert bp.kernel.name == spec.name and bp.channel_block is not None
         strip, _ = _engine.channel_block_strip(bp, threads)
-        if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-            assert strip < case["H"]   # several strips
+        assert strip < case["H"]   # several strips
         used.clear()
         _check(spec, case)
         assert "bwd_pixel_major" in used
