@@ -268,44 +268,43 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
         }                                                                       \
     }
 
+/* The rounds of a LANES x LANES transpose of r, in place (IV: the integer vector of the
+ * same width, for the shuffles' masks). */
+#define CG_TRANSPOSE_16(V, IV, r) {                                             \
+    static const IV m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},         \
+                    m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};         \
+    CG_TRANSPOSE_ROUND(V, r, 1, m1[0], m1[1], 16)                               \
+    CG_TRANSPOSE_ROUND(V, r, 2, m2[0], m2[1], 16)                               \
+    CG_TRANSPOSE_ROUND(V, r, 4, m4[0], m4[1], 16)                               \
+    CG_TRANSPOSE_ROUND(V, r, 8, m8[0], m8[1], 16)                               \
+}
+#define CG_TRANSPOSE_8(V, IV, r) {                                              \
+    static const IV m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)}; \
+    CG_TRANSPOSE_ROUND(V, r, 1, m1[0], m1[1], 8)                                \
+    CG_TRANSPOSE_ROUND(V, r, 2, m2[0], m2[1], 8)                                \
+    CG_TRANSPOSE_ROUND(V, r, 4, m4[0], m4[1], 8)                                \
+}
+#define CG_TRANSPOSE_4(V, IV, r) {                                              \
+    static const IV m1[2] = {CG_MASKS_4(1)}, m2[2] = {CG_MASKS_4(2)};           \
+    CG_TRANSPOSE_ROUND(V, r, 1, m1[0], m1[1], 4)                                \
+    CG_TRANSPOSE_ROUND(V, r, 2, m2[0], m2[1], 4)                                \
+}
+/* ... the one for each dtype's lanes (a literal: the macros above are named by it) */
 #if CG_VECTOR_BYTES == 64
-#define CG_STORE_TRANSPOSED_F32 {                                               \
-    static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},    \
-                         m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};    \
-    CG_LOAD_COLUMNS(cg_vf32, r, 16)                                             \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 16)                         \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)                         \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)                         \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 8, m8[0], m8[1], 16)                         \
-    CG_STORE_ROWS(f32, r, 16)                                                   \
-}
-#define CG_STORE_TRANSPOSED_F64 {                                               \
-    static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)},      \
-                         m4[2] = {CG_MASKS_8(4)};                               \
-    CG_LOAD_COLUMNS(cg_vf64, r, 8)                                              \
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)                          \
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)                          \
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)                          \
-    CG_STORE_ROWS(f64, r, 8)                                                    \
-}
+#define CG_TRANSPOSE_F32(r) CG_TRANSPOSE_16(cg_vf32, cg_vi32, r)
+#define CG_TRANSPOSE_F64(r) CG_TRANSPOSE_8(cg_vf64, cg_vi64, r)
 #else
-#define CG_STORE_TRANSPOSED_F32 {                                               \
-    static const cg_vi32 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)},      \
-                         m4[2] = {CG_MASKS_8(4)};                               \
-    CG_LOAD_COLUMNS(cg_vf32, r, 8)                                              \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 8)                          \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 8)                          \
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 8)                          \
-    CG_STORE_ROWS(f32, r, 8)                                                    \
-}
-#define CG_STORE_TRANSPOSED_F64 {                                               \
-    static const cg_vi64 m1[2] = {CG_MASKS_4(1)}, m2[2] = {CG_MASKS_4(2)};      \
-    CG_LOAD_COLUMNS(cg_vf64, r, 4)                                              \
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 4)                          \
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 4)                          \
-    CG_STORE_ROWS(f64, r, 4)                                                    \
-}
+#define CG_TRANSPOSE_F32(r) CG_TRANSPOSE_8(cg_vf32, cg_vi32, r)
+#define CG_TRANSPOSE_F64(r) CG_TRANSPOSE_4(cg_vf64, cg_vi64, r)
 #endif
+
+#define CG_STORE_TRANSPOSED(SFX, V, LANES, TRANSPOSE) {                         \
+    CG_LOAD_COLUMNS(V, r, LANES)                                                \
+    TRANSPOSE(r)                                                                \
+    CG_STORE_ROWS(SFX, r, LANES)                                                \
+}
+#define CG_STORE_TRANSPOSED_F32 CG_STORE_TRANSPOSED(f32, cg_vf32, CG_LANES_F32, CG_TRANSPOSE_F32)
+#define CG_STORE_TRANSPOSED_F64 CG_STORE_TRANSPOSED(f64, cg_vf64, CG_LANES_F64, CG_TRANSPOSE_F64)
 
 static inline void cg_store_transposed_f32(float *dst, ptrdiff_t stride, const cg_vf32 *cols,
                                            int n_cols, int n_rows, int accumulate) CG_STORE_TRANSPOSED_F32
@@ -333,44 +332,17 @@ cg_store_transposed_inlined_f64(double *dst, ptrdiff_t stride, const cg_vf64 *co
         r[l] = l >= n_rows ? (V){0} : n_cols == LANES ? cg_load_##SFX(src + l * stride) \
                                                       : cg_load_partial_##SFX(src + l * stride, n_cols);
 
-#if CG_VECTOR_BYTES == 64
 static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
                                           cg_vf32 *r) {
-    static const cg_vi32 m1[2] = {CG_MASKS_16(1)}, m2[2] = {CG_MASKS_16(2)},
-                         m4[2] = {CG_MASKS_16(4)}, m8[2] = {CG_MASKS_16(8)};
-    CG_LOAD_ROWS(f32, cg_vf32, r, 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 16)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 8, m8[0], m8[1], 16)
+    CG_LOAD_ROWS(f32, cg_vf32, r, CG_LANES_F32)
+    CG_TRANSPOSE_F32(r)
 }
 
 static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, int n_rows, int n_cols,
                                           cg_vf64 *r) {
-    static const cg_vi64 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
-    CG_LOAD_ROWS(f64, cg_vf64, r, 8)
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 4, m4[0], m4[1], 8)
+    CG_LOAD_ROWS(f64, cg_vf64, r, CG_LANES_F64)
+    CG_TRANSPOSE_F64(r)
 }
-#else
-static inline void cg_load_transposed_f32(const float *src, ptrdiff_t stride, int n_rows, int n_cols,
-                                          cg_vf32 *r) {
-    static const cg_vi32 m1[2] = {CG_MASKS_8(1)}, m2[2] = {CG_MASKS_8(2)}, m4[2] = {CG_MASKS_8(4)};
-    CG_LOAD_ROWS(f32, cg_vf32, r, 8)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 1, m1[0], m1[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 2, m2[0], m2[1], 8)
-    CG_TRANSPOSE_ROUND(cg_vf32, r, 4, m4[0], m4[1], 8)
-}
-
-static inline void cg_load_transposed_f64(const double *src, ptrdiff_t stride, int n_rows, int n_cols,
-                                          cg_vf64 *r) {
-    static const cg_vi64 m1[2] = {CG_MASKS_4(1)}, m2[2] = {CG_MASKS_4(2)};
-    CG_LOAD_ROWS(f64, cg_vf64, r, 4)
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 1, m1[0], m1[1], 4)
-    CG_TRANSPOSE_ROUND(cg_vf64, r, 2, m2[0], m2[1], 4)
-}
-#endif
 
 /* The first n (<= lanes) values p[0], p[stride], p[2 * stride], ... (zeros after): an
  * AVX-512 masked gather where the build has it, else element by element.  (The input
