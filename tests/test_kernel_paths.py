@@ -479,10 +479,9 @@ def test_three_row_tile_for_few_output_channels():
         if spec.direction != "fwd" or spec.groups != "dense":
             continue
         kernel = _dispatch.lookup("fwd", _plan(case_for(spec), spec_dtype(spec)).problem)
-        three = [i for i, (rows, cols, _) in enumerate(kernel.variants) if (rows, cols) == (3, 8)]
+        three = [i for i, (rows, cols, _) in enumerate(kernel.variants) if rows == 3]   # (3x8 on AVX-512, 3x4 on AVX2)
         output_layer = spec.kernel in (1, ANY) or (spec.kernel, spec.stride, spec.dilation) == (3, 1, 1)
-        if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-            assert bool(three) == (spec.dtype == "f32" and output_layer), spec.name
+        assert bool(three) == (spec.dtype == "f32" and output_layer), spec.name
         for out in range(1, 8):
             index, _ = kernel.pick_tile(out, 1024)
             assert (index in three) == (bool(three) and out <= 3), (spec.name, out)
@@ -561,12 +560,11 @@ def test_weight_gradient_by_channel_in_one_partial_block(dtype, kernel, no_icvec
     instead, here switched off); fewer do not: against the reference and torch, on 1 and
     2 threads."""
     dtype = np.dtype(dtype)
-    lanes = 64 // dtype.itemsize
+    lanes = _engine.LANES[_engine.DTYPE_SUFFIX[dtype]]
     case = dict(N=2, C=40, OC=lanes * 3 // 2, H=13, W=11, kernel=(kernel, kernel), stride=(1, 1),
                 padding=(kernel // 2, kernel // 2), dilation=(1, 1), groups=1)
     assert _plan(case, dtype).wgrad_by_channel
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-        assert not _plan(dict(case, OC=lanes * 3 // 2 - 1), dtype).wgrad_by_channel
+    assert not _plan(dict(case, OC=lanes * 3 // 2 - 1), dtype).wgrad_by_channel
     _check_directions(case, dtype, make_rng("wgrad-partial-block", dtype.name, kernel), with_torch=True)
 
 
@@ -797,7 +795,7 @@ def test_grouped_weight_gradient_by_channel(spec, groups, out_per_group, wgrad_o
     grad_output, not 40; float64: all three), both tile orders, wide zero padding: against
     the reference and torch, the same bits on 1 and 2 threads, a module's .grad accumulating."""
     dtype = spec_dtype(spec)
-    lanes = 16 if dtype == np.float32 else 8
+    lanes = _engine.LANES[_engine.DTYPE_SUFFIX[np.dtype(dtype)]]
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     case = _case(spec, 16 * groups, out_per_group * groups)
     kh, kw = case["kernel"]
@@ -806,8 +804,7 @@ def test_grouped_weight_gradient_by_channel(spec, groups, out_per_group, wgrad_o
     fp = _plan(case, dtype)
     assert fp.wgrad_kernel.name == spec.name
     block = 2 * lanes
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-        assert fp.wgrad_by_channel == (out_per_group >= block and -(-out_per_group // block) * block <= 1.2 * out_per_group)
+    assert fp.wgrad_by_channel == (out_per_group >= block and -(-out_per_group // block) * block <= 1.2 * out_per_group)
     if not fp.wgrad_by_channel:
         return
     assert fp.wgrad_ocvec.name == spec.name.replace("grouped", "dense")
