@@ -1038,8 +1038,8 @@ def test_one_by_one_panels(spec, threads, panel_chunks, images, forced_flat, mon
     plan = fp if spec.direction == "fwd" else _engine.backward_data_plan(fp.problem)
     assert plan.kernel.name == spec.name
     assert plan.panels and _engine.threads_for(fp.work) == threads
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
-        assert plan.panel_pixels // chunk == panel_chunks and plan.panel_pixels % 2 == 1   # (odd: see _panel_pixels)
+    # (an odd number of cache lines: see _panel_pixels)
+    assert plan.panel_pixels // chunk == panel_chunks and plan.panel_pixels * lanes * itemsize // 64 % 2 == 1
     assert (case["H"], case["W"]) == (11, 9) and _geometry.ceil_div(11 * 9, chunk) % panel_chunks == (panel_chunks - 1)
     _check(spec, case)
 
