@@ -1,0 +1,42 @@
+/* convgen_simd.h's helpers against plain loops, for the vector width it is compiled with
+ * (tests/test_simd_header.py builds it for 64 and 32 bytes, with and without AVX2): the
+ * transposed stores and loads for every row and column count, the non-finite checks, the
+ * horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
+#include <stdio.h>
+#include <stddef.h>
+#include "convgen_simd.h"
+int main(void) {
+    int bad = 0;
+    for (int nr = 1; nr <= CG_LANES_F32; nr++) for (int nc = 1; nc <= CG_LANES_F32; nc++) for (int acc = 0; acc < 2; acc++) {
+        cg_vf32 cols[CG_LANES_F32]; float dst[CG_LANES_F32 * 20]; float want[CG_LANES_F32 * 20];
+        for (int c = 0; c < CG_LANES_F32; c++) for (int l = 0; l < CG_LANES_F32; l++) cols[c][l] = c * 100 + l;
+        for (int i = 0; i < CG_LANES_F32 * 20; i++) dst[i] = want[i] = i * 0.5f;
+        for (int l = 0; l < nr; l++) for (int c = 0; c < nc; c++) want[l * 20 + c] = (acc ? want[l * 20 + c] : 0) + cols[c][l];
+        cg_store_transposed_f32(dst, 20, cols, nc, nr, acc);
+        for (int i = 0; i < CG_LANES_F32 * 20; i++) if (dst[i] != want[i]) bad++;
+        cg_vf32 out[CG_LANES_F32];
+        cg_load_transposed_f32(dst, 20, nr, nc, out);
+        for (int c = 0; c < CG_LANES_F32; c++) for (int l = 0; l < CG_LANES_F32; l++) {
+            float w = (l < nr && c < nc) ? dst[l * 20 + c] : 0;
+            if (c < nc && out[c][l] != w) bad++;
+        }
+    }
+    for (int nr = 1; nr <= CG_LANES_F64; nr++) for (int nc = 1; nc <= CG_LANES_F64; nc++) {
+        cg_vf64 cols[CG_LANES_F64]; double dst[CG_LANES_F64 * 20], want[CG_LANES_F64 * 20];
+        for (int c = 0; c < CG_LANES_F64; c++) for (int l = 0; l < CG_LANES_F64; l++) cols[c][l] = c * 100 + l;
+        for (int i = 0; i < CG_LANES_F64 * 20; i++) dst[i] = want[i] = -1;
+        for (int l = 0; l < nr; l++) for (int c = 0; c < nc; c++) want[l * 20 + c] = cols[c][l];
+        cg_store_transposed_f64(dst, 20, cols, nc, nr, 0);
+        for (int i = 0; i < CG_LANES_F64 * 20; i++) if (dst[i] != want[i]) bad++;
+        cg_vf64 out[CG_LANES_F64];
+        cg_load_transposed_f64(dst, 20, nr, nc, out);
+        for (int c = 0; c < nc; c++) for (int l = 0; l < CG_LANES_F64; l++) if (out[c][l] != (l < nr ? dst[l * 20 + c] : 0)) bad++;
+    }
+    float f[37]; for (int i = 0; i < 37; i++) f[i] = i; f[36] = 1.0f / 0.0f;
+    double d[37]; for (int i = 0; i < 37; i++) d[i] = i; d[33] = 0.0 / 0.0;
+    if (!cg_nonfinite_f32(f, 37) || cg_nonfinite_f32(f, 36) || !cg_nonfinite_f64(d, 34) || cg_nonfinite_f64(d, 33)) bad += 1000;
+    cg_vf32 v = cg_load_f32(f); if (cg_hsum_f32(v) != (CG_LANES_F32 - 1) * CG_LANES_F32 / 2) bad += 10000;
+    cg_vf64 lo = {0}, hi = {0}; cg_add_widened_f32(&lo, &hi, v); if (cg_hsum_f64(lo + hi) != (CG_LANES_F32 - 1) * CG_LANES_F32 / 2) bad += 100000;
+    printf("bytes %d bad %d\n", CG_VECTOR_BYTES, bad);
+    return bad != 0;
+}
