@@ -71,7 +71,7 @@ def main():
     convgen_times = [_median_time(lambda: layer(xx), repeats) for _, layer, xx, _, repeats, _ in cases]
     print(f"\n{'layer':28s} {'convgen':>10s} {'im2col+BLAS':>12s} {'ratio':>7s} {'GFLOP/s':>8s}")
     for (name, layer, xx, w, repeats, flops), t_np, t_cg in zip(cases, numpy_times, convgen_times):
-        print(f"{name:28s} {t_cg * 1e6:8.1f}us {t_np * 1e6:10.1f}us {t_np / t_cg:6.2f}x {flops / t_cg / 1e9:8.1f}")
+        print(f"{name:28s} {t_cg * 1e6:8.1f}us {t_np * 1e6:10.1f}us {t_np / t_cg:6.3g}x {flops / t_cg / 1e9:8.1f}")
     for _, layer, xx, w, _, _ in cases:
         assert np.allclose(layer(xx), im2col_conv(xx, w, 1), rtol=1e-3, atol=1e-3)
 
