@@ -2,11 +2,11 @@
 and compile them with OpenMP.
 
 The build is native (-march=native) by default, its kernels generated for the vector
-unit that enables (codegen.target: AVX-512's 64-byte vectors and 32 registers, else
-AVX2's 32-byte vectors and 16).  CONVGEN_MARCH=<arch> targets another instruction set
-(e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2); CONVGEN_PORTABLE=1 builds
-for any x86-64 / arm64 (baseline instructions, the AVX2 target's tiles: correct, but
-slower).  CONVGEN_BUILD_JOBS sets how many
+unit that enables (codegen.target: AVX-512's 64-byte vectors and 32 registers, AVX2's
+32-byte vectors and 16, else 16-byte vectors).  CONVGEN_MARCH=<arch> targets another
+instruction set (e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2);
+CONVGEN_PORTABLE=1 builds for any x86-64 / arm64 (baseline instructions, 16-byte vectors:
+correct, about 3x slower than AVX2 code).  CONVGEN_BUILD_JOBS sets how many
 extensions compile in parallel (default: all cores).  CONVGEN_DEBUG=1 compiles with
 debug information (Python's -g; left out by default: it makes the build much longer).
 """

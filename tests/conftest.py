@@ -25,6 +25,9 @@ DTYPES = [np.float32, np.float64]
 # a test's assertion that its path ran is pinned to those shapes, other targets (AVX2)
 # skip that assertion and still check the results.
 PINNED_GEOMETRY = convgen._dispatch.TARGET == "avx512"
+# ... and whether it is a build for machines without AVX (CONVGEN_PORTABLE=1: 16-byte
+# vectors), whose tiles take other paths again on some of the shapes AVX2's share.
+BASELINE_BUILD = convgen._dispatch.TARGET == "baseline"
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 TORCH_PAD = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 

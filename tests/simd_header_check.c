@@ -1,5 +1,5 @@
 /* convgen_simd.h's helpers against plain loops, for the vector width it is compiled with
- * (tests/test_simd_header.py builds it for 64 and 32 bytes, with and without AVX2): the
+ * (tests/test_simd_header.py builds it for 64, 32 and 16 bytes, with and without AVX2): the
  * transposed stores and loads for every row and column count, the non-finite checks, the
  * horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
 #include <stdio.h>

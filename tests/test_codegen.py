@@ -11,7 +11,7 @@ import pytest
 
 from codegen import context, emit, render, spec, table, target
 from codegen.spec import ANY, DIRECTIONS, DTYPES, GROUPS_KINDS, KernelSpec
-from codegen.target import AVX2, AVX512
+from codegen.target import AVX2, AVX512, BASELINE
 
 # The generated text is checked for the reference target, AVX-512, whatever this machine
 # builds (its tile shapes are the ones spelled out below); BUILT, the table this build
@@ -649,7 +649,7 @@ def _registers_needed(s):
     return max(needs)
 
 
-@pytest.mark.parametrize("tgt", [AVX512, AVX2], ids=lambda t: t.name)
+@pytest.mark.parametrize("tgt", [AVX512, AVX2, BASELINE], ids=lambda t: t.name)
 def test_tiles_fit_the_targets_registers(tgt):
     specs = table.validate(table.build_specs(tgt))
     assert {s.target for s in specs} == {tgt}
@@ -666,8 +666,9 @@ def test_tiles_fit_the_targets_registers(tgt):
 
 
 def test_build_target_follows_the_compiler(monkeypatch):
-    assert target.target_for_macros({"__AVX512F__", "__AVX2__"}) is AVX512
-    assert target.target_for_macros({"__AVX2__", "__FMA__"}) is AVX2 and target.target_for_macros(set()) is AVX2
+    assert target.target_for_macros({"__AVX512F__", "__AVX2__", "__AVX__"}) is AVX512
+    assert target.target_for_macros({"__AVX__", "__AVX2__", "__FMA__"}) is AVX2
+    assert target.target_for_macros({"__SSE2__"}) is BASELINE and target.target_for_macros(set()) is BASELINE
     monkeypatch.setenv("CONVGEN_TARGET", "avx2")
     assert target.build_target() is AVX2
     monkeypatch.setenv("CONVGEN_TARGET", "sse")

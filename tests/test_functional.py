@@ -296,8 +296,11 @@ def test_float32_bias_gradient_sums_accurately(layer):
     conv(x)
     conv.backward(gy)
     want = gy.astype(np.float64).sum(axis=(0, 2, 3))
-    assert np.abs(conv.bias.grad - want).max() <= 3e-5
+    # (a portable build's 4 float32 lanes sum a row's 112 values 28 to a lane before
+    # widening, where AVX-512's sum 7: measured 3.06e-5 there)
+    bound = 3e-5 if _engine.LANES["f32"] >= 8 else 4e-5
+    assert np.abs(conv.bias.grad - want).max() <= bound
     conv.backward(gy)   # (accumulated)
-    assert np.abs(conv.bias.grad - 2 * want).max() <= 6e-5
+    assert np.abs(conv.bias.grad - 2 * want).max() <= 2 * bound
     route = _engine.forward_plan(conv._cfg.problem(x.shape, x.dtype)).weight_gradient_routes
     assert [sums_bias for _, sums_bias in route.values()] == [groups > 1]

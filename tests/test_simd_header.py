@@ -1,6 +1,7 @@
 """The vector helpers of convgen/include/convgen_simd.h, compiled on their own for each
 vector width the build may target (codegen.target): 64-byte vectors (AVX-512's width, in
-generic vector code where this machine has no AVX-512) and 32-byte ones (AVX2), with and
+generic vector code where this machine has no AVX-512), 32-byte ones (AVX2) and 16-byte
+ones (baseline x86-64), with and
 without the instructions their fast paths use, against plain loops (simd_header_check.c)."""
 
 import os
@@ -24,7 +25,7 @@ def _runs(march):
 
 
 @pytest.mark.skipif(CC is None, reason="no C compiler")
-@pytest.mark.parametrize("vector_bytes", [64, 32])
+@pytest.mark.parametrize("vector_bytes", [64, 32, 16])
 @pytest.mark.parametrize("march", ["x86-64", "x86-64-v3", "x86-64-v4"])
 def test_simd_helpers_against_plain_loops(vector_bytes, march, tmp_path):
     if os.uname().machine not in ("x86_64", "AMD64"):

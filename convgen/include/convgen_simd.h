@@ -1,10 +1,10 @@
 /* Portable vectors for the generated kernels (GCC/Clang vector extensions).
  *
- * CG_VECTOR_BYTES (64: AVX-512, 32: AVX2) is the width the kernels were generated for
- * (codegen.target; setup.py defines it).  Built with -march=native on such a machine
- * these are single zmm / ymm registers and `acc + x * w` contracts to one vfmadd (with
- * an embedded broadcast when w is a scalar in memory); in a portable build the compiler
- * splits them into narrower vectors.
+ * CG_VECTOR_BYTES (64: AVX-512, 32: AVX2, 16: baseline x86-64 or arm64) is the width the
+ * kernels were generated for (codegen.target; setup.py defines it).  Built with
+ * -march=native on such a machine these are single zmm / ymm / xmm registers and
+ * `acc + x * w` contracts to one vfmadd where there is one (with an embedded broadcast
+ * when w is a scalar in memory).
  * Hand-written, not generated: the templates only call these few helpers.
  */
 #ifndef CONVGEN_SIMD_H
@@ -13,10 +13,10 @@
 #include <string.h>
 
 #ifndef CG_VECTOR_BYTES
-#error "CG_VECTOR_BYTES (64 or 32) must be defined: setup.py defines it from codegen.target"
+#error "CG_VECTOR_BYTES (64, 32 or 16) must be defined: setup.py defines it from codegen.target"
 #endif
-#if CG_VECTOR_BYTES != 64 && CG_VECTOR_BYTES != 32
-#error "CG_VECTOR_BYTES must be 64 (AVX-512) or 32 (AVX2)"
+#if CG_VECTOR_BYTES != 64 && CG_VECTOR_BYTES != 32 && CG_VECTOR_BYTES != 16
+#error "CG_VECTOR_BYTES must be 64 (AVX-512), 32 (AVX2) or 16 (baseline x86-64 / arm64)"
 #endif
 #define CG_LANES_F32 (CG_VECTOR_BYTES / 4)
 #define CG_LANES_F64 (CG_VECTOR_BYTES / 8)
@@ -63,7 +63,7 @@ static inline double cg_hsum_f64(cg_vf64 v) {
     v += __builtin_shuffle(v, (cg_vi64){1, 1, 1, 1, 1, 1, 1, 1});
     return v[0];
 }
-#else
+#elif CG_VECTOR_BYTES == 32
 static inline float cg_hsum_f32(cg_vf32 v) {
     v += __builtin_shuffle(v, (cg_vi32){4, 5, 6, 7, 4, 5, 6, 7});
     v += __builtin_shuffle(v, (cg_vi32){2, 3, 2, 3, 2, 3, 2, 3});
@@ -74,6 +74,17 @@ static inline float cg_hsum_f32(cg_vf32 v) {
 static inline double cg_hsum_f64(cg_vf64 v) {
     v += __builtin_shuffle(v, (cg_vi64){2, 3, 2, 3});
     v += __builtin_shuffle(v, (cg_vi64){1, 1, 1, 1});
+    return v[0];
+}
+#else
+static inline float cg_hsum_f32(cg_vf32 v) {
+    v += __builtin_shuffle(v, (cg_vi32){2, 3, 2, 3});
+    v += __builtin_shuffle(v, (cg_vi32){1, 1, 1, 1});
+    return v[0];
+}
+
+static inline double cg_hsum_f64(cg_vf64 v) {
+    v += __builtin_shuffle(v, (cg_vi64){1, 1});
     return v[0];
 }
 #endif
@@ -237,6 +248,7 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
 #define CG_MASKS_4(S) \
     {(0&S)?4+0-S:0, (1&S)?4+1-S:1, (2&S)?4+2-S:2, (3&S)?4+3-S:3}, \
     {(0&S)?4+0:0+S, (1&S)?4+1:1+S, (2&S)?4+2:2+S, (3&S)?4+3:3+S}
+#define CG_MASKS_2(S) {(0&S)?2+0-S:0, (1&S)?2+1-S:1}, {(0&S)?2+0:0+S, (1&S)?2+1:1+S}
 
 #define CG_TRANSPOSE_ROUND(V, r, S, LO, HI, LANES)                               \
     for (int i_ = 0; i_ < LANES; i_++) if (!(i_ & S)) {                         \
@@ -289,13 +301,20 @@ CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
     CG_TRANSPOSE_ROUND(V, r, 1, m1[0], m1[1], 4)                                \
     CG_TRANSPOSE_ROUND(V, r, 2, m2[0], m2[1], 4)                                \
 }
+#define CG_TRANSPOSE_2(V, IV, r) {                                              \
+    static const IV m1[2] = {CG_MASKS_2(1)};                                    \
+    CG_TRANSPOSE_ROUND(V, r, 1, m1[0], m1[1], 2)                                \
+}
 /* ... the one for each dtype's lanes (a literal: the macros above are named by it) */
 #if CG_VECTOR_BYTES == 64
 #define CG_TRANSPOSE_F32(r) CG_TRANSPOSE_16(cg_vf32, cg_vi32, r)
 #define CG_TRANSPOSE_F64(r) CG_TRANSPOSE_8(cg_vf64, cg_vi64, r)
-#else
+#elif CG_VECTOR_BYTES == 32
 #define CG_TRANSPOSE_F32(r) CG_TRANSPOSE_8(cg_vf32, cg_vi32, r)
 #define CG_TRANSPOSE_F64(r) CG_TRANSPOSE_4(cg_vf64, cg_vi64, r)
+#else
+#define CG_TRANSPOSE_F32(r) CG_TRANSPOSE_4(cg_vf32, cg_vi32, r)
+#define CG_TRANSPOSE_F64(r) CG_TRANSPOSE_2(cg_vf64, cg_vi64, r)
 #endif
 
 #define CG_STORE_TRANSPOSED(SFX, V, LANES, TRANSPOSE) {                         \
@@ -386,9 +405,12 @@ static inline void cg_add_widened_f32(cg_vf64 *lo, cg_vf64 *hi, cg_vf32 v) {
 #if CG_VECTOR_BYTES == 64
     cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
     cg_vf32_half b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
+#elif CG_VECTOR_BYTES == 32
     cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1, 2, 3);
     cg_vf32_half b = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+    cg_vf32_half a = __builtin_shufflevector(v, v, 0, 1);
+    cg_vf32_half b = __builtin_shufflevector(v, v, 2, 3);
 #endif
     *lo += __builtin_convertvector(a, cg_vf64);
     *hi += __builtin_convertvector(b, cg_vf64);
