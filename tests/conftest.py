@@ -2,14 +2,22 @@
 problems, and PyTorch as an oracle (a test-only dependency: tests that need it
 skip without it)."""
 
+import os
 import zlib
 
 import numpy as np
 import pytest
 
 import convgen
-from codegen.spec import NUMPY_DTYPES
-from convgen import _reference as ref
+
+# The tests check the kernels this build holds: codegen's spec table (imported by the test
+# modules, after this) is made for the build's target, not for whatever the compiler
+# would pick now (a CONVGEN_PORTABLE=1 build tested without that setting had the AVX2
+# table set against its baseline kernels).
+os.environ["CONVGEN_TARGET"] = convgen._dispatch.TARGET
+
+from codegen.spec import NUMPY_DTYPES  # noqa: E402
+from convgen import _reference as ref  # noqa: E402
 
 # The one tolerance table.  `tol` is relative; the absolute part is `tol` times
 # the largest magnitude in the expected array, so a kernel summing many terms
