@@ -5,6 +5,7 @@ import sys
 
 from . import emit
 from .table import SPECS
+from .target import TARGETS
 
 
 def main(argv=None):
@@ -36,7 +37,8 @@ def main(argv=None):
             print(f"{spec.name:48s} {spec.module:18s} {tile:6s} {', '.join(spec.other_tiles)}".rstrip())
         t = SPECS[0].target
         print(f"{len(SPECS)} kernels in {len(emit.extension_modules())} modules, for {t.name} "
-              f"({t.vector_bytes}-byte vectors, {t.registers} registers; CONVGEN_TARGET=avx512|avx2 to see another)")
+              f"({t.vector_bytes}-byte vectors, {t.registers} registers; "
+              f"CONVGEN_TARGET={'|'.join(TARGETS)} to see another)")
     return 0
 
 

@@ -14,9 +14,7 @@ DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
 DTYPES = ("f32", "f64")
 GROUPS_KINDS = ("dense", "depthwise", "grouped")
 
-# Lanes of one 512-bit vector (AVX-512, the reference target: see codegen.target), and the
-# C / NumPy names of each dtype.
-VECTOR_LANES = {"f32": AVX512.lanes("f32"), "f64": AVX512.lanes("f64")}
+# The C / NumPy names of each dtype (a vector's lanes: KernelSpec.lanes, from its target).
 C_TYPES = {"f32": "float", "f64": "double"}
 NUMPY_DTYPES = {"f32": "float32", "f64": "float64"}
 
