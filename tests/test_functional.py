@@ -282,8 +282,8 @@ def test_module_vs_torch_f32_f64(dtype):
 @pytest.mark.parametrize("layer", [(8, 3, 1, 0, 1), (8, 8, 3, 1, 8), (8, 16, 5, 2, 8)],
                          ids=["1x1", "depthwise", "depthwise-5x5-x2"])
 def test_float32_bias_gradient_sums_accurately(layer):
-    """The bias gradient sums float32 values in float64 past blocks of 256 (_layout's
-    channel sums), or past each row (the depthwise weight gradient's, as it reads
+    """The bias gradient sums float32 values in float64 past blocks of 16 vectors (256
+    values in AVX-512's lanes: _layout's channel sums), or past each row (the depthwise weight gradient's, as it reads
     grad_output): on 25,088 values a channel whose sums cancel (to a few 1e-6), within
     3e-5 of the float64 sum (measured 1.0e-5; PyTorch's float32 sum 3.4e-5; a float32 sum
     throughout, as before, 1.3e-4)."""

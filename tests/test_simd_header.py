@@ -1,12 +1,14 @@
 """The vector helpers of convgen/include/convgen_simd.h, compiled on their own for each
 vector width the build may target (codegen.target): 64-byte vectors (AVX-512's width, in
-generic vector code where this machine has no AVX-512), 32-byte ones (AVX2) and 16-byte
-ones (baseline x86-64), with and
-without the instructions their fast paths use, against plain loops (simd_header_check.c)."""
+generic vector code where this machine has no AVX-512), 32-byte ones (AVX2) and 16-byte ones
+(baseline x86-64), with and without the instructions their fast paths use, against plain
+loops (simd_header_check.c)."""
 
 import os
 import shutil
 import subprocess
+
+from functools import lru_cache
 
 import pytest
 
@@ -15,13 +17,20 @@ INCLUDE = os.path.join(HERE, os.pardir, "convgen", "include")
 CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _runs(march):
-    """Whether this machine runs code built for march (the build's own flags decide)."""
+@lru_cache(maxsize=None)
+def _avx_macros(march):
+    """The __AVX* macros the compiler defines for -march=march, or None if it knows no such
+    architecture."""
     out = subprocess.run([CC, f"-march={march}", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
-    native = subprocess.run([CC, "-march=native", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
-    wanted = {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define __AVX")}
-    have = {line.split()[1] for line in native.stdout.splitlines() if line.startswith("#define __AVX")}
-    return out.returncode == 0 and wanted <= have
+    if out.returncode != 0:
+        return None
+    return {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define __AVX")}
+
+
+def _runs(march):
+    """Whether this machine runs code built for march (what -march=native enables covers it)."""
+    wanted = _avx_macros(march)
+    return wanted is not None and wanted <= _avx_macros("native")
 
 
 @pytest.mark.skipif(CC is None, reason="no C compiler")
