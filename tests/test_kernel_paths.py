@@ -385,7 +385,6 @@ def test_priced_row_tiles_on_small_maps(layer, dtype, threads):
     cifar = _plan(dict(case, N=32, H=32, W=32, kernel=3, padding=1, dilation=1), dtype)
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert cifar.cvec is not None and cifar.row_tiles == 0
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert _engine.backward_data_plan(cifar.problem).row_tiles == 0
     x, w, b, gy = case_arrays(case, dtype, make_rng("priced-rows", layer, dtype))
     args = conv_args(case)
@@ -426,7 +425,6 @@ def test_channel_vector_row_pairs(spec, shape, threads, forced_rows, banded, mon
     fp = _plan(case, dtype)
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert fp.kernel.name == spec.name and fp.row_pairs is not None and fp.rblock < fp.Cg
-    if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert (fp.row_pairs == 1).any() and (fp.row_pairs == 0).any()   # (an odd row, or wide tiles)
     assert (fp.bands(threads) is None) == (threads == 1 or _engine.BAND_MIN_CHUNKS > 1)
     if shape == "padding":
@@ -1317,7 +1315,7 @@ def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
         outputs.append(convgen_functional("fwd", xs, w, b, gy, **conv_args(case)))
         if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
             assert (used == []) == in_place and ("fwd_panels" in used) != in_place
-    if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
+    if not BASELINE_BUILD:   # (the same bits where the two calls take the paths asserted above)
         assert np.array_equal(outputs[0], outputs[1])
     assert_close(outputs[0], reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "vs reference")
     _engine.forward_plan.cache_clear()
@@ -1353,7 +1351,6 @@ def test_in_place_rule():
     assert plan(4, 960, 160, 7, 7) == (48, 1, True)                             # 160 channels, 196 pixels
     if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
         assert plan(1, 96, 576, 14, 14) == (192, 4, False) and plan(1, 384, 64, 14, 14) == (192, 4, True)
-    if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
         assert plan(1, 32, 16, 10, 10) == (96, 4, True) and plan(1, 144, 24, 14, 14) == (192, 4, True)
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert plan(1, 64, 64, 56, 56) == (3168, 0, True) and plan(1, 16, 8, 9, 9) == (96, 0, True)   # 16 or 33 past 48
