@@ -1,7 +1,7 @@
 /* convgen_simd.h's helpers against plain loops, for the vector width it is compiled with
  * (tests/test_simd_header.py builds it for 64, 32 and 16 bytes, with and without AVX2): the
- * transposed stores and loads for every row and column count, the non-finite checks, the
- * horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
+ * transposed stores and loads for every row and column count, the compressed stores for
+ * every lane mask, the non-finite checks, the horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
 #include <stdio.h>
 #include <stddef.h>
 #include "convgen_simd.h"
@@ -31,6 +31,22 @@ int main(void) {
         cg_vf64 out[CG_LANES_F64];
         cg_load_transposed_f64(dst, 20, nr, nc, out);
         for (int c = 0; c < nc; c++) for (int l = 0; l < CG_LANES_F64; l++) if (out[c][l] != (l < nr ? dst[l * 20 + c] : 0)) bad++;
+    }
+    for (unsigned m = 0; m < (1u << CG_LANES_F32); m++) {   /* set lanes, in order, from p; nothing else */
+        float dst[CG_LANES_F32 + 2], want[CG_LANES_F32 + 2]; cg_vf32 v;
+        for (int l = 0; l < CG_LANES_F32; l++) v[l] = 10 + l;
+        for (int i = 0; i < CG_LANES_F32 + 2; i++) dst[i] = want[i] = -1;
+        for (int l = 0, k = 1; l < CG_LANES_F32; l++) if (m >> l & 1) want[k++] = v[l];
+        cg_store_compressed_f32(dst + 1, v, m);
+        for (int i = 0; i < CG_LANES_F32 + 2; i++) if (dst[i] != want[i]) bad++;
+    }
+    for (unsigned m = 0; m < (1u << CG_LANES_F64); m++) {
+        double dst[CG_LANES_F64 + 2], want[CG_LANES_F64 + 2]; cg_vf64 v;
+        for (int l = 0; l < CG_LANES_F64; l++) v[l] = 10 + l;
+        for (int i = 0; i < CG_LANES_F64 + 2; i++) dst[i] = want[i] = -1;
+        for (int l = 0, k = 1; l < CG_LANES_F64; l++) if (m >> l & 1) want[k++] = v[l];
+        cg_store_compressed_f64(dst + 1, v, m);
+        for (int i = 0; i < CG_LANES_F64 + 2; i++) if (dst[i] != want[i]) bad++;
     }
     float f[37]; for (int i = 0; i < 37; i++) f[i] = i; f[36] = 1.0f / 0.0f;
     double d[37]; for (int i = 0; i < 37; i++) d[i] = i; d[33] = 0.0 / 0.0;
