@@ -31,8 +31,10 @@ OCVEC_FIELDS = ("used", "store", "h0", "h1", "w0", "w1")
 # The channel-vector tiles prefetch the packed weights this many taps ahead (a tap's are
 # lanes x width values): streamed from L2 (ASPP's 512 channels: 590 KB a tile), they
 # otherwise stall the FMAs.  One tap ahead: module forward 1.02-1.08x (ASPP 1.08x,
-# DeepLab rate 2 1.07x); two: another 1.00-1.02x.
+# DeepLab rate 2 1.07x); two: another 1.00-1.02x.  One prefetch per cache line of a
+# channel's weights (AVX-512: two, one per vector; AVX2: its two vectors share one line).
 CVEC_PREFETCH_TAPS = 2
+CACHE_LINE_BYTES = 64
 
 TEMPLATES = {
     "fwd": "conv2d_fwd.pyx.j2",
@@ -222,10 +224,11 @@ def kernel_context(spec):
                            widest_pair=max(spec.cvec_pairs, default=0),
                            slot=pixels * vectors * lanes,   # one tile's partial sums
                            panel=spec.kernel == 1,          # 1x1: may read its input in place (panel_item)
-                           # ahead: where its prefetch reads, CVEC_PREFETCH_TAPS taps' weights on
-                           vectors=[dict(index=v, offset=v * lanes,
-                                         ahead=v * lanes + CVEC_PREFETCH_TAPS * lanes * vectors * lanes)
-                                    for v in range(vectors)],
+                           vectors=[dict(index=v, offset=v * lanes) for v in range(vectors)],
+                           # where a channel's prefetches read: each cache line of its weights,
+                           # CVEC_PREFETCH_TAPS taps on
+                           prefetch=[CVEC_PREFETCH_TAPS * lanes * vectors * lanes + line
+                                     for line in range(0, vectors * lanes, CACHE_LINE_BYTES // spec.itemsize)],
                            width=vectors * lanes)
     ctx["row_blocks"] = _row_blocks(spec)
     ctx["channel_block"] = _channel_block(spec)

@@ -8,7 +8,7 @@ The generator, the dispatch table, the test ids and the benchmarks all use it.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .target import AVX512, Target
+from .target import AVX512, ITEMSIZE, Target
 
 DIRECTIONS = ("fwd", "bwd_data", "bwd_weight")
 DTYPES = ("f32", "f64")
@@ -253,6 +253,10 @@ class KernelSpec:
     @property
     def lanes(self):
         return self.target.lanes(self.dtype)
+
+    @property
+    def itemsize(self):
+        return ITEMSIZE[self.dtype]
 
     @property
     def ctype(self):

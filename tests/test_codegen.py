@@ -302,22 +302,29 @@ def test_channel_vector_tiles_only_for_dense_forward_and_input_gradient(env):
     assert f"cdef void _{strided.name}{suffix}_phase3_item(" in text
 
 
-def test_channel_vector_tiles_prefetch_weights_taps_ahead(env):
-    """Each channel of each tap prefetches, per weight vector, the packed weights
-    CVEC_PREFETCH_TAPS taps on (a tap's weights are lanes x width values)."""
+@pytest.mark.parametrize("tgt", [AVX512, AVX2])
+def test_channel_vector_tiles_prefetch_weights_taps_ahead(env, tgt):
+    """Each channel of each tap prefetches each cache line of its packed weights
+    CVEC_PREFETCH_TAPS taps on (a tap's weights are lanes x width values): on AVX-512 one
+    line per weight vector, on AVX2 one line for both."""
     for dtype in ("f32", "f64"):
-        text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, SPECS), env)
-        dense3 = KernelSpec("fwd", dtype, 3, 1, 1, "dense")
+        specs = table.build_specs(tgt)
+        text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", dtype, specs), env)
+        dense3 = next(s for s in specs if s.key == KernelSpec("fwd", dtype, 3, 1, 1, "dense").key)
         tile = text[text.index(f"cdef inline void _{dense3.name}_c"):]
         tile = tile[:tile.index("\ncdef ")]
         lanes, (_, vectors) = dense3.lanes, dense3.cvec_tile
-        ahead = context.CVEC_PREFETCH_TAPS * lanes * vectors * lanes
+        width = lanes * vectors
+        ahead = context.CVEC_PREFETCH_TAPS * lanes * width
+        lines = {AVX512: vectors, AVX2: 1}[tgt]
         for tap in range(9):
             for v in range(vectors):
-                load = f"cg_load_{dtype}(wr + {tap * lanes * vectors * lanes + v * lanes} + ic * {vectors * lanes})"
-                fetch = f"cg_prefetch(wr + {tap * lanes * vectors * lanes + ahead + v * lanes} + ic * {vectors * lanes})"
-                assert load in tile and fetch in tile, (dtype, tap, v)
-        assert tile.count("cg_prefetch(") == 9 * vectors
+                load = f"cg_load_{dtype}(wr + {tap * lanes * width + v * lanes} + ic * {width})"
+                assert load in tile, (dtype, tap, v)
+            for line in range(lines):
+                fetch = f"cg_prefetch(wr + {tap * lanes * width + ahead + line * 64 // dense3.itemsize} + ic * {width})"
+                assert fetch in tile, (dtype, tap, line)
+        assert tile.count("cg_prefetch(") == 9 * lines
 
 
 def test_channel_vector_row_pairs_only_in_float32_forward(env):
