@@ -349,6 +349,13 @@ IN_PLACE_WEIGHT_MAJOR = True
 # 0.92x, 64 -> 128 at 112x112 (9.6 MB) 0.93x, but a batch of two of 64 -> 256 at 56x56 (8 MB)
 # 1.14x.  ResNet's 1024 -> 256 at 14x14, whose 784-byte planes start mid-line, 0.89x.)
 IN_PLACE_ALIGNED_BYTES = 6 << 20
+# ... where the input itself starts on a cache line, on AVX-512 only: AVX2's 32-byte loads
+# straddle a line half as often, and its pixel tiles then beat the panels on inputs that
+# start anywhere.  (AMD Zen 3, 2 threads, in-process alternating, 10-16 rounds, NumPy's
+# inputs, in place against the panels: ResNet's 256 -> 64 at 56x56 1.18-1.22x (module
+# backward 1.11x), 64 -> 256 1.29-1.38x (backward 1.02x), 512 -> 128 at 28x28 1.03x,
+# 128 -> 512 0.88-0.99x, 256 -> 1024 1.01x.)
+IN_PLACE_ANY_ADDRESS = _dispatch.VECTOR_BYTES < 64
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
 # the weight read transposed (run's weight_transposed), where it holds at most this share
 # of the values read and written.  (Module backward, input and weight gradients, in place
@@ -1678,7 +1685,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     if not keep:
         fp = fp.inference_twin if fp.inference_twin is not None else inference_plan(p)
     threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
-    aligned = fp.in_place_aligned is not None and _layout.address(x) % ALIGN == 0
+    aligned = fp.in_place_aligned is not None and (IN_PLACE_ANY_ADDRESS or _layout.address(x) % ALIGN == 0)
     key = (keep, share_input, threads, aligned)
     route = fp.routes.get(key)
     if route is None:

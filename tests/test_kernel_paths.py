@@ -1294,7 +1294,8 @@ def test_backward_steps_worked_out_once_per_thread_count(groups, monkeypatch, re
 def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
     """A 1x1 layer beyond IN_PLACE's rule (here every such layer) whose planes are whole
     cache lines reads its input in place where the input starts on one, and through the
-    panels where it does not; both give the same bits."""
+    panels where it does not (AVX-512; elsewhere in place wherever it starts:
+    IN_PLACE_ANY_ADDRESS); both give the same bits."""
     monkeypatch.setattr(_engine, "IN_PLACE_MAX_OUT", 0)
     monkeypatch.setattr(_engine, "IN_PLACE_MAX_WORK", 0)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
@@ -1308,7 +1309,7 @@ def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
     x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-aligned", spec.name))
     buf = _engine.aligned_empty((x.size + 64,), dtype)
     outputs = []
-    for offset, in_place in ((0, True), (16 // dtype.itemsize, False)):   # (16 bytes past a line)
+    for offset, in_place in ((0, True), (16 // dtype.itemsize, _engine.IN_PLACE_ANY_ADDRESS)):   # (16 bytes past a line)
         xs = buf[offset:offset + x.size].reshape(x.shape)
         xs[...] = x
         used = _scratch_names(monkeypatch)
