@@ -467,11 +467,11 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
     tile = "cdef void _ocvec_tile("
     assert "def ocvec(" in text and "def ocvec_chunks(" in text
     # defined once, called by each entry point (ocvec through _ocvec_item, in bands through
-    # _ocvec_band)
+    # _ocvec_band_item)
     assert text.count(tile) == 1 and text.count("_ocvec_tile(") == 3
-    assert text.count("cdef void _ocvec_band(") == 1
+    assert text.count("cdef void _ocvec_band_item(") == 1
     assert text.count("a_1_11 = cg_fma_f64(a_1_11, g_1, xs)") == 1
-    shared = ("_ocvec_tile", "_ocvec_item", "_ocvec_band")
+    shared = ("_ocvec_tile", "_ocvec_item", "_ocvec_band_item")
     assert "_ocvec" not in functools.reduce(lambda t, name: t.replace(name, ""), shared, text)   # no per-kernel copies
     # Its tile table's layout: the fields' order from codegen, their places in the tile
     # after the columns (12 of them), each tile's columns stored from its `store` field.
