@@ -5,6 +5,16 @@
 #include <stdio.h>
 #include <stddef.h>
 #include "convgen_simd.h"
+/* Every lane mask of a compressed store: the set lanes, in order, from p; nothing else. */
+#define CHECK_COMPRESSED(SFX, T, V, LANES)                                                   \
+    for (unsigned m = 0; m < (1u << LANES); m++) {                                           \
+        T dst[LANES + 2], want[LANES + 2]; V v;                                              \
+        for (int l = 0; l < LANES; l++) v[l] = 10 + l;                                       \
+        for (int i = 0; i < LANES + 2; i++) dst[i] = want[i] = -1;                           \
+        for (int l = 0, k = 1; l < LANES; l++) if (m >> l & 1) want[k++] = v[l];             \
+        cg_store_compressed_##SFX(dst + 1, v, m);                                            \
+        for (int i = 0; i < LANES + 2; i++) if (dst[i] != want[i]) bad++;                   \
+    }
 int main(void) {
     int bad = 0;
     for (int nr = 1; nr <= CG_LANES_F32; nr++) for (int nc = 1; nc <= CG_LANES_F32; nc++) for (int acc = 0; acc < 2; acc++) {
@@ -32,22 +42,8 @@ int main(void) {
         cg_load_transposed_f64(dst, 20, nr, nc, out);
         for (int c = 0; c < nc; c++) for (int l = 0; l < CG_LANES_F64; l++) if (out[c][l] != (l < nr ? dst[l * 20 + c] : 0)) bad++;
     }
-    for (unsigned m = 0; m < (1u << CG_LANES_F32); m++) {   /* set lanes, in order, from p; nothing else */
-        float dst[CG_LANES_F32 + 2], want[CG_LANES_F32 + 2]; cg_vf32 v;
-        for (int l = 0; l < CG_LANES_F32; l++) v[l] = 10 + l;
-        for (int i = 0; i < CG_LANES_F32 + 2; i++) dst[i] = want[i] = -1;
-        for (int l = 0, k = 1; l < CG_LANES_F32; l++) if (m >> l & 1) want[k++] = v[l];
-        cg_store_compressed_f32(dst + 1, v, m);
-        for (int i = 0; i < CG_LANES_F32 + 2; i++) if (dst[i] != want[i]) bad++;
-    }
-    for (unsigned m = 0; m < (1u << CG_LANES_F64); m++) {
-        double dst[CG_LANES_F64 + 2], want[CG_LANES_F64 + 2]; cg_vf64 v;
-        for (int l = 0; l < CG_LANES_F64; l++) v[l] = 10 + l;
-        for (int i = 0; i < CG_LANES_F64 + 2; i++) dst[i] = want[i] = -1;
-        for (int l = 0, k = 1; l < CG_LANES_F64; l++) if (m >> l & 1) want[k++] = v[l];
-        cg_store_compressed_f64(dst + 1, v, m);
-        for (int i = 0; i < CG_LANES_F64 + 2; i++) if (dst[i] != want[i]) bad++;
-    }
+    CHECK_COMPRESSED(f32, float, cg_vf32, CG_LANES_F32)
+    CHECK_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
     float f[37]; for (int i = 0; i < 37; i++) f[i] = i; f[36] = 1.0f / 0.0f;
     double d[37]; for (int i = 0; i < 37; i++) d[i] = i; d[33] = 0.0 / 0.0;
     if (!cg_nonfinite_f32(f, 37) || cg_nonfinite_f32(f, 36) || !cg_nonfinite_f64(d, 34) || cg_nonfinite_f64(d, 33)) bad += 1000;
