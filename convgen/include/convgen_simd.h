@@ -171,12 +171,12 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
     }
 #endif
 
+/* The first of the next n items of a share's counter (see the kernels' _run_claimed):
+ * nothing is published through it (a share's input was written before the parallel
+ * region, and each item writes its own outputs), so relaxed. */
+static inline ptrdiff_t cg_claim(ptrdiff_t *next, ptrdiff_t n) { return __atomic_fetch_add(next, n, __ATOMIC_RELAXED); }
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
-/* The next n items of a band's counter (see the kernels' _band_claim): nothing is
- * published through it (the band's input was written before the parallel region), so
- * relaxed. */
-static inline ptrdiff_t cg_claim(ptrdiff_t *next, ptrdiff_t n) { return __atomic_fetch_add(next, n, __ATOMIC_RELAXED); }
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
 static inline void cg_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
