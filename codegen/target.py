@@ -73,18 +73,23 @@ def target_for_macros(macros):
     return AVX2 if "__AVX__" in macros else BASELINE
 
 
-def _compiler():
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or "cc"
+def compiler():
+    """The C compiler the build uses (CC, else cc or gcc on the PATH), or None."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 @lru_cache(maxsize=None)
-def _detect(compiler, args):
+def compiler_macros(cc, flags):
+    """The names of the macros the C compiler cc predefines with `flags` (a tuple), or None
+    where it cannot say (no compiler, or flags it does not take)."""
+    if cc is None:
+        return None
     try:
-        out = subprocess.run([compiler, *[a for a in args if a.startswith("-m")], "-dM", "-E", "-x", "c", os.devnull],
+        out = subprocess.run([cc, *flags, "-dM", "-E", "-x", "c", os.devnull],
                              capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return BASELINE   # (no compiler to ask: nothing will be built either)
-    return target_for_macros({line.split()[1] for line in out.splitlines() if line.startswith("#define ")})
+        return None
+    return frozenset(line.split()[1] for line in out.splitlines() if line.startswith("#define "))
 
 
 def build_target():
@@ -95,4 +100,5 @@ def build_target():
         if name not in TARGETS:
             raise ValueError(f"CONVGEN_TARGET must be one of {sorted(TARGETS)}, got {name!r}")
         return TARGETS[name]
-    return _detect(_compiler(), tuple(compile_args()))
+    macros = compiler_macros(compiler(), tuple(a for a in compile_args() if a.startswith("-m")))
+    return BASELINE if macros is None else target_for_macros(macros)   # (no compiler: nothing is built either)

@@ -5,26 +5,22 @@ generic vector code where this machine has no AVX-512), 32-byte ones (AVX2) and 
 loops (simd_header_check.c)."""
 
 import os
-import shutil
 import subprocess
-
-from functools import lru_cache
 
 import pytest
 
+from codegen import target
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 INCLUDE = os.path.join(HERE, os.pardir, "convgen", "include")
-CC = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+CC = target.compiler()
 
 
-@lru_cache(maxsize=None)
 def _avx_macros(march):
     """The __AVX* macros the compiler defines for -march=march, or None if it knows no such
     architecture."""
-    out = subprocess.run([CC, f"-march={march}", "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
-    if out.returncode != 0:
-        return None
-    return {line.split()[1] for line in out.stdout.splitlines() if line.startswith("#define __AVX")}
+    macros = target.compiler_macros(CC, (f"-march={march}",))
+    return None if macros is None else {m for m in macros if m.startswith("__AVX")}
 
 
 def _runs(march):
