@@ -7,7 +7,7 @@ so the templates only substitute values and loop over lists.
 import importlib.util
 import os
 
-from .spec import ANY, DTYPES, NUMPY_DTYPES
+from .spec import ANY, C_TYPES, DTYPES, NUMPY_DTYPES
 
 _GEOMETRY_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "convgen", "_geometry.py")
 
@@ -268,7 +268,7 @@ def module_context(direction, dtype, specs, template=None):
         direction=direction,
         dtype=dtype,
         numpy_dtype=NUMPY_DTYPES[dtype],
-        ctype={"f32": "float", "f64": "double"}[dtype],
+        ctype=C_TYPES[dtype],
         vec=f"cg_v{dtype}",
         sfx=dtype,
         lanes=target.lanes(dtype),
