@@ -61,7 +61,7 @@ def _row_blocks(spec):
                 loads.setdefault((t.plane, t.dy + i, t.dx), []).append(dict(row=i, w_index=t.w_index))
         blocks.append(dict(index=index, suffix=f"_rb{rows}x{vectors}", rows=list(range(rows)),
                            vectors=[dict(index=v, offset=v * spec.lanes) for v in range(vectors)],
-                           width=vectors * spec.lanes, taps=sorted({t.w_index for t in taps}),
+                           width=vectors * spec.lanes, ntaps=k * k,
                            loads=[dict(plane=p, drow=r, dx=x, fmas=f) for (p, r, x), f in sorted(loads.items())]))
     return blocks
 

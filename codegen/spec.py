@@ -227,7 +227,7 @@ class KernelSpec:
         (A narrow 8x1 block for small maps measured no faster than the pixel tiles.)"""
         if self.direction != "fwd" or self.groups != "depthwise" or self.is_generic:
             return []
-        return [(4, 4 if self.target.wide else 2)]
+        return [(4, 4 if self.target.wide else 1)]
 
     @property
     def channel_block(self):

@@ -13,9 +13,9 @@ cdef struct PadPlan:
 cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
                       Py_ssize_t W, Py_ssize_t plane_len)
 
-# Both return 1 if the padded planes hold an infinity or a NaN.
-cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil
-cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil
+# Both return 1 if the padded planes hold an infinity or a NaN (check=False: 0, unchecked).
+cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp, bint check) noexcept nogil
+cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp, bint check) noexcept nogil
 
 # One channel of extend / fold_phases (see _layout.pyx), for kernels that fuse them.
 cdef struct FoldPlan:

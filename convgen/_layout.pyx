@@ -47,8 +47,12 @@ cdef extern from "convgen_simd.h" nogil:
     void cg_load_transposed_f32(const float* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf32* out)
     void cg_load_transposed_f64(const double* src, Py_ssize_t stride, int n_rows, int n_cols, cg_vf64* out)
     void cg_copy_f32(float* dst, const float* src, Py_ssize_t n)
+    void cg_copy_over_f32(float* dst, const float* src, Py_ssize_t n)
+    void cg_copy_over_f64(double* dst, const double* src, Py_ssize_t n)
     void cg_copy_f64(double* dst, const double* src, Py_ssize_t n)
     int cg_nonfinite_f32(const float* p, Py_ssize_t n)
+    void cg_deinterleave_f32(float* even, float* odd, const float* src, Py_ssize_t n)
+    void cg_deinterleave_f64(double* even, double* odd, const double* src, Py_ssize_t n)
     int cg_nonfinite_f64(const double* p, Py_ssize_t n)
 
 ctypedef fused real:
@@ -133,88 +137,126 @@ cdef inline int _nonfinite(const real* p, Py_ssize_t n) noexcept nogil:
         return m64 == 0x7ff0000000000000ull
 
 
-cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
-    return _pad_rows(x, xin, pp, 0, pp.Hq, True)
+cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp, bint check=True) noexcept nogil:
+    """_pad_rows of all of a channel's rows, checking the whole channel at once: one pass
+    over contiguous values, where a check per row cost small maps' short rows a partial
+    vector each (MobileNetV2's 960 channels at 7x7: half of a training forward's time
+    went to padding).  (Pixels that no plane reads are checked too: an infinity there
+    only sends the weight gradient down its exact path.)"""
+    cdef int bad = _nonfinite(x, pp.H * pp.W) if check else 0
+    return _pad_rows(x, xin, pp, 0, pp.Hq, True, False) | bad
 
 
 cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_t i0, Py_ssize_t i1,
-                          bint tail) noexcept nogil:
+                          bint tail, bint check=True) noexcept nogil:
     """One channel: x (H, W) -> rows [i0, i1) of its padded phase planes at xin, and
     with `tail` the zeros past each plane's last row.  Plain loops rather
     than memcpy/memset: rows are often short (7x7 maps), where a call costs more
     than the copy.  Returns 1 if the planes hold an infinity or a NaN (the weight
-    gradient then takes its exact path); checking the unpadded middles suffices, as
-    padding only repeats pixels that some middle also copies."""
-    cdef Py_ssize_t a, b, i, j, r, s, lo, hi, We = pp.We, sw = pp.sw, Hq = pp.Hq
+    gradient then takes its exact path; check=False: 0, unchecked, for planes that
+    no weight gradient reads); checking the unpadded middles suffices, as padding
+    only repeats pixels that some middle also copies.  Rows outermost: each source
+    row is read from memory once, for all of its phases."""
+    cdef Py_ssize_t a, b, i, j, r, s, n, We = pp.We, sw = pp.sw, Hq = pp.Hq
     cdef int bad = 0
-    cdef bint short
+    cdef bint split
     cdef real* dst
     cdef const real* src
-    cdef const real* mid
     cdef const Py_ssize_t* cb
-    for a in range(pp.sh):
-        for b in range(sw):
-            cb = pp.cols + b * We
-            lo = pp.interior[2 * b]
-            hi = pp.interior[2 * b + 1]
-            short = sw == 1 and hi - lo <= 16
-            dst = xin + (a * sw + b) * pp.plane_len + i0 * We
-            for i in range(i0, i1):
-                r = pp.rows[a * Hq + i]
-                if r < 0:
+    cdef const Py_ssize_t* lo = pp.interior   # (lo[2 * b], lo[2 * b + 1]: phase b's [lo, hi))
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
+    for i in range(i0, i1):
+        for a in range(pp.sh):
+            r = pp.rows[a * Hq + i]
+            dst = xin + a * sw * pp.plane_len + i * We   # (phase b's row: b * plane_len on)
+            if r < 0:
+                for b in range(sw):
                     for j in range(We):
-                        dst[j] = 0
+                        dst[b * pp.plane_len + j] = 0
+                continue
+            src = x + r * pp.W
+            if check:
+                # (The check reads the source row, once for all its phases, before the copies:
+                # reading back the values just stored stalls on store forwarding, and loads
+                # after AVX2's masked stores wait for them.)
+                if sw == 1:
+                    bad |= _nonfinite_row(src + pp.cols[lo[0]], lo[1] - lo[0])
                 else:
-                    src = x + r * pp.W
-                    for j in range(lo):
-                        s = cb[j]
-                        dst[j] = src[s] if s >= 0 else 0
-                    if short:
-                        # Short rows (7x7, 14x14 maps) as a masked vector or two: gcc's
-                        # loops below would copy them one value at a time (14x14 1.6x
-                        # faster; on 56-pixel rows those loops are the faster).
-                        if real is float:
-                            bad |= cg_nonfinite_f32(src + cb[lo], hi - lo)
-                            cg_copy_f32(dst + lo, src + cb[lo], hi - lo)
-                        else:
-                            bad |= cg_nonfinite_f64(src + cb[lo], hi - lo)
-                            cg_copy_f64(dst + lo, src + cb[lo], hi - lo)
+                    bad |= _nonfinite_row(src, pp.W)
+            # The middles: plain copies, or at stride 2 both phases in one pass where they
+            # take alternate source columns (zero, replicate and circular padding do).
+            split = (sw == 2 and lo[1] - lo[0] == lo[3] - lo[2]
+                     and pp.cols[We + lo[2]] - pp.cols[lo[0]] in (1, -1))
+            if split:
+                n = lo[1] - lo[0]
+                if pp.cols[lo[0]] < pp.cols[We + lo[2]]:
+                    _deinterleave(dst + lo[0], dst + pp.plane_len + lo[2], src + pp.cols[lo[0]], n)
+                else:
+                    _deinterleave(dst + pp.plane_len + lo[2], dst + lo[0], src + pp.cols[We + lo[2]], n)
+            for b in range(sw):
+                cb = pp.cols + b * We
+                if not split:
+                    n = lo[2 * b + 1] - lo[2 * b]
+                    if sw == 1:
+                        # (the rest of the row and the next one are written after this copy)
+                        _copy(dst + lo[0], src + cb[lo[0]], n, i + 1 < i1 or lo[1] + lanes - 1 <= We)
                     else:
-                        # (The check reads the source: reading back the values just stored
-                        # at other offsets stalls on store forwarding, which made the
-                        # stride-2 de-interleave 2.5x slower; at stride 2 it reads the
-                        # whole source row once, for both column phases.)
-                        if sw == 1:
-                            mid = src + cb[lo] - lo
-                            for j in range(lo, hi):
-                                dst[j] = mid[j]
-                            bad |= _nonfinite(src + cb[lo], hi - lo)
-                        elif sw == 2:  # a constant stride lets gcc vectorise the de-interleave
-                            mid = src + cb[lo] - 2 * lo
-                            for j in range(lo, hi):
-                                dst[j] = mid[2 * j]
-                            if b == 0:   # (the whole source row, once for both column phases)
-                                bad |= _nonfinite(src, pp.W)
-                        else:
-                            for j in range(lo, hi):
-                                dst[j] = src[cb[lo] + (j - lo) * sw]
-                            bad |= _nonfinite(dst + lo, hi - lo)
-                    for j in range(hi, We):
-                        s = cb[j]
-                        dst[j] = src[s] if s >= 0 else 0
-                dst = dst + We
-            if tail:
+                        for j in range(n):
+                            dst[b * pp.plane_len + lo[2 * b] + j] = src[cb[lo[2 * b]] + j * sw]
+                for j in range(lo[2 * b]):
+                    s = cb[j]
+                    dst[b * pp.plane_len + j] = src[s] if s >= 0 else 0
+                for j in range(lo[2 * b + 1], We):
+                    s = cb[j]
+                    dst[b * pp.plane_len + j] = src[s] if s >= 0 else 0
+    if tail:
+        for a in range(pp.sh):
+            for b in range(sw):
+                dst = xin + (a * sw + b) * pp.plane_len + Hq * We
                 for j in range(pp.plane_len - Hq * We):
                     dst[j] = 0
     return bad
 
 
-cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp) noexcept nogil:
-    return _pad_channel(src, dst, pp)
+cdef inline void _copy(real* dst, const real* src, Py_ssize_t n, bint over) noexcept nogil:
+    """n values, in vectors (gcc's loop copies short rows, 7x7 and 14x14 maps', one value
+    at a time, and costs its alias checks on longer ones).  over: the last, partial
+    vector may write up to a vector past dst + n (see cg_copy_over)."""
+    if real is float:
+        if over:
+            cg_copy_over_f32(dst, src, n)
+        else:
+            cg_copy_f32(dst, src, n)
+    else:
+        if over:
+            cg_copy_over_f64(dst, src, n)
+        else:
+            cg_copy_f64(dst, src, n)
 
 
-cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp) noexcept nogil:
-    return _pad_channel(src, dst, pp)
+cdef inline int _nonfinite_row(const real* p, Py_ssize_t n) noexcept nogil:
+    """_nonfinite, short rows (up to 16 values) by convgen_simd.h's vector test."""
+    if n > 16:
+        return _nonfinite(p, n)
+    if real is float:
+        return cg_nonfinite_f32(p, n)
+    else:
+        return cg_nonfinite_f64(p, n)
+
+
+cdef inline void _deinterleave(real* even, real* odd, const real* src, Py_ssize_t n) noexcept nogil:
+    if real is float:
+        cg_deinterleave_f32(even, odd, src, n)
+    else:
+        cg_deinterleave_f64(even, odd, src, n)
+
+
+cdef int pad_channel_f32(const float* src, float* dst, const PadPlan* pp, bint check) noexcept nogil:
+    return _pad_channel(src, dst, pp, check)
+
+
+cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp, bint check) noexcept nogil:
+    return _pad_channel(src, dst, pp, check)
 
 
 cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
@@ -233,14 +275,16 @@ cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, 
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
-              cnp.ndarray interior, Py_ssize_t plane_len, int threads, cnp.ndarray band_rows=None):
+              cnp.ndarray interior, Py_ssize_t plane_len, int threads, cnp.ndarray band_rows=None,
+              bint check=True):
     """xin[c, p * plane_len + i * We + j] = x[c, rows[a, i], cols[b, j]] (zero where -1)
     for phase p = a * sw + b; x is (N*C, H, W), rows (sh, Hq), cols (sw, We).
     interior (sw, 2): per column phase, the [lo, hi) of positions that copy the input
     itself (source cols[b, lo] + sw * (j - lo)), copied without the table.  The tail
     of each plane is zeroed.  band_rows (intp, bands + 1; see BandSplit): thread
     b pads the rows [band_rows[b], band_rows[b + 1]) of every plane.  Returns whether any
-    value is infinite or NaN."""
+    value is infinite or NaN (check=False: False, unchecked, for planes that no weight
+    gradient reads)."""
     cdef Py_ssize_t nc = x.shape[0], c
     cdef int bad = 0
     cdef PadPlan pp = pad_plan(rows, cols, interior, x.shape[1], x.shape[2], plane_len)
@@ -260,24 +304,24 @@ def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols
             for c in range(nc):
                 if single:
                     bad += _pad_rows(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp,
-                                     bounds[band], bounds[band + 1], band == tail_band)
+                                     bounds[band], bounds[band + 1], band == tail_band, check)
                 else:
                     bad += _pad_rows(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp,
-                                     bounds[band], bounds[band + 1], band == tail_band)
+                                     bounds[band], bounds[band + 1], band == tail_band, check)
         return bad > 0
     if threads == 1:  # a plain loop: no parallel region to open and join
         with nogil:
             for c in range(nc):
                 if single:
-                    bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
+                    bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp, check)
                 else:
-                    bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
+                    bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp, check)
     elif single:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp)
+            bad += _pad_channel(<float*>src + c * src_chan, <float*>dst + c * dst_chan, &pp, check)
     else:
         for c in prange(nc, nogil=True, schedule="dynamic", chunksize=1 + nc // (8 * threads), num_threads=threads):
-            bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp)
+            bad += _pad_channel(<double*>src + c * src_chan, <double*>dst + c * dst_chan, &pp, check)
     return bad > 0
 
 

@@ -1,7 +1,8 @@
 /* convgen_simd.h's helpers against plain loops, for the vector width it is compiled with
  * (tests/test_simd_header.py builds it for 64, 32 and 16 bytes, with and without AVX2): the
  * transposed stores and loads for every row and column count, the compressed stores for
- * every lane mask, the non-finite checks, the horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
+ * every lane mask, the de-interleaves and copies for every length up to four vectors and
+ * the values around them, the non-finite checks, the horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
 #include <stdio.h>
 #include <stddef.h>
 #include "convgen_simd.h"
@@ -14,6 +15,24 @@
         for (int l = 0, k = 1; l < LANES; l++) if (m >> l & 1) want[k++] = v[l];             \
         cg_store_compressed_##SFX(dst + 1, v, m);                                            \
         for (int i = 0; i < LANES + 2; i++) if (dst[i] != want[i]) bad++;                   \
+    }
+/* Every length n up to four vectors: even[k] = src[2k], odd[k] = src[2k + 1] for k < n, and
+ * nothing written before or after either; cg_copy_over: the n values, nothing before them,
+ * and at most lanes - 1 values after. */
+#define CHECK_SPLIT_AND_COPY(SFX, T, LANES)                                                  \
+    for (int n = 0; n <= 4 * LANES; n++) {                                                   \
+        T src[8 * LANES + 2], even[4 * LANES + 2], odd[4 * LANES + 2], dst[6 * LANES];       \
+        for (int i = 0; i < 8 * LANES + 2; i++) src[i] = 3 + i;                              \
+        for (int i = 0; i < 4 * LANES + 2; i++) even[i] = odd[i] = -1;                       \
+        cg_deinterleave_##SFX(even + 1, odd + 1, src + 1, n);                                \
+        for (int i = 0; i < 4 * LANES + 2; i++) {                                            \
+            T we = (i >= 1 && i <= n) ? src[2 * i - 1] : -1, wo = (i >= 1 && i <= n) ? src[2 * i] : -1; \
+            if (even[i] != we || odd[i] != wo) bad++;                                        \
+        }                                                                                    \
+        for (int i = 0; i < 6 * LANES; i++) dst[i] = -1;                                     \
+        cg_copy_over_##SFX(dst + 1, src + 2, n);                                             \
+        for (int i = 0; i < 6 * LANES; i++)                                                  \
+            if (i >= 1 && i <= n ? dst[i] != src[i + 1] : (i == 0 || i > n + LANES - 1) && dst[i] != -1) bad++; \
     }
 int main(void) {
     int bad = 0;
@@ -44,6 +63,8 @@ int main(void) {
     }
     CHECK_COMPRESSED(f32, float, cg_vf32, CG_LANES_F32)
     CHECK_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
+    CHECK_SPLIT_AND_COPY(f32, float, CG_LANES_F32)
+    CHECK_SPLIT_AND_COPY(f64, double, CG_LANES_F64)
     float f[37]; for (int i = 0; i < 37; i++) f[i] = i; f[36] = 1.0f / 0.0f;
     double d[37]; for (int i = 0; i < 37; i++) d[i] = i; d[33] = 0.0 / 0.0;
     if (!cg_nonfinite_f32(f, 37) || cg_nonfinite_f32(f, 36) || !cg_nonfinite_f64(d, 34) || cg_nonfinite_f64(d, 33)) bad += 1000;

@@ -184,8 +184,64 @@ CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, CG_LANES_F32)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, CG_LANES_F64)
 CG_DEFINE_COPY(f32, float, CG_LANES_F32)
 CG_DEFINE_COPY(f64, double, CG_LANES_F64)
+
+/* cg_copy, but its last partial vector is stored whole: it writes up to lanes - 1
+ * values past dst + n, which the caller rewrites after.  (AVX2's masked stores are
+ * slow on AMD's cores, and the loads after them wait: a 7x7 map's rows spent half
+ * their padding time there.) */
+#define CG_DEFINE_COPY_OVER(SFX, T, LANES)                                          \
+    static inline void cg_copy_over_##SFX(T *dst, const T *src, ptrdiff_t n) {      \
+        ptrdiff_t i = 0;                                                            \
+        for (; i + LANES <= n; i += LANES) cg_store_##SFX(dst + i, cg_load_##SFX(src + i)); \
+        if (i < n) cg_store_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i))); \
+    }
+CG_DEFINE_COPY_OVER(f32, float, CG_LANES_F32)
+CG_DEFINE_COPY_OVER(f64, double, CG_LANES_F64)
 CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, CG_LANES_F32, __mmask16, _mm512_cmpeq_epi32_mask)
 CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, CG_LANES_F64, __mmask8, _mm512_cmpeq_epi64_mask)
+
+/* even[k] = src[2k], odd[k] = src[2k + 1] for k < n: a row split into its two column
+ * phases (stride-2 layers' padded planes, see convgen._layout), reading each source
+ * vector once for both.  AVX2: two in-lane shuffles and two 64-bit permutes per pair
+ * of output vectors (gcc's own two-source shuffles of the plain loop took two
+ * permutes and a blend per output vector, and a second pass over the row). */
+#if defined(CG_AVX2)
+static inline void cg_deinterleave_f32(float *even, float *odd, const float *src, ptrdiff_t n) {
+    ptrdiff_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        __m256 a = _mm256_loadu_ps(src + 2 * k), b = _mm256_loadu_ps(src + 2 * k + 8);
+        __m256d e = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), o = _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd));
+        _mm256_storeu_ps(even + k, _mm256_castpd_ps(_mm256_permute4x64_pd(e, 0xd8)));
+        _mm256_storeu_ps(odd + k, _mm256_castpd_ps(_mm256_permute4x64_pd(o, 0xd8)));
+    }
+    for (; k < n; k++) { even[k] = src[2 * k]; odd[k] = src[2 * k + 1]; }
+}
+static inline void cg_deinterleave_f64(double *even, double *odd, const double *src, ptrdiff_t n) {
+    ptrdiff_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+        __m256d a = _mm256_loadu_pd(src + 2 * k), b = _mm256_loadu_pd(src + 2 * k + 4);
+        _mm256_storeu_pd(even + k, _mm256_permute4x64_pd(_mm256_unpacklo_pd(a, b), 0xd8));
+        _mm256_storeu_pd(odd + k, _mm256_permute4x64_pd(_mm256_unpackhi_pd(a, b), 0xd8));
+    }
+    for (; k < n; k++) { even[k] = src[2 * k]; odd[k] = src[2 * k + 1]; }
+}
+#else
+/* (two-source shuffles: AVX-512's vpermt2ps, one per output vector) */
+#define CG_DEFINE_DEINTERLEAVE(SFX, T, IV, LANES)                                   \
+    static inline void cg_deinterleave_##SFX(T *even, T *odd, const T *src, ptrdiff_t n) { \
+        IV ie, io;                                                                  \
+        for (int l = 0; l < LANES; l++) { ie[l] = 2 * l; io[l] = 2 * l + 1; }       \
+        ptrdiff_t k = 0;                                                            \
+        for (; k + LANES <= n; k += LANES) {                                        \
+            cg_v##SFX a = cg_load_##SFX(src + 2 * k), b = cg_load_##SFX(src + 2 * k + LANES); \
+            cg_store_##SFX(even + k, __builtin_shuffle(a, b, ie));                   \
+            cg_store_##SFX(odd + k, __builtin_shuffle(a, b, io));                    \
+        }                                                                           \
+        for (; k < n; k++) { even[k] = src[2 * k]; odd[k] = src[2 * k + 1]; }       \
+    }
+CG_DEFINE_DEINTERLEAVE(f32, float, cg_vi32, CG_LANES_F32)
+CG_DEFINE_DEINTERLEAVE(f64, double, cg_vi64, CG_LANES_F64)
+#endif
 
 /* The lanes of a vector of flat-grid pixels (the first at row oh, column ow of rows We
  * wide; ow may be >= We) that are real output pixels (column < OW, row < OH), as a bit
