@@ -1756,7 +1756,8 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         def one_pass(x, weight, bias, recycle, out):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin = None if planes is None else planes(x, recycle)
-            nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads, bands)
+            # (only planes kept for the weight gradient are checked for infinities and NaNs)
+            nonfinite = _layout.pad_phase(x.reshape(fp.x3_shape), xin, *fp.pad_args, threads, bands, check=keep)
             fp.kernel.run(xin, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, **one_pass_kw)
             return (y, xin, nonfinite) if keep else (y, None, False)
         return one_pass
@@ -1819,7 +1820,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                 # kept planes: each block its own; scratch planes: the same ones for every block
                 first = n0 * p.C if keep else 0
                 xb = xin if n1 - n0 == len(xin) // p.C else xin[first:first + (n1 - n0) * p.C]
-                nonfinite |= _layout.pad_phase(x3b, xb, *fp.pad_args, threads)
+                nonfinite |= _layout.pad_phase(x3b, xb, *fp.pad_args, threads, check=keep)
             if xblocks is not None:
                 # the channel-vector tile reads its own copy: blocks of channels, pixel-major
                 xb = xblocks if n1 - n0 == fp.images else xblocks[:(n1 - n0) * fp.in_blocks]
