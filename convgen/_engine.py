@@ -366,6 +366,12 @@ IN_PLACE_ANY_ADDRESS = _dispatch.VECTOR_BYTES < 64
 # and 320 -> 1280 at 7x7 1.30x and 1.18x, 960 -> 160 1.01x, but ResNet's 2048 -> 512 and
 # 512 -> 2048 at 7x7 0.92x and 0.94x and 512 -> 512 at 10x10 0.81x, so not there.)
 INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
+# ... and on AVX2, where the forward runs in place only by the rule for inputs at any
+# address (IN_PLACE_ANY_ADDRESS, in_place_aligned), where the weight holds at most this
+# share.  (AMD Zen 3, 2 threads, module backward, separate processes, 14 alternating
+# rounds, median / fastest round: ResNet's 256 -> 64 at 56x56 (share 0.016) 1.10x / 1.06x;
+# at 0.13 no gain or a loss: 512 -> 128 at 28x28 1.00x / 0.99x, 128 -> 512 0.89x / 0.90x.)
+INPUT_AS_FORWARD_ALIGNED_SHARE = 0.05
 # ... on maps whose pixel chunks compute at most this share more pixels than there are
 # (a 7x7 map: 64 for 49; not the 1x1 maps of squeeze-and-excitation blocks, whose
 # channel-vector tiles fill every lane).
@@ -1950,6 +1956,13 @@ def _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads):
     return y, xin, nonfinite
 
 
+def _in_place_plan(fq):
+    """How forward plan fq's pixel tiles run in place over an input at any address (an input
+    gradient's grad_output, whose address the route does not check): its in_place plan, or
+    on AVX2 its in_place_aligned one too (IN_PLACE_ANY_ADDRESS); None where neither."""
+    return fq.in_place or (fq.in_place_aligned if IN_PLACE_ANY_ADDRESS else None)
+
+
 @lru_cache(maxsize=256)
 def input_gradient_as_forward(p: Problem):
     """The input gradient of a zero-padded, stride-1 depthwise layer (one output channel
@@ -1958,12 +1971,17 @@ def input_gradient_as_forward(p: Problem):
     Problem when its kernel has a channel-block tile (which then computes the
     gradient with full vectors of channels), else None.  So is a dense 1x1 layer's at
     stride 1 without padding, a 1x1 layer from OC to C channels with the weight
-    transposed: that forward's where it reads grad_output in place (ForwardPlan.in_place)
-    and the weight is small (INPUT_AS_FORWARD_WEIGHT_SHARE)."""
+    transposed: that forward's where it reads grad_output in place (ForwardPlan.in_place,
+    or on AVX2 in_place_aligned: _in_place_plan) and the weight is small
+    (INPUT_AS_FORWARD_WEIGHT_SHARE, INPUT_AS_FORWARD_ALIGNED_SHARE)."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
-        small = p.OC * p.C <= INPUT_AS_FORWARD_WEIGHT_SHARE * p.N * p.H * p.W * (p.C + p.OC)
-        return q if small and forward_plan(q).in_place is not None else None
+        fq, values = forward_plan(q), p.N * p.H * p.W * (p.C + p.OC)
+        if fq.in_place is not None:
+            return q if p.OC * p.C <= INPUT_AS_FORWARD_WEIGHT_SHARE * values else None
+        if fq.in_place_aligned is not None and IN_PLACE_ANY_ADDRESS:
+            return q if p.OC * p.C <= INPUT_AS_FORWARD_ALIGNED_SHARE * values else None
+        return None
     if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
         return None
     OH, OW = p.output_hw
@@ -2043,7 +2061,7 @@ def _input_gradient_route(fp, threads):
 
             def transposed(grad_y, weight):
                 gx = np.empty(gx_shape, dtype=grad_y.dtype)
-                _run_in_place(fq, fq.in_place, grad_y, weight, None, gx, q_threads, weight_transposed=True)
+                _run_in_place(fq, _in_place_plan(fq), grad_y, weight, None, gx, q_threads, weight_transposed=True)
                 return gx
             return transposed
 

@@ -1218,8 +1218,38 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
     assert routed(1, 144, 24, 56, 56) and routed(1, 24, 144, 56, 56) and routed(1, 16, 96, 112, 112)
     assert not routed(1, 960, 160, 7, 7)      # its weight 2.8x grad_output and the gradient together
     assert not routed(1, 2048, 512, 7, 7) and not routed(1, 512, 512, 10, 10)
-    assert not routed(1, 256, 64, 56, 56)     # a forward from 64 to 256 channels at 56x56: the panels
+    # (a forward from 64 to 256 channels at 56x56: in place by the any-address rule, AVX2's only)
+    assert routed(1, 256, 64, 56, 56) == (_engine.IN_PLACE_ANY_ADDRESS and not BASELINE_BUILD)
+    assert not routed(1, 128, 512, 28, 28)    # (its weight 0.13 of the values: over that rule's share)
     assert not routed(1, 144, 24, 56, 56, pad=1) and not routed(1, 144, 24, 56, 56, stride=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_by_one_input_gradient_in_place_at_any_address(threads, monkeypatch, restore_threads):
+    """Where the forward from the output channels runs in place only by the rule for inputs
+    at any address (AVX2: ForwardPlan.in_place_aligned, IN_PLACE_ANY_ADDRESS), the input
+    gradient runs it too, on grad_output wherever it starts (ResNet's 256 -> 64 at 56x56,
+    grad_output one value off its allocation's start): against the reference and torch."""
+    convgen.set_num_threads(threads)
+    dtype = np.dtype(np.float32)
+    case = dict(N=1, C=256, OC=64, H=56, W=56, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    p = _plan(case, dtype).problem
+    q = _engine.input_gradient_as_forward(p)
+    if _engine.IN_PLACE_ANY_ADDRESS and not BASELINE_BUILD:
+        fq = _engine.forward_plan(q)
+        assert fq.in_place is None and fq.in_place_aligned is not None
+    calls = []
+    run_in_place = _engine._run_in_place
+    monkeypatch.setattr(_engine, "_run_in_place", lambda fp, plan, *a, **k: calls.append(plan)
+                        or run_in_place(fp, plan, *a, **k))
+    x, w, b, gy = case_arrays(case, dtype, make_rng("input-in-place-any-address"))
+    gy = np.concatenate([np.zeros(1, dtype), gy.ravel()])[1:].reshape(gy.shape)   # (off a cache line)
+    args = conv_args(case)
+    got = convgen_functional("bwd_data", x, w, b, gy, **args)
+    assert (len(calls) == 1 and calls[0] == _engine.forward_plan(q).in_place_aligned) == (q is not None)
+    assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "vs reference")
+    assert_close(got, torch_functional("bwd_data", x, w, b, gy, **args), dtype, "vs torch")
 
 
 def test_forward_steps_worked_out_once_per_kind_of_call(monkeypatch, restore_threads, forced_rows):
