@@ -179,13 +179,13 @@ cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_
                 # (The check reads the source row, once for all its phases, before the copies:
                 # reading back the values just stored stalls on store forwarding, and loads
                 # after AVX2's masked stores wait for them.)
-                if sw == 1:
+                if sw == 1 and lo[1] > lo[0]:
                     bad |= _nonfinite_row(src + pp.cols[lo[0]], lo[1] - lo[0])
                 else:
                     bad |= _nonfinite_row(src, pp.W)
             # The middles: plain copies, or at stride 2 both phases in one pass where they
             # take alternate source columns (zero, replicate and circular padding do).
-            split = (sw == 2 and lo[1] - lo[0] == lo[3] - lo[2]
+            split = (sw == 2 and lo[1] > lo[0] and lo[1] - lo[0] == lo[3] - lo[2]
                      and pp.cols[We + lo[2]] - pp.cols[lo[0]] in (1, -1))
             if split:
                 n = lo[1] - lo[0]
@@ -195,11 +195,11 @@ cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_
                     _deinterleave(dst + pp.plane_len + lo[2], dst + lo[0], src + pp.cols[We + lo[2]], n)
             for b in range(sw):
                 cb = pp.cols + b * We
-                if not split:
-                    n = lo[2 * b + 1] - lo[2 * b]
+                n = lo[2 * b + 1] - lo[2 * b]
+                if not split and n > 0:   # (an empty middle's start may be past the tables)
                     if sw == 1:
-                        # (the rest of the row and the next one are written after this copy)
-                        _copy(dst + lo[0], src + cb[lo[0]], n, i + 1 < i1 or lo[1] + lanes - 1 <= We)
+                        # (the rest of this row and the call's next rows are written after it)
+                        _copy(dst + lo[0], src + cb[lo[0]], n, lo[1] + lanes - 1 <= We * (i1 - i))
                     else:
                         for j in range(n):
                             dst[b * pp.plane_len + lo[2 * b] + j] = src[cb[lo[2 * b]] + j * sw]

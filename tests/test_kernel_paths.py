@@ -2546,3 +2546,46 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
         _check_directions(case, np.dtype(dtype), make_rng("l1-passes", np.dtype(dtype).name))
     finally:
         _engine.backward_data_plan.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_pad_phase_against_indexing(stride, mode, dtype):
+    """_layout.pad_phase's planes against NumPy indexing by the same source tables, for
+    rows 1-21 values wide (a partial vector each, or whole ones), strides 1-3 (stride 2's
+    columns split in one pass where both phases take alternate source columns, reflect's
+    not always), every padding mode, one or two threads, with and without the check, and
+    in bands (each band's rows; its copies may not write into the next band's): the
+    values, zero tails, nothing written past the planes, and the infinity reported only
+    when checked."""
+    rng = make_rng("pad-phase", stride, mode, np.dtype(dtype).name)
+    kernel_mode = _engine.PADDING_MODES[mode]
+    for W in (1, 2, 3, 7, 8, 9, 14, 16, 17, 21):
+        H, pad = 5, min(2, W - 1) if mode != "zeros" else 2
+        hp, wp = H + 2 * pad, W + 2 * pad
+        Hq, We = _geometry.ceil_div(hp, stride), _geometry.ceil_div(wp, stride)
+        rows = _engine._phase_sources(-pad, Hq, stride, H, hp, kernel_mode)
+        cols = _engine._phase_sources(-pad, We, stride, W, wp, kernel_mode)
+        interior = _engine._interior(pad, We, stride, W)
+        plane_len = Hq * We + 3
+        x = rng.standard_normal((3, H, W)).astype(dtype)
+        want = np.zeros((3, stride * stride, plane_len), dtype)
+        for a in range(stride):
+            for b in range(stride):
+                got_rows = x[:, np.maximum(rows[a], 0)][:, :, np.maximum(cols[b], 0)]
+                mask = (rows[a] >= 0)[:, None] & (cols[b] >= 0)[None, :]
+                want[:, a * stride + b, :Hq * We] = np.where(mask, got_rows, 0).reshape(3, -1)
+        for threads, band_rows in ((1, None), (2, None), (2, np.array([0, Hq // 2, Hq], np.intp)),
+                                   (3, np.array([0, 1, 2, Hq], np.intp))):
+            for check in (True, False):
+                out = np.full(want.size + 9, 7.0, dtype)
+                xin = out[:want.size].reshape(3, -1)
+                bad = _layout.pad_phase(x, xin, rows, cols, interior, plane_len, threads, band_rows, check=check)
+                assert not bad
+                np.testing.assert_array_equal(xin.reshape(want.shape), want, err_msg=f"W={W} bands={band_rows}")
+                assert (out[want.size:] == 7).all()
+        x[1, H // 2, W - 1] = np.inf
+        for check in (True, False):
+            assert _layout.pad_phase(x, np.empty((3, stride * stride * plane_len), dtype), rows, cols, interior,
+                                     plane_len, 1, check=check) == check
