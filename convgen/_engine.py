@@ -438,8 +438,16 @@ CHANNEL_BLOCK_MAP_SHARE = 0.75
 # elsewhere the per-channel tiles compute from the planes as they pad them (2 threads,
 # forward with a backward to follow: MobileNetV2's 960 channels at 7x7 70 -> 64 us, 384
 # at 14x14 62 -> 57, 192 at 28x28 85 -> 81; 144 at 56x56 225 -> 246, 576 at 14x14 with
-# stride 2 107 -> 114).
-CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28
+# stride 2 107 -> 114: AVX-512).  On AVX2, since the row-block tile's 1.2-1.5x (a88e3e4),
+# on maps of up to 8x8, and at any size for kernels of more than CHANNEL_BLOCK_KEEP_TAPS
+# taps or maps the row-block tile does not cover (AMD Zen 3, 2 threads, in-process, 14
+# alternating rounds, median / fastest round, the row-block route against the
+# channel-block tile's: 3x3 192 channels at 28x28 1.09-1.14x / 1.12-1.14x, 384 at 14x14
+# 1.06x / 1.06x, 256 at 12x12 1.06x / 1.06x, 512 at 8x8 0.99x, 960 at 7x7 0.96x; 5x5 480
+# at 14x14 0.72x, 240 at 28x28 0.80x, 144 at 56x56 0.82x; 7x7 384 at 14x14 0.49x, 96 at
+# 56x56 0.66x.)
+CHANNEL_BLOCK_KEEP_PIXELS = 28 * 28 if _dispatch.VECTOR_BYTES == 64 else 8 * 8
+CHANNEL_BLOCK_KEEP_TAPS = None if _dispatch.VECTOR_BYTES == 64 else 9
 
 # Dense forwards on the pixel tiles over batches of at least DENSE_FUSED_MIN_IMAGES images
 # whose padded planes take at most CACHE_BUDGET an image run fused, an image per work item:
@@ -1118,7 +1126,10 @@ class ForwardPlan:
                 values = (hp * wp + slack + flat + _geometry.round_up(max(p.H * p.W, self.OH * self.OW), lanes)) * lanes
                 if values * itemsize <= CHANNEL_BLOCK_MAX_BYTES:
                     self.channel_block_map = values
-            self.channel_block_keeps = p.sh == p.sw == 1 and self.OH * self.OW <= CHANNEL_BLOCK_KEEP_PIXELS
+            large_kernel = CHANNEL_BLOCK_KEEP_TAPS is not None and (p.KH * p.KW > CHANNEL_BLOCK_KEEP_TAPS
+                                                                     or self.row_block is None)
+            self.channel_block_keeps = p.sh == p.sw == 1 and (self.OH * self.OW <= CHANNEL_BLOCK_KEEP_PIXELS
+                                                              or large_kernel)
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW

@@ -1481,6 +1481,7 @@ def test_depthwise_channel_block(spec, mode, threads, keeps, monkeypatch, restor
     keeps its planes (by the channel-block tile too where `keeps`, at stride 1) must
     agree with it."""
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_KEEP_PIXELS", 1 << 30 if keeps else 0)
+    monkeypatch.setattr(_engine, "CHANNEL_BLOCK_KEEP_TAPS", None)
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAX_BYTES", (1 << 15) * _engine.LANES["f32"] // 16)   # (per lane)
     monkeypatch.setattr(_engine, "CHANNEL_BLOCK_MAP_SHARE", 0.0)   # (the strips, not the whole map)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
@@ -1521,6 +1522,26 @@ def test_depthwise_channel_block_whole_map(spec, mode, threads, monkeypatch, res
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert fp.kernel.name == spec.name and fp.channel_block_map is not None
     _check_channel_block_forward(spec, case, mode, used)
+
+
+def test_depthwise_training_forward_picks_its_tile():
+    """Which tile a depthwise forward that keeps its planes runs (ForwardPlan.
+    channel_block_keeps): on AVX-512 the channel-block tile on maps of up to 28x28; on AVX2
+    the row-block tile on 3x3 layers over maps larger than 8x8 that it covers, the
+    channel-block tile on the rest (larger kernels at any size, 10x10 maps)."""
+    def keeps(C, H, k, stride=1):
+        p = _engine.Problem(1, C, H, H, C, k, k, stride, stride, 1, 1, k // 2, k // 2, k // 2, k // 2, C, "zeros",
+                            "f32")
+        return _engine.forward_plan(p).channel_block_keeps
+    if BASELINE_BUILD:
+        pytest.skip("16-byte vectors: other tiles")
+    if _dispatch.VECTOR_BYTES == 64:
+        assert keeps(960, 7, 3) and keeps(192, 28, 3) and not keeps(144, 56, 3)
+        return
+    assert keeps(960, 7, 3) and keeps(512, 8, 3) and keeps(256, 10, 3)
+    assert not keeps(256, 12, 3) and not keeps(384, 14, 3) and not keeps(192, 28, 3) and not keeps(144, 56, 3)
+    assert keeps(480, 14, 5) and keeps(144, 56, 5) and keeps(96, 56, 7)
+    assert not keeps(96, 112, 3, stride=2) and not keeps(144, 56, 5, stride=2)   # (stride 1 only)
 
 
 def _check_channel_block_forward(spec, case, mode, used):
