@@ -1126,10 +1126,11 @@ class ForwardPlan:
                 values = (hp * wp + slack + flat + _geometry.round_up(max(p.H * p.W, self.OH * self.OW), lanes)) * lanes
                 if values * itemsize <= CHANNEL_BLOCK_MAX_BYTES:
                     self.channel_block_map = values
-            large_kernel = CHANNEL_BLOCK_KEEP_TAPS is not None and (p.KH * p.KW > CHANNEL_BLOCK_KEEP_TAPS
-                                                                     or self.row_block is None)
+            # (the row-block tile would lose at any size: kernels of more taps, uncovered maps)
+            row_block_loses = CHANNEL_BLOCK_KEEP_TAPS is not None and (p.KH * p.KW > CHANNEL_BLOCK_KEEP_TAPS
+                                                                        or self.row_block is None)
             self.channel_block_keeps = p.sh == p.sw == 1 and (self.OH * self.OW <= CHANNEL_BLOCK_KEEP_PIXELS
-                                                              or large_kernel)
+                                                              or row_block_loses)
         self.out_len = _geometry.round_up(self.OH * self.We, chunk)
         if self.row_block is not None:
             # the last row block reads its rows past OH, and its vectors past OW

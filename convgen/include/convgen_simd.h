@@ -128,12 +128,23 @@ static inline cg_vf64 cg_load_partial_f64(const double *p, int n) {
 #endif
 
 /* Copies n values (n >= 0) from src to dst, which do not overlap: whole vectors, then
- * one partial vector (short rows of the padded copies in convgen._layout). */
+ * one partial vector (the rows of the padded copies in convgen._layout).  cg_copy_over
+ * stores that last vector whole: it writes up to lanes - 1 values past dst + n, which the
+ * caller rewrites after.  (AVX2's masked stores are slow on AMD's cores, and the loads
+ * after them wait: a 7x7 map's rows spent half their padding time there.) */
 #define CG_DEFINE_COPY(SFX, T, LANES)                                               \
-    static inline void cg_copy_##SFX(T *dst, const T *src, ptrdiff_t n) {           \
+    static inline ptrdiff_t cg_copy_whole_##SFX(T *dst, const T *src, ptrdiff_t n) { \
         ptrdiff_t i = 0;                                                            \
         for (; i + LANES <= n; i += LANES) cg_store_##SFX(dst + i, cg_load_##SFX(src + i)); \
+        return i;                                                                   \
+    }                                                                               \
+    static inline void cg_copy_##SFX(T *dst, const T *src, ptrdiff_t n) {           \
+        ptrdiff_t i = cg_copy_whole_##SFX(dst, src, n);                             \
         if (i < n) cg_store_partial_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i)), (int)(n - i)); \
+    }                                                                               \
+    static inline void cg_copy_over_##SFX(T *dst, const T *src, ptrdiff_t n) {      \
+        ptrdiff_t i = cg_copy_whole_##SFX(dst, src, n);                             \
+        if (i < n) cg_store_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i))); \
     }
 
 /* 1 if p[0:n] (n >= 0) holds an infinity or a NaN, whose exponent bits are all ones:
@@ -184,19 +195,6 @@ CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, CG_LANES_F32)
 CG_DEFINE_VECTOR_OPS(f64, double, cg_vf64, CG_LANES_F64)
 CG_DEFINE_COPY(f32, float, CG_LANES_F32)
 CG_DEFINE_COPY(f64, double, CG_LANES_F64)
-
-/* cg_copy, but its last partial vector is stored whole: it writes up to lanes - 1
- * values past dst + n, which the caller rewrites after.  (AVX2's masked stores are
- * slow on AMD's cores, and the loads after them wait: a 7x7 map's rows spent half
- * their padding time there.) */
-#define CG_DEFINE_COPY_OVER(SFX, T, LANES)                                          \
-    static inline void cg_copy_over_##SFX(T *dst, const T *src, ptrdiff_t n) {      \
-        ptrdiff_t i = 0;                                                            \
-        for (; i + LANES <= n; i += LANES) cg_store_##SFX(dst + i, cg_load_##SFX(src + i)); \
-        if (i < n) cg_store_##SFX(dst + i, cg_load_partial_##SFX(src + i, (int)(n - i))); \
-    }
-CG_DEFINE_COPY_OVER(f32, float, CG_LANES_F32)
-CG_DEFINE_COPY_OVER(f64, double, CG_LANES_F64)
 CG_DEFINE_NONFINITE(f32, float, cg_vi32, 0x7f800000, CG_LANES_F32, __mmask16, _mm512_cmpeq_epi32_mask)
 CG_DEFINE_NONFINITE(f64, double, cg_vi64, 0x7ff0000000000000LL, CG_LANES_F64, __mmask8, _mm512_cmpeq_epi64_mask)
 
