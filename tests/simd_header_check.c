@@ -61,6 +61,12 @@ int main(void) {
         cg_load_transposed_f64(dst, 20, nr, nc, out);
         for (int c = 0; c < nc; c++) for (int l = 0; l < CG_LANES_F64; l++) if (out[c][l] != (l < nr ? dst[l * 20 + c] : 0)) bad++;
     }
+    {   /* a vector held in a register keeps its value */
+        cg_vf32 v32 = cg_splat_f32(3.5f); cg_vf64 v64 = cg_splat_f64(-2.25);
+        cg_in_register(v32); cg_in_register(v64);
+        for (int l = 0; l < CG_LANES_F32; l++) if (v32[l] != 3.5f) bad++;
+        for (int l = 0; l < CG_LANES_F64; l++) if (v64[l] != -2.25) bad++;
+    }
     CHECK_COMPRESSED(f32, float, cg_vf32, CG_LANES_F32)
     CHECK_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
     CHECK_SPLIT_AND_COPY(f32, float, CG_LANES_F32)

@@ -4,6 +4,7 @@ render -> emit, and the `python -m codegen` command line."""
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -326,6 +327,30 @@ def test_channel_vector_tiles_prefetch_weights_taps_ahead(env, tgt):
                 fetch = f"cg_prefetch(wr + {tap * lanes * width + ahead + line * 64 // dense3.itemsize} + ic * {width})"
                 assert fetch in tile, (dtype, tap, line)
         assert tile.count("cg_prefetch(") == 9 * lines
+
+
+@pytest.mark.parametrize("tgt", [AVX512, AVX2])
+def test_channel_vector_tiles_keep_their_weights_in_registers(env, tgt):
+    """Every channel-vector tile (wide, narrow and row pairs, forward and input gradient)
+    pins each weight vector it loads in a register (cg_in_register) right after the loads,
+    so gcc cannot fold the load into each of the tile's multiply-adds instead."""
+    specs = table.build_specs(tgt)
+    for direction, template in (("fwd", "conv2d_fwd.pyx.j2"), ("bwd_data", "conv2d_bwd_data.pyx.j2")):
+        for dtype in ("f32", "f64"):
+            text = render.render(template, context.module_context(direction, dtype, specs), env)
+            starts = [m.start() for m in re.finditer(r"cdef inline void \w+_c\d+x\d+_\w+\(", text)]
+            assert len(starts) >= 4, (direction, dtype)
+            for start in starts:
+                tile = text[start:text.find("\ncdef ", start + 1)]
+                # (the loads in the reduction; the bias loads before it are not reused)
+                loads = [line.strip() for line in tile.splitlines() if line.lstrip().startswith("w_")
+                         and "= cg_load_" in line and "a.bp" not in line]
+                assert loads, tile[:120]
+                for load in loads:
+                    var = load.split(" = ")[0]
+                    after = tile[tile.index(load):]
+                    block = after[:after.index("cg_fma_")]
+                    assert f"cg_in_register({var})" in block, (direction, dtype, tile[:80], var)
 
 
 def test_channel_vector_row_pairs_only_in_float32_forward(env):

@@ -189,6 +189,18 @@ static inline ptrdiff_t cg_claim(ptrdiff_t *next, ptrdiff_t n) { return __atomic
 /* Tells gcc that memory may have changed, so values read from memory inside a loop
  * are re-read rather than hoisted into (too many) registers. */
 static inline void cg_compiler_barrier(void) { __asm__ __volatile__("" ::: "memory"); }
+/* cg_in_register(v): v stays in a register from here on.  gcc otherwise folds the weight
+ * loads of a channel-vector tile with few accumulators (3 or 4 pixels on AVX2) into every
+ * multiply-add as a memory operand, so the tile loads each weight vector once per pixel
+ * instead of once per channel and waits on its loads.  (Only where a vector is one
+ * register; elsewhere it does nothing.) */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(CG_AVX512) || defined(CG_AVX2) || CG_VECTOR_BYTES == 16)
+#define cg_in_register(v) __asm__("" : "+v"(v))
+#elif defined(__aarch64__) && CG_VECTOR_BYTES == 16
+#define cg_in_register(v) __asm__("" : "+w"(v))
+#else
+#define cg_in_register(v) ((void)0)
+#endif
 static inline void cg_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
 CG_DEFINE_VECTOR_OPS(f32, float, cg_vf32, CG_LANES_F32)
