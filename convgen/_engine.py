@@ -2380,22 +2380,21 @@ def _weight_gradient_route(fp, threads):
                                             into)
         else:
             block = 2 * lanes   # output channels per tile (KernelSpec.ocvec_tile)
-            # (the last group's last block of columns too, whole)
-            ocp = _geometry.round_up((fp.G - 1) * fp.OCg + _geometry.round_up(fp.OCg, block), block)
-            gT_shape = (p.N, fp.grad_len, ocp)
+            group_blocks = _geometry.ceil_div(fp.OCg, block)
+            gT_shape = (p.N, fp.G * group_blocks, fp.grad_len, block)
             # Bands where the blocks of output channels split evenly over the threads:
-            # each thread transposes the columns of grad_output its tiles then read.
-            banded = WGRAD_BANDS and threads > 1 and fp.G == 1 and ocp // block % threads == 0
+            # each thread transposes the blocks of grad_output its tiles then read.
+            banded = WGRAD_BANDS and threads > 1 and fp.G == 1 and group_blocks % threads == 0
 
             def sum_by_channel(xin, grad_y, out, into):
                 gT = scratch("gT", gT_shape, grad_y.dtype)
-                _layout.extend_transposed(grad_y, gT, fp.We, threads, block if banded else 0)
+                _layout.extend_transposed(grad_y, gT, fp.We, threads, fp.G, banded)
                 x_chan = xin.shape[1]   # (the planes', or the input's own: see planes_in_place)
-                for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, columns of gT)
+                for g in range(fp.G):   # (a group's rows of the gradient, channels of the planes, blocks of gT)
                     fp.wgrad_ocvec.ocvec(xin[g * fp.Cg:], gT, out[g * fp.OCg:(g + 1) * fp.OCg], p.N, fp.Cg, fp.OCg,
                                          fp.kk, x_chan, fp.grad_len, fp.tap_off, fp.wgrad_tiles, threads, into,
                                          fp.ocvec_images, fp.ocvec_pixels, fp.We, fp.static_schedule, banded,
-                                         p.C * x_chan, g * fp.OCg)
+                                         p.C * x_chan, g * group_blocks)
         if not tap_major:
             return sum_by_channel, False
 

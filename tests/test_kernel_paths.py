@@ -2610,3 +2610,45 @@ def test_pad_phase_against_indexing(stride, mode, dtype):
         for check in (True, False):
             assert _layout.pad_phase(x, np.empty((3, stride * stride * plane_len), dtype), rows, cols, interior,
                                      plane_len, 1, check=check) == check
+
+
+# The dense weight gradient's channel-vector tiles read grad_output transposed in blocks
+# of output channels (_layout.extend_transposed), which writes grad_output's pixels only:
+# partial blocks (a group's last channels), groups, bands on 2 threads, scratch columns,
+# a stride and a dilation, and batches of two.
+@pytest.mark.parametrize("shape, dtype", [
+    ((1, 80, 12, 12, 80, 1, 1, 1, 2), np.float32),    # 40 a group: blocks of 16, 16 and 8
+    ((1, 80, 12, 12, 80, 1, 1, 1, 2), np.float64),
+    ((1, 72, 12, 12, 72, 1, 1, 1, 2), np.float64),    # 36 a group: four blocks of 8 and one of 4
+    ((1, 64, 14, 14, 64, 1, 1, 1, 1), np.float32),    # bands: each thread transposes its own blocks
+    ((1, 64, 14, 14, 64, 1, 1, 1, 1), np.float64),
+    ((2, 64, 10, 9, 48, 1, 2, 2, 1), np.float32),     # rows wider than the map: scratch columns
+    ((2, 64, 10, 9, 48, 1, 2, 2, 1), np.float64),
+    ((2, 48, 13, 11, 40, 2, 1, 1, 1), np.float32),    # strided, a partial block
+    ((2, 48, 13, 11, 40, 2, 1, 1, 1), np.float64),
+])
+def test_weight_gradient_reads_only_grad_outputs_pixels(shape, dtype, monkeypatch, restore_threads):
+    """The transposed grad_output's memory holds NaN before each call everywhere but the
+    pixels extend_transposed writes: the weight gradient (by channel vectors, scratch "gT")
+    still matches the reference and torch on 1 and 2 threads."""
+    N, C, H, W, OC, stride, padding, dilation, groups = shape
+    case = dict(N=N, C=C, H=H, W=W, OC=OC, kernel=3, stride=stride, padding=padding, dilation=dilation,
+                groups=groups)
+    rng = make_rng("transposed-blocks", *shape, np.dtype(dtype).name)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    want = reference_functional("bwd_weight", x, w, b, gy, **args)
+    used, scratch = _scratch_names(monkeypatch), _engine.scratch
+
+    def poisoned(name, shape, dtype):
+        view = scratch(name, shape, dtype)
+        if name == "gT":
+            _engine._scratch_pool.__dict__[(name, dtype)][0][:] = np.nan   # (the whole buffer)
+        return view
+    monkeypatch.setattr(_engine, "scratch", poisoned)
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        got = convgen_functional("bwd_weight", x, w, b, gy, **args)
+        assert_close(got, want, dtype, f"{threads} thread(s) vs reference")
+        assert_close(got, torch_functional("bwd_weight", x, w, b, gy, **args), dtype, f"{threads} thread(s) vs torch")
+    assert "gT" in used
