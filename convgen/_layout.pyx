@@ -572,13 +572,22 @@ cdef void _extend_transposed_rows(const real* g, real* gT, Py_ssize_t C, Py_ssiz
                                   Py_ssize_t group_blocks, Py_ssize_t out_per_group, Py_ssize_t item,
                                   Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
     """Row (image, row) `item` of extend_transposed, its blocks [b0, b1)."""
-    cdef Py_ssize_t n = item // H, i = item % H, b, k, real_channels
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
+    cdef Py_ssize_t n = item // H, i = item % H, b, k, j, c, real_channels, written
+    cdef real* dst
     for b in range(b0, b1):
         k = b % group_blocks * block                 # the block's first channel within its group
         real_channels = min(block, out_per_group - k)
-        if real_channels > 0:
-            _transposed_row(g + ((n * C + b // group_blocks * out_per_group + k) * H + i) * W, H * W,
-                            real_channels, W, gT + ((n * blocks + b) * qlen + i * width) * block, block)
+        dst = gT + ((n * blocks + b) * qlen + i * width) * block
+        _transposed_row(g + ((n * C + b // group_blocks * out_per_group + k) * H + i) * W, H * W, real_channels,
+                        W, dst, block)
+        # A group's last block: zeros in the lanes past its channels' vectors too, which
+        # the tiles multiply but never store (stale data could be denormals, which slow
+        # the multiply-adds).
+        written = (real_channels + lanes - 1) // lanes * lanes
+        for j in range(W):
+            for c in range(written, block):
+                dst[j * block + c] = 0
 
 
 cdef void _extend_transposed(const real* g, real* gT, Py_ssize_t N, Py_ssize_t C, Py_ssize_t H,
@@ -608,9 +617,9 @@ def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threa
     block), block a multiple of the lanes.  A block's pixels are contiguous, each a run
     of `block` channels: what the channel-vectorised weight gradient's tiles read (one
     run of pixels per tile: 1.3-1.5x faster than from grad_output transposed whole, whose
-    pixels lay a row of all channels apart).  Only the pixels of g are written (and the
-    lanes up to the next whole vector past a group's last channel, zero): the tiles read
-    no other pixel, and store no sum of the lanes past a group's channels.  banded:
+    pixels lay a row of all channels apart).  Only the pixels of g are written (a
+    group's last block zero past its channels): the tiles read no other pixel, and
+    store no sum of the lanes past a group's channels.  banded:
     thread t writes the t-th share of the blocks."""
     cdef void* src = _ptr(g)
     cdef void* dst = _ptr(gT)
