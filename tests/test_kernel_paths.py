@@ -2622,6 +2622,7 @@ def test_pad_phase_against_indexing(stride, mode, dtype):
     ((1, 72, 12, 12, 72, 1, 1, 1, 2), np.float64),    # 36 a group: four blocks of 8 and one of 4
     ((1, 64, 14, 14, 64, 1, 1, 1, 1), np.float32),    # bands: each thread transposes its own blocks
     ((1, 64, 14, 14, 64, 1, 1, 1, 1), np.float64),
+    ((2, 64, 12, 12, 64, 1, 1, 1, 1), np.float32),    # bands over a batch of two
     ((2, 64, 10, 9, 48, 1, 2, 2, 1), np.float32),     # rows wider than the map: scratch columns
     ((2, 64, 10, 9, 48, 1, 2, 2, 1), np.float64),
     ((2, 48, 13, 11, 40, 2, 1, 1, 1), np.float32),    # strided, a partial block
