@@ -613,14 +613,14 @@ def extend_transposed(cnp.ndarray g, cnp.ndarray gT, Py_ssize_t width, int threa
     """grad_output transposed in blocks of channels, each group's own:
     gT[n, b, i * width + j, c] = g[n, b // B * OCg + b % B * block + c, i, j] where that
     channel is in the group (B = blocks // groups blocks a group, OCg = C // groups
-    channels, c < block).  g is (N, C, H, W), gT (N, blocks, qlen,
-    block), block a multiple of the lanes.  A block's pixels are contiguous, each a run
-    of `block` channels: what the channel-vectorised weight gradient's tiles read (one
-    run of pixels per tile: 1.3-1.5x faster than from grad_output transposed whole, whose
-    pixels lay a row of all channels apart).  Only the pixels of g are written (a
-    group's last block zero past its channels): the tiles read no other pixel, and
-    store no sum of the lanes past a group's channels.  banded:
-    thread t writes the t-th share of the blocks."""
+    channels, c < block).  g is (N, C, H, W), gT (N, blocks, qlen, block), block a
+    multiple of the lanes.  A block's pixels are contiguous, each a run of `block`
+    channels: what the channel-vectorised weight gradient's tiles read, one run of pixels
+    per tile (AVX2, 2 threads: its kernel 1.3-1.5x faster than from grad_output
+    transposed whole, whose pixels lay a row of all channels apart).  Only the pixels of
+    g are written (a group's last block zero past its channels): the tiles read no other
+    pixel, and store no sum of the lanes past a group's channels.  banded: thread t
+    writes the t-th share of the blocks."""
     cdef void* src = _ptr(g)
     cdef void* dst = _ptr(gT)
     cdef Py_ssize_t N = g.shape[0], C = g.shape[1], H = g.shape[2], W = g.shape[3]
