@@ -353,6 +353,22 @@ def test_channel_vector_tiles_keep_their_weights_in_registers(env, tgt):
                     assert f"cg_in_register({var})" in block, (direction, dtype, tile[:80], var)
 
 
+def test_pixel_tiles_keep_the_reduction_strides_in_locals_up_to_a_kernel_size(env):
+    """The pixel tiles of kernels of up to LOCAL_STRIDES_MAX_TAPS taps (and the generic
+    ones) step through the reduction with strides read once into locals; larger kernels
+    (the 7x7 stem's) read them from the arguments in the loop, as before."""
+    specs = table.build_specs(AVX512)
+    text = render.render("conv2d_fwd.pyx.j2", context.module_context("fwd", "f32", specs), env)
+    for spec in specs:
+        if spec.direction != "fwd" or spec.dtype != "f32" or spec.groups != "dense":
+            continue
+        tile = text[text.index(f"cdef inline void _{spec.name}_t"):]
+        tile = tile[:tile.index("\ncdef ")]
+        local = spec.kernel == ANY or spec.kernel ** 2 <= context.LOCAL_STRIDES_MAX_TAPS
+        assert ("xr = xc + r * x_chan" in tile) == local and ("xr = xc + r * a.x_chan" in tile) != local, spec.name
+    assert context.LOCAL_STRIDES_MAX_TAPS < 49   # (the stem's 7x7 keeps the old loop)
+
+
 def test_channel_vector_row_pairs_only_in_float32_forward(env):
     """The f32 forward's channel-vector tiles have row-pair twins (the 6- and 7-pixel
     twins, two rows; 8 would need every register): the second row broadcasts from xr2, a flat row on,
