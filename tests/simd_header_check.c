@@ -61,6 +61,21 @@ int main(void) {
         cg_load_transposed_f64(dst, 20, nr, nc, out);
         for (int c = 0; c < nc; c++) for (int l = 0; l < CG_LANES_F64; l++) if (out[c][l] != (l < nr ? dst[l * 20 + c] : 0)) bad++;
     }
+    /* the real lanes of a vector of flat-grid pixels from pixel q (negative: lanes before
+     * pixel 0 are not real), against a lane-by-lane rule */
+    for (int We = 1; We <= 9; We++) for (int OW = 1; OW <= We; OW++) for (int OH = 1; OH <= 3; OH++)
+    for (int q = -CG_LANES_F32; q <= 3 * We; q++) {
+        ptrdiff_t dest, want_dest = -1;
+        unsigned m = cg_real_lanes_before(q, We, OW, OH, CG_LANES_F32, &dest), want = 0;
+        for (int l = 0; l < CG_LANES_F32; l++) {
+            int pos = q + l;
+            if (pos >= 0 && pos % We < OW && pos / We < OH) {
+                want |= 1u << l;
+                if (want_dest < 0) want_dest = pos / We * OW + pos % We;
+            }
+        }
+        if (m != want || (want && dest != want_dest)) bad++;
+    }
     {   /* a vector held in a register keeps its value */
         cg_vf32 v32 = cg_splat_f32(3.5f); cg_vf64 v64 = cg_splat_f64(-2.25);
         cg_in_register(v32); cg_in_register(v64);

@@ -1067,6 +1067,22 @@ def _before_unreadable_page(a):
     return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
+def _after_unreadable_page(a, offset):
+    """A copy of `a` that starts `offset` bytes into a page that follows a page that may
+    not be read (so a kernel that reads before the array's cache line crashes rather than
+    passes), and a function that makes that page readable again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    page = mmap.PAGESIZE
+    pages = -(-(a.nbytes + offset) // page) + 1
+    buf = mmap.mmap(-1, pages * page)
+    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    copy = np.frombuffer(buf, a.dtype, a.size, page + offset).reshape(a.shape)
+    copy[...] = a
+    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()   # (PROT_NONE)
+    return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
 @pytest.mark.parametrize("leftover", [True, False], ids=["leftover", "chunks-past-the-end"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
@@ -1349,6 +1365,69 @@ def test_one_by_one_in_place_where_aligned(spec, monkeypatch, restore_threads):
     if not BASELINE_BUILD:   # (the same bits where the two calls take the paths asserted above)
         assert np.array_equal(outputs[0], outputs[1])
     assert_close(outputs[0], reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "vs reference")
+    _engine.forward_plan.cache_clear()
+
+
+@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
+def test_one_by_one_in_place_from_every_offset_in_a_line(spec, monkeypatch, restore_threads):
+    """A 1x1 layer read in place from an input that starts anywhere in a cache line (its
+    planes whole lines): the chunks start on the line before each plane (IN_PLACE_SHIFT),
+    and the outputs are the aligned input's, bit for bit, written nowhere but y; so is the
+    input gradient of a layer run as such a forward (its weight read transposed), from a
+    grad_output at each offset.  1 and 2 threads."""
+    monkeypatch.setattr(_engine, "IN_PLACE_MAX_OUT", 0)
+    monkeypatch.setattr(_engine, "IN_PLACE_MAX_WORK", 0)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "IN_PLACE_ANY_ADDRESS", True)
+    _engine.forward_plan.cache_clear()
+    dtype = spec_dtype(spec)
+    case = _case(spec, 48, 40)
+    case.update(N=2, H=16, W=8)   # (planes of 128 values: whole lines in either dtype)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-offsets", spec.name))
+    p = _plan(case, dtype).problem
+    assert _plan(case, dtype).in_place_aligned is not None
+    want = reference_functional("fwd", x, w, b, gy, **conv_args(case))
+    shifts = []
+    run_in_place = _engine._run_in_place
+    monkeypatch.setattr(_engine, "_run_in_place", lambda fp, plan, x, *a, **k: shifts.append(
+        _layout.address(x) % _engine.ALIGN // x.itemsize) or run_in_place(fp, plan, x, *a, **k))
+    buf = _engine.aligned_empty((x.size + 64,), dtype)
+    guard = _engine.aligned_empty((want.size + 128,), dtype)
+    lanes_in_line = _engine.ALIGN // dtype.itemsize
+    for threads in (1, 2):
+        convgen.set_num_threads(threads)
+        first = None
+        for offset in range(lanes_in_line):
+            xs = buf[offset:offset + x.size].reshape(x.shape)
+            xs[...] = x
+            guard[...] = np.nan
+            out = guard[64:64 + want.size].reshape(want.shape)
+            y = _engine.forward(xs, w, b, p, keep=False, out=out)[0]
+            assert y is out and np.isnan(guard[:64]).all() and np.isnan(guard[64 + want.size:]).all()
+            assert_close(y, want, dtype, f"offset {offset}, {threads} thread(s)")
+            first = y.copy() if first is None else first
+            assert np.array_equal(y, first), (offset, threads)
+    assert sorted(set(shifts)) == list(range(lanes_in_line))
+    # (the line before the first pixel is in the same page: the page before may be unreadable)
+    for offset in (dtype.itemsize, 48):
+        xs, release = _after_unreadable_page(x, offset)
+        try:
+            assert_close(_engine.forward(xs, w, b, p, keep=False)[0], want, dtype, f"after a guard page, {offset} bytes")
+        finally:
+            release()
+    # the input gradient of the layer the other way round (C -> OC), its weight transposed
+    q = p._replace(C=p.OC, OC=p.C)
+    if _engine.input_gradient_as_forward(q):
+        gyq = x   # (N, C = q.OC, H, W): a grad_output for q
+        wantq = reference_functional("bwd_data", np.zeros((p.N, q.C, p.H, p.W), dtype), w.transpose(1, 0, 2, 3).copy(),
+                                     None, gyq, **conv_args(case))
+        for offset in (0, 1, lanes_in_line - 1):
+            gs = buf[offset:offset + gyq.size].reshape(gyq.shape)
+            gs[...] = gyq
+            got = convgen_functional("bwd_data", np.zeros((p.N, q.C, p.H, p.W), dtype),
+                                     w.transpose(1, 0, 2, 3).copy(), None, gs, **conv_args(case))
+            assert_close(got, wantq, dtype, f"input gradient, offset {offset}")
+        assert len(shifts) > 2 * lanes_in_line + 2
     _engine.forward_plan.cache_clear()
 
 

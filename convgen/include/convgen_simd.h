@@ -274,6 +274,17 @@ static inline unsigned cg_real_lanes(ptrdiff_t oh, ptrdiff_t ow, ptrdiff_t We, p
     return m;
 }
 
+/* cg_real_lanes for the vector whose first lane is flat pixel q, which may be negative:
+ * lanes before pixel 0 are not real (a 1x1 layer's input read in place from the cache
+ * line before its first pixel: see CorrArgs.x_shift). */
+static inline unsigned cg_real_lanes_before(ptrdiff_t q, ptrdiff_t We, ptrdiff_t OW, ptrdiff_t OH, int lanes,
+                                            ptrdiff_t *dest) {
+    *dest = 0;
+    if (q >= 0) return cg_real_lanes(q / We, q % We, We, OW, OH, lanes, dest);
+    if (q + lanes <= 0) return 0;
+    return cg_real_lanes(0, 0, We, OW, OH, lanes + (int)q, dest) << (-q);
+}
+
 /* The lanes of v that mask m names, in order, stored as one run at p: a whole vector
  * when m names them all, else AVX-512's compress and one masked store (AVX2: a masked
  * store per run of lanes; baseline: lane by lane). */
