@@ -2000,12 +2000,12 @@ def input_gradient_as_forward(p: Problem):
     (INPUT_AS_FORWARD_WEIGHT_SHARE, INPUT_AS_FORWARD_ALIGNED_SHARE)."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
-        fq, values = forward_plan(q), p.N * p.H * p.W * (p.C + p.OC)
-        if fq.in_place is not None:
-            return q if p.OC * p.C <= INPUT_AS_FORWARD_WEIGHT_SHARE * values else None
-        if fq.in_place_aligned is not None and IN_PLACE_ANY_ADDRESS:
-            return q if p.OC * p.C <= INPUT_AS_FORWARD_ALIGNED_SHARE * values else None
-        return None
+        fq = forward_plan(q)
+        plan = _in_place_plan(fq)
+        if plan is None:
+            return None
+        share = INPUT_AS_FORWARD_WEIGHT_SHARE if plan is fq.in_place else INPUT_AS_FORWARD_ALIGNED_SHARE
+        return q if p.OC * p.C <= share * p.N * p.H * p.W * (p.C + p.OC) else None
     if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
         return None
     OH, OW = p.output_hw
