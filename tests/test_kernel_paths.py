@@ -1051,33 +1051,21 @@ def test_one_by_one_panels(spec, threads, panel_chunks, images, forced_flat, mon
 IN_PLACE_SPECS = [s for s in SPECS if s.in_place]
 
 
-def _before_unreadable_page(a):
-    """A copy of `a` whose last byte ends a page followed by a page that may not be read
-    (so a kernel that reads past the array crashes rather than passes), and a function
-    that makes that page readable again."""
+def _beside_unreadable_page(a, after=None):
+    """A copy of `a` beside a page that may not be read (so a kernel that reads outside
+    the array crashes rather than passes): its last byte ending where that page starts
+    (after None: reads past the array), or its first `after` bytes into the page that
+    follows it (reads before the array's cache line); and a function that makes that
+    page readable again."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     page = mmap.PAGESIZE
-    pages = -(-a.nbytes // page) + 1
+    pages = -(-(a.nbytes + (after or 0)) // page) + 1
     buf = mmap.mmap(-1, pages * page)
-    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + (pages - 1) * page
-    copy = np.frombuffer(buf, a.dtype, a.size, (pages - 1) * page - a.nbytes).reshape(a.shape)
-    copy[...] = a
-    assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()   # (PROT_NONE)
-    return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
-
-
-def _after_unreadable_page(a, offset):
-    """A copy of `a` that starts `offset` bytes into a page that follows a page that may
-    not be read (so a kernel that reads before the array's cache line crashes rather than
-    passes), and a function that makes that page readable again."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    page = mmap.PAGESIZE
-    pages = -(-(a.nbytes + offset) // page) + 1
-    buf = mmap.mmap(-1, pages * page)
-    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-    copy = np.frombuffer(buf, a.dtype, a.size, page + offset).reshape(a.shape)
+    guard_page = pages - 1 if after is None else 0
+    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + guard_page * page
+    start = (pages - 1) * page - a.nbytes if after is None else page + after
+    copy = np.frombuffer(buf, a.dtype, a.size, start).reshape(a.shape)
     copy[...] = a
     assert libc.mprotect(guard, page, 0) == 0, ctypes.get_errno()   # (PROT_NONE)
     return copy, lambda: libc.mprotect(guard, page, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -1111,7 +1099,7 @@ def test_one_by_one_in_place(spec, threads, leftover, monkeypatch, restore_threa
         assert _engine.threads_for(fp.work, fp.values) == threads
         rng = make_rng("in-place", spec.name, N)
         x, w, b, gy = case_arrays(case, dtype, rng)
-        guarded, release = _before_unreadable_page(x)
+        guarded, release = _beside_unreadable_page(x)
         used = _scratch_names(monkeypatch)
         try:
             got = convgen_functional("fwd", guarded, w, b, gy, **conv_args(case))
@@ -1410,7 +1398,7 @@ def test_one_by_one_in_place_from_every_offset_in_a_line(spec, monkeypatch, rest
     assert sorted(set(shifts)) == list(range(lanes_in_line))
     # (the line before the first pixel is in the same page: the page before may be unreadable)
     for offset in (dtype.itemsize, 48):
-        xs, release = _after_unreadable_page(x, offset)
+        xs, release = _beside_unreadable_page(x, after=offset)
         try:
             assert_close(_engine.forward(xs, w, b, p, keep=False)[0], want, dtype, f"after a guard page, {offset} bytes")
         finally:
