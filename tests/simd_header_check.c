@@ -1,8 +1,9 @@
 /* convgen_simd.h's helpers against plain loops, for the vector width it is compiled with
  * (tests/test_simd_header.py builds it for 64, 32 and 16 bytes, with and without AVX2): the
- * transposed stores and loads for every row and column count, the compressed stores for
- * every lane mask, the de-interleaves and copies for every length up to four vectors and
- * the values around them, the non-finite checks, the horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
+ * transposed stores and loads for every row and column count, the partial stores and loads
+ * for every count, the compressed stores for every lane mask, the de-interleaves and copies
+ * for every length up to four vectors and the values around them, the non-finite checks,
+ * the horizontal and widened sums.  Prints the number of mismatches; exits 1 on any. */
 #include <stdio.h>
 #include <stddef.h>
 #include "convgen_simd.h"
@@ -33,6 +34,18 @@
         cg_copy_over_##SFX(dst + 1, src + 2, n);                                             \
         for (int i = 0; i < 6 * LANES; i++)                                                  \
             if (i >= 1 && i <= n ? dst[i] != src[i + 1] : (i == 0 || i > n + LANES - 1) && dst[i] != -1) bad++; \
+    }
+/* Every count n of a partial store and load: the first n lanes stored, nothing before or
+ * after them; the first n values loaded, zeros past them. */
+#define CHECK_PARTIAL(SFX, T, V, LANES)                                                      \
+    for (int n = 0; n <= LANES; n++) {                                                       \
+        T dst[LANES + 2], src[LANES]; V v;                                                   \
+        for (int l = 0; l < LANES; l++) { v[l] = 10 + l; src[l] = 20 + l; }                  \
+        for (int i = 0; i < LANES + 2; i++) dst[i] = -1;                                     \
+        cg_store_partial_##SFX(dst + 1, v, n);                                               \
+        for (int i = 0; i < LANES + 2; i++) if (dst[i] != (i >= 1 && i <= n ? v[i - 1] : -1)) bad++; \
+        V w = cg_load_partial_##SFX(src, n);                                                 \
+        for (int l = 0; l < LANES; l++) if (w[l] != (l < n ? src[l] : 0)) bad++;             \
     }
 int main(void) {
     int bad = 0;
@@ -82,6 +95,8 @@ int main(void) {
         for (int l = 0; l < CG_LANES_F32; l++) if (v32[l] != 3.5f) bad++;
         for (int l = 0; l < CG_LANES_F64; l++) if (v64[l] != -2.25) bad++;
     }
+    CHECK_PARTIAL(f32, float, cg_vf32, CG_LANES_F32)
+    CHECK_PARTIAL(f64, double, cg_vf64, CG_LANES_F64)
     CHECK_COMPRESSED(f32, float, cg_vf32, CG_LANES_F32)
     CHECK_COMPRESSED(f64, double, cg_vf64, CG_LANES_F64)
     CHECK_SPLIT_AND_COPY(f32, float, CG_LANES_F32)
