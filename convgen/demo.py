@@ -50,7 +50,7 @@ def main():
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     output = conv(x)
     print(output.shape)
-    # (the threads the call really used: a call this small runs on one, see _engine.threads_for)
+    # (the threads the call really used: small calls run on one, see _engine.threads_for)
     plan = _engine.forward_plan(conv._cfg.problem(x.shape, x.dtype))
     used, setting = _engine.threads_for(plan.work, plan.values), convgen.get_num_threads()
     print(f"{conv!r} runs {conv.kernel_name} on {used} thread(s)"
