@@ -26,13 +26,13 @@ CACHE_BUDGET = 1 << 20
 
 # Below this many multiply-adds a call runs on one thread: waking a second thread
 # and joining it costs more than it saves (measured on the seed example's layer with
-# AVX-512).  AVX2's half-width vectors take twice as long over the same work, so a second
-# thread pays from fewer (AMD Zen 3, 2 threads against 1, separate processes alternating,
-# inference / module backward: the seed example's 442K 1.21x / 1.25x, its batch of two
-# 1.39x / 1.32x, 3 -> 16 at 24x24 (249K) 1.09x / 1.08x, 16 -> 32 at 8x8 (295K) 1.07x /
-# 1.21x; 8 -> 8 at 16x16 (147K) 0.86x / 0.97x, 3 -> 16 at 16x16 (110K) 0.93x / 0.93x,
-# 8 -> 8 at 8x8 (37K) 0.72x / 0.86x) ...
-SMALL_WORK = 1 << 20 if _dispatch.VECTOR_BYTES == 64 else 3 << 16
+# AVX-512).  On AVX2 (AMD Zen 3, 2 cores shared with another job) a second thread paid
+# from about 200K while the other job was idle (separate processes alternating, inference /
+# module backward: the seed example's 442K 1.22x / 1.20x, its batch of two 1.44x / 1.41x;
+# 8 -> 8 at 16x16 (147K) 0.86x / 0.97x) but lost while it ran (the seed example 0.67x /
+# 0.81x, its batch of two 0.86x / 0.96x, minutes apart): the call then waits for a thread
+# the other job has the core of.  So one thread, the steadier choice, on both ...
+SMALL_WORK = 1 << 20
 # ... unless it reads and writes this many values: depthwise layers do few
 # multiply-adds per value (MobileNetV2's 960x7x7: 2 threads, forward 45 -> 38 us,
 # backward 218 -> 153 us).
