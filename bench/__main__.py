@@ -113,14 +113,15 @@ def machine_info():
 
 def source_info():
     """The git commit of the checkout the benchmarks run from, and whether its tracked
-    files have changes not committed; None outside a git checkout (or without git)."""
+    files have changes not committed (results under bench/results/, which a run writes, do
+    not count); None outside a git checkout (or without git)."""
     def git(*args):
         return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=30)
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
             return None
-        changes = git("status", "--porcelain", "--untracked-files=no")
+        changes = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head.stdout.strip(), "changed": bool(changes.stdout.strip())}
