@@ -206,3 +206,25 @@ def test_calibrate_ignores_one_slow_call():
 
     inner, per_call = calibrate(run, 0.02)
     assert per_call < 0.002 and inner >= 10
+
+
+def test_source_counts_changes_but_not_the_results_a_run_writes(tmp_path, monkeypatch):
+    """source_info: a tracked file changed marks the source changed; the results under
+    bench/results/, which the run itself rewrites, do not."""
+    import shutil
+    import bench.__main__ as bench_cli
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "README.md").write_text("run 1\n")
+    (tmp_path / "kernel.py").write_text("a = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first")
+    monkeypatch.setattr(bench_cli, "ROOT", str(tmp_path))
+    assert bench_cli.source_info()["changed"] is False
+    (tmp_path / "bench" / "results" / "README.md").write_text("run 2\n")
+    assert bench_cli.source_info()["changed"] is False
+    (tmp_path / "kernel.py").write_text("a = 2\n")
+    assert bench_cli.source_info()["changed"] is True
