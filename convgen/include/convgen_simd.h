@@ -347,6 +347,17 @@ static const unsigned long long cg_compress_f64_idx[16] = {
     }
 CG_DEFINE_STORE_COMPRESSED(f32, float, cg_vf32, 0xFFu, __m256, __m256, _mm256_maskstore_ps)
 CG_DEFINE_STORE_COMPRESSED(f64, double, cg_vf64, 0xFu, __m256d, __m256d, _mm256_maskstore_pd)
+#undef CG_CI_F32
+#undef CG_CI_F64
+#undef CG_CI32
+#undef CG_CI64
+#undef CG_CI32_2
+#undef CG_CI32_4
+#undef CG_CI32_8
+#undef CG_CI32_16
+#undef CG_CI32_32
+#undef CG_CI32_64
+#undef CG_CI32_128
 #undef CG_DEFINE_STORE_COMPRESSED
 #else
 #define CG_DEFINE_STORE_COMPRESSED(SFX, T, V, LANES)                               \
