@@ -509,14 +509,15 @@ PASS_MIN_MACS = 64
 # 4 passes of one block 4.89-5.08 ms forward, one pass 4.68-4.83; ASPP's passes of 7
 # blocks and DeepLab's rate 2's of 8 took the same time as one pass).
 CVEC_PASS_BLOCKS = 4
-# A forward's channel-vector row tiles in bands run every channel tile over this many output
-# rows of the band at a time (then the next rows), not over the whole band: the rows'
-# blocked input stays in L2 across the channel tiles.  (AMD Zen 3, 512 KB L2, 2 threads,
+# A forward's channel-vector row tiles in bands (or on one thread) run every channel tile over
+# this many output rows of the band at a time (then the next rows), not over the whole band:
+# the rows' blocked input stays in L2 across the channel tiles.  (AMD Zen 3, 512 KB L2, 2 threads,
 # separate processes alternating, 6 rounds, inference / training forward, against whole
 # bands: ResNet's strided 3x3, whose band reads 430 KB of phase planes a pass, 1.058x /
 # 1.05-1.21x, on a batch of three 1.08x / 1.07x; its 3x3 64 and 128 channels, Inception's
 # 5x5, the reflect layer and float64 0.998-1.02x / 1.02-1.05x; the 3x3 64 on a batch of three
-# 0.99x / 0.98x.  2 rows: the strided one 1.047x, 8 rows 1.045x.)
+# 0.99x / 0.98x.  2 rows: the strided one 1.047x, 8 rows 1.045x.  On one thread: the strided
+# one 1.080x / 1.073x, the 3x3 64 and 128 and the reflect layer 0.99x / 0.99-1.01x.)
 BAND_SUB_ROWS = 4
 
 
@@ -1846,7 +1847,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     pad_blocked_tail = (p.C, *fp.pad_args, p.pad_left, threads, bands)
     run_kw = dict(static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy, pairs=fp.row_pairs,
                   pack_positions=fp.tap_pos if fp.pack_blocks else None,
-                  band_sub=BAND_SUB_ROWS * fp.row_tiles if bands is not None else 0)
+                  band_sub=BAND_SUB_ROWS * fp.row_tiles if bands is not None or threads == 1 else 0)
 
     def by_images(x, weight, bias, recycle, out):
         y = np.empty(y_shape, dtype=x.dtype) if out is None else out

@@ -2415,13 +2415,14 @@ def test_channel_vector_forward_in_bands(spec, threads, forced, banded, monkeypa
     np.testing.assert_array_equal(np.isnan(got), np.isnan(reference_functional("fwd", x, w, b, None, **args)))
 
 
-@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("spec", CVEC_FWD_SPECS, ids=lambda s: s.name)
 def test_channel_vector_row_tiles_in_sub_bands(spec, rows, threads, forced_rows, banded, monkeypatch):
-    """Row tiles in bands run every channel tile over BAND_SUB_ROWS rows of the band at a
-    time, then the next rows (a band's last run fewer), an image at a time: the output
-    matches the reference and, bit for bit, one thread's."""
+    """Row tiles in bands (one thread: its one band) run every channel tile over
+    BAND_SUB_ROWS rows of the band at a time, then the next rows (a band's last run
+    fewer), an image at a time: the output matches the reference and, bit for bit, one
+    thread's (and, on one thread, the same tiles' without sub-bands)."""
     monkeypatch.setattr(_engine, "PANELS", False)
     monkeypatch.setattr(_engine, "BAND_SUB_ROWS", rows)
     monkeypatch.setattr(_engine, "DENSE_FUSED_CVEC", False)   # (both images in one pass, in bands)
@@ -2432,9 +2433,14 @@ def test_channel_vector_row_tiles_in_sub_bands(spec, rows, threads, forced_rows,
     x, w, b, _ = case_arrays(case, dtype, make_rng("cvec-sub-bands", spec.name))
     fp = _plan(case, dtype)
     assert fp.kernel.name == spec.name and fp.cvec is not None and fp.row_tiles > 0 and fp.images == 2
-    _assert_band_rows(fp.bands(threads), threads, fp.Hq)
     assert rows < fp.OH // threads   # (each band has more rows than a run)
-    _banded_matches_one_thread("fwd", x, w, b, None, args, dtype, threads, spec.name)
+    if threads > 1:
+        _assert_band_rows(fp.bands(threads), threads, fp.Hq)
+    alone = _banded_matches_one_thread("fwd", x, w, b, None, args, dtype, threads, spec.name)
+    if threads == 1:   # (a new plan: the calls' steps are kept on it)
+        monkeypatch.setattr(_engine, "BAND_SUB_ROWS", 0)
+        _engine.forward_plan.cache_clear()
+        assert np.array_equal(convgen_functional("fwd", x, w, b, None, **args), alone)
 
 
 CVEC_BWD_DATA_SPECS = [s for s in CVEC_SPECS if s.direction == "bwd_data"]
