@@ -1847,7 +1847,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     pad_blocked_tail = (p.C, *fp.pad_args, p.pad_left, threads, bands)
     run_kw = dict(static_schedule=fp.static_schedule, banded=bands is not None, wp_copy=wp_copy, pairs=fp.row_pairs,
                   pack_positions=fp.tap_pos if fp.pack_blocks else None,
-                  band_sub=BAND_SUB_ROWS * fp.row_tiles if bands is not None or threads == 1 else 0)
+                  band_sub=BAND_SUB_ROWS * fp.row_tiles)   # (used in bands and on one thread only)
 
     def by_images(x, weight, bias, recycle, out):
         y = np.empty(y_shape, dtype=x.dtype) if out is None else out

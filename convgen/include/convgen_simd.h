@@ -301,8 +301,8 @@ static inline unsigned cg_real_lanes_before(ptrdiff_t q, ptrdiff_t We, ptrdiff_t
 }
 
 /* The lanes of v that mask m names, in order, stored as one run at p: a whole vector
- * when m names them all, else AVX-512's compress and one masked store (AVX2: a masked
- * store per run of lanes; baseline: lane by lane). */
+ * when m names them all, else AVX-512's compress and one masked store (AVX2: a permute
+ * from a table and one masked store; baseline: lane by lane). */
 #if defined(CG_AVX512)
 static inline void cg_store_compressed_f32(float *p, cg_vf32 v, unsigned m) {
     if (m == 0xFFFFu) cg_store_f32(p, v);
