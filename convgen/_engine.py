@@ -233,6 +233,16 @@ CVEC_IMAGE_BUDGET = 4 << 20
 # L1 just before its tiles (0.69-0.87x on 7x7 and 8x8 maps), recovered them.)
 PACK_BLOCK_BYTES = 1 << 20
 PACK_BLOCK_MIN_PIXELS = 80
+# ... but on AVX2, forwards that keep nothing for a backward (inference) from this many:
+# there the pixel tiles (12 accumulators) lose more to a small map's scratch columns
+# than the packing costs.  (AMD Zen 3, 2 threads, no_grad module forwards against the
+# pixel tiles, separate processes alternating, 6-8 rounds: ResNet's 3x3 512 at 7x7
+# 1.06x, 256 at 7x7 1.15x, 512 at 8x8 1.12-1.13x, 5x5 128 at 7x7 1.29x, stride-2 256 -> 512
+# to 7x7 1.13-1.15x, 512 and 384 at 6x6 1.07-1.14x, 64 at 8x8 1.19x; float64 512 at 7x7
+# 1.00x; 512 at 4x4 0.96x.  Training forwards were mixed (0.96-1.13x) and input
+# gradients lost (0.85-0.94x), so they keep PACK_BLOCK_MIN_PIXELS; AVX-512 was not
+# measured.)
+PACK_BLOCK_MIN_PIXELS_INFERENCE = 32 if _dispatch.TARGET == "avx2" else PACK_BLOCK_MIN_PIXELS
 # ... and, forward only, on larger maps whose weights hold at least this many times as
 # many values as their input's blocked copy (2 threads, against pack_weights, separate
 # processes alternating: ResNet's 3x3 256 at 28x28 1.05-1.06x, at rate 2 1.06-1.07x, 512 at
@@ -772,12 +782,15 @@ def _packed_block_values(dtype, reduced, taps, width):
     return _geometry.round_up(reduced, LANES[dtype]) * taps * width
 
 
-def _small_map_layout(cvec, dtype, out_channels, reduced_channels, taps, pixels, layout_args, layout_kwargs):
+def _small_map_layout(cvec, dtype, out_channels, reduced_channels, taps, pixels, layout_args, layout_kwargs,
+                      min_pixels=None):
     """_cvec_layout(cvec, out_channels, reduced_channels, taps, *layout_args, **layout_kwargs,
     any_pixels=True) where the weights are to be packed a block at a time on a map of
-    `pixels` output pixels too few for _cvec_layout's own rule (PACK_BLOCK_MIN_PIXELS,
-    kernels larger than 1x1, PACK_BLOCK_BYTES), else None."""
-    if (not PACK_BLOCKS or cvec is None or taps == 1 or pixels < PACK_BLOCK_MIN_PIXELS
+    `pixels` output pixels too few for _cvec_layout's own rule (from min_pixels,
+    PACK_BLOCK_MIN_PIXELS unless given; kernels larger than 1x1, PACK_BLOCK_BYTES), else
+    None."""
+    min_pixels = PACK_BLOCK_MIN_PIXELS if min_pixels is None else min_pixels
+    if (not PACK_BLOCKS or cvec is None or taps == 1 or pixels < min_pixels
             or _packed_block_values(dtype, reduced_channels, taps, cvec[2]) * ITEMSIZE[dtype] > PACK_BLOCK_BYTES):
         return None
     return _cvec_layout(cvec, out_channels, reduced_channels, taps, *layout_args, **layout_kwargs, any_pixels=True)
@@ -1109,7 +1122,8 @@ class ForwardPlan:
         if layout is None:
             layout = _small_map_layout(self.kernel.cvec, p.dtype, self.OCg, self.Cg, self.kk, p.N * self.OH * self.OW,
                                        (p.N, self.OH, self.OW, self.We),
-                                       dict(min_out=min_out, waste=waste, min_reduced=min_reduced))
+                                       dict(min_out=min_out, waste=waste, min_reduced=min_reduced),
+                                       PACK_BLOCK_MIN_PIXELS_INFERENCE if inference else None)
             self.pack_blocks = layout is not None
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
@@ -1616,11 +1630,13 @@ def forward_plan(p: Problem) -> ForwardPlan:
 
 def inference_plan(p: Problem) -> ForwardPlan:
     """The plan of a forward that keeps nothing for a backward: forward_plan(p) unless the
-    channel-vector tile's rule for such forwards (CVEC_MIN_CHANNELS_INFERENCE) reaches
-    it.  Kept on forward_plan(p)'s plan, so that clearing its cache clears both."""
+    channel-vector tile's rules for such forwards (CVEC_MIN_CHANNELS_INFERENCE,
+    PACK_BLOCK_MIN_PIXELS_INFERENCE) reach it.  Kept on forward_plan(p)'s plan, so that clearing its cache clears both."""
     fp = forward_plan(p)
     if fp.inference_twin is None:
-        reaches = fp.kk > 1 and CVEC_MIN_CHANNELS_INFERENCE <= fp.Cg < CVEC_MIN_CHANNELS
+        pixels = p.N * fp.OH * fp.OW
+        reaches = fp.kk > 1 and (CVEC_MIN_CHANNELS_INFERENCE <= fp.Cg < CVEC_MIN_CHANNELS or (
+            fp.cvec is None and PACK_BLOCK_MIN_PIXELS_INFERENCE <= pixels < PACK_BLOCK_MIN_PIXELS))
         fp.inference_twin = ForwardPlan(p, inference=True) if reaches else fp
     return fp.inference_twin
 

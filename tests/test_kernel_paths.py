@@ -2600,6 +2600,56 @@ def test_weights_packed_by_block_on_small_maps(spec, small_maps, restore_threads
     assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with an infinite weight")
 
 
+# Inference forwards pack blocks of weights on smaller maps than other directions do
+# (PACK_BLOCK_MIN_PIXELS_INFERENCE: on AVX2 only, where it paid).
+@pytest.mark.parametrize("spec", [s for s in PACK_BLOCK_SPECS if s.direction == "fwd"], ids=lambda s: s.name)
+def test_inference_forward_packs_blocks_on_smaller_maps(spec, monkeypatch, restore_threads):
+    """A map of as many output pixels as the inference rule's bound, one fewer than the
+    others': the inference plan packs blocks of weights (a twin of the training plan,
+    which keeps the pixel tiles, and so does the input gradient's); a bound one pixel
+    higher leaves the inference forward on the training plan.  Both forwards and the
+    weight gradient against the reference, bit for bit the same on 1 and 2 threads."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = _case(spec, 40, 90)
+    case.update(N=1, H=9, W=8, padding_mode="zeros")
+    pixels = int(np.prod(convgen.output_size((9, 8), case["kernel"], case["stride"], case["padding"],
+                                             case["dilation"])))
+
+    def plans(bound):
+        monkeypatch.setattr(_engine, "PACK_BLOCK_MIN_PIXELS", pixels + 1)
+        monkeypatch.setattr(_engine, "PACK_BLOCK_MIN_PIXELS_INFERENCE", bound)
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
+        fp = _plan(case, dtype)
+        return fp, _engine.inference_plan(fp.problem)
+
+    try:
+        fp, ip = plans(pixels + 1)
+        assert ip is fp and fp.cvec is None and fp.kernel.name == spec.name
+        fp, ip = plans(pixels)
+        assert ip is not fp and ip.cvec is not None and ip.pack_blocks and fp.cvec is None
+        assert not _engine.backward_data_plan(fp.problem).pack_blocks
+        calls = []
+        _spy_on_kernel(monkeypatch, ip, "run", calls)
+        _check_forward_on_both_thread_counts(spec, case, dtype, "inference-small-map")
+        assert calls == [1, 2]   # (the inference forwards only, on 1 and 2 threads)
+    finally:
+        _engine.forward_plan.cache_clear()
+        _engine.backward_data_plan.cache_clear()
+
+
+def test_inference_small_map_rule():
+    """The rule on ResNet-50's 3x3 512 at 7x7: on AVX2 its inference forward packs blocks
+    of weights, its training forward and input gradient keep the pixel tiles; elsewhere
+    all three keep them."""
+    fp = _plan(dict(N=1, C=512, OC=512, H=7, W=7, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                    groups=1), np.float32)
+    ip = _engine.inference_plan(fp.problem)
+    assert fp.cvec is None and _engine.backward_data_plan(fp.problem).cvec is None
+    assert (ip.cvec is not None and ip.pack_blocks) == (_dispatch.TARGET == "avx2")
+
+
 @pytest.mark.parametrize("k", [3, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_weights_packed_by_block_where_they_outweigh_the_input(dtype, k, restore_threads):
