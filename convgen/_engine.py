@@ -253,6 +253,9 @@ PACK_BLOCK_MIN_PIXELS_INFERENCE = 32 if _dispatch.TARGET == "avx2" else PACK_BLO
 # against grad_output's copy: 0.99-1.03x, so not there.)
 PACK_BLOCK_WEIGHT_RATIO = 2
 PACK_BLOCKS = True
+# A frozen module (Conv2d.freeze) keeps its packed weights for this many input shapes
+# (plans) at most: each takes as much memory as the weights.
+FROZEN_PACKS = 4
 # Patch embeddings (windows that do not overlap, no padding) run as 1x1 layers over their
 # windows gathered as channels from this many taps (see patch_pointwise).  (2 threads,
 # against the generic kernel on its phase planes, separate processes alternating, 3 -> 768
@@ -1085,11 +1088,16 @@ class ForwardPlan:
     """Geometry of the forward pass (and of the weight gradient, which reads the
     same padded phase planes).  inference: for a forward that keeps nothing for a
     backward, the channel-vector tile from CVEC_MIN_CHANNELS_INFERENCE channels
-    (inference_plan says which layers build one)."""
+    (inference_plan says which layers build one).  frozen: an inference forward whose
+    weights were packed once, by an earlier call (frozen_plan): the channel-vector
+    tile on maps of any size, over the whole packed weights."""
 
-    def __init__(self, p: Problem, inference=False):
+    def __init__(self, p: Problem, inference=False, frozen=False):
+        inference = inference or frozen
         self.problem = p
         self.inference_twin = self if inference else None   # (see inference_plan)
+        self.frozen = frozen
+        self.frozen_twin = self if frozen else None   # (see frozen_plan)
         self.routes = {}   # forward()'s steps by (keep, share_input, threads, aligned)
         self.input_gradient_routes = {}   # _input_gradient's by threads
         self.weight_gradient_routes = {}   # backward_params' kernels by threads
@@ -1123,8 +1131,9 @@ class ForwardPlan:
             layout = _small_map_layout(self.kernel.cvec, p.dtype, self.OCg, self.Cg, self.kk, p.N * self.OH * self.OW,
                                        (p.N, self.OH, self.OW, self.We),
                                        dict(min_out=min_out, waste=waste, min_reduced=min_reduced),
-                                       PACK_BLOCK_MIN_PIXELS_INFERENCE if inference else None)
-            self.pack_blocks = layout is not None
+                                       1 if frozen else PACK_BLOCK_MIN_PIXELS_INFERENCE if inference else None)
+            # (frozen: the tiles read the weights packed once, whole)
+            self.pack_blocks = layout is not None and not frozen
         self.cvec = None if layout is None else self.kernel.cvec
         self.row_tiles = layout or 0
         if self.cvec is not None:
@@ -1224,7 +1233,7 @@ class ForwardPlan:
         self.block_len = self.x_chan * lanes
         # Larger maps whose weights outweigh their input (PACK_BLOCK_WEIGHT_RATIO) pack
         # them a block at a time too.
-        if (self.cvec is not None and not self.pack_blocks and PACK_BLOCKS and not narrowing
+        if (self.cvec is not None and not self.pack_blocks and PACK_BLOCKS and not narrowing and not frozen
                 and p.groups == 1
                 and _packed_block_values(p.dtype, self.Cg, self.kk, self.cvec[2]) * itemsize <= PACK_BLOCK_BYTES
                 and p.OC * self.Cg * self.kk >= PACK_BLOCK_WEIGHT_RATIO * p.N * p.C * self.x_chan):
@@ -1641,6 +1650,19 @@ def inference_plan(p: Problem) -> ForwardPlan:
     return fp.inference_twin
 
 
+def frozen_plan(p: Problem) -> ForwardPlan:
+    """The plan of an inference forward whose weights stay as they are between calls
+    (Conv2d.freeze: the caller keeps them packed, see forward's `packs`): a frozen
+    ForwardPlan where it runs the channel-vector tile, which then packs nothing per
+    call, else inference_plan(p).  Kept on forward_plan(p)'s plan, as inference_plan's
+    is."""
+    fp = forward_plan(p)
+    if fp.frozen_twin is None:
+        frozen = ForwardPlan(p, frozen=True)
+        fp.frozen_twin = frozen if frozen.cvec is not None else inference_plan(p)
+    return fp.frozen_twin
+
+
 @lru_cache(maxsize=256)
 def backward_data_plan(p: Problem) -> BackwardDataPlan:
     return BackwardDataPlan(forward_plan(p))
@@ -1721,7 +1743,7 @@ def _kept_planes(fp, x, recycle):
     return aligned_empty(shape, x.dtype)
 
 
-def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=False, out=None):
+def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=False, out=None, packs=None):
     """Returns (y, xin, nonfinite): the output, the padded input planes kept for the
     weight gradient (so a caller changing x after forward cannot change the gradient),
     and whether x holds an infinity or a NaN (see backward_params).
@@ -1734,11 +1756,16 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     too (ForwardPlan.wgrad_reads_input) keeps x itself as its planes: no copy, and
     nonfinite False (those tiles multiply real pixels only).
     out: a C-contiguous array of the output's shape and dtype to write y into.
+    packs: with keep=False, a dict the caller keeps for as long as weight and bias stay
+    as they are (Conv2d.freeze: read-only copies): the weights packed for the
+    channel-vector tile by the first call of each plan, reused by the next (frozen_plan).
     The steps depend only on the plan, the threads, keep, share_input and x's alignment,
     so they are worked out once (_forward_route) and kept on the plan: after a kernel has
     swept the caches every Python call costs microseconds, so a call runs few."""
     fp = forward_plan(p)
-    if not keep:
+    if packs is not None and not keep:
+        fp = fp.frozen_twin if fp.frozen_twin is not None else frozen_plan(p)
+    elif not keep:
         fp = fp.inference_twin if fp.inference_twin is not None else inference_plan(p)
     threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
     aligned = fp.in_place_aligned is not None and (IN_PLACE_ANY_ADDRESS or _layout.address(x) % ALIGN == 0)
@@ -1746,7 +1773,7 @@ def forward(x, weight, bias, p: Problem, recycle=None, keep=True, share_input=Fa
     route = fp.routes.get(key)
     if route is None:
         route = fp.routes[key] = _forward_route(fp, keep, share_input, threads, aligned)
-    return route(x, weight, bias, recycle, out)
+    return route(x, weight, bias, recycle, out, packs)
 
 
 def _forward_route(fp, keep, share_input, threads, aligned):
@@ -1762,13 +1789,13 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         fq = forward_plan(q)
         gather_threads = threads_for(fq.work, fq.values)
 
-        def patches(x, weight, bias, recycle, out):
+        def patches(x, weight, bias, recycle, out, packs):
             return forward(_gathered(x, p, q, gather_threads), _pointwise_weight(weight, q), bias, q, recycle, keep,
-                           out=out)
+                           out=out, packs=packs)
         return patches
     y_shape = fp.y_shape
     if fp.groupwise is not None:
-        def groupwise(x, weight, bias, recycle, out):
+        def groupwise(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             return _forward_groupwise(x, weight, bias, fp, y, recycle, keep, threads)
         return groupwise
@@ -1782,7 +1809,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
             cblock_args = (p.N, p.C, fp.OH, fp.OW, rows, cols, interior, *strip, threads, whole_map)
             kept = _padded_planes_route(fp, keep, False, threads)
 
-            def channel_block(x, weight, bias, recycle, out):
+            def channel_block(x, weight, bias, recycle, out, packs):
                 y = np.empty(y_shape, dtype=x.dtype) if out is None else out
                 xin, nonfinite = (None, False) if kept is None else kept(x, recycle)
                 xp = scratch("fwd_pixel_major", (threads * strip[1],), x.dtype)
@@ -1797,7 +1824,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     # (the planes kept for the weight gradient where the kernels read none themselves)
     padded = _padded_planes_route(fp, keep, shared, threads)
     if in_place:
-        def pixels_in_place(x, weight, bias, recycle, out):
+        def pixels_in_place(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             _run_in_place(fp, in_place, x, weight, bias, y, threads)
             xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
@@ -1809,7 +1836,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         bands = fp.bands(threads)
         one_pass_kw = dict(static_schedule=fp.static_schedule, banded=bands is not None)
 
-        def one_pass(x, weight, bias, recycle, out):
+        def one_pass(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin = None if planes is None else planes(x, recycle)
             # (only planes kept for the weight gradient are checked for infinities and NaNs)
@@ -1822,7 +1849,7 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                       fp.col_interior, fp.plane_len, threads, fp.tile, -1 if fp.row_block is None else fp.row_block,
                       keep, fp.Cg, fp.static_schedule)
 
-        def fused_planes(x, weight, bias, recycle, out):
+        def fused_planes(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin = None if planes is None else planes(x, recycle)
             flags = np.zeros(p.N * p.C, dtype=np.intc)
@@ -1834,10 +1861,10 @@ def _forward_route(fp, keep, share_input, threads, aligned):
     if cvec_fused:   # (each work item pads its image's blocks: see _run_fused_images)
         blocks_shape = (threads, fp.in_blocks * fp.block_len)
 
-        def cvec_fused_images(x, weight, bias, recycle, out):
+        def cvec_fused_images(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
-            packed, skip, _, _ = prepare(weight, bias, x.dtype)
+            packed, skip, _, _ = prepare(weight, bias, x.dtype, packs)
             x3 = x.reshape(fp.x3_shape)
             blocks = scratch("fwd_fused_blocks", blocks_shape, x.dtype)
             fp.kernel.run(x3, weight, bias, y, None, p.N, *fp.run_args, threads, fp.tile, *packed, skip=skip,
@@ -1850,10 +1877,10 @@ def _forward_route(fp, keep, share_input, threads, aligned):
         panel_args = (p.N, fp.G, fp.Cg, fp.OCg, fp.out_len, 0, fp.kk, fp.tap_off, fp.tap_w, fp.We, fp.OH, fp.OW,
                       fp.rblock, threads, fp.tile)
 
-        def panels(x, weight, bias, recycle, out):
+        def panels(x, weight, bias, recycle, out, packs):
             y = np.empty(y_shape, dtype=x.dtype) if out is None else out
             xin, nonfinite = (None, False) if padded is None else padded(x, recycle)
-            packed, _, _, _ = prepare(weight, bias, x.dtype)
+            packed, _, _, _ = prepare(weight, bias, x.dtype, packs)
             fp.kernel.run(x.reshape(flat), weight, bias, y, None, *panel_args, *packed,
                           panels=scratch("fwd_panels", panels_shape, x.dtype))
             return (y, xin, nonfinite) if keep else (y, None, False)
@@ -1865,10 +1892,10 @@ def _forward_route(fp, keep, share_input, threads, aligned):
                   pack_positions=fp.tap_pos if fp.pack_blocks else None,
                   band_sub=BAND_SUB_ROWS * fp.row_tiles)   # (used in bands and on one thread only)
 
-    def by_images(x, weight, bias, recycle, out):
+    def by_images(x, weight, bias, recycle, out, packs):
         y = np.empty(y_shape, dtype=x.dtype) if out is None else out
         xin = None if planes is None else planes(x, recycle)
-        packed, skip, yext, xblocks = prepare(weight, bias, x.dtype)
+        packed, skip, yext, xblocks = prepare(weight, bias, x.dtype, packs)
         x3 = x.reshape(fp.x3_shape)
         nonfinite = False
         for n0, n1 in image_blocks:
@@ -1920,20 +1947,25 @@ def _padded_planes_route(fp, keep, shared, threads):
 
 
 def _packing_route(fp, threads, bands, cvec_fused):
-    """(prepare, wp_copy): prepare(weight, bias, dtype) -> (run()'s trailing arguments wp,
-    bp, part, tile_cols, tiles_inner; skip; yext; the blocked input's scratch or None),
-    packing the weights for the channel-vector tile; wp_copy as run() takes it."""
+    """(prepare, wp_copy): prepare(weight, bias, dtype, packs) -> (run()'s trailing
+    arguments wp, bp, part, tile_cols, tiles_inner; skip; yext; the blocked input's
+    scratch or None), packing the weights for the channel-vector tile (a frozen plan's:
+    into packs[fp], once; see forward); wp_copy as run() takes it."""
     p = fp.problem
     if fp.cvec is None:
         packed = (None, None, None, None, fp.tiles_inner)
         yext_shape = (fp.images * p.OC, fp.out_len) if fp.rblock < fp.Cg else None
 
-        def pixel_tiles(weight, bias, dtype):
+        def pixel_tiles(weight, bias, dtype, packs):
             return packed, None, None if yext_shape is None else scratch("yext", yext_shape, dtype), None
         return pixel_tiles, 0
     width = fp.cvec[2]
     wp_copy = 0
-    if fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
+    frozen = fp.frozen
+    if frozen:   # (one copy, packed once: threads reading the same lines cost nothing)
+        wp_shape = (fp.G * fp.blocks * fp.in_blocks * LANES[p.dtype] * len(fp.tap_w) * width,)
+        copies = 1
+    elif fp.pack_blocks:   # (the kernel packs one block of output channels at a time per thread)
         wp_shape = (threads * _packed_block_values(p.dtype, fp.Cg, fp.kk, width),)
         copies = 1
     else:
@@ -1954,13 +1986,25 @@ def _packing_route(fp, threads, bands, cvec_fused):
     if with_blocks:
         memory.append(("fwd_blocked", (fp.images * fp.in_blocks, fp.block_len)))
 
-    def channel_vectors(weight, bias, dtype):
+    def channel_vectors(weight, bias, dtype, packs):
         views = scratches(memory, dtype)
         wp, bp = views[0], views[1]
         nonfinite_weight = fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw)
         packed = (wp, bp, views[2] if with_part else None, fp.tile_cols, fp.tiles_inner)
         return packed, None if nonfinite_weight else fp.tap_skip, None, views[-1] if with_blocks else None
-    return channel_vectors, wp_copy
+
+    def packed_once(weight, bias, dtype, packs):
+        kept = packs.get(fp)
+        if kept is None:
+            if len(packs) >= FROZEN_PACKS:   # (one per input shape seen: keep the latest few)
+                packs.clear()
+            wp, bp = np.empty(wp_shape, dtype), np.empty(bp_shape, dtype)
+            kept = packs[fp] = (wp, bp, fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw))
+        wp, bp, nonfinite_weight = kept
+        views = scratches(memory[2:], dtype)
+        packed = (wp, bp, views[0] if with_part else None, fp.tile_cols, fp.tiles_inner)
+        return packed, None if nonfinite_weight else fp.tap_skip, None, views[-1] if with_blocks else None
+    return packed_once if frozen else channel_vectors, wp_copy
 
 
 def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):

@@ -166,14 +166,15 @@ def run_forward(p, x, batched, weight, bias, recycle=None, keep_input=True, inpu
     return (y if batched else y[0]), Saved(p, x if keep_input else None, xin, weight, batched, nonfinite)
 
 
-def run_inference(p, x, batched, weight, bias):
+def run_inference(p, x, batched, weight, bias, packs=None):
     """run_forward for a forward that keeps nothing for a backward: only y (small
-    layers: the Saved that run_forward makes costs a tenth of the call)."""
+    layers: the Saved that run_forward makes costs a tenth of the call).  packs: see
+    _engine.forward (a frozen Conv2d's)."""
     if p.N == 0:
         y = _empty_output(p, x.dtype)
     else:
         follow_flush_denormal()
-        y = _engine.forward(x, weight, bias, p, keep=False)[0]
+        y = _engine.forward(x, weight, bias, p, keep=False, packs=packs)[0]
     return y if batched else y[0]
 
 

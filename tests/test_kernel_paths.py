@@ -2639,6 +2639,62 @@ def test_inference_forward_packs_blocks_on_smaller_maps(spec, monkeypatch, resto
         _engine.backward_data_plan.cache_clear()
 
 
+# A frozen module (Conv2d.freeze) packs its weights for the channel-vector tile once,
+# whatever its map's size, and its inference forwards reuse them (_engine.frozen_plan,
+# forward's packs).
+FROZEN_SPECS = [s for s in CVEC_SPECS if s.direction == "fwd" and s.kernel != 1]
+
+
+@pytest.mark.parametrize("pixels", [4, 13])
+@pytest.mark.parametrize("spec", FROZEN_SPECS, ids=lambda s: s.name)
+def test_frozen_forward_packs_once(spec, pixels, monkeypatch, restore_threads):
+    """37 -> 90 channels (a partial block of each) on two images, a small and a larger
+    map: the frozen plan runs the spec's channel-vector tile over weights packed whole
+    (not a block per work item), packed by the first call only, then reused on 1, 2
+    and 3 threads, against the reference and torch and the same bits each call; then
+    an infinite weight, which must not skip padding-only taps (0 * inf is NaN)."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = _case(spec, 37, 90)
+    (kh, kw), (dh, dw) = (c if isinstance(c, tuple) else (c, c) for c in (case["kernel"], case["dilation"]))
+    case.update(N=2, H=dh * (kh - 1) + pixels, W=dw * (kw - 1) + pixels + 1, padding_mode="zeros")
+    fp = _plan(case, dtype)
+    plan = _engine.frozen_plan(fp.problem)
+    assert plan.frozen and plan.kernel.name == spec.name and plan.cvec is not None and not plan.pack_blocks
+    packs = []
+    _spy_on_kernel(monkeypatch, plan, "pack", packs)
+    x, w, b, _ = case_arrays(case, dtype, make_rng("frozen", spec.name, pixels))
+    args = conv_args(case)
+    want = ref.conv2d(x, w, b, **args)
+    conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], dtype=dtype, **args)
+    conv.weight[...] = w
+    conv.bias[...] = b
+    conv.freeze()
+    first = None
+    with convgen.no_grad():
+        for threads in (1, 2, 3):
+            convgen.set_num_threads(threads)
+            for _ in range(2):
+                got = conv(x)
+                assert_close(got, want, dtype, f"{threads} thread(s) vs reference")
+                if first is None:
+                    first = got
+                    assert_close(got, torch_functional("fwd", x, w, b, None, **args), dtype, "vs torch")
+                np.testing.assert_array_equal(got, first)
+    assert packs == [1]   # (the first call's, on one thread)
+    w = w.copy()
+    w[plan.cvec[2] + 3, 5, 0, 0] = np.inf   # (an output channel of the second block)
+    conv.weight = w
+    conv.freeze()
+    with convgen.no_grad():
+        got = conv(x)
+    want = ref.conv2d(x, w, b, **args)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with an infinite weight")
+
+
 def test_inference_small_map_rule():
     """The rule on ResNet-50's 3x3 512 at 7x7: on AVX2 its inference forward packs blocks
     of weights, its training forward and input gradient keep the pixel tiles; elsewhere

@@ -377,3 +377,86 @@ def test_grad_mode_belongs_to_the_thread():
         t.join()
         assert not convgen.is_grad_enabled()
     assert seen == [True]
+
+
+# ---- freeze -------------------------------------------------------------------------
+
+def _frozen_case():
+    conv = convgen.Conv2d(40, 48, 3, padding=1, seed=0)
+    x = make_rng("freeze").standard_normal((1, 40, 7, 7)).astype(np.float32)
+    return conv, x
+
+
+def test_freeze_makes_the_parameters_read_only_copies():
+    conv, x = _frozen_case()
+    conv.weight.grad = np.ones_like(conv.weight)
+    weight, bias = conv.weight, conv.bias
+    assert conv.freeze() is conv and conv.frozen
+    assert conv.weight is not weight and conv.bias is not bias   # (views of the old ones stay writable)
+    np.testing.assert_array_equal(conv.weight, weight)
+    np.testing.assert_array_equal(conv.bias, bias)
+    assert conv.weight.grad is weight.grad
+    for param in conv.parameters():
+        assert isinstance(param, convgen.Parameter) and not param.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            param[...] = 0
+        with pytest.raises(ValueError):
+            param.flags.writeable = True
+        with pytest.raises(ValueError, match="read-only"):
+            param.reshape(-1)[0] = 0   # (its views are read-only too)
+    weight[...] = 0   # the old arrays change nothing now
+    with convgen.no_grad():
+        assert_close(conv(x), ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+    assert conv.unfreeze() is conv and not conv.frozen
+    assert conv.weight.flags.writeable and conv.bias.flags.writeable and conv.weight.grad is weight.grad
+    conv.weight[:, :, 1, 1] += 1   # (an in-place update, seen by the next call)
+    with convgen.no_grad():
+        assert_close(conv(x), ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+
+
+def test_frozen_forward_uses_the_parameters_it_has():
+    """The packed weights are kept only while the frozen parameters are the module's and
+    read-only: assigning a new weight, or making the frozen one writable behind freeze's
+    back, packs again from what is there."""
+    conv, x = _frozen_case()
+    conv.freeze()
+    with convgen.no_grad():
+        y = conv(x)
+        assert len(conv._frozen) == 1   # (this layer's packed weights)
+        assert_close(y, ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+        conv.weight = conv.weight * 2
+        assert not conv.frozen
+        assert_close(conv(x), ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+        conv.freeze()
+        conv(x)
+        conv.weight.base.flags.writeable = True
+        conv.weight.flags.writeable = True
+        conv.weight[...] *= -1
+        assert_close(conv(x), ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+        assert not conv.frozen
+
+
+def test_frozen_module_keeps_a_few_shapes_packed():
+    conv, _ = _frozen_case()
+    conv.freeze()
+    rng = make_rng("freeze-shapes")
+    with convgen.no_grad():
+        for size in range(5, 12):
+            x = rng.standard_normal((1, 40, size, size)).astype(np.float32)
+            assert_close(conv(x), ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+            assert 1 <= len(conv._frozen) <= convgen._engine.FROZEN_PACKS
+
+
+def test_frozen_module_still_differentiates():
+    """Outside no_grad a frozen module is differentiated as before (the input gradient of a
+    frozen feature extractor); an optimiser step on it raises."""
+    conv, x = _frozen_case()
+    gy = make_rng("freeze-grad").standard_normal((1, 48, 7, 7)).astype(np.float32)
+    conv.freeze()
+    y = conv(x)
+    gx = conv.backward(gy)
+    assert_close(y, ref.conv2d(x, conv.weight, conv.bias, padding=1), np.float32)
+    assert_close(gx, ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float32)
+    assert_close(conv.weight.grad, ref.conv2d_weight(x, conv.weight.shape, gy, padding=1), np.float32)
+    with pytest.raises(ValueError, match="read-only"):
+        conv.weight -= 0.1 * conv.weight.grad
