@@ -31,10 +31,11 @@ RESULTS = os.path.join(ROOT, "bench", "results")
 # rounds, seconds per timing sample, FMA-peak trials and seconds per trial
 # and which micro-benchmarks (a glob on the kernel name) against which peers: --quick times
 # the float32 kernels only, against PyTorch only (the layer suite still meets every peer).
-# (convgen_1t, convgen on one thread, times the layer suite only: its ratios there are the
-# scaling from 1 thread to --threads.)
+# (convgen_1t, convgen on one thread, and convgen_frozen, its frozen module, time the layer
+# suite only: the ratios there are the scaling from 1 thread to --threads, and what
+# freezing gains.)
 MODES = {"full": dict(rounds=15, min_time=0.02, peak_trials=7, peak_seconds=0.1, micro="*",
-                      micro_peers=tuple(p for p in NAMES if p != "convgen_1t")),
+                      micro_peers=tuple(p for p in NAMES if p not in ("convgen_1t", "convgen_frozen"))),
          "quick": dict(rounds=3, min_time=0.003, peak_trials=3, peak_seconds=0.05, micro="*_f32_*",
                        micro_peers=("convgen", "torch"))}
 
@@ -50,7 +51,8 @@ def parse_args(argv):
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every peer")
     ap.add_argument("--peers", default=",".join(NAMES),
                     help=f"comma-separated peers (convgen is always included; convgen_1t is convgen "
-                         f"on one thread, whose ratios are the scaling); default {','.join(NAMES)}")
+                         f"on one thread, whose ratios are the scaling; convgen_frozen its module frozen, "
+                         f"forwards only); default {','.join(NAMES)}")
     ap.add_argument("--repeats", type=int, help="alternating rounds per case (default: 15, --quick 3)")
     ap.add_argument("--min-time", type=float, help="seconds per timing sample (default 0.02, --quick 0.003)")
     ap.add_argument("--out", metavar="DIR", help="results folder (default bench/results, --quick bench/results/quick)")

@@ -54,6 +54,7 @@ class Peer:
 
 class ConvgenPeer(Peer):
     name = "convgen"
+    frozen = False   # (Conv2d.freeze() before timing: ConvgenFrozenPeer)
 
     def __init__(self, threads):
         super().__init__(threads)
@@ -85,11 +86,15 @@ class ConvgenPeer(Peer):
         x, w, b, gy = case_arrays(case)
         args = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
         out = {}
+        if self.frozen and direction != "fwd":
+            raise Skip("frozen parameters (Conv2d.freeze): inference forwards only")
         if direction in ("fwd", "bwd"):
             conv = cg.Conv2d(case["C"], case["OC"], case["kernel"], padding_mode=case["padding_mode"],
                              dtype=np.dtype(case["dtype"]), **args)
             conv.weight[...] = w
             conv.bias[...] = b
+            if self.frozen:
+                conv.freeze()
             if direction == "fwd":
                 def run():
                     with cg.no_grad():   # inference, as PyTorch's forward runs under torch.no_grad()
@@ -250,5 +255,13 @@ class ConvgenOneThreadPeer(ConvgenPeer):
     name = "convgen_1t"
 
 
-PEERS = {p.name: p for p in (ConvgenPeer, TorchPeer, NumpyPeer, OnnxruntimePeer, ConvgenOneThreadPeer)}
+class ConvgenFrozenPeer(ConvgenPeer):
+    """convgen's module frozen (Conv2d.freeze): its weights packed by the first call and
+    kept, as onnxruntime keeps its session's."""
+    name = "convgen_frozen"
+    frozen = True
+
+
+PEERS = {p.name: p for p in (ConvgenPeer, TorchPeer, NumpyPeer, OnnxruntimePeer, ConvgenOneThreadPeer,
+                             ConvgenFrozenPeer)}
 assert tuple(PEERS) == NAMES

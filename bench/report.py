@@ -12,7 +12,9 @@ import os
 from .suite import CLASSES, PEER_NAMES as PEER_ORDER, describe, flops
 
 PEER_LABEL = {"torch": "PyTorch", "numpy": "NumPy im2col", "onnxruntime": "onnxruntime",
-              "convgen_1t": "convgen 1 thread"}
+              "convgen_1t": "convgen 1 thread", "convgen_frozen": "convgen frozen"}
+# convgen itself, another way: its ratios below 1 are no loss (frozen: what freezing gains)
+NOT_BOLD = ("convgen_frozen",)
 DTYPE_KEY = {"float32": "f32", "float64": "f64"}
 
 
@@ -123,11 +125,11 @@ def _ms(t):
     return f"{ms:.3f}" if ms < 1 else f"{ms:.2f}" if ms < 100 else f"{ms:.0f}"
 
 
-def _x(v):
+def _x(v, bold=True):
     if v is None:
         return "–"
     text = f"{v:.2f}"
-    return f"**{text}**" if v < 1 else text
+    return f"**{text}**" if v < 1 and bold else text
 
 
 def _table(header, rows):
@@ -144,7 +146,8 @@ def _summary_table(rows, peers, group_title):
                  _f(row["pct_peak"], "{:.0f}%")]
         for p in peers:
             v = row["vs"].get(p, {})
-            cells.append(_x(v.get("geomean")) + (f" ({v['n']})" if v.get("n") and v["n"] != row["n"] else ""))
+            cells.append(_x(v.get("geomean"), p not in NOT_BOLD)
+                         + (f" ({v['n']})" if v.get("n") and v["n"] != row["n"] else ""))
         body.append(cells)
     return _table(header, body)
 
@@ -161,7 +164,7 @@ def _case_rows(records, peak, peers, with_dir_col, extra=None):
             cells += [describe(r), _ms(median_time(r, "convgen", d)) + noisy, _f(gflops(r, d), "{:.1f}"),
                       _f(pct_peak(r, d, peak), "{:.0f}%")]
             for p in peers:
-                cells += [_ms(median_time(r, p, d)), _x(ratio(r, p, d))]
+                cells += [_ms(median_time(r, p, d)), _x(ratio(r, p, d), p not in NOT_BOLD)]
             if extra:
                 cells.append(extra(r, d))
             rows.append(cells)
@@ -249,6 +252,10 @@ def markdown(results, images=()):
         *([f"- convgen 1 thread (`convgen_1t`) is convgen itself on one thread, so the ratio to it is "
            f"convgen's scaling from 1 to {meta['threads']} threads."]
           if any("convgen_1t" in r["results"] for r in results.get("layers", [])) else []),
+        *(["- convgen frozen (`convgen_frozen`) is convgen's module after `Conv2d.freeze()`, forwards only: "
+           "it packs its weights once, as onnxruntime's session does, so its time is the one to set beside "
+           "onnxruntime's. The ratio to it is its time / convgen's (not bold: below 1 is what freezing gains)."]
+          if any("convgen_frozen" in r["results"] for r in results.get("layers", [])) else []),
         "",
     ]
     if results.get("layers"):
@@ -311,7 +318,7 @@ def console_summary(results):
 # ---------------------------------------------------------------- plots
 
 COLORS = {"convgen": "#d62728", "torch": "#1f77b4", "numpy": "#7f7f7f", "onnxruntime": "#2ca02c",
-          "convgen_1t": "#ff9896"}
+          "convgen_1t": "#ff9896", "convgen_frozen": "#9467bd"}
 
 
 def plot_layers(results, path):

@@ -23,8 +23,9 @@ DEFAULT_LAYERS = os.path.normpath(os.path.join(ROOT, os.pardir, "shared", "bench
 
 # The peers, in report order (implemented in bench/peers.py, which only workers import).
 # convgen_1t is convgen on one thread: the ratio to it is convgen's scaling from 1 thread
-# to the run's --threads.
-PEER_NAMES = ("convgen", "torch", "numpy", "onnxruntime", "convgen_1t")
+# to the run's --threads.  convgen_frozen is convgen with Conv2d.freeze(), forwards only:
+# weights packed once, as onnxruntime's are.
+PEER_NAMES = ("convgen", "torch", "numpy", "onnxruntime", "convgen_1t", "convgen_frozen")
 # Peers that run on a fixed number of threads, whatever --threads says.
 PEER_THREADS = {"convgen_1t": 1}
 

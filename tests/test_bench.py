@@ -176,6 +176,30 @@ def test_one_thread_peer_measures_scaling(tmp_path):
     assert set(results["meta"]["peers"]) == {"convgen"} and "scaling" not in (out / "README.md").read_text()
 
 
+def test_frozen_peer_times_forwards_only(tmp_path):
+    """convgen_frozen times convgen's frozen module (weights packed once) on forwards,
+    checked against NumPy im2col's output, and skips the backward; its ratios are not bold."""
+    layers = tmp_path / "layers.json"
+    layers.write_text(json.dumps({"layers": [dict(TINY, C=40, OC=48, H=7, W=7)]}))
+    out = tmp_path / "results"
+    assert bench_main(["--quick", "--part", "layers", "--layers", str(layers), "--peers", "convgen_frozen,numpy",
+                       "--repeats", "1", "--out", str(out), "--no-plot", "--no-progress", "--threads", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    record = results["layers"][0]
+    assert set(record["results"]["convgen_frozen"]) == {"fwd"} and "bwd" in record["results"]["convgen"]
+    assert record["check"]["convgen_frozen"]["fwd"]["ok"]
+    assert "inference forwards only" in record["skip"]["convgen_frozen"]["bwd"]
+    text = (out / "README.md").read_text()
+    assert "vs convgen frozen" in text and "Conv2d.freeze()" in text
+    # a ratio below 1 is bold for a peer convgen lost to, not for its frozen self
+    from bench import report
+    record = dict(suite.make_case("a", "layer", 1, 8, 16, 16, 8, 3, padding=1),
+                  results={p: {"fwd": {"median": t}} for p, t in
+                           (("convgen", 2.0), ("torch", 1.0), ("convgen_frozen", 1.0))})
+    row = report._case_rows([record], {}, ["torch", "convgen_frozen"], True)[0]
+    assert row[-3:] == ["**0.50**", "1000", "0.50"]
+
+
 def test_update_merges_into_earlier_results(tmp_path):
     from bench.__main__ import merge
 
