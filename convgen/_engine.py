@@ -1640,7 +1640,8 @@ def forward_plan(p: Problem) -> ForwardPlan:
 def inference_plan(p: Problem) -> ForwardPlan:
     """The plan of a forward that keeps nothing for a backward: forward_plan(p) unless the
     channel-vector tile's rules for such forwards (CVEC_MIN_CHANNELS_INFERENCE,
-    PACK_BLOCK_MIN_PIXELS_INFERENCE) reach it.  Kept on forward_plan(p)'s plan, so that clearing its cache clears both."""
+    PACK_BLOCK_MIN_PIXELS_INFERENCE) reach it.  Kept on forward_plan(p)'s plan, so that
+    clearing its cache clears both."""
     fp = forward_plan(p)
     if fp.inference_twin is None:
         pixels = p.N * fp.OH * fp.OW
