@@ -118,6 +118,17 @@ class Conv2d:
         """Whether freeze() is in force (its read-only weight and bias still the module's)."""
         return self._frozen is not None
 
+    def __getstate__(self):
+        # (packed weights are keyed by plans, which hold functions: the copy packs anew)
+        state = dict(self.__dict__)
+        state["_frozen"] = None if self._frozen is None else {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _frozen=None)
+        if state.get("_frozen") is not None:
+            self.freeze()   # (pickled parameters come back writable)
+
     def reset_parameters(self, seed=None):
         """PyTorch's default: kaiming_uniform_(a=sqrt(5)) on the weight, and
         uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) on the bias."""

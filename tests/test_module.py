@@ -460,3 +460,18 @@ def test_frozen_module_still_differentiates():
     assert_close(conv.weight.grad, ref.conv2d_weight(x, conv.weight.shape, gy, padding=1), np.float32)
     with pytest.raises(ValueError, match="read-only"):
         conv.weight -= 0.1 * conv.weight.grad
+
+
+def test_frozen_module_pickles_and_copies_frozen():
+    import copy
+    import pickle
+    conv, x = _frozen_case()
+    conv.freeze()
+    with convgen.no_grad():
+        y = conv(x)
+        for twin in (pickle.loads(pickle.dumps(conv)), copy.deepcopy(conv)):
+            assert twin.frozen and not twin.weight.flags.writeable and not twin.bias.flags.writeable
+            np.testing.assert_array_equal(twin(x), y)
+    conv.unfreeze()
+    twin = pickle.loads(pickle.dumps(conv))
+    assert not twin.frozen and twin.weight.flags.writeable
