@@ -988,6 +988,13 @@ cdef inline bint _array_of(object a, tuple shape, object dtype, bint exact):
     return True
 
 
+def any_writeable(a, b):
+    """Whether ndarray a, or b (an ndarray or None), is writeable: a frozen Conv2d's
+    test, every call, that its parameters are still read-only (ndarray.flags builds an
+    object each time: on the smallest layers two of them cost 5% of a call)."""
+    return cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a) or (b is not None and cnp.PyArray_ISWRITEABLE(<cnp.ndarray>b))
+
+
 def same_arrays(x, tuple x_shape, dtype, weight, tuple w_shape, bias, b_shape):
     """Whether x (an ndarray itself), weight and bias (None where b_shape is None) are
     C-contiguous arrays of these shapes and dtype: Conv2d's test that a call may skip the

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import functional as F
 from . import init
-from ._layout import same_arrays
+from ._layout import any_writeable, same_arrays
 from ._validate import dtype_arg, float_array, input_array
 from .grad_mode import is_grad_enabled
 from .parameter import Parameter
@@ -165,8 +165,7 @@ class Conv2d:
         if not is_grad_enabled():
             # Inference (convgen.no_grad): nothing kept, so no copy of the input is made.
             packs = self._frozen
-            if packs is not None and (self.weight.flags.writeable or (self.bias is not None
-                                                                      and self.bias.flags.writeable)):
+            if packs is not None and any_writeable(self.weight, self.bias):
                 packs = self.__dict__["_frozen"] = None   # (made writable behind freeze's back)
             y = F.run_inference(p, x, batched, weight, bias, packs)
             self.__dict__["_saved"] = _NO_GRAD
