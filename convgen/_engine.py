@@ -421,6 +421,11 @@ ROW_TILE_SAVING = 1.0
 # What a row tile pays per tap and row besides its pixels, in pixels (its weight loads
 # and loop; see _row_tiling).
 ROW_TILE_OVERHEAD = 2
+# A row tile holding fewer accumulators than this waits on its multiply-adds' latency
+# (two FMA units with 4 cycles' latency need 8 sums in flight), so it is priced as the
+# narrowest tile that holds this many (_row_tiling: row pairs, which hold two rows'
+# sums, are not).
+CVEC_MIN_ACCUMULATORS = 8
 # Forward row tiles of a tail's pixels or fewer run two rows at once where both rows
 # skip the same taps (see _row_pairs).
 ROW_PAIRS = True
@@ -763,11 +768,11 @@ def _flat_price(out_len, taps, pixels):
     return out_len // pixels * (taps + 1) * (pixels + ROW_TILE_OVERHEAD)
 
 
-def _priced_row_tiling(masks, forms, pair_width, flat_len, pixels):
-    """_row_tiling(masks, forms, pair_width) for rows left on a flat grid of flat_len
+def _priced_row_tiling(masks, forms, pair_width, flat_len, pixels, floor=0):
+    """_row_tiling(masks, forms, pair_width, floor) for rows left on a flat grid of flat_len
     pixels (chunks of `pixels`), where its price is at most ROW_PRICE_SAVING of the flat
     grid's tiles (_flat_price), else None."""
-    tiling = _row_tiling(masks, forms, pair_width)
+    tiling = _row_tiling(masks, forms, pair_width, floor)
     return tiling if tiling[2] <= ROW_PRICE_SAVING * _flat_price(flat_len, len(masks), pixels) else None
 
 
@@ -822,12 +827,20 @@ def _form(pixels, forms):
     return min(f for f in forms if f >= pixels)
 
 
-def _run_price(pixels, forms, pair_width):
+def _run_price(pixels, forms, pair_width, floor=0):
     """What a row tile of `pixels` pays per tap and row, in pixels (see ROW_TILE_OVERHEAD
-    and ROW_PAIR_PRICE): pair_width, the widest tile that runs as row pairs (0: none)."""
+    and ROW_PAIR_PRICE): pair_width, the widest tile that runs as row pairs (0: none);
+    floor, the fewest pixels a tile pays for otherwise (_latency_pixels)."""
     if pixels <= pair_width:
         return _form(pixels, forms) + ROW_TILE_OVERHEAD / 2 + ROW_PAIR_PRICE
-    return _form(pixels, forms) + ROW_TILE_OVERHEAD
+    return max(_form(pixels, forms), floor) + ROW_TILE_OVERHEAD
+
+
+def _latency_pixels(cvec, dtype, pairs):
+    """The pixels a channel-vector row tile pays for at least (CVEC_MIN_ACCUMULATORS
+    sums of its vectors of output channels), or 0 where the kernel has row pairs (its
+    narrow tiles then run two rows at once: the float32 forward)."""
+    return 0 if pairs else _geometry.ceil_div(CVEC_MIN_ACCUMULATORS, cvec[2] // LANES[dtype])
 
 
 def _row_tiled_length(flat_len, rows, width, tile_cols, forms, pixels):
@@ -969,13 +982,14 @@ def _padding_masks(taps, rows, cols, out_rows, out_cols):
     return masks
 
 
-def _row_tiling(masks, forms, pair_width=0):
+def _row_tiling(masks, forms, pair_width=0, floor=0):
     """How row tiles cover each output row: (tile_cols, skip, price).  tile_cols (tiles, 2):
     each tile's first column and its pixels, the same in every row; skip uint8
     (out_rows * tiles, taps): 1 where a row's tile reads only zero padding through a
     tap (which it then skips), or None where no tile does; price, what the split pays
     (below).  masks: _padding_masks.  forms: the pixels of the tile's forms (see _form).
-    pair_width: the widest tile that runs as row pairs, which pays less (_run_price).
+    pair_width: the widest tile that runs as row pairs, which pays less (_run_price);
+    floor: the fewest pixels any other tile pays for (_latency_pixels).
 
     The split minimises the pixels computed, counting a tap a tile skips as free, by
     dynamic programming over the columns: a tile pays its _run_price (its form's pixels +
@@ -996,7 +1010,7 @@ def _row_tiling(masks, forms, pair_width=0):
         starts = np.arange(out_cols - n + 1)
         skipped = (padding[:, :, starts + n] - padding[:, :, starts]) == n   # (taps, rows, starts)
         runs = taps * out_rows - skipped.sum(axis=(0, 1)) + out_rows
-        run_cost.append(runs * _run_price(n, forms, pair_width))
+        run_cost.append(runs * _run_price(n, forms, pair_width, floor))
     for end in range(1, out_cols + 1):
         for n in range(1, min(widest, end) + 1):
             cost = best[end - n] + run_cost[n - 1][end - n]
@@ -1195,9 +1209,10 @@ class ForwardPlan:
         self.tile_cols, self.tap_skip, self.row_pairs = None, None, None
         masks = None   # (the taps' padding masks, made when first needed: also below)
         tiling = None
+        floor = 0 if self.cvec is None else _latency_pixels(self.cvec, p.dtype, _pair_width(self.cvec))
         if self.row_tiles:
             masks = self.padding_masks(taps)
-            tiling = _row_tiling(masks, _tile_forms(self.cvec))
+            tiling = _row_tiling(masks, _tile_forms(self.cvec), 0, floor)
         elif self.cvec is not None and self.We > self.OW:
             # The flat grid computes scratch columns: row tiles, priced as row pairs where
             # the kernel has them, may still cost less (ROW_PRICE_SAVING).  (Only here: rows
@@ -1205,7 +1220,7 @@ class ForwardPlan:
             # 13 pixels, 0.98-0.99x.)
             masks = self.padding_masks(taps)
             tiling = _priced_row_tiling(masks, _tile_forms(self.cvec), _pair_width(self.cvec), self.out_len,
-                                        self.cvec[1])
+                                        self.cvec[1], floor)
         if tiling is not None:
             forms = _tile_forms(self.cvec)
             self.tile_cols, self.tap_skip, _ = tiling
@@ -1521,11 +1536,12 @@ class BackwardDataPlan:
             rows, cols, _ = bordered(out_rows + max(t[2] for t in taps) + 1)
             masks = _padding_masks(taps, rows, cols, out_rows, self.out_cols)
         tiling = None
+        floor = 0 if self.cvec is None else _latency_pixels(self.cvec, p.dtype, False)
         if self.row_tiles:
             tiling = _row_tiling(np.zeros((1, out_rows, self.out_cols), bool) if masks is None else masks,
-                                 _tile_forms(self.cvec))
+                                 _tile_forms(self.cvec), 0, floor)
         elif masks is not None:   # (as the forward's; no row pairs here)
-            tiling = _priced_row_tiling(masks, _tile_forms(self.cvec), 0, self.out_len, chunk)
+            tiling = _priced_row_tiling(masks, _tile_forms(self.cvec), 0, self.out_len, chunk, floor)
         if tiling is not None:
             forms = _tile_forms(self.cvec)
             self.tile_cols, skip, _ = tiling

@@ -322,6 +322,27 @@ def test_row_tiling():
     assert _engine._row_tiling(plain, forms)[0].tolist() == [[0, 14], [14, 14], [28, 4]]
 
 
+def test_row_tiling_prices_latency_bound_tiles():
+    """AVX2's forms (6, 5, 4, 3): a tile of 3 pixels holds 6 sums, too few to hide the
+    multiply-adds' latency, so with a floor of 4 pixels 14 columns split 6 + 4 + 4, not
+    6 + 5 + 3 (the same pixels); the float32 forward, whose 3-pixel tiles run as row
+    pairs, has no floor, and the input gradient (no pairs) has one."""
+    forms = (6, 5, 4, 3)
+    plain = np.zeros((9, 4, 14), bool)
+    assert sorted(n for _, n in _engine._row_tiling(plain, forms)[0]) == [3, 5, 6]
+    assert sorted(n for _, n in _engine._row_tiling(plain, forms, 0, 4)[0]) == [4, 4, 6]
+    lanes = _engine.LANES["f32"]
+    fp = _plan(dict(N=1, C=256, OC=256, H=14, W=14, kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1), np.float32)
+    if fp.cvec is None or fp.cvec[2] // lanes != 2 or fp.cvec[1] != 6:
+        pytest.skip("AVX2's channel-vector tile (6 pixels x 2 vectors) only")
+    floor = _engine._latency_pixels(fp.cvec, "f32", False)
+    assert floor == 4 and _engine._latency_pixels(fp.cvec, "f32", True) == 0
+    bp = _engine.backward_data_plan(fp.problem)
+    assert min(n for _, n in bp.tile_cols) >= floor
+    assert 3 in [n for _, n in fp.tile_cols]   # (a row pair)
+
+
 def test_row_pairs():
     """Narrow row tiles pair rows from the top while both rows skip the same taps; wide
     tiles and a last odd row run alone; no narrow tile, no pairs."""
@@ -487,10 +508,12 @@ def test_three_row_tile_for_few_output_channels():
 
 @pytest.mark.parametrize("spec, twin", [(s, n) for s in CVEC_SPECS for n in s.cvec_narrow],
                          ids=lambda v: f"narrow{v}" if isinstance(v, int) else v.name)
-def test_channel_vector_narrow_tiles(spec, twin, forced_rows):
+def test_channel_vector_narrow_tiles(spec, twin, forced_rows, monkeypatch):
     """Each narrower twin runs the row tiles of at most its pixels (and more than the
     next narrower one's): the first width from 16 whose rows' tiling has such a tile
-    (rows of 14 + 8, 8 + 8, 14 + 7, 14 + 14 + 6, ...)."""
+    (rows of 14 + 8, 8 + 8, 14 + 7, 14 + 14 + 6, ...).  (Without the price of tiles too
+    narrow to hide the latency, which keeps AVX2's 3-pixel twin to rows such as 4 + 3.)"""
+    monkeypatch.setattr(_engine, "CVEC_MIN_ACCUMULATORS", 0)
     narrower = [n for n in spec.cvec_narrow if n < twin]
     low, high = max(narrower, default=0) + 1, twin
     for W in range(16, 64):
