@@ -87,8 +87,9 @@ class Conv2d:
         """Replace weight and bias with read-only copies (gradients kept) and return
         self.  An inference forward (under ``convgen.no_grad()``) then packs the weights
         for its kernels once and keeps them, as a deployment runtime does, instead of
-        packing them every call: late, small-map layers of a network run up to 1.5x
-        faster.  Nothing can change them in place (``weight[...] = ...`` raises);
+        packing them every call: small maps with large weights gain most (on 2 AVX2
+        cores, 512 channels at 7x7 1.15x, at 4x4 1.4x).  Nothing can change them in
+        place (``weight[...] = ...`` raises);
         assigning ``conv.weight`` or calling ``unfreeze()`` ends it."""
         packs = {}
         for name in ("weight", "bias"):
