@@ -2111,8 +2111,10 @@ def input_gradient_as_forward(p: Problem):
     return q if forward_plan(q).channel_block is not None else None
 
 
-def backward_data(grad_y, weight, p: Problem):
+def backward_data(grad_y, weight, p: Problem, packs=None):
     """Gradient of the input (N, C, H, W), padding folded back into its sources.
+    packs: None, or a frozen module's dict (see forward): the channel-vector tile's
+    packed weights, kept by the first call and reused by the next.
     The kernels also multiply grad_output's zero border by the weights, and 0 * inf is
     NaN where PyTorch's gradient (a sum over real output pixels) is finite: with an
     infinite or NaN weight, _input_grad_exact computes it instead.  That costs one look
@@ -2122,8 +2124,8 @@ def backward_data(grad_y, weight, p: Problem):
     if weight.size <= p.N * p.C * p.H * p.W:
         if _layout.has_nonfinite(weight):
             return _input_grad_exact(grad_y, weight, p)
-        return _input_gradient(grad_y, weight, p)
-    gx = _input_gradient(grad_y, weight, p)
+        return _input_gradient(grad_y, weight, p, packs)
+    gx = _input_gradient(grad_y, weight, p, packs)
     if _layout.has_nonfinite(gx) and _layout.has_nonfinite(weight):
         return _input_grad_exact(grad_y, weight, p)
     return gx
@@ -2152,23 +2154,25 @@ def _input_grad_exact(grad_y, weight, p: Problem):
     return np.ascontiguousarray(gx[..., :p.W].reshape(p.N, p.C, p.H, p.W), dtype=grad_y.dtype)
 
 
-def _input_gradient(grad_y, weight, p: Problem):
+def _input_gradient(grad_y, weight, p: Problem, packs=None):
     """backward_data's kernels (its check for non-finite weights covers the whole layer, so
     the calls here for a patch layer's 1x1 and per group skip it).  Runs in blocks of
     images, or of groups within an image, whose bordered grad_output and phase planes fit
     in cache across the three passes.  As forward(), its steps are worked out once per
-    plan and threads (_input_gradient_route)."""
+    plan and threads (_input_gradient_route).  packs: see backward_data."""
     fp = forward_plan(p)
     threads = 1 if fp.work < SMALL_WORK and fp.values < SMALL_VALUES else get_num_threads()   # (threads_for's)
     route = fp.input_gradient_routes.get(threads)
     if route is None:
         route = fp.input_gradient_routes[threads] = _input_gradient_route(fp, threads)
-    return route(grad_y, weight)
+    return route(grad_y, weight, packs)
 
 
 def _input_gradient_route(fp, threads):
     """_input_gradient's steps for plan fp's layer on `threads` threads, as a function
-    (grad_y, weight) -> gx; decided once, as _forward_route's."""
+    (grad_y, weight, packs) -> gx; decided once, as _forward_route's.  (packs reach the
+    channel-vector tile's packing, and a patch layer's 1x1; not the groups of a groupwise
+    layer, which share one plan.)"""
     p = fp.problem
     gx_shape = (p.N, p.C, p.H, p.W)
     q = input_gradient_as_forward(p)
@@ -2177,13 +2181,13 @@ def _input_gradient_route(fp, threads):
             fq = forward_plan(q)
             q_threads = threads_for(fq.work, fq.values)
 
-            def transposed(grad_y, weight):
+            def transposed(grad_y, weight, packs):
                 gx = np.empty(gx_shape, dtype=grad_y.dtype)
                 _run_in_place(fq, _in_place_plan(fq), grad_y, weight, None, gx, q_threads, weight_transposed=True)
                 return gx
             return transposed
 
-        def flipped(grad_y, weight):   # (depthwise: its taps flipped)
+        def flipped(grad_y, weight, packs):   # (depthwise: its taps flipped)
             return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]
         return flipped
     q = patch_pointwise(p)
@@ -2191,15 +2195,15 @@ def _input_gradient_route(fp, threads):
         fq = forward_plan(q)
         geometry, q_threads = _window_geometry(p, q), threads_for(fq.work, fq.values)
 
-        def patches(grad_y, weight):
-            gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q)
+        def patches(grad_y, weight, packs):
+            gq = _input_gradient(grad_y, _pointwise_weight(weight, q), q, packs)
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             _layout.windows(gq.reshape(q.N * q.C, q.H, q.W), gx.reshape(p.N * p.C, p.H, p.W), geometry, True,
                             q_threads)
             return gx
         return patches
     if fp.groupwise_input is not None:   # (wide groups: each group's as a dense layer's)
-        def groupwise(grad_y, weight):
+        def groupwise(grad_y, weight, packs):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             for g in range(fp.G):
                 gx[:, g * fp.Cg:(g + 1) * fp.Cg] = _input_gradient(_group(grad_y, g, fp.OCg, "group_grad_output"),
@@ -2213,7 +2217,7 @@ def _input_gradient_route(fp, threads):
         rows, cols, interior, _ = bp.channel_block
         cblock_args = (p.N, p.C, rows, cols, interior, p.pad_top, p.pad_left, *strip, threads)
 
-        def channel_block(grad_y, weight):
+        def channel_block(grad_y, weight, packs):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             bp.kernel.cblock(grad_y, weight, gx, scratch("bwd_pixel_major", (threads * strip[1],), grad_y.dtype),
                              *cblock_args)
@@ -2226,14 +2230,14 @@ def _input_gradient_route(fp, threads):
                       bp.fold_rows, bp.fold_cols, bp.fold_interior, bp.fold_pad_left, threads, p.mode == "zeros")
         fused_kw = dict(dense=p.groups == 1, tile=bp.tile)
 
-        def fused(grad_y, weight):
+        def fused(grad_y, weight, packs):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             bp.kernel.fused(grad_y, weight, gx, scratch("bwd_fused", (threads, bp.fused_len), grad_y.dtype),
                             *fused_args, **fused_kw)
             return gx
         return fused
     images, groups = bp.block
-    pack = _input_gradient_packing(fp, bp, threads) if bp.cvec is not None else lambda weight, dtype: {}
+    pack = _input_gradient_packing(fp, bp, threads) if bp.cvec is not None else lambda weight, dtype, packs: {}
     gx3_shape, gy3_shape = (p.N * p.C, p.H, p.W), (p.N * p.OC, fp.OH, fp.OW)
     if _runs_fused(bp.cvec_fused, p, threads):
         # Each work item borders its image's grad_output into its thread's blocks and stores
@@ -2242,9 +2246,9 @@ def _input_gradient_route(fp, threads):
         run_args = (p.N, 1, fp.Cg, fp.OCg, bp.out_len, bp.gy_block_len, fp.kk, bp.block_offs, bp.phase_ws, bp.rblock,
                     threads, bp.tile, bp.tiles_inner)
 
-        def cvec_fused(grad_y, weight):
+        def cvec_fused(grad_y, weight, packs):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
-            packed = pack(weight, grad_y.dtype)
+            packed = pack(weight, grad_y.dtype, packs)
             blocks = scratch("bwd_fused_blocks", blocks_shape, grad_y.dtype)
             gx3 = gx.reshape(gx3_shape)
             bp.kernel.run(grad_y, weight, gx3, *run_args, **packed, gx=gx3, static_schedule=bp.static_schedule,
@@ -2261,17 +2265,17 @@ def _input_gradient_route(fp, threads):
     memory = (gyp_memory, ("gxph", (images * groups * fp.Cg, bp.n_planes * bp.out_len)))
     block = _input_gradient_block_route(p, fp, bp, threads)
     if images >= p.N and groups >= fp.G:  # one block (small layers: no slicing)
-        def one_block(grad_y, weight):
+        def one_block(grad_y, weight, packs):
             gx = np.empty(gx_shape, dtype=grad_y.dtype)
             gyp, gxph = scratches(memory, grad_y.dtype)
             block(grad_y.reshape(gy3_shape), weight, gyp, gxph, gx.reshape(gx3_shape), p.N, fp.G,
-                  pack(weight, grad_y.dtype))
+                  pack(weight, grad_y.dtype, packs))
             return gx
         return one_block
 
-    def by_blocks(grad_y, weight):
+    def by_blocks(grad_y, weight, packs):
         gx = np.empty(gx_shape, dtype=grad_y.dtype)
-        packed = pack(weight, grad_y.dtype)
+        packed = pack(weight, grad_y.dtype, packs)
         gyp, gxph = scratches(memory, grad_y.dtype)
         gy2 = grad_y.reshape(p.N * p.OC, fp.OH * fp.OW)
         gx2 = gx.reshape(p.N * p.C, p.H * p.W)
@@ -2293,9 +2297,11 @@ def _input_gradient_route(fp, threads):
 
 
 def _input_gradient_packing(fp, bp, threads):
-    """(weight, dtype) -> the channel-vector tile's keyword arguments for its run():
-    each stride phase's weights packed (or, with bp.pack_blocks, packed by the tiles a
-    block at a time), the scratch memory for them and for partial sums."""
+    """(weight, dtype, packs) -> the channel-vector tile's keyword arguments for its
+    run(): each stride phase's weights packed (or, with bp.pack_blocks, packed by the
+    tiles a block at a time), the scratch memory for them and for partial sums.  packs:
+    None, or a frozen module's dict (see forward), where the phases' packed weights are
+    kept by the first call and reused by the next."""
     p = fp.problem
     width = bp.cvec[2]
     memory = [("bwd_bp", (bp.blocks * width,))]
@@ -2313,7 +2319,22 @@ def _input_gradient_packing(fp, bp, threads):
     fixed = dict(tile_cols=bp.tile_cols, out_rows=bp.out_rows, out_cols=bp.out_cols, width=bp.width,
                  pack_positions=bp.phase_pos if bp.pack_blocks else None)
 
-    def packed(weight, dtype):
+    def packed(weight, dtype, packs):
+        if packs is not None and not bp.pack_blocks:
+            kept = packs.get(bp)
+            if kept is None:
+                if len(packs) >= FROZEN_PACKS:
+                    packs.clear()
+                zeros = np.zeros(memory[0][1], dtype)
+                wps = [np.empty(shape, dtype) for _, shape in memory[1:1 + phases]]
+                nonfinite_weight = False
+                for wp, ws in zip(wps, bp.phase_ws):
+                    if len(ws):
+                        nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, *pack_args, ws, width, threads)
+                kept = packs[bp] = (wps, zeros, nonfinite_weight)
+            wps, zeros, nonfinite_weight = kept
+            part = scratches(memory[-1:], dtype)[0] if with_part else None
+            return dict(fixed, wps=wps, bp=zeros, part=part, skips=None if nonfinite_weight else bp.tap_skips)
         zeros, *views = scratches(memory, dtype)
         nonfinite_weight = False
         if bp.pack_blocks:

@@ -88,8 +88,8 @@ class Conv2d:
         self.  An inference forward (under ``convgen.no_grad()``) then packs the weights
         for its kernels once and keeps them, as a deployment runtime does, instead of
         packing them every call: small maps with large weights gain most (on 2 AVX2
-        cores, 512 channels at 7x7 1.15x, at 4x4 1.4x).  Nothing can change them in
-        place (``weight[...] = ...`` raises);
+        cores, 512 channels at 7x7 1.15x, at 4x4 1.4x); so does the input gradient of a
+        backward.  Nothing can change them in place (``weight[...] = ...`` raises);
         assigning ``conv.weight`` or calling ``unfreeze()`` ends it."""
         packs = {}
         for name in ("weight", "bias"):
@@ -118,6 +118,18 @@ class Conv2d:
     def frozen(self):
         """Whether freeze() is in force (its read-only weight and bias still the module's)."""
         return self._frozen is not None
+
+    def _frozen_packs(self, weight):
+        """freeze()'s packed weights, for a call reading `weight`: None unless it is the
+        frozen weight (or a view of it: a backward's forward may predate freeze()) and
+        the parameters are still read-only (else freeze() has ended behind its back)."""
+        packs = self._frozen
+        frozen = self.weight
+        if packs is None or (weight is not frozen and (weight.base is None or weight.base is not frozen.base)):
+            return None
+        if any_writeable(self.weight, self.bias):
+            packs = self.__dict__["_frozen"] = None
+        return packs
 
     def __getstate__(self):
         # (packed weights are keyed by plans, which hold functions: the copy packs anew)
@@ -165,10 +177,7 @@ class Conv2d:
         x, batched, weight, bias, p = self._checked(x)
         if not is_grad_enabled():
             # Inference (convgen.no_grad): nothing kept, so no copy of the input is made.
-            packs = self._frozen
-            if packs is not None and any_writeable(self.weight, self.bias):
-                packs = self.__dict__["_frozen"] = None   # (made writable behind freeze's back)
-            y = F.run_inference(p, x, batched, weight, bias, packs)
+            y = F.run_inference(p, x, batched, weight, bias, self._frozen_packs(weight))
             self.__dict__["_saved"] = _NO_GRAD
             return y
         # A new forward ends the previous one's backward: its padded input is reused
@@ -190,7 +199,7 @@ class Conv2d:
         w_out, w_add = self._grad_buffer("weight")
         b_out, b_add = self._grad_buffer("bias") if has_bias else (None, False)
         gx, gw, gb = F.backward(self._saved, grad_output, True, True, has_bias,
-                                w_out, b_out, w_add, b_add)
+                                w_out, b_out, w_add, b_add, self._frozen_packs(self._saved.weight))
         self.weight.grad = gw    # the same array when it accumulated in place, as torch does
         if has_bias:
             self.bias.grad = gb

@@ -185,11 +185,12 @@ def _empty_output(p, dtype):
 
 
 def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=True,
-             weight_grad=None, bias_grad=None, weight_accumulate=True, bias_accumulate=True):
+             weight_grad=None, bias_grad=None, weight_accumulate=True, bias_accumulate=True, packs=None):
     """Gradients (input, weight, bias) of the forward that produced `saved`
     (None for those not asked for).  weight_grad / bias_grad: C-contiguous arrays to
     write the parameter gradients into, adding to what they hold if *_accumulate
-    (see _engine.backward_params)."""
+    (see _engine.backward_params).  packs: a frozen Conv2d's, whose weight `saved` holds
+    (see _engine.backward_data)."""
     p = saved.problem
     y_shape = _engine.forward_plan(p).y_shape   # (N, OC, OH, OW)
     expected = y_shape if saved.batched else y_shape[1:]
@@ -214,7 +215,7 @@ def backward(saved, grad_output, need_input=True, need_weight=True, need_bias=Tr
     else:
         follow_flush_denormal()
         if need_input:
-            gx = _engine.backward_data(gy, saved.weight, p)
+            gx = _engine.backward_data(gy, saved.weight, p, packs)
         if need_weight or need_bias:
             xin = saved.input_planes() if need_weight else None
             gw, gb = _engine.backward_params(gy, xin, p, need_weight, need_bias, weight_grad, bias_grad,

@@ -2718,6 +2718,47 @@ def test_frozen_forward_packs_once(spec, pixels, monkeypatch, restore_threads):
     assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with an infinite weight")
 
 
+@pytest.mark.parametrize("spec", [s for s in CVEC_SPECS if s.direction == "bwd_data"], ids=lambda s: s.name)
+def test_frozen_input_gradient_packs_once(spec, forced_rows, monkeypatch, restore_threads):
+    """A frozen module's backward: the input gradient's channel-vector tile packs each
+    stride phase's weights by the first backward only, then reuses them on 1, 2 and 3
+    threads; the input gradients against the reference and torch, the same bits each
+    call, and the weight gradient against the reference."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    dtype = spec_dtype(spec)
+    case = _case(spec, 37, 90)
+    case.update(N=2, H=13, W=11, padding_mode="zeros")
+    if spec.kernel == 1:
+        case["padding"] = 1   # (without padding, a 1x1 layer's runs as the transposed layer's forward)
+    fp = _plan(case, dtype)
+    bp = _engine.backward_data_plan(fp.problem)
+    assert bp.kernel.name == spec.name and bp.cvec is not None and not bp.pack_blocks
+    packs = []
+    _spy_on_kernel(monkeypatch, bp, "pack", packs)
+    x, w, b, gy = case_arrays(case, dtype, make_rng("frozen-input-gradient", spec.name))
+    args = conv_args(case)
+    want = ref.conv2d_input(x.shape, w, gy, **args)
+    want_gw = ref.conv2d_weight(x, w.shape, gy, **args)
+    conv = convgen.Conv2d(case["C"], case["OC"], case["kernel"], dtype=dtype, **args)
+    conv.weight[...] = w
+    conv.bias[...] = b
+    conv.freeze()
+    first = None
+    for threads in (1, 2, 3):
+        convgen.set_num_threads(threads)
+        for _ in range(2):
+            conv(x)
+            conv.zero_grad()
+            got = conv.backward(gy)
+            assert_close(got, want, dtype, f"{threads} thread(s) vs reference")
+            assert_close(conv.weight.grad, want_gw, dtype, "weight gradient")
+            if first is None:
+                first = got
+                assert_close(got, torch_functional("bwd_data", x, w, b, gy, **args), dtype, "vs torch")
+            np.testing.assert_array_equal(got, first)
+    assert packs == [1] * sum(1 for ws in bp.phase_ws if len(ws))   # (the first backward's, per phase)
+
+
 def test_inference_small_map_rule():
     """The rule on ResNet-50's 3x3 512 at 7x7: on AVX2 its inference forward packs blocks
     of weights, its training forward and input gradient keep the pixel tiles; elsewhere

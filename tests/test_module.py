@@ -475,3 +475,21 @@ def test_frozen_module_pickles_and_copies_frozen():
     conv.unfreeze()
     twin = pickle.loads(pickle.dumps(conv))
     assert not twin.frozen and twin.weight.flags.writeable
+
+
+def test_frozen_backward_of_a_forward_before_freeze():
+    """A backward whose forward ran before freeze() reads the weight that forward saw, and
+    must leave the frozen module's packed weights alone: here that weight, no longer the
+    module's, is changed in place after freeze(), and a later frozen backward still uses
+    the frozen values."""
+    conv = convgen.Conv2d(64, 64, 3, padding=1, seed=0)
+    x = make_rng("freeze-before").standard_normal((1, 64, 32, 32)).astype(np.float32)
+    gy = make_rng("freeze-before-gy").standard_normal((1, 64, 32, 32)).astype(np.float32)
+    assert convgen._engine.backward_data_plan(conv._cfg.problem(x.shape, x.dtype)).cvec is not None
+    weight = conv.weight
+    conv(x)
+    conv.freeze()
+    weight *= 2   # (the array the saved forward holds)
+    assert_close(conv.backward(gy), ref.conv2d_input(x.shape, weight, gy, padding=1), np.float32)
+    conv(x)
+    assert_close(conv.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float32)
