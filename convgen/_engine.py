@@ -253,8 +253,9 @@ PACK_BLOCK_MIN_PIXELS_INFERENCE = 32 if _dispatch.TARGET == "avx2" else PACK_BLO
 # against grad_output's copy: 0.99-1.03x, so not there.)
 PACK_BLOCK_WEIGHT_RATIO = 2
 PACK_BLOCKS = True
-# A frozen module (Conv2d.freeze) keeps its packed weights for this many input shapes
-# (plans) at most: each takes as much memory as the weights.
+# A frozen module (Conv2d.freeze) keeps its packed weights for this many plans at most
+# (an input shape's inference forward and its input gradient count one each): each
+# takes as much memory as the weights.
 FROZEN_PACKS = 4
 # Patch embeddings (windows that do not overlap, no padding) run as 1x1 layers over their
 # windows gathered as channels from this many taps (see patch_pointwise).  (2 threads,
