@@ -2011,18 +2011,27 @@ def _packing_route(fp, threads, bands, cvec_fused):
         packed = (wp, bp, views[2] if with_part else None, fp.tile_cols, fp.tiles_inner)
         return packed, None if nonfinite_weight else fp.tap_skip, None, views[-1] if with_blocks else None
 
+    def pack_whole(weight, bias, dtype):
+        wp, bp = np.empty(wp_shape, dtype), np.empty(bp_shape, dtype)
+        return wp, bp, fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw)
+
     def packed_once(weight, bias, dtype, packs):
-        kept = packs.get(fp)
-        if kept is None:
-            if len(packs) >= FROZEN_PACKS:   # (one per input shape seen: keep the latest few)
-                packs.clear()
-            wp, bp = np.empty(wp_shape, dtype), np.empty(bp_shape, dtype)
-            kept = packs[fp] = (wp, bp, fp.kernel.pack(weight, bias, wp, bp, *pack_args, **pack_kw))
-        wp, bp, nonfinite_weight = kept
+        wp, bp, nonfinite_weight = _frozen_pack(packs, fp, pack_whole, weight, bias, dtype)
         views = scratches(memory[2:], dtype)
         packed = (wp, bp, views[0] if with_part else None, fp.tile_cols, fp.tiles_inner)
         return packed, None if nonfinite_weight else fp.tap_skip, None, views[-1] if with_blocks else None
     return packed_once if frozen else channel_vectors, wp_copy
+
+
+def _frozen_pack(packs, plan, pack, *args):
+    """packs[plan], made by pack(*args) if it is not there: a frozen module's packed
+    weights (see forward's packs), keeping those of at most FROZEN_PACKS plans."""
+    kept = packs.get(plan)
+    if kept is None:
+        if len(packs) >= FROZEN_PACKS:
+            packs.clear()
+        kept = packs[plan] = pack(*args)
+    return kept
 
 
 def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):
@@ -2320,20 +2329,21 @@ def _input_gradient_packing(fp, bp, threads):
     fixed = dict(tile_cols=bp.tile_cols, out_rows=bp.out_rows, out_cols=bp.out_cols, width=bp.width,
                  pack_positions=bp.phase_pos if bp.pack_blocks else None)
 
+    def pack_phases(weight, wps, zeros):   # -> whether a weight is an infinity or a NaN
+        nonfinite_weight = False
+        for wp, ws in zip(wps, bp.phase_ws):
+            if len(ws):
+                nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, *pack_args, ws, width, threads)
+        return nonfinite_weight
+
+    def pack_whole(weight, dtype):
+        zeros = np.zeros(memory[0][1], dtype)
+        wps = [np.empty(shape, dtype) for _, shape in memory[1:1 + phases]]
+        return wps, zeros, pack_phases(weight, wps, zeros)
+
     def packed(weight, dtype, packs):
         if packs is not None and not bp.pack_blocks:
-            kept = packs.get(bp)
-            if kept is None:
-                if len(packs) >= FROZEN_PACKS:
-                    packs.clear()
-                zeros = np.zeros(memory[0][1], dtype)
-                wps = [np.empty(shape, dtype) for _, shape in memory[1:1 + phases]]
-                nonfinite_weight = False
-                for wp, ws in zip(wps, bp.phase_ws):
-                    if len(ws):
-                        nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, *pack_args, ws, width, threads)
-                kept = packs[bp] = (wps, zeros, nonfinite_weight)
-            wps, zeros, nonfinite_weight = kept
+            wps, zeros, nonfinite_weight = _frozen_pack(packs, bp, pack_whole, weight, dtype)
             part = scratches(memory[-1:], dtype)[0] if with_part else None
             return dict(fixed, wps=wps, bp=zeros, part=part, skips=None if nonfinite_weight else bp.tap_skips)
         zeros, *views = scratches(memory, dtype)
@@ -2343,9 +2353,7 @@ def _input_gradient_packing(fp, bp, threads):
             wps = [views[0]] * phases
         else:
             wps = views[:phases]
-            for wp, ws in zip(wps, bp.phase_ws):
-                if len(ws):
-                    nonfinite_weight |= bp.kernel.pack(weight, None, wp, zeros, *pack_args, ws, width, threads)
+            nonfinite_weight = pack_phases(weight, wps, zeros)
         return dict(fixed, wps=wps, bp=zeros, part=views[-1] if with_part else None,
                     skips=None if nonfinite_weight else bp.tap_skips)
     return packed

@@ -91,28 +91,29 @@ class Conv2d:
         cores, 512 channels at 7x7 1.15x, at 4x4 1.4x); so does the input gradient of a
         backward.  Nothing can change them in place (``weight[...] = ...`` raises);
         assigning ``conv.weight`` or calling ``unfreeze()`` ends it."""
-        packs = {}
-        for name in ("weight", "bias"):
-            param = getattr(self, name)
-            if param is not None:
-                frozen = Parameter(param)
-                frozen.grad = param.grad
-                frozen.base.flags.writeable = False   # (so that no view of it can be made writable)
-                frozen.flags.writeable = False
-                setattr(self, name, frozen)
-        self.__dict__["_frozen"] = packs
+        self._copy_parameters(writeable=False)
+        self.__dict__["_frozen"] = {}
         return self
 
     def unfreeze(self):
         """Replace weight and bias with writable copies (gradients kept), dropping what
         freeze() kept; returns self."""
+        self._copy_parameters(writeable=True)
+        return self
+
+    def _copy_parameters(self, writeable):
+        """Replace weight and bias with copies (gradients kept), read-only unless
+        `writeable` (their NumPy base too, so that no view of them can be made writable);
+        assigning them drops what freeze() kept."""
         for name in ("weight", "bias"):
             param = getattr(self, name)
             if param is not None:
-                thawed = Parameter(param)
-                thawed.grad = param.grad
-                setattr(self, name, thawed)
-        return self
+                copy = Parameter(param)
+                copy.grad = param.grad
+                if not writeable:
+                    copy.base.flags.writeable = False
+                    copy.flags.writeable = False
+                setattr(self, name, copy)
 
     @property
     def frozen(self):
@@ -123,11 +124,10 @@ class Conv2d:
         """freeze()'s packed weights, for a call reading `weight`: None unless it is the
         frozen weight (or a view of it: a backward's forward may predate freeze()) and
         the parameters are still read-only (else freeze() has ended behind its back)."""
-        packs = self._frozen
-        frozen = self.weight
+        packs, frozen = self._frozen, self.weight
         if packs is None or (weight is not frozen and (weight.base is None or weight.base is not frozen.base)):
             return None
-        if any_writeable(self.weight, self.bias):
+        if any_writeable(frozen, self.bias):
             packs = self.__dict__["_frozen"] = None
         return packs
 
