@@ -240,8 +240,8 @@ PACK_BLOCK_MIN_PIXELS = 80
 # 1.06x, 256 at 7x7 1.15x, 512 at 8x8 1.12-1.13x, 5x5 128 at 7x7 1.29x, stride-2 256 -> 512
 # to 7x7 1.13-1.15x, 512 and 384 at 6x6 1.07-1.14x, 64 at 8x8 1.19x; float64 512 at 7x7
 # 1.00x; 512 at 4x4 0.96x.  Training forwards were mixed (0.96-1.13x) and input
-# gradients lost (0.85-0.94x), so they keep PACK_BLOCK_MIN_PIXELS; AVX-512 was not
-# measured.)
+# gradients lost (module backward 0.85-0.98x, a 5x5 1.03x), so they keep
+# PACK_BLOCK_MIN_PIXELS; AVX-512 was not measured.)
 PACK_BLOCK_MIN_PIXELS_INFERENCE = 32 if _dispatch.TARGET == "avx2" else PACK_BLOCK_MIN_PIXELS
 # ... and, forward only, on larger maps whose weights hold at least this many times as
 # many values as their input's blocked copy (2 threads, against pack_weights, separate
