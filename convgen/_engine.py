@@ -382,6 +382,31 @@ IN_PLACE_ANY_ADDRESS = _dispatch.VECTOR_BYTES < 64
 # loads never straddle two lines.  (AVX2, ResNet's 256 -> 64 at 56x56 from NumPy's arrays,
 # 16 or 48 bytes past a line: in-process 0.79 ms against 0.70 ms from an aligned copy.)
 IN_PLACE_SHIFT = True
+# ... and where each channel tile runs its run of chunks (the rules for small maps and for
+# weights outweighing the input: chunks inner), the input outgrows a core's L2 (this many
+# bytes: Zen 3's 512 KB; the AVX-512 machine's 2 MB, unmeasured there), a pixel chunk of
+# every channel outgrows L1 (IN_PLACE_PASS_BYTES twice over) and a plane holds at least
+# IN_PLACE_PASS_MIN_CHUNKS chunks, the reduction runs in passes over blocks of channels,
+# each chunk's block at most IN_PLACE_PASS_BYTES, every channel tile over a chunk's block in
+# turn (tiles inner), the partial sums in scratch memory between passes (the dot products
+# past the chunks too, in y): the block stays in L1 across the channel tiles, which
+# otherwise each re-read the whole input from L3; the weights are re-read once per chunk
+# instead, so in batches only where a pass's weights fit L2.  (AMD Zen 3, 2 threads, module
+# calls, separate processes alternating, 4 rounds, against one pass, inference / training
+# forward: ResNet's 1024 -> 256, 1024 -> 512 and 2048 -> 512 at 14x14 1.38-1.49x / 1.29-1.46x,
+# 1024 -> 256 at 12x12 1.19x / 1.16x, 2048 -> 512 at 10x10 1.31-1.40x / 1.17-1.39x, 960 -> 160
+# and 768 -> 192 at 14x14 1.24-1.41x / 1.32-1.36x and 1.13x / 1.12x, 1024 -> 1024 and
+# 1024 -> 2048 at 14x14 1.40x and 1.33x; ViT-B/16's patch embedding (768 -> 768 at 14x14 as a
+# 1x1 layer) 1.15-1.20x / 1.11-1.21x; float64 2048 -> 512 at 7x7 1.28-1.31x, 1024 -> 256 at
+# 14x14 1.33x, 512 -> 512 1.07x, batches of 4 of 1024 -> 256 and 2 of 960 -> 160 at 7x7
+# 1.09-1.20x and 1.0-1.13x; module backwards unchanged within the noise.  Not there: chunks
+# inner on maps of fewer chunks, a batch of 4 of 1024 -> 256 at 7x7, 0.93x; batches whose
+# pass's weights outgrow L2, 4 of 512 -> 2048 at 10x10 and float64 8 at 7x7, 0.90-0.97x;
+# tiles already inner, 576 -> 96 at 14x14 (float64), 8 of it at 7x7 and 384 -> 64 at 56x56,
+# 0.91-0.96x.  Blocks of 12 KB and 24 KB: within 3% of 16 KB.)
+IN_PLACE_PASS_INPUT_BYTES = (512 << 10) if _dispatch.TARGET == "avx2" else (2 << 20)
+IN_PLACE_PASS_BYTES = 16 << 10
+IN_PLACE_PASS_MIN_CHUNKS = 4
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
 # the weight read transposed (run's weight_transposed), where it holds at most this share
 # of the values read and written.  (Module backward, input and weight gradients, in place
@@ -1050,6 +1075,25 @@ def _row_pairs(tile_cols, skip, out_rows, narrow):
     return pairs.reshape(-1) if pairs.any() else None
 
 
+def _in_place_passes(plan, p: "Problem", kernel):
+    """An InPlacePlan (or None) of 1x1 layer p with its reduction in passes over blocks of
+    channels, tiles inner, where its input outgrows L2 and a pixel chunk of it L1
+    (IN_PLACE_PASS_BYTES)."""
+    if plan is None or plan.tiles_inner:
+        return plan
+    chunk = kernel.variants[plan.tile][2]
+    if (p.N * p.C * p.H * p.W * ITEMSIZE[p.dtype] <= IN_PLACE_PASS_INPUT_BYTES
+            or p.C * chunk * ITEMSIZE[p.dtype] <= 2 * IN_PLACE_PASS_BYTES
+            or p.H * p.W < IN_PLACE_PASS_MIN_CHUNKS * chunk):
+        return plan
+    passes = _geometry.ceil_div(p.C * chunk * ITEMSIZE[p.dtype], IN_PLACE_PASS_BYTES)
+    # (blocks a whole number of vectors: the dot products past the chunks load whole ones)
+    rblock = _geometry.round_up(_geometry.ceil_div(p.C, passes), LANES[p.dtype])
+    if p.N > 1 and p.OC * rblock * ITEMSIZE[p.dtype] > IN_PLACE_PASS_INPUT_BYTES:
+        return plan   # (every image's chunks re-read a pass's weights: they should stay in L2)
+    return plan._replace(tiles_inner=True, rblock=rblock)
+
+
 class BandSplit:
     """How a call splits its pixel chunks into one band per thread (see `__call__`), or
     (`split` false) does not: per image, out_rows rows of row_tiles chunks, or else a
@@ -1097,6 +1141,8 @@ class InPlacePlan(NamedTuple):
     left: int          # pixels past them, computed as dot products (IN_PLACE_LEFTOVER)
     tiles_inner: bool  # each chunk runs every channel tile (else each channel tile its
                        # run of chunks: IN_PLACE_CHUNKS_INNER_PIXELS)
+    rblock: int        # input channels per reduction pass (all: one pass; else whole vectors
+                       # of them: IN_PLACE_PASS_BYTES)
 
 
 class ForwardPlan:
@@ -1273,7 +1319,7 @@ class ForwardPlan:
         pixels = p.H * p.W
         if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
-            plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True)
+            plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True, self.Cg)
             short = self.kernel.pick_tile_leftover(self.OCg, pixels, IN_PLACE_LEFTOVER, IN_PLACE_LEFTOVER_PRICE)
             if short is not None and short[2] < self.kernel.tile_cost(tile, self.OCg, pixels):
                 plan = plan._replace(tile=short[0], out_len=pixels - pixels % short[1], left=pixels % short[1])
@@ -1288,6 +1334,8 @@ class ForwardPlan:
                 elif (pixels * itemsize % ALIGN == 0
                       and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):
                     self.in_place_aligned = plan
+            self.in_place, self.in_place_aligned = (_in_place_passes(q, p, self.kernel)
+                                                    for q in (self.in_place, self.in_place_aligned))
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
                                  // max(1, p.C * self.x_chan * itemsize)))
@@ -2039,7 +2087,7 @@ def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False
     InPlacePlan: ForwardPlan.in_place's) says; weight_transposed: weight is the (C, OC)
     weight of the layer whose input gradient this forward computes."""
     p = fp.problem
-    tile, out_len, left, tiles_inner = plan
+    tile, out_len, left, tiles_inner, rblock = plan
     # (each image's pixels past the chunks, copied there channels contiguous)
     leftover = scratch("fwd_leftover", (p.N, left, p.C), x.dtype) if left else None
     # Planes that all start the same way past a cache line are read from the line's start
@@ -2048,8 +2096,10 @@ def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False
     if IN_PLACE_SHIFT and not left and pixels * x.itemsize % ALIGN == 0:
         shift = _layout.address(x) % ALIGN // x.itemsize
         out_len = _geometry.round_up(pixels + shift, fp.kernel.variants[tile][2])
-    fp.kernel.run(x.reshape(p.N * p.C, pixels), weight, bias, y, None, p.N, 1, p.C, p.OC, out_len, pixels, 1,
-                  _ORIGIN, _ORIGIN, p.W, p.H, p.W, p.C, threads, tile, tiles_inner=tiles_inner, static_schedule=True,
+    # (partial sums between passes over blocks of channels: IN_PLACE_PASS_BYTES)
+    sums = scratch("fwd_in_place_sums", (p.N * p.OC, out_len), x.dtype) if rblock < p.C else None
+    fp.kernel.run(x.reshape(p.N * p.C, pixels), weight, bias, y, sums, p.N, 1, p.C, p.OC, out_len, pixels, 1,
+                  _ORIGIN, _ORIGIN, p.W, p.H, p.W, rblock, threads, tile, tiles_inner=tiles_inner, static_schedule=True,
                   in_place=True, leftover=leftover, weight_transposed=weight_transposed, x_shift=shift)
 
 

@@ -431,10 +431,13 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
             dots = text[text.index(f"cdef void {fn}_leftover("):]
             dots = dots[:dots.index("\ncdef ")]
             assert f"cdef Py_ssize_t q0 = a.chunks * {cols * lanes}" in dots
-            for j in range(rows):   # (each row: whole vectors of channels, then the rest masked)
+            # (this pass's channels, from a.r0: whole vectors, then the rest masked)
+            assert f"for c in range(a.r0, whole, {lanes}):" in dots
+            for j in range(rows):   # (each row added to the earlier passes' sums, a repeated last row once)
                 assert f"s_{j} = cg_fmav_{dtype}(s_{j}, xv, cg_load_{dtype}(w_{j} + c))" in dots
                 assert f"s_{j} = cg_fmav_{dtype}(s_{j}, xv, cg_load_partial_{dtype}(w_{j} + whole, <int>n))" in dots
-                assert f"y_{j}[l] = b_{j} + cg_hsum_{dtype}(s_{j})" in dots
+                assert f"y_{j}[l] = (y_{j}[l] if a.accumulate else b_{j}) + cg_hsum_{dtype}(s_{j})" in dots
+                assert (f"if ot * {rows} + {j} < a.O:" in dots) == (j > 0)
             assert f"s_{rows} " not in dots
         assert text.count("_tail_tile(") == 2 * len(pointwise.tiles)   # (each defined and called once)
         assert text.count("_leftover(a, ") == len(pointwise.tiles) and text.count("_copy_leftover(a.x") == 1
