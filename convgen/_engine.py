@@ -272,8 +272,12 @@ PATCH_MIN_TAPS = 16
 # backward's planes does not bind it) only from this many: against the generic kernel, those
 # smaller windows' forwards were mixed (ConvNeXt's 4x4 stem 1.06x, a batch of 4 1.20x, 8x8 to
 # 384 and 768 1.14x and 1.07x, but a 4x4 stem to 512 0.87x, 14x14 to 768 0.93x, DINOv2's
-# 0.91x).
-PATCH_MIN_TAPS_INFERENCE = 256
+# 0.91x).  On AVX2, since the 1x1 layers' reductions run in passes (IN_PLACE_PASS_BYTES),
+# from 64 (AMD Zen 3, 2 threads, inference forwards, separate processes alternating, 8
+# rounds, median / fastest round, against 256: 8x8 to 384 and 768 1.28x / 1.10x and 1.22x /
+# 1.11x, 14x14 to 768 1.07x / 1.00x, DINOv2's 1.00x / 0.98x; from 16, 4x4 stems lost:
+# ConvNeXt's 1.00x / 0.93x, a batch of 4 0.91x / 0.86x, to 512 1.03x / 0.94x).
+PATCH_MIN_TAPS_INFERENCE = 64 if _dispatch.TARGET == "avx2" else 256
 # Grouped layers with wide groups (at least 2 vectors of output channels and 16 input
 # channels each, their blocks of output channels at most CVEC_CHANNEL_WASTE idle) sum
 # their weight gradient by output channel (see ForwardPlan).  (2 threads, side by side,

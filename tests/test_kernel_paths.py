@@ -2060,7 +2060,9 @@ def test_patch_pointwise_only_where_windows_do_not_overlap(patch_taps):
     assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16))) is not None
     assert _engine.patch_pointwise(problem(kernel=(4, 4), stride=(4, 4))) is not None
     assert _engine.patch_pointwise(problem(kernel=(3, 3), stride=(3, 3))) is None       # 9 < PATCH_MIN_TAPS
-    assert _engine.patch_pointwise(problem(kernel=(8, 8), stride=(8, 8)), inference=True) is None   # 64 < 256
+    assert _engine.patch_pointwise(problem(kernel=(4, 4), stride=(4, 4)), inference=True) is None   # 16 < 64 or 256
+    eight = _engine.patch_pointwise(problem(kernel=(8, 8), stride=(8, 8)), inference=True)   # (AVX2: from 64)
+    assert (eight is None) == (_engine.PATCH_MIN_TAPS_INFERENCE > 64)
     assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16)), inference=True) is not None
     assert _engine.patch_pointwise(problem(kernel=(16, 16), stride=(16, 16), groups=2)) is None
     patch_taps(1)
