@@ -211,7 +211,13 @@ def kernel_context(spec):
                              # (a row of its table, convgen._engine._icvec_table: each column's
                              # offset in the window of input pixels, then each one's in a row
                              # of the partial sums, then how many columns are real)
-                             cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)], used=2 * ncols)
+                             cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)], used=2 * ncols,
+                             # Per pixel, the fewer of (the columns' input vectors, the rows'
+                             # broadcasts) stay in registers beside the sums and one of the
+                             # others: rows outer where the columns are fewer.  (Otherwise
+                             # 4 x 3 on 16 registers held the 4 broadcasts and reloaded each
+                             # input vector for every row: 16 loads per 12 FMAs, not 7.)
+                             rows_outer=ncols < nrows)
                         for i, (nrows, ncols) in enumerate(spec.icvec_tiles)] or None
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]

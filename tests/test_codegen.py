@@ -539,6 +539,14 @@ def test_channel_block_tiles_only_for_fixed_depthwise_forward_and_gradients(env)
         body = body[:body.index("\n\n\n")]
         assert f"used = tile[{used}]" in body and body.count("cg_fma_f64(") == 24 and fmas in body
         assert f"cg_store_f64(part + {last}," in body
+        # Per pixel the fewer side stays in registers: 8 x 3 loads its 3 columns' vectors
+        # first, then broadcasts each row once; 3 x 8 loads a column at a time against the
+        # rows' 3 broadcasts.  Each loaded vector is kept in a register (not folded into
+        # every multiply-add as a memory operand).
+        ncols = int(suffix.split("x")[1])
+        loads = [body.index(f"v_{c} = cg_load_f64(x_{c} + ow * 8)") for c in range(ncols)]
+        assert all(f"cg_in_register(v_{c})" in body for c in range(ncols))
+        assert (max(loads) < body.index("= cg_fma_f64(")) == (suffix == "_8x3")
 
 
 def test_render_dispatch_table_is_python(env):
@@ -652,6 +660,7 @@ def test_weight_gradient_forms_of_dense_kernels_only():
         assert (s.ocvec_tile is not None) == dense_wgrad and bool(s.icvec_tiles) == dense_wgrad
     ctx = context.module_context("bwd_weight", "f32", SPECS)
     assert [(len(t["rows"]), len(t["cols"]), t["used"]) for t in ctx["icvec"]] == [(8, 3, 6), (3, 8, 16)]
+    assert [t["rows_outer"] for t in ctx["icvec"]] == [True, False]   # (the fewer side held per pixel)
     assert [c["s"] for c in ctx["icvec"][0]["cols"]] == [3, 4, 5]
     assert context.module_context("bwd_data", "f32", SPECS)["icvec"] is None
 
