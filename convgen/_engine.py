@@ -386,29 +386,39 @@ IN_PLACE_ANY_ADDRESS = _dispatch.VECTOR_BYTES < 64
 # loads never straddle two lines.  (AVX2, ResNet's 256 -> 64 at 56x56 from NumPy's arrays,
 # 16 or 48 bytes past a line: in-process 0.79 ms against 0.70 ms from an aligned copy.)
 IN_PLACE_SHIFT = True
-# ... and where each channel tile runs its run of chunks (the rules for small maps and for
-# weights outweighing the input: chunks inner), the input outgrows a core's L2 (this many
-# bytes: Zen 3's 512 KB; the AVX-512 machine's 2 MB, unmeasured there), a pixel chunk of
-# every channel outgrows L1 (IN_PLACE_PASS_BYTES twice over) and a plane holds at least
-# IN_PLACE_PASS_MIN_CHUNKS chunks, the reduction runs in passes over blocks of channels,
-# each chunk's block at most IN_PLACE_PASS_BYTES, every channel tile over a chunk's block in
-# turn (tiles inner), the partial sums in scratch memory between passes (the dot products
-# past the chunks too, in y): the block stays in L1 across the channel tiles, which
-# otherwise each re-read the whole input from L3; the weights are re-read once per chunk
-# instead, so in batches only where a pass's weights fit L2.  (AMD Zen 3, 2 threads, module
-# calls, separate processes alternating, 4 rounds, against one pass, inference / training
-# forward: ResNet's 1024 -> 256, 1024 -> 512 and 2048 -> 512 at 14x14 1.38-1.49x / 1.29-1.46x,
-# 1024 -> 256 at 12x12 1.19x / 1.16x, 2048 -> 512 at 10x10 1.31-1.40x / 1.17-1.39x, 960 -> 160
-# and 768 -> 192 at 14x14 1.24-1.41x / 1.32-1.36x and 1.13x / 1.12x, 1024 -> 1024 and
-# 1024 -> 2048 at 14x14 1.40x and 1.33x; ViT-B/16's patch embedding (768 -> 768 at 14x14 as a
-# 1x1 layer) 1.15-1.20x / 1.11-1.21x; float64 2048 -> 512 at 7x7 1.28-1.31x, 1024 -> 256 at
-# 14x14 1.33x, 512 -> 512 1.07x, batches of 4 of 1024 -> 256 and 2 of 960 -> 160 at 7x7
-# 1.09-1.20x and 1.0-1.13x; module backwards unchanged within the noise.  Not there: chunks
-# inner on maps of fewer chunks, a batch of 4 of 1024 -> 256 at 7x7, 0.93x; batches whose
-# pass's weights outgrow L2, 4 of 512 -> 2048 at 10x10 and float64 8 at 7x7, 0.90-0.97x;
-# tiles already inner, 576 -> 96 at 14x14 (float64), 8 of it at 7x7 and 384 -> 64 at 56x56,
-# 0.91-0.96x.  Blocks of 12 KB and 24 KB: within 3% of 16 KB.)
-IN_PLACE_PASS_INPUT_BYTES = (512 << 10) if _dispatch.TARGET == "avx2" else (2 << 20)
+# ... and on AVX2, where each channel tile runs its run of chunks (the rules for small maps
+# and for weights outweighing the input: chunks inner) and a plane holds at least
+# IN_PLACE_TILES_INNER_MIN_CHUNKS chunks, every channel tile runs over a chunk in turn
+# instead (tiles inner): the chunk's channels stay in cache across the tiles rather than
+# each tile re-reading the whole input (Zen 3's L2 is 512 KB; the chunks-inner rules were
+# measured on the AVX-512 machine's 2 MB, and stay there).  Where the input outgrows L2
+# (IN_PLACE_PASS_INPUT_BYTES) and a pixel chunk of every channel outgrows L1
+# (IN_PLACE_PASS_BYTES twice over), from IN_PLACE_PASS_MIN_CHUNKS chunks a plane, the
+# reduction also runs in passes over blocks of channels, each chunk's block at most
+# IN_PLACE_PASS_BYTES, the partial sums in scratch memory between passes (the dot products
+# past the chunks too, in y), so that the block stays in L1.  The weights are then re-read
+# once per chunk, so in batches only where a pass's weights fit L2.  (AMD Zen 3, 2 threads,
+# module calls, separate processes alternating, 4-6 rounds, inference / training forward
+# against chunks inner.  In passes: ResNet's 1024 -> 256, 1024 -> 512 and 2048 -> 512 at
+# 14x14 1.38-1.49x / 1.29-1.46x, 1024 -> 256 at 12x12 1.19x / 1.16x, 2048 -> 512 at 10x10
+# 1.31-1.40x / 1.17-1.39x, 960 -> 160 and 768 -> 192 at 14x14 1.24-1.41x / 1.32-1.36x and
+# 1.13x / 1.12x, 1024 -> 1024 and 1024 -> 2048 at 14x14 1.40x and 1.33x; ViT-B/16's patch
+# embedding (768 -> 768 at 14x14 as a 1x1 layer) 1.15-1.20x / 1.11-1.21x; float64
+# 2048 -> 512 at 7x7 1.28-1.31x, 1024 -> 256 at 14x14 1.33x, batches of 4 of 1024 -> 256
+# and 2 of 960 -> 160 at 7x7 1.09-1.20x and 1.0-1.13x.  In one pass: 512 -> 512 and
+# 512 -> 2048 at 14x14 1.16-1.18x and 1.13-1.15x / 1.11-1.18x, MobileNetV2's 96 -> 576 at
+# 14x14 and a batch of 2 at 12x12 1.05-1.06x and 1.17-1.19x / 1.09-1.14x, 768 -> 768 at
+# 12x12 1.06x, float64 512 -> 512 and 512 -> 2048 at 10x10 1.14-1.16x and 1.28-1.30x /
+# 1.19-1.22x, 256 -> 1024 at 14x14 1.10-1.12x; float32 256 -> 1024 and 320 -> 1280 at
+# 14x14 0.98-1.02x.  Module backwards unchanged within the noise.  Not there: maps of 4-7 chunks
+# in one pass, 1024 -> 256 at 10x10, 0.98-0.99x; of fewer, a batch of 4 of 1024 -> 256 at
+# 7x7 in passes, 0.93x; batches whose pass's weights outgrow L2, 4 of 512 -> 2048 at 10x10
+# and float64 8 at 7x7, 0.90-0.97x; plans already tiles inner, in passes, 576 -> 96 at 14x14
+# (float64), 8 of it at 7x7 and 384 -> 64 at 56x56, 0.91-0.96x.  Blocks of 12 KB and
+# 24 KB: within 3% of 16 KB.)
+IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
+IN_PLACE_TILES_INNER_MIN_CHUNKS = 8
+IN_PLACE_PASS_INPUT_BYTES = 512 << 10
 IN_PLACE_PASS_BYTES = 16 << 10
 IN_PLACE_PASS_MIN_CHUNKS = 4
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
@@ -1080,19 +1090,23 @@ def _row_pairs(tile_cols, skip, out_rows, narrow):
 
 
 def _in_place_passes(plan, p: "Problem", kernel):
-    """An InPlacePlan (or None) of 1x1 layer p with its reduction in passes over blocks of
-    channels, tiles inner, where its input outgrows L2 and a pixel chunk of it L1
+    """An InPlacePlan (or None) of 1x1 layer p, its chunks inner, with its channel tiles inner
+    instead on maps of enough chunks (IN_PLACE_TILES_INNER), its reduction in passes over
+    blocks of channels where its input outgrows L2 and a pixel chunk of it L1
     (IN_PLACE_PASS_BYTES)."""
     if plan is None or plan.tiles_inner:
         return plan
     chunk = kernel.variants[plan.tile][2]
-    if (p.N * p.C * p.H * p.W * ITEMSIZE[p.dtype] <= IN_PLACE_PASS_INPUT_BYTES
-            or p.C * chunk * ITEMSIZE[p.dtype] <= 2 * IN_PLACE_PASS_BYTES
-            or p.H * p.W < IN_PLACE_PASS_MIN_CHUNKS * chunk):
+    if p.H * p.W < IN_PLACE_PASS_MIN_CHUNKS * chunk or not IN_PLACE_TILES_INNER:
         return plan
-    passes = _geometry.ceil_div(p.C * chunk * ITEMSIZE[p.dtype], IN_PLACE_PASS_BYTES)
-    # (blocks a whole number of vectors: the dot products past the chunks load whole ones)
-    rblock = _geometry.round_up(_geometry.ceil_div(p.C, passes), LANES[p.dtype])
+    rblock = p.C
+    if (p.N * p.C * p.H * p.W * ITEMSIZE[p.dtype] > IN_PLACE_PASS_INPUT_BYTES
+            and p.C * chunk * ITEMSIZE[p.dtype] > 2 * IN_PLACE_PASS_BYTES):
+        passes = _geometry.ceil_div(p.C * chunk * ITEMSIZE[p.dtype], IN_PLACE_PASS_BYTES)
+        # (blocks a whole number of vectors: the dot products past the chunks load whole ones)
+        rblock = _geometry.round_up(_geometry.ceil_div(p.C, passes), LANES[p.dtype])
+    if rblock == p.C and p.H * p.W < IN_PLACE_TILES_INNER_MIN_CHUNKS * chunk:
+        return plan
     if p.N > 1 and p.OC * rblock * ITEMSIZE[p.dtype] > IN_PLACE_PASS_INPUT_BYTES:
         return plan   # (every image's chunks re-read a pass's weights: they should stay in L2)
     return plan._replace(tiles_inner=True, rblock=rblock)

@@ -1192,6 +1192,7 @@ def test_one_by_one_in_place_passes(spec, threads, monkeypatch, restore_threads)
     and the module's backward: against the reference and torch."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     monkeypatch.setattr(_engine, "IN_PLACE_PASS_INPUT_BYTES", 0)
+    monkeypatch.setattr(_engine, "IN_PLACE_TILES_INNER", True)   # (AVX2's rule; the kernels are any target's)
     convgen.set_num_threads(threads)
     dtype = spec_dtype(spec)
     case = _case(spec, 64, 104)
@@ -1512,23 +1513,26 @@ def test_in_place_rule():
     # (chunks, then pixels past them: IN_PLACE_LEFTOVER; whether each chunk runs every channel
     # tile, but on one 14x14 map, IN_PLACE_CHUNKS_INNER_PIXELS, and where the weights outweigh
     # the input, IN_PLACE_WEIGHT_MAJOR)
-    # (... but in passes over blocks of channels, tiles inner, where the input outgrows L2
-    # and a chunk of it L1: IN_PLACE_PASS_INPUT_BYTES, 750 and 800 KB here)
-    passes = _engine.IN_PLACE_PASS_INPUT_BYTES < 750 << 10
+    # (... but on AVX2 tiles inner on maps of 8 chunks or more, IN_PLACE_TILES_INNER, and of 4
+    # or more in passes over blocks of channels where the input outgrows L2 and a chunk of
+    # it L1: IN_PLACE_PASS_INPUT_BYTES, 750 and 800 KB here)
+    inner = _engine.IN_PLACE_TILES_INNER
+    passes = inner and _engine.IN_PLACE_PASS_INPUT_BYTES < 750 << 10
     assert plan(1, 2048, 512, 7, 7) == (48, 1, False) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, passes)
     assert plan(4, 960, 160, 7, 7) == (48, 1, True)                             # 160 channels, 196 pixels
     if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
-        assert plan(1, 96, 576, 14, 14) == (192, 4, False) and plan(1, 384, 64, 14, 14) == (192, 4, True)
+        assert plan(1, 96, 576, 14, 14) == (192, 4, inner) and plan(1, 384, 64, 14, 14) == (192, 4, True)
+        assert plan(1, 1024, 256, 10, 10) == (96, 4, False)                     # 4 chunks, 400 KB: one pass
         assert plan(1, 32, 16, 10, 10) == (96, 4, True) and plan(1, 144, 24, 14, 14) == (192, 4, True)
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert plan(1, 64, 64, 56, 56) == (3168, 0, True) and plan(1, 16, 8, 9, 9) == (96, 0, True)   # 16 or 33 past 48
-    assert plan(1, 1024, 256, 14, 14) == (192, 4, passes) and plan(1, 256, 1024, 14, 14) == (192, 4, False)
+    assert plan(1, 1024, 256, 14, 14) == (192, 4, passes) and plan(1, 256, 1024, 14, 14) == (192, 4, inner)
     assert not in_place(1, 512, 128, 28, 28)
 
     def rblock(*args):   # (channels per pass, of whichever plan runs in place)
         fp = forward_plan(*args)
         return (fp.in_place or fp.in_place_aligned).rblock
-    if _dispatch.TARGET == "avx2":   # (the 4 x 3 tile's 24-pixel chunks: 96 bytes a channel)
+    if inner:   # (AVX2: the 4 x 3 tile's 24-pixel chunks, 96 bytes a channel)
         assert rblock(1, 1024, 256, 14, 14) == 176   # 6 passes of at most 16 KB, whole vectors
         assert rblock(1, 768, 768, 14, 14) == 256   # (the 6 x 2 tile's 16 pixels: 3 passes)
     assert rblock(1, 2048, 512, 7, 7) == 2048 and rblock(1, 576, 96, 14, 14) == 576   # 400 and 450 KB
