@@ -34,6 +34,15 @@ OCVEC_FIELDS = ("used", "store", "h0", "h1", "w0", "w1")
 # DeepLab rate 2 1.07x); two: another 1.00-1.02x.  One prefetch per cache line of a
 # channel's weights (AVX-512: two, one per vector; AVX2: its two vectors share one line).
 CVEC_PREFETCH_TAPS = 2
+# The pixel tiles of kernels that read a 1x1 layer's input in place (KernelSpec.in_place)
+# prefetch each cache line of their chunk this many channels ahead: each channel's chunk is
+# a short piece of a plane (64 or 96 bytes of 196-1568) that the hardware prefetchers
+# barely start on, so the tile waited on L2 for every channel.  (AMD Zen 3, in-process
+# kernel calls: ResNet's 1024 -> 256 at 10x10 on one thread 49-63 -> 77-81 GFLOP/s; 2
+# threads, 1024 -> 256 at 14x14 139 -> 165, 2048 -> 512 at 7x7 125 -> 149, float64
+# 1024 -> 256 at 7x7 46-65 -> 71-78, 256 -> 64 at 56x56 137 -> 154; 4 channels ahead gave
+# about half of that, 16 the same as 8.)
+IN_PLACE_PREFETCH_CHANNELS = 8
 # The pixel tiles keep the reduction's strides (x_chan, w_si) in locals, which the
 # compiler barrier in their reduction loop does not make them re-read from the
 # arguments, on kernels of up to this many taps.  (AVX2, 2 threads, module forward,
@@ -223,7 +232,8 @@ def kernel_context(spec):
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
     local_strides = spec.kernel == ANY or spec.kernel * spec.kernel <= LOCAL_STRIDES_MAX_TAPS
     ctx["tiles"] = [dict(index=i, suffix=f"_t{r}x{c}", rows=list(range(r)), chunk=c * lanes,
-                         cols=[dict(index=v, offset=v * lanes) for v in range(c)], local_strides=local_strides)
+                         cols=[dict(index=v, offset=v * lanes) for v in range(c)], local_strides=local_strides,
+                         prefetch=_in_place_prefetch(spec, c * lanes), prefetch_ahead=IN_PLACE_PREFETCH_CHANNELS)
                     for i, (r, c) in enumerate(spec.tiles)]
     ctx["cvec"] = None
     if spec.cvec_tile is not None:
@@ -268,6 +278,16 @@ def kernel_context(spec):
         # channel (depthwise) or per image (dense), for kernels whose taps are unrolled.
         ctx["fused"] = spec.groups in ("depthwise", "dense") and ctx["phases"] is not None
     return ctx
+
+
+def _in_place_prefetch(spec, chunk):
+    """Where an in-place pixel tile's prefetches read, in values from its chunk's start: the
+    first value of each cache line of a chunk of `chunk` values starting on a line, and its
+    last value (a chunk off a line reaches into one more).  None for other kernels."""
+    if not spec.in_place:
+        return []
+    per_line = CACHE_LINE_BYTES // spec.itemsize
+    return list(range(0, chunk, per_line)) + [chunk - 1]
 
 
 def module_context(direction, dtype, specs, template=None):

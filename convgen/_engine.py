@@ -272,11 +272,13 @@ PATCH_MIN_TAPS = 16
 # backward's planes does not bind it) only from this many: against the generic kernel, those
 # smaller windows' forwards were mixed (ConvNeXt's 4x4 stem 1.06x, a batch of 4 1.20x, 8x8 to
 # 384 and 768 1.14x and 1.07x, but a 4x4 stem to 512 0.87x, 14x14 to 768 0.93x, DINOv2's
-# 0.91x).  On AVX2, since the 1x1 layers' reductions run in passes (IN_PLACE_PASS_BYTES),
-# from 64 (AMD Zen 3, 2 threads, inference forwards, separate processes alternating, 8
-# rounds, median / fastest round, against 256: 8x8 to 384 and 768 1.28x / 1.10x and 1.22x /
-# 1.11x, 14x14 to 768 1.07x / 1.00x, DINOv2's 1.00x / 0.98x; from 16, 4x4 stems lost:
-# ConvNeXt's 1.00x / 0.93x, a batch of 4 0.91x / 0.86x, to 512 1.03x / 0.94x).
+# 0.91x).  On AVX2, since the 1x1 layers read in place prefetch their input
+# (codegen.context.IN_PLACE_PREFETCH_CHANNELS) and run tiles inner on large inputs
+# (IN_PLACE_TILES_INNER), from 64 (AMD Zen 3, 2 threads, inference forwards, separate
+# processes alternating, 8 rounds, median / fastest round, against 256: 8x8 to 384 and 768
+# 1.24x / 1.19x and 1.17x / 1.13x, 14x14 to 768 1.09x / 1.05x, DINOv2's 1.09x / 1.07x; from
+# 16 the 4x4 stems were mixed: ConvNeXt's 1.20x / 1.08x, a batch of 4 0.81x / 1.02x, to 512
+# 1.05x / 1.05x).
 PATCH_MIN_TAPS_INFERENCE = 64 if _dispatch.TARGET == "avx2" else 256
 # Grouped layers with wide groups (at least 2 vectors of output channels and 16 input
 # channels each, their blocks of output channels at most CVEC_CHANNEL_WASTE idle) sum
@@ -387,40 +389,23 @@ IN_PLACE_ANY_ADDRESS = _dispatch.VECTOR_BYTES < 64
 # 16 or 48 bytes past a line: in-process 0.79 ms against 0.70 ms from an aligned copy.)
 IN_PLACE_SHIFT = True
 # ... and on AVX2, where each channel tile runs its run of chunks (the rules for small maps
-# and for weights outweighing the input: chunks inner) and a plane holds at least
-# IN_PLACE_TILES_INNER_MIN_CHUNKS chunks, every channel tile runs over a chunk in turn
-# instead (tiles inner): the chunk's channels stay in cache across the tiles rather than
-# each tile re-reading the whole input (Zen 3's L2 is 512 KB; the chunks-inner rules were
-# measured on the AVX-512 machine's 2 MB, and stay there).  Where the input outgrows L2
-# (IN_PLACE_PASS_INPUT_BYTES) and a pixel chunk of every channel outgrows L1
-# (IN_PLACE_PASS_BYTES twice over), from IN_PLACE_PASS_MIN_CHUNKS chunks a plane, the
-# reduction also runs in passes over blocks of channels, each chunk's block at most
-# IN_PLACE_PASS_BYTES, the partial sums in scratch memory between passes (the dot products
-# past the chunks too, in y), so that the block stays in L1.  The weights are then re-read
-# once per chunk, so in batches only where a pass's weights fit L2.  (AMD Zen 3, 2 threads,
-# module calls, separate processes alternating, 4-6 rounds, inference / training forward
-# against chunks inner.  In passes: ResNet's 1024 -> 256, 1024 -> 512 and 2048 -> 512 at
-# 14x14 1.38-1.49x / 1.29-1.46x, 1024 -> 256 at 12x12 1.19x / 1.16x, 2048 -> 512 at 10x10
-# 1.31-1.40x / 1.17-1.39x, 960 -> 160 and 768 -> 192 at 14x14 1.24-1.41x / 1.32-1.36x and
-# 1.13x / 1.12x, 1024 -> 1024 and 1024 -> 2048 at 14x14 1.40x and 1.33x; ViT-B/16's patch
-# embedding (768 -> 768 at 14x14 as a 1x1 layer) 1.15-1.20x / 1.11-1.21x; float64
-# 2048 -> 512 at 7x7 1.28-1.31x, 1024 -> 256 at 14x14 1.33x, batches of 4 of 1024 -> 256
-# and 2 of 960 -> 160 at 7x7 1.09-1.20x and 1.0-1.13x.  In one pass: 512 -> 512 and
-# 512 -> 2048 at 14x14 1.16-1.18x and 1.13-1.15x / 1.11-1.18x, MobileNetV2's 96 -> 576 at
-# 14x14 and a batch of 2 at 12x12 1.05-1.06x and 1.17-1.19x / 1.09-1.14x, 768 -> 768 at
-# 12x12 1.06x, float64 512 -> 512 and 512 -> 2048 at 10x10 1.14-1.16x and 1.28-1.30x /
-# 1.19-1.22x, 256 -> 1024 at 14x14 1.10-1.12x; float32 256 -> 1024 and 320 -> 1280 at
-# 14x14 0.98-1.02x.  Module backwards unchanged within the noise.  Not there: maps of 4-7 chunks
-# in one pass, 1024 -> 256 at 10x10, 0.98-0.99x; of fewer, a batch of 4 of 1024 -> 256 at
-# 7x7 in passes, 0.93x; batches whose pass's weights outgrow L2, 4 of 512 -> 2048 at 10x10
-# and float64 8 at 7x7, 0.90-0.97x; plans already tiles inner, in passes, 576 -> 96 at 14x14
-# (float64), 8 of it at 7x7 and 384 -> 64 at 56x56, 0.91-0.96x.  Blocks of 12 KB and
-# 24 KB: within 3% of 16 KB.)
+# and for weights outweighing the input: chunks inner), the input outgrows a core's L2 (this
+# many bytes: Zen 3's 512 KB; those rules were measured on the AVX-512 machine's 2 MB, and
+# stay there) and a plane holds at least IN_PLACE_TILES_INNER_MIN_CHUNKS chunks, every
+# channel tile runs over a chunk in turn instead (tiles inner): the chunk's channels stay in
+# cache across the tiles rather than each tile re-reading the whole input from L3.  (AMD Zen
+# 3, 2 threads, the tiles prefetching (codegen.context.IN_PLACE_PREFETCH_CHANNELS), in-process
+# kernel calls, 15 rounds alternating, against chunks inner: ResNet's 1024 -> 256 and
+# 2048 -> 512 at 14x14 1.06-1.12x and 1.08x, 2048 -> 512 at 10x10 1.04-1.08x, ViT-B/16's
+# patch embedding (768 -> 768 at 14x14 as a 1x1 layer) 0.97-1.07x, float64 2048 -> 512 at 7x7
+# 1.03-1.05x.  Inputs that fit L2 lose: 256 -> 1024 and MobileNetV2's 96 -> 576 at 14x14
+# 0.91-0.95x; so do 7x7 float32 maps, 2-3 chunks, 0.91-0.99x.  Reductions in passes over
+# blocks of channels, each chunk's block in L1, partial sums between (IN_PLACE_PASS_BYTES
+# before the prefetches, when they were 1.3-1.5x faster than chunks inner): 0.86-0.95x
+# against one pass now.)
 IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
-IN_PLACE_TILES_INNER_MIN_CHUNKS = 8
-IN_PLACE_PASS_INPUT_BYTES = 512 << 10
-IN_PLACE_PASS_BYTES = 16 << 10
-IN_PLACE_PASS_MIN_CHUNKS = 4
+IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
+IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
 # the weight read transposed (run's weight_transposed), where it holds at most this share
 # of the values read and written.  (Module backward, input and weight gradients, in place
@@ -1089,27 +1074,15 @@ def _row_pairs(tile_cols, skip, out_rows, narrow):
     return pairs.reshape(-1) if pairs.any() else None
 
 
-def _in_place_passes(plan, p: "Problem", kernel):
-    """An InPlacePlan (or None) of 1x1 layer p, its chunks inner, with its channel tiles inner
-    instead on maps of enough chunks (IN_PLACE_TILES_INNER), its reduction in passes over
-    blocks of channels where its input outgrows L2 and a pixel chunk of it L1
-    (IN_PLACE_PASS_BYTES)."""
-    if plan is None or plan.tiles_inner:
+def _in_place_order(plan, p: "Problem", kernel):
+    """An InPlacePlan (or None) of 1x1 layer p, its channel tiles inner where its chunks are
+    inner, its input outgrows L2 and its planes hold enough chunks (IN_PLACE_TILES_INNER)."""
+    if plan is None or plan.tiles_inner or not IN_PLACE_TILES_INNER:
         return plan
-    chunk = kernel.variants[plan.tile][2]
-    if p.H * p.W < IN_PLACE_PASS_MIN_CHUNKS * chunk or not IN_PLACE_TILES_INNER:
+    if (p.N * p.C * p.H * p.W * ITEMSIZE[p.dtype] <= IN_PLACE_TILES_INNER_INPUT_BYTES
+            or p.H * p.W < IN_PLACE_TILES_INNER_MIN_CHUNKS * kernel.variants[plan.tile][2]):
         return plan
-    rblock = p.C
-    if (p.N * p.C * p.H * p.W * ITEMSIZE[p.dtype] > IN_PLACE_PASS_INPUT_BYTES
-            and p.C * chunk * ITEMSIZE[p.dtype] > 2 * IN_PLACE_PASS_BYTES):
-        passes = _geometry.ceil_div(p.C * chunk * ITEMSIZE[p.dtype], IN_PLACE_PASS_BYTES)
-        # (blocks a whole number of vectors: the dot products past the chunks load whole ones)
-        rblock = _geometry.round_up(_geometry.ceil_div(p.C, passes), LANES[p.dtype])
-    if rblock == p.C and p.H * p.W < IN_PLACE_TILES_INNER_MIN_CHUNKS * chunk:
-        return plan
-    if p.N > 1 and p.OC * rblock * ITEMSIZE[p.dtype] > IN_PLACE_PASS_INPUT_BYTES:
-        return plan   # (every image's chunks re-read a pass's weights: they should stay in L2)
-    return plan._replace(tiles_inner=True, rblock=rblock)
+    return plan._replace(tiles_inner=True)
 
 
 class BandSplit:
@@ -1159,8 +1132,6 @@ class InPlacePlan(NamedTuple):
     left: int          # pixels past them, computed as dot products (IN_PLACE_LEFTOVER)
     tiles_inner: bool  # each chunk runs every channel tile (else each channel tile its
                        # run of chunks: IN_PLACE_CHUNKS_INNER_PIXELS)
-    rblock: int        # input channels per reduction pass (all: one pass; else whole vectors
-                       # of them: IN_PLACE_PASS_BYTES)
 
 
 class ForwardPlan:
@@ -1337,7 +1308,7 @@ class ForwardPlan:
         pixels = p.H * p.W
         if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
-            plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True, self.Cg)
+            plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True)
             short = self.kernel.pick_tile_leftover(self.OCg, pixels, IN_PLACE_LEFTOVER, IN_PLACE_LEFTOVER_PRICE)
             if short is not None and short[2] < self.kernel.tile_cost(tile, self.OCg, pixels):
                 plan = plan._replace(tile=short[0], out_len=pixels - pixels % short[1], left=pixels % short[1])
@@ -1352,7 +1323,7 @@ class ForwardPlan:
                 elif (pixels * itemsize % ALIGN == 0
                       and p.N * (p.C + p.OC) * pixels * itemsize <= IN_PLACE_ALIGNED_BYTES):
                     self.in_place_aligned = plan
-            self.in_place, self.in_place_aligned = (_in_place_passes(q, p, self.kernel)
+            self.in_place, self.in_place_aligned = (_in_place_order(q, p, self.kernel)
                                                     for q in (self.in_place, self.in_place_aligned))
         # Images per forward pass: padded, then convolved while their planes are in cache.
         self.images = max(1, min(p.N, (CACHE_BUDGET if self.cvec is None else CVEC_IMAGE_BUDGET)
@@ -2100,12 +2071,15 @@ def _frozen_pack(packs, plan, pack, *args):
     return kept
 
 
-def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False):
+def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False, rblock=None):
     """The pixel tiles of a 1x1 layer's forward over its input x itself, as `plan` (an
     InPlacePlan: ForwardPlan.in_place's) says; weight_transposed: weight is the (C, OC)
-    weight of the layer whose input gradient this forward computes."""
+    weight of the layer whose input gradient this forward computes; rblock: input channels
+    per reduction pass (a whole number of vectors; None: one pass), the partial sums in
+    scratch memory between passes.  (No rule runs passes: measured slower than one pass
+    since the tiles prefetch, see IN_PLACE_TILES_INNER.)"""
     p = fp.problem
-    tile, out_len, left, tiles_inner, rblock = plan
+    tile, out_len, left, tiles_inner = plan
     # (each image's pixels past the chunks, copied there channels contiguous)
     leftover = scratch("fwd_leftover", (p.N, left, p.C), x.dtype) if left else None
     # Planes that all start the same way past a cache line are read from the line's start
@@ -2114,7 +2088,7 @@ def _run_in_place(fp, plan, x, weight, bias, y, threads, weight_transposed=False
     if IN_PLACE_SHIFT and not left and pixels * x.itemsize % ALIGN == 0:
         shift = _layout.address(x) % ALIGN // x.itemsize
         out_len = _geometry.round_up(pixels + shift, fp.kernel.variants[tile][2])
-    # (partial sums between passes over blocks of channels: IN_PLACE_PASS_BYTES)
+    rblock = p.C if rblock is None else rblock
     sums = scratch("fwd_in_place_sums", (p.N * p.OC, out_len), x.dtype) if rblock < p.C else None
     fp.kernel.run(x.reshape(p.N * p.C, pixels), weight, bias, y, sums, p.N, 1, p.C, p.OC, out_len, pixels, 1,
                   _ORIGIN, _ORIGIN, p.W, p.H, p.W, rblock, threads, tile, tiles_inner=tiles_inner, static_schedule=True,

@@ -423,7 +423,16 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
                 assert f"x_{v} = cg_load_partial_{dtype}(xr + o + {v * lanes}, n_{v})" in twin
             assert f"cg_load_{dtype}(xr" not in twin
             tile = text[text.index(f"cdef inline void {fn}_tile("):]
-            assert "cg_load_partial" not in tile[:tile.index("\ncdef ")]
+            tile = tile[:tile.index("\ncdef ")]
+            assert "cg_load_partial" not in tile
+            # Each channel prefetches its chunk's cache lines IN_PLACE_PREFETCH_CHANNELS
+            # channels ahead (the first value of each line and the chunk's last); its masked
+            # twin, a plane's last chunk, does not.
+            ahead, per_line = context.IN_PLACE_PREFETCH_CHANNELS, 64 // pointwise.itemsize
+            lines = [*range(0, cols * lanes, per_line), cols * lanes - 1]
+            assert [f"cg_prefetch(xr + o + {v} + {ahead} * x_chan)" for v in lines] == [
+                line.strip() for line in tile.splitlines() if "cg_prefetch(" in line]
+            assert "cg_prefetch(" not in twin
             item = text[text.index(f"cdef void {fn}_item("):]
             item = item[:item.index("\ncdef ")]
             assert f"if (chunk + 1) * {cols * lanes} > a.x_valid:" in item and f"{fn}_tail_tile(a, " in item
@@ -444,6 +453,11 @@ def test_in_place_tail_tiles_only_for_pointwise_forward(env):
     for direction in ("fwd", "bwd_data"):
         text = render.render(f"conv2d_{direction}.pyx.j2", context.module_context(direction, "f32", SPECS), env)
         assert "a.x_valid = ANY_CHUNK" in text
+        # (only the in-place tiles prefetch their input; the channel-vector tiles their weights)
+        pointwise = KernelSpec("fwd", "f32", 1, 1, 1, "dense")
+        lanes = pointwise.lanes
+        prefetches = sum(len(range(0, cols * lanes, 16)) + 1 for _, cols in pointwise.tiles)
+        assert text.count("cg_prefetch(xr + o + ") == (prefetches if direction == "fwd" else 0)
         if direction == "bwd_data":
             assert "_tail_tile(" not in text and "_leftover(a, " not in text and "IN_PLACE = (\n)" in text
 

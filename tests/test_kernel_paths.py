@@ -1153,10 +1153,11 @@ def test_one_by_one_in_place(spec, threads, leftover, monkeypatch, restore_threa
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
 def test_one_by_one_in_place_orders(spec, tiles_inner, rblock, transposed, monkeypatch, restore_threads):
     """_run_in_place in either order of channel tiles and pixel chunks, its 40 channels in
-    one pass or in passes of 16, 16 and 8 (IN_PLACE_PASS_BYTES), with the pixels past the
-    chunks (IN_PLACE_LEFTOVER) and without, its weight as it is or read transposed (an
-    input gradient's), on 2 threads: against the reference.  (31 output channels: a last
-    channel tile of fewer rows.)"""
+    one pass or in passes of 16, 16 and 8 (the dot products past the chunks summed over the
+    passes too), with the pixels past the chunks (IN_PLACE_LEFTOVER) and without, its
+    weight as it is or read transposed (an input gradient's), on 2 threads: against the
+    reference.  (31 output channels: a last channel tile of fewer rows, which the passes'
+    dot products add into once.)"""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     _engine.forward_plan.cache_clear()
     convgen.set_num_threads(2)
@@ -1165,7 +1166,7 @@ def test_one_by_one_in_place_orders(spec, tiles_inner, rblock, transposed, monke
         case = _case(spec, 40, 31)
         case.update(N=2, H=H, W=W)
         fp = _plan(case, dtype)
-        tile, out_len, left, _, _ = fp.in_place
+        tile, out_len, left, _ = fp.in_place
         if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
             assert fp.kernel.name == spec.name and left == (3 if H * W == 99 else 0)
         x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-orders", spec.name, H))
@@ -1175,52 +1176,10 @@ def test_one_by_one_in_place_orders(spec, tiles_inner, rblock, transposed, monke
             want = reference_functional("fwd", x, w, None, gy, **conv_args(case))
         else:
             weight, want = w, reference_functional("fwd", x, w, b, gy, **conv_args(case))
-        plan = _engine.InPlacePlan(tile, out_len, left, tiles_inner, rblock)
-        _engine._run_in_place(fp, plan, x, weight, None if transposed else b, y, 2, weight_transposed=transposed)
+        plan = _engine.InPlacePlan(tile, out_len, left, tiles_inner)
+        _engine._run_in_place(fp, plan, x, weight, None if transposed else b, y, 2, weight_transposed=transposed,
+                              rblock=rblock)
         assert_close(y, want, dtype, f"{spec.name}, {H}x{W}")
-    _engine.forward_plan.cache_clear()
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
-def test_one_by_one_in_place_passes(spec, threads, monkeypatch, restore_threads):
-    """A 1x1 layer whose plan runs its reduction in passes (IN_PLACE_PASS_BYTES, here made
-    small enough for 64 channels to take 3), tiles inner, through the public API: inference
-    and training forwards, with the dot products past the chunks summed over the passes too
-    (a 10 x 10 map: 100 pixels, 4 past the chunks of 24; 104 output channels, so that the
-    weights outweigh the input and the channel tiles run chunks inner but for the rule),
-    and the module's backward: against the reference and torch."""
-    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
-    monkeypatch.setattr(_engine, "IN_PLACE_PASS_INPUT_BYTES", 0)
-    monkeypatch.setattr(_engine, "IN_PLACE_TILES_INNER", True)   # (AVX2's rule; the kernels are any target's)
-    convgen.set_num_threads(threads)
-    dtype = spec_dtype(spec)
-    case = _case(spec, 64, 104)
-    case.update(N=1, H=10, W=10)
-    _engine.forward_plan.cache_clear()
-    fp = _plan(case, dtype)
-    chunk = fp.kernel.variants[fp.in_place.tile][2]
-    monkeypatch.setattr(_engine, "IN_PLACE_PASS_BYTES", 22 * chunk * np.dtype(dtype).itemsize)
-    _engine.forward_plan.cache_clear()
-    fp = _plan(case, dtype)
-    lanes = _engine.LANES[fp.problem.dtype]
-    assert fp.in_place.tiles_inner and fp.in_place.rblock == _geometry.round_up(22, lanes)
-    x, w, b, gy = case_arrays(case, dtype, make_rng("in-place-passes", spec.name))
-    args = conv_args(case)
-    want = reference_functional("fwd", x, w, b, gy, **args)
-    used = _scratch_names(monkeypatch)
-    with convgen.no_grad():
-        got = convgen_functional("fwd", x, w, b, gy, **args)
-    assert "fwd_in_place_sums" in used
-    assert_close(got, want, dtype, f"{spec.name} vs reference")
-    assert_close(got, torch_functional("fwd", x, w, b, gy, **args), dtype, f"{spec.name} vs torch")
-    conv = convgen.Conv2d(64, 104, 1, dtype=dtype)
-    conv.weight[...], conv.bias[...] = w, b
-    used.clear()
-    assert_close(conv(x), want, dtype, "module forward")
-    assert "fwd_in_place_sums" in used
-    conv.backward(gy)
-    assert_close(conv.weight.grad, reference_functional("bwd_weight", x, w, b, gy, **args), dtype, "module gw")
     _engine.forward_plan.cache_clear()
 
 
@@ -1513,33 +1472,22 @@ def test_in_place_rule():
     # (chunks, then pixels past them: IN_PLACE_LEFTOVER; whether each chunk runs every channel
     # tile, but on one 14x14 map, IN_PLACE_CHUNKS_INNER_PIXELS, and where the weights outweigh
     # the input, IN_PLACE_WEIGHT_MAJOR)
-    # (... but on AVX2 tiles inner on maps of 8 chunks or more, IN_PLACE_TILES_INNER, and of 4
-    # or more in passes over blocks of channels where the input outgrows L2 and a chunk of
-    # it L1: IN_PLACE_PASS_INPUT_BYTES, 750 and 800 KB here)
+    # (... but on AVX2 tiles inner where the input outgrows L2 and a plane holds 4 chunks or
+    # more: IN_PLACE_TILES_INNER, 750 and 800 KB here)
     inner = _engine.IN_PLACE_TILES_INNER
-    passes = inner and _engine.IN_PLACE_PASS_INPUT_BYTES < 750 << 10
-    assert plan(1, 2048, 512, 7, 7) == (48, 1, False) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, passes)
+    assert plan(1, 2048, 512, 7, 7) == (48, 1, False) and plan(2, 960, 160, 7, 7, "f64") == (48, 1, inner)
     assert plan(4, 960, 160, 7, 7) == (48, 1, True)                             # 160 channels, 196 pixels
     if not BASELINE_BUILD:   # (16-byte vectors take other paths on these shapes)
-        assert plan(1, 96, 576, 14, 14) == (192, 4, inner) and plan(1, 384, 64, 14, 14) == (192, 4, True)
-        assert plan(1, 1024, 256, 10, 10) == (96, 4, False)                     # 4 chunks, 400 KB: one pass
+        assert plan(1, 96, 576, 14, 14) == (192, 4, False) and plan(1, 384, 64, 14, 14) == (192, 4, True)
+        assert plan(1, 1024, 256, 10, 10) == (96, 4, False)                     # 400 KB: in L2
         assert plan(1, 32, 16, 10, 10) == (96, 4, True) and plan(1, 144, 24, 14, 14) == (192, 4, True)
     if PINNED_GEOMETRY:   # (the path these shapes take on AVX-512's tiles)
         assert plan(1, 64, 64, 56, 56) == (3168, 0, True) and plan(1, 16, 8, 9, 9) == (96, 0, True)   # 16 or 33 past 48
-    assert plan(1, 1024, 256, 14, 14) == (192, 4, passes) and plan(1, 256, 1024, 14, 14) == (192, 4, inner)
+    assert plan(1, 1024, 256, 14, 14) == (192, 4, inner) and plan(1, 256, 1024, 14, 14) == (192, 4, False)
     assert not in_place(1, 512, 128, 28, 28)
 
-    def rblock(*args):   # (channels per pass, of whichever plan runs in place)
-        fp = forward_plan(*args)
-        return (fp.in_place or fp.in_place_aligned).rblock
-    if inner:   # (AVX2: the 4 x 3 tile's 24-pixel chunks, 96 bytes a channel)
-        assert rblock(1, 1024, 256, 14, 14) == 176   # 6 passes of at most 16 KB, whole vectors
-        assert rblock(1, 768, 768, 14, 14) == 256   # (the 6 x 2 tile's 16 pixels: 3 passes)
-    assert rblock(1, 2048, 512, 7, 7) == 2048 and rblock(1, 576, 96, 14, 14) == 576   # 400 and 450 KB
-    assert rblock(1, 256, 64, 56, 56) == 256 and rblock(1, 256, 1024, 14, 14) == 256   # a chunk in L1
-    assert rblock(4, 1024, 256, 7, 7) == 1024                     # 49 pixels: 2 chunks of 24
-    assert rblock(1, 576, 96, 14, 14, "f64") == 576               # tiles already inner
-    assert rblock(4, 512, 2048, 10, 10) == 512                    # a batch, 1.4 MB of weights a pass
+    if inner:   # (float32 7x7 maps: 2 chunks of 24 pixels)
+        assert not forward_plan(4, 1024, 256, 7, 7).in_place.tiles_inner
 
     def where_aligned(*args):
         return forward_plan(*args).in_place_aligned is not None
