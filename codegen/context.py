@@ -283,8 +283,8 @@ def kernel_context(spec):
 def _in_place_prefetch(spec, chunk):
     """Where an in-place pixel tile's prefetches read, in values from its chunk's start: the
     first value of each cache line of a chunk of `chunk` values starting on a line, and its
-    last value (a chunk off a line reaches into one more).  None for other kernels."""
-    if not spec.in_place:
+    last value (a chunk off a line reaches into one more).  Empty for other kernels."""
+    if not spec.in_place:   # (the 1x1 input gradient's tiles, on grad_output's planes: 0.88-1.10x)
         return []
     per_line = CACHE_LINE_BYTES // spec.itemsize
     return list(range(0, chunk, per_line)) + [chunk - 1]
