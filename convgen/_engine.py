@@ -398,10 +398,13 @@ IN_PLACE_SHIFT = True
 # kernel calls, 15 rounds alternating, against chunks inner: ResNet's 1024 -> 256 and
 # 2048 -> 512 at 14x14 1.06-1.12x and 1.08x, 2048 -> 512 at 10x10 1.04-1.08x, ViT-B/16's
 # patch embedding (768 -> 768 at 14x14 as a 1x1 layer) 0.97-1.07x, float64 2048 -> 512 at 7x7
-# 1.03-1.05x.  Inputs that fit L2 lose: 256 -> 1024 and MobileNetV2's 96 -> 576 at 14x14
-# 0.91-0.95x; so do 7x7 float32 maps, 2-3 chunks, 0.91-0.99x.  Reductions in passes over
-# blocks of channels, each chunk's block in L1, partial sums between (IN_PLACE_PASS_BYTES
-# before the prefetches, when they were 1.3-1.5x faster than chunks inner): 0.86-0.95x
+# 1.03-1.05x; module calls, separate processes alternating, 6 rounds, inference / training
+# forward: 1024 -> 256 at 14x14 1.10x / 1.10x, 2048 -> 512 at 10x10 1.10x / 1.09x, ViT-B/16's
+# 1.05x / 1.00x, float64 2048 -> 512 at 7x7 and a batch of 4 of 1024 -> 256 1.06x / 1.09x
+# and 1.11x / 1.06x.  Inputs that fit L2 lose: 256 -> 1024 and MobileNetV2's 96 -> 576 at
+# 14x14 0.91-0.95x; so do 7x7 float32 maps, 2-3 chunks, 0.91-0.99x.  Reductions in passes
+# over blocks of channels, each chunk's block in L1, partial sums between (_run_in_place's
+# rblock; before the prefetches they were 1.3-1.5x faster than chunks inner): 0.86-0.95x
 # against one pass now.)
 IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
 IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
