@@ -346,6 +346,16 @@ IN_PLACE_MAX_WORK = 1 << 24
 # 512 -> 2048 0.91x, 32 of 512 -> 512 at 8x8 1.03x, so not there.)
 IN_PLACE_MAX_PIXELS = 100
 IN_PLACE_MAX_BATCH_PIXELS = 400
+# ... and on AVX2, inference forwards (inference_plan) on maps of at most this many pixels
+# in batches of any size.  (AMD Zen 3, 2 threads, module calls, separate processes
+# alternating, 6 rounds, median / fastest round, against the channel-vector tile's panels:
+# batches of 2 and 4 of ResNet's 1024 -> 256 at 14x14 1.19x / 1.16x and 1.12x / 1.11x, 2 of
+# 512 -> 512 and 2048 -> 512 1.51x / 1.45x and 1.20x / 1.19x, 4 of 256 -> 1024 1.07x / 1.02x,
+# 4 of ViT-S/16's patch embedding (768 -> 384) 1.08x / 1.08x, MobileNetV2's 96 -> 576 and
+# 576 -> 96 in batches of 4 and 2 1.04x / 1.05x and 1.24x / 1.16x, float64 1.11x / 1.05x;
+# 8 of 2048 -> 512 at 7x7 1.00x.  Training forwards were mixed, 0.80-1.37x, MobileNetV2's
+# batches losing with their backwards, 0.88-0.91x, so they keep the rules above.)
+IN_PLACE_INFERENCE_MAX_PIXELS = 196 if _dispatch.TARGET == "avx2" else 0
 # ... and, beyond all of those, maps of at most this many pixels in all (one 14x14 map), with
 # each channel tile's run of pixel chunks innermost (plan's last field false): their few
 # chunks then reuse the tile's weights from cache, where the channel-vector tile would pack
@@ -1317,7 +1327,8 @@ class ForwardPlan:
                 plan = plan._replace(tile=short[0], out_len=pixels - pixels % short[1], left=pixels % short[1])
             if plan.out_len + plan.left <= IN_PLACE_PIXEL_WASTE * pixels:
                 if (self.cvec is None or self.OCg <= IN_PLACE_MAX_OUT or self.work <= IN_PLACE_MAX_WORK
-                        or (pixels <= IN_PLACE_MAX_PIXELS and p.N * pixels <= IN_PLACE_MAX_BATCH_PIXELS)):
+                        or (pixels <= IN_PLACE_MAX_PIXELS and p.N * pixels <= IN_PLACE_MAX_BATCH_PIXELS)
+                        or (inference and pixels <= IN_PLACE_INFERENCE_MAX_PIXELS)):
                     # (weights outweighing the input: each thread its run of channel tiles)
                     weighty = IN_PLACE_WEIGHT_MAJOR and p.OC > p.N * pixels
                     self.in_place = plan._replace(tiles_inner=False) if weighty else plan
@@ -1697,13 +1708,16 @@ def forward_plan(p: Problem) -> ForwardPlan:
 def inference_plan(p: Problem) -> ForwardPlan:
     """The plan of a forward that keeps nothing for a backward: forward_plan(p) unless the
     channel-vector tile's rules for such forwards (CVEC_MIN_CHANNELS_INFERENCE,
-    PACK_BLOCK_MIN_PIXELS_INFERENCE) reach it.  Kept on forward_plan(p)'s plan, so that
+    PACK_BLOCK_MIN_PIXELS_INFERENCE) or the in-place one (IN_PLACE_INFERENCE_MAX_PIXELS)
+    reach it.  Kept on forward_plan(p)'s plan, so that
     clearing its cache clears both."""
     fp = forward_plan(p)
     if fp.inference_twin is None:
         pixels = p.N * fp.OH * fp.OW
         reaches = fp.kk > 1 and (CVEC_MIN_CHANNELS_INFERENCE <= fp.Cg < CVEC_MIN_CHANNELS or (
             fp.cvec is None and PACK_BLOCK_MIN_PIXELS_INFERENCE <= pixels < PACK_BLOCK_MIN_PIXELS))
+        reaches = reaches or (p.pointwise and p.groups == 1 and fp.in_place is None
+                              and p.H * p.W <= IN_PLACE_INFERENCE_MAX_PIXELS)
         fp.inference_twin = ForwardPlan(p, inference=True) if reaches else fp
     return fp.inference_twin
 

@@ -1183,6 +1183,40 @@ def test_one_by_one_in_place_orders(spec, tiles_inner, rblock, transposed, monke
     _engine.forward_plan.cache_clear()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_by_one_inference_in_place_on_batches(dtype, monkeypatch, restore_threads):
+    """An inference forward (no_grad) of a 1x1 layer on a batch of small maps reads its input
+    in place where the rule for them says so (IN_PLACE_INFERENCE_MAX_PIXELS, AVX2's; here on
+    any target), through inference_plan's twin, while the training forward keeps its own
+    plan: 5 images of 512 -> 128 at 10x10 (2^25 multiply-adds, 500 pixels: beyond the
+    other rules), against the reference and torch."""
+    monkeypatch.setattr(_engine, "IN_PLACE_INFERENCE_MAX_PIXELS", 196)
+    monkeypatch.setattr(_engine, "IN_PLACE_PIXEL_WASTE", float("inf"))
+    _engine.forward_plan.cache_clear()
+    convgen.set_num_threads(2)
+    dtype = np.dtype(dtype)
+    case = dict(N=5, C=512, OC=128, H=10, W=10, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    fp = _plan(case, dtype)
+    assert fp.in_place is None and _engine.inference_plan(fp.problem).in_place is not None
+    x, w, b, gy = case_arrays(case, dtype, make_rng("inference-in-place", dtype.name))
+    args = conv_args(case)
+    want = reference_functional("fwd", x, w, b, gy, **args)
+    conv = convgen.Conv2d(512, 128, 1, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    run_in_place = _engine._run_in_place
+    calls = []
+    monkeypatch.setattr(_engine, "_run_in_place", lambda fq, *a, **k: calls.append(fq) or run_in_place(fq, *a, **k))
+    with convgen.no_grad():
+        y = conv(x)
+    assert len(calls) == 1 and calls[0] is _engine.inference_plan(fp.problem)
+    assert_close(y, want, dtype, "inference forward vs reference")
+    assert_close(y, torch_functional("fwd", x, w, b, gy, **args), dtype, "inference forward vs torch")
+    assert_close(conv(x), want, dtype, "training forward")   # (its own plan: not in place)
+    assert len(calls) == 1
+    _engine.forward_plan.cache_clear()
+
+
 @pytest.mark.parametrize("spec", IN_PLACE_SPECS, ids=lambda s: s.name)
 def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
     """A forward that keeps the input itself for the weight gradient (the drop-in's, whose
@@ -1488,6 +1522,12 @@ def test_in_place_rule():
 
     if inner:   # (float32 7x7 maps: 2 chunks of 24 pixels)
         assert not forward_plan(4, 1024, 256, 7, 7).in_place.tiles_inner
+
+    # (... and, on AVX2, inference forwards on batches of maps of up to 196 pixels:
+    # IN_PLACE_INFERENCE_MAX_PIXELS)
+    batch = forward_plan(2, 1024, 256, 14, 14).problem
+    assert _engine.forward_plan(batch).in_place is None
+    assert (_engine.inference_plan(batch).in_place is not None) == (_engine.IN_PLACE_INFERENCE_MAX_PIXELS >= 196)
 
     def where_aligned(*args):
         return forward_plan(*args).in_place_aligned is not None
