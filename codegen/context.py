@@ -38,7 +38,7 @@ CVEC_PREFETCH_TAPS = 2
 # prefetch each cache line of their chunk this many channels ahead: each channel's chunk is
 # a short piece of a plane (64 or 96 bytes of 196-1568) that the hardware prefetchers
 # barely start on, so the tile waited on L2 for every channel.  (AMD Zen 3, in-process
-# kernel calls: ResNet's 1024 -> 256 at 10x10 on one thread 49-63 -> 77-81 GFLOP/s; 2
+# kernel calls: ResNet's 1024 -> 256 at 10x10 on one thread 49-71 -> 77-82 GFLOP/s; 2
 # threads, 1024 -> 256 at 14x14 139 -> 165, 2048 -> 512 at 7x7 125 -> 149, float64
 # 1024 -> 256 at 7x7 46-65 -> 71-78, 256 -> 64 at 56x56 137 -> 154; 4 channels ahead gave
 # about half of that, 16 the same as 8.)
