@@ -429,6 +429,17 @@ IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
 # and 320 -> 1280 at 7x7 1.30x and 1.18x, 960 -> 160 1.01x, but ResNet's 2048 -> 512 and
 # 512 -> 2048 at 7x7 0.92x and 0.94x and 512 -> 512 at 10x10 0.81x, so not there.)
 INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
+# Elsewhere they run as such forwards from a transposed copy of the weight (_layout.transpose),
+# where it is at most this many bytes.  (AMD Zen 3, 2 threads, functional input gradient
+# against the input-gradient kernels, separate processes, 5 rounds, median / fastest round:
+# float32 MobileNetV2's 320 -> 1280 and 960 -> 160 at 7x7 1.22x / 1.24x and 1.20x / 1.20x,
+# ResNet's 512 -> 2048 and 2048 -> 512 at 7x7 1.24x / 1.26x and 1.27x / 1.29x, 1024 -> 256
+# at 14x14 1.12x / 1.12x, 128 -> 512 and 512 -> 128 at 28x28 1.19x / 1.16x and 1.04x /
+# 1.03x, batches of 8 of 512 -> 2048 at 7x7 1.20x / 1.15x and of 4 of 1024 -> 256 at 14x14
+# 1.00x / 1.02x; float64 320 -> 1280 at 7x7 1.04x / 1.07x, 256 -> 1024 at 14x14 1.11x /
+# 1.12x, 128 -> 512 at 28x28 1.06x / 1.04x; but float64's 8 MB weights of 512 -> 2048 and
+# 2048 -> 512 at 7x7 mixed, 0.82x / 0.88x and 1.16x / 1.20x, so not there.)
+INPUT_AS_FORWARD_COPY_BYTES = 4 << 20
 # ... and on AVX2, where the forward runs in place only by the rule for inputs at any
 # address (IN_PLACE_ANY_ADDRESS, in_place_aligned), where the weight holds at most this
 # share.  (AMD Zen 3, 2 threads, module backward, separate processes, 14 alternating
@@ -2150,7 +2161,20 @@ def _in_place_plan(fq):
     return fq.in_place or (fq.in_place_aligned if IN_PLACE_ANY_ADDRESS else None)
 
 
-@lru_cache(maxsize=256)
+def reads_weight_transposed(p: Problem, q: Problem):
+    """Whether the forward q that computes dense 1x1 layer p's input gradient reads p's
+    weight as it is, transposed, rather than a transposed copy: where that forward reads
+    grad_output in place (ForwardPlan.in_place, or on AVX2 in_place_aligned:
+    _in_place_plan) and the weight is small (INPUT_AS_FORWARD_WEIGHT_SHARE,
+    INPUT_AS_FORWARD_ALIGNED_SHARE)."""
+    fq = forward_plan(q)
+    plan = _in_place_plan(fq)
+    if plan is None:
+        return False
+    share = INPUT_AS_FORWARD_WEIGHT_SHARE if plan is fq.in_place else INPUT_AS_FORWARD_ALIGNED_SHARE
+    return p.OC * p.C <= share * p.N * p.H * p.W * (p.C + p.OC)
+
+
 def input_gradient_as_forward(p: Problem):
     """The input gradient of a zero-padded, stride-1 depthwise layer (one output channel
     per channel) is a forward depthwise correlation of grad_output with the taps
@@ -2158,17 +2182,12 @@ def input_gradient_as_forward(p: Problem):
     Problem when its kernel has a channel-block tile (which then computes the
     gradient with full vectors of channels), else None.  So is a dense 1x1 layer's at
     stride 1 without padding, a 1x1 layer from OC to C channels with the weight
-    transposed: that forward's where it reads grad_output in place (ForwardPlan.in_place,
-    or on AVX2 in_place_aligned: _in_place_plan) and the weight is small
-    (INPUT_AS_FORWARD_WEIGHT_SHARE, INPUT_AS_FORWARD_ALIGNED_SHARE)."""
+    transposed: that forward's where it reads the weight as it is (reads_weight_transposed)
+    or the weight's transposed copy is at most INPUT_AS_FORWARD_COPY_BYTES."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
-        fq = forward_plan(q)
-        plan = _in_place_plan(fq)
-        if plan is None:
-            return None
-        share = INPUT_AS_FORWARD_WEIGHT_SHARE if plan is fq.in_place else INPUT_AS_FORWARD_ALIGNED_SHARE
-        return q if p.OC * p.C <= share * p.N * p.H * p.W * (p.C + p.OC) else None
+        copied = p.OC * p.C * ITEMSIZE[p.dtype] <= INPUT_AS_FORWARD_COPY_BYTES
+        return q if copied or reads_weight_transposed(p, q) else None
     if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
         return None
     OH, OW = p.output_hw
@@ -2237,6 +2256,14 @@ def _input_gradient(grad_y, weight, p: Problem, packs=None):
     return route(grad_y, weight, packs)
 
 
+def _transposed_weight(weight, q, threads):
+    """Weight (C, OC, 1, 1) of the 1x1 layer q from OC to C channels whose forward is the
+    input gradient of the one with this weight (OC, C, 1, 1): a new transposed copy."""
+    wq = np.empty((q.OC, q.C, 1, 1), dtype=weight.dtype)
+    _layout.transpose(weight.reshape(q.C, q.OC), wq.reshape(q.OC, q.C), threads)
+    return wq
+
+
 def _input_gradient_route(fp, threads):
     """_input_gradient's steps for plan fp's layer on `threads` threads, as a function
     (grad_y, weight, packs) -> gx; decided once, as _forward_route's.  (packs reach the
@@ -2246,7 +2273,7 @@ def _input_gradient_route(fp, threads):
     gx_shape = (p.N, p.C, p.H, p.W)
     q = input_gradient_as_forward(p)
     if q is not None:
-        if p.groups == 1:   # (a dense 1x1 layer: its weight read transposed)
+        if p.groups == 1 and reads_weight_transposed(p, q):   # (a dense 1x1 layer: its weight read transposed)
             fq = forward_plan(q)
             q_threads = threads_for(fq.work, fq.values)
 
@@ -2255,6 +2282,15 @@ def _input_gradient_route(fp, threads):
                 _run_in_place(fq, _in_place_plan(fq), grad_y, weight, None, gx, q_threads, weight_transposed=True)
                 return gx
             return transposed
+        if p.groups == 1:   # (... from a transposed copy of it)
+            def transposed_copy(grad_y, weight, packs):
+                if packs is None:
+                    wq = scratch("weight_transposed", (q.OC, q.C, 1, 1), weight.dtype)
+                    _layout.transpose(weight.reshape(p.OC, p.C), wq.reshape(q.OC, q.C), threads)
+                else:   # (a frozen module's weight: copied once)
+                    wq = _frozen_pack(packs, ("weight_transposed", q), _transposed_weight, weight, q, threads)
+                return forward(grad_y, wq, None, q, keep=False, packs=packs)[0]
+            return transposed_copy
 
         def flipped(grad_y, weight, packs):   # (depthwise: its taps flipped)
             return forward(grad_y, np.ascontiguousarray(weight[:, :, ::-1, ::-1]), None, q, keep=False)[0]

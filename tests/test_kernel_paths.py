@@ -53,6 +53,8 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     # (weights packed per call, not a block at a time in one pass: test_weights_packed_by_block_*)
     monkeypatch.setattr(_engine, "PACK_BLOCK_WEIGHT_RATIO", float("inf"))
     monkeypatch.setattr(_engine, "IN_PLACE", False)   # (1x1 forwards: test_one_by_one_in_place)
+    # (1x1 input gradients by their own kernels: test_one_by_one_input_gradient_from_transposed_copy)
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
 
@@ -89,6 +91,7 @@ def pixel_tile_passes(monkeypatch):
     monkeypatch.setattr(_engine, "CACHE_BUDGET", 4096)
     monkeypatch.setattr(_engine, "PASS_MIN_MACS", 1)
     monkeypatch.setattr(_engine, "IN_PLACE", False)
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)   # (1x1 input gradients by their kernels)
     _engine.forward_plan.cache_clear()
     _engine.backward_data_plan.cache_clear()
     yield
@@ -1277,16 +1280,88 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
             real = np.isfinite(want)
             assert not real.all() and np.array_equal(got[~real], want[~real], equal_nan=True)
             assert_close(np.where(real, got, 0), np.where(real, want, 0), dtype, "vs torch, finite values")
-    def routed(N, C, OC, H, W, pad=0, stride=1):
-        return _engine.input_gradient_as_forward(_engine.Problem(N, C, H, W, OC, 1, 1, stride, stride, 1, 1, pad, pad,
-                                                                  pad, pad, 1, "zeros", "f32")) is not None
-    assert routed(1, 144, 24, 56, 56) and routed(1, 24, 144, 56, 56) and routed(1, 16, 96, 112, 112)
-    assert not routed(1, 960, 160, 7, 7)      # its weight 2.8x grad_output and the gradient together
-    assert not routed(1, 2048, 512, 7, 7) and not routed(1, 512, 512, 10, 10)
+    def transposed(N, C, OC, H, W):   # (the weight read as it is, transposed)
+        p = _engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros", "f32")
+        return _engine.reads_weight_transposed(p, _engine.input_gradient_as_forward(p))
+    assert transposed(1, 144, 24, 56, 56) and transposed(1, 24, 144, 56, 56) and transposed(1, 16, 96, 112, 112)
+    assert not transposed(1, 960, 160, 7, 7)      # its weight 2.8x grad_output and the gradient together
+    assert not transposed(1, 2048, 512, 7, 7) and not transposed(1, 512, 512, 10, 10)
     # (a forward from 64 to 256 channels at 56x56: in place by the any-address rule, AVX2's only)
-    assert routed(1, 256, 64, 56, 56) == (_engine.IN_PLACE_ANY_ADDRESS and not BASELINE_BUILD)
-    assert not routed(1, 128, 512, 28, 28)    # (its weight 0.13 of the values: over that rule's share)
-    assert not routed(1, 144, 24, 56, 56, pad=1) and not routed(1, 144, 24, 56, 56, stride=2)
+    assert transposed(1, 256, 64, 56, 56) == (_engine.IN_PLACE_ANY_ADDRESS and not BASELINE_BUILD)
+    assert not transposed(1, 128, 512, 28, 28)    # (its weight 0.13 of the values: over that rule's share)
+    for pad, stride in ((1, 1), (0, 2)):
+        assert _engine.input_gradient_as_forward(_engine.Problem(1, 144, 56, 56, 24, 1, 1, stride, stride, 1, 1, pad,
+                                                                 pad, pad, pad, 1, "zeros", "f32")) is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypatch, restore_threads):
+    """Where the weight is too large to read transposed in place, a stride-1 1x1 layer's
+    input gradient without padding is the forward of the layer from its output channels
+    to its input channels on the weight's transposed copy (_layout.transpose), whatever
+    route that forward takes: against the reference and torch, with an infinite weight
+    too (the exact path), and from a frozen module, whose copy is made once.  Up to
+    INPUT_AS_FORWARD_COPY_BYTES of weight."""
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    convgen.set_num_threads(threads)
+    dtype = np.dtype(dtype)
+    # (45 x 90: neither a multiple of the transpose's blocks; 7x7 maps, as ResNet's last stage)
+    case = dict(N=2, C=45, OC=90, H=7, W=7, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    p = _plan(case, dtype).problem
+    q = _engine.input_gradient_as_forward(p)
+    assert q == p._replace(C=90, OC=45) and not _engine.reads_weight_transposed(p, q)
+    forwards, transposes = [], []
+    forward, transpose = _engine.forward, _layout.transpose
+    monkeypatch.setattr(_engine, "forward", lambda x, w, b, p, *a, **k: forwards.append((p, w.copy())) or forward(
+        x, w, b, p, *a, **k))
+    monkeypatch.setattr(_layout, "transpose", lambda *a: transposes.append(a) or transpose(*a))
+    x, w, b, gy = case_arrays(case, dtype, make_rng("input-from-copy", dtype.name))
+    args = conv_args(case)
+    for weight in (w, np.where(np.arange(w.size).reshape(w.shape) == 7, np.inf, w).astype(dtype)):
+        forwards.clear()
+        got = convgen_functional("bwd_data", x, weight, b, gy, **args)
+        finite = np.isfinite(weight).all()
+        assert len(forwards) == finite
+        if finite:
+            assert forwards[0][0] == q and np.array_equal(forwards[0][1], weight.transpose(1, 0, 2, 3))
+        want = torch_functional("bwd_data", x, weight, b, gy, **args)
+        if finite:
+            assert_close(got, reference_functional("bwd_data", x, weight, b, gy, **args), dtype, "vs reference")
+            assert_close(got, want, dtype, "vs torch")
+        else:
+            real = np.isfinite(want)
+            assert not real.all() and np.array_equal(got[~real], want[~real], equal_nan=True)
+    # a frozen module's backward: the same gradient, the weight transposed by the first call only
+    conv = convgen.Conv2d(45, 90, 1, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    conv.freeze()
+    transposes.clear()
+    for _ in range(2):
+        conv(x)
+        conv.zero_grad()
+        got = conv.backward(gy)
+        assert_close(got, reference_functional("bwd_data", x, w, b, gy, **args), dtype, "frozen module")
+    assert len(transposes) == 1
+    sizes = [(C * OC * dtype.itemsize, _engine.input_gradient_as_forward(_engine.Problem(
+        1, C, 7, 7, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros", "f32" if dtype == np.float32 else "f64")))
+        for C, OC in ((512, 2048), (2048, 2048))]
+    assert [q is not None for _, q in sizes] == [size <= _engine.INPUT_AS_FORWARD_COPY_BYTES for size, _ in sizes]
+
+
+def test_transpose_against_numpy():
+    """_layout.transpose: dst = src.T for shapes on and off its blocks' multiples, 1 and 2
+    threads, both dtypes, writing nothing past dst."""
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        for R, S in ((1, 1), (1, 9), (9, 1), (8, 16), (37, 70), (70, 37), (64, 17), (130, 260)):
+            src = rng.standard_normal((R, S)).astype(dtype)
+            for threads in (1, 2):
+                buf = np.full(R * S + 32, np.nan, dtype)
+                dst = buf[:R * S].reshape(S, R)
+                _layout.transpose(src, dst, threads)
+                assert np.array_equal(dst, src.T) and np.isnan(buf[R * S:]).all(), (R, S, threads)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1428,6 +1503,7 @@ def test_one_by_one_in_place_from_every_offset_in_a_line(spec, monkeypatch, rest
     monkeypatch.setattr(_engine, "IN_PLACE_MAX_WORK", 0)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     monkeypatch.setattr(_engine, "IN_PLACE_ANY_ADDRESS", True)
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)   # (the weight read as it is, transposed)
     _engine.forward_plan.cache_clear()
     dtype = spec_dtype(spec)
     case = _case(spec, 48, 40)
@@ -1766,8 +1842,10 @@ def test_channel_vector_tile_on_narrowing_1x1(dtype, out_channels, restore_threa
     from 16 output channels, with idle lanes in their blocks of output channels (24 of 32,
     40 of 64): against the reference, on 1 and 2 threads, a training step included.
     (Their inference forwards up to 32 output channels read the input in place instead:
-    test_one_by_one_in_place; not here.)"""
+    test_one_by_one_in_place; not here.  Nor do their input gradients run as forwards:
+    test_one_by_one_input_gradient_from_transposed_copy.)"""
     monkeypatch.setattr(_engine, "IN_PLACE", False)
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)
     _engine.forward_plan.cache_clear()
     dtype = np.dtype(dtype)
     case = dict(N=2, C=72, OC=out_channels, H=19, W=17, kernel=(1, 1), stride=(1, 1), padding=(0, 0),
@@ -2857,7 +2935,9 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
     """1x1 layers whose weights outgrow L2 run their input gradient's pixel tiles in even
     passes of at most L1_PASS_BYTES of grad_output (checked on 1 and 2 threads, against
     the reference, on a small weight budget); the rule on ResNet's and MobileNetV2's
-    layers."""
+    layers.  (Which run as forwards from the weight's transposed copy up to
+    INPUT_AS_FORWARD_COPY_BYTES: not here.)"""
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)
     def plan(C, OC, H, N=1, k=1, dt="f32"):
         p = _engine.Problem(N, C, H, H, OC, k, k, 1, 1, 1, 1, k // 2, k // 2, k // 2, k // 2, 1, "zeros", dt)
         return _engine.backward_data_plan(p)
@@ -2873,6 +2953,7 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
     monkeypatch.setattr(_engine, "L1_PASS_MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(_engine, "L1_PASS_BYTES", 100 * 64 * np.dtype(dtype).itemsize)
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # (2 threads even on a small problem)
+    _engine.forward_plan.cache_clear()   # (which hold the input gradients' routes)
     _engine.backward_data_plan.cache_clear()
     try:
         case = dict(N=2, C=45, OC=300, H=7, W=7, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
@@ -2884,6 +2965,7 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
             assert bp.cvec is None and bp.plane_len == 64 and bp.rblock == 100   # (3 passes of 100)
         _check_directions(case, np.dtype(dtype), make_rng("l1-passes", np.dtype(dtype).name))
     finally:
+        _engine.forward_plan.cache_clear()
         _engine.backward_data_plan.cache_clear()
 
 
