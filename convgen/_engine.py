@@ -6,6 +6,7 @@ Plans are cached, so a repeated call costs a dictionary lookup.  Validation is
 done before (convgen._validate); nothing here checks its arguments.
 """
 
+import math
 import threading
 from functools import lru_cache
 from typing import NamedTuple
@@ -440,6 +441,12 @@ INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
 # 1.12x, 128 -> 512 at 28x28 1.06x / 1.04x; but float64's 8 MB weights of 512 -> 2048 and
 # 2048 -> 512 at 7x7 mixed, 0.82x / 0.88x and 1.16x / 1.20x, so not there.)
 INPUT_AS_FORWARD_COPY_BYTES = 4 << 20
+# ... and where grad_output's planes start at least this many different offsets within
+# 4 KB (4096 / gcd(plane bytes, 4096)): that forward reads a chunk of every channel's plane
+# in turn, and planes a multiple of 1 KB apart alias in L1.  (float32, same measurements:
+# 32x32 maps 0.58x and 0.65x, 16x16 0.86-0.91x but 512 -> 512 1.14x (4 and 1 offsets); 8x8
+# 1.08x and 0.94x (16); 28x28 and 12x12 (64) 1.05-1.31x, 10x10 and 14x14 (256) 1.10-1.29x.)
+INPUT_AS_FORWARD_MIN_OFFSETS = 64
 # ... and on AVX2, where the forward runs in place only by the rule for inputs at any
 # address (IN_PLACE_ANY_ADDRESS, in_place_aligned), where the weight holds at most this
 # share.  (AMD Zen 3, 2 threads, module backward, separate processes, 14 alternating
@@ -2183,10 +2190,13 @@ def input_gradient_as_forward(p: Problem):
     gradient with full vectors of channels), else None.  So is a dense 1x1 layer's at
     stride 1 without padding, a 1x1 layer from OC to C channels with the weight
     transposed: that forward's where it reads the weight as it is (reads_weight_transposed)
-    or the weight's transposed copy is at most INPUT_AS_FORWARD_COPY_BYTES."""
+    or the weight's transposed copy is at most INPUT_AS_FORWARD_COPY_BYTES on maps whose
+    planes do not alias (INPUT_AS_FORWARD_MIN_OFFSETS)."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
-        copied = p.OC * p.C * ITEMSIZE[p.dtype] <= INPUT_AS_FORWARD_COPY_BYTES
+        plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
+        copied = (p.OC * p.C * ITEMSIZE[p.dtype] <= INPUT_AS_FORWARD_COPY_BYTES
+                  and 4096 // math.gcd(plane_bytes, 4096) >= INPUT_AS_FORWARD_MIN_OFFSETS)
         return q if copied or reads_weight_transposed(p, q) else None
     if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
         return None

@@ -1302,7 +1302,7 @@ def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypa
     to its input channels on the weight's transposed copy (_layout.transpose), whatever
     route that forward takes: against the reference and torch, with an infinite weight
     too (the exact path), and from a frozen module, whose copy is made once.  Up to
-    INPUT_AS_FORWARD_COPY_BYTES of weight."""
+    INPUT_AS_FORWARD_COPY_BYTES of weight, on maps whose planes do not alias."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
     convgen.set_num_threads(threads)
     dtype = np.dtype(dtype)
@@ -1348,6 +1348,11 @@ def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypa
         1, C, 7, 7, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros", "f32" if dtype == np.float32 else "f64")))
         for C, OC in ((512, 2048), (2048, 2048))]
     assert [q is not None for _, q in sizes] == [size <= _engine.INPUT_AS_FORWARD_COPY_BYTES for size, _ in sizes]
+    # (not on maps whose planes alias: 16x16 and 32x32 float32 planes are 1 and 4 KB)
+    routed = {H: _engine.input_gradient_as_forward(_engine.Problem(1, 588, H, H, 1024, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1,
+                                                                   "zeros", "f32")) is not None
+              for H in (7, 10, 12, 14, 16, 28, 32)}
+    assert routed == {7: True, 10: True, 12: True, 14: True, 16: False, 28: True, 32: False}
 
 
 def test_transpose_against_numpy():
