@@ -418,6 +418,25 @@ IN_PLACE_SHIFT = True
 # rblock; before the prefetches they were 1.3-1.5x faster than chunks inner): 0.86-0.95x
 # against one pass now.)
 IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
+# On AVX2, none of those rules reads in place an input whose planes alias in L2: more
+# channels than L2's ways times the planes' distinct offsets within one way
+# (IN_PLACE_L2_WAY_BYTES / gcd(plane bytes, it)).  A pixel chunk's lines in every channel,
+# which each channel tile re-reads, then do not fit the sets they map to, and come from L3.
+# (AMD Zen 3, 512 KB 8-way L2, 2 threads, inference forwards, in-process alternating, 9
+# rounds, in place against not: 32x32 maps (4 KB planes, 16 offsets, 128 channels) 1024 -> 256,
+# 512 -> 512, 256 -> 1024 0.60-0.63x, 64x64 (16 KB) 256 -> 64 and 128 -> 256 0.58x and 0.56x,
+# 1024 -> 256 at 16x16 0.90x; kept: 56x56, 28x28 and 112x112 maps 1.04-1.39x (but MobileNetV2's
+# 16 -> 96 at 112x112 0.91x), 8x8 0.96-1.01x.)
+IN_PLACE_ALIASING = _dispatch.TARGET == "avx2"
+IN_PLACE_L2_WAY_BYTES = 64 << 10
+IN_PLACE_L2_WAYS = 8
+
+
+def _planes_alias(p: "Problem"):
+    """Whether a 1x1 layer's input planes alias in L2 when read in place (IN_PLACE_ALIASING)."""
+    plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
+    offsets = IN_PLACE_L2_WAY_BYTES // math.gcd(plane_bytes, IN_PLACE_L2_WAY_BYTES)
+    return IN_PLACE_ALIASING and p.C // p.groups > IN_PLACE_L2_WAYS * offsets
 IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
 IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
@@ -1337,7 +1356,7 @@ class ForwardPlan:
         # (in_place) or where the input starts on a cache line (in_place_aligned).
         self.in_place = self.in_place_aligned = None
         pixels = p.H * p.W
-        if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1:
+        if IN_PLACE and self.kernel.in_place and p.pointwise and p.groups == 1 and not _planes_alias(p):
             tile, chunk = self.kernel.pick_tile(self.OCg, pixels)
             plan = InPlacePlan(tile, _geometry.round_up(pixels, chunk), 0, True)
             short = self.kernel.pick_tile_leftover(self.OCg, pixels, IN_PLACE_LEFTOVER, IN_PLACE_LEFTOVER_PRICE)
