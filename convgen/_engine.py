@@ -418,6 +418,8 @@ IN_PLACE_SHIFT = True
 # rblock; before the prefetches they were 1.3-1.5x faster than chunks inner): 0.86-0.95x
 # against one pass now.)
 IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
+IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
+IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
 # On AVX2, none of those rules reads in place an input whose planes alias in L2: more
 # channels than L2's ways times the planes' distinct offsets within one way
 # (IN_PLACE_L2_WAY_BYTES / gcd(plane bytes, it)).  A pixel chunk's lines in every channel,
@@ -437,8 +439,8 @@ def _planes_alias(p: "Problem"):
     plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
     offsets = IN_PLACE_L2_WAY_BYTES // math.gcd(plane_bytes, IN_PLACE_L2_WAY_BYTES)
     return IN_PLACE_ALIASING and p.C // p.groups > IN_PLACE_L2_WAYS * offsets
-IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
-IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
+
+
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
 # the weight read transposed (run's weight_transposed), where it holds at most this share
 # of the values read and written.  (Module backward, input and weight gradients, in place
@@ -461,10 +463,12 @@ INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
 # 2048 -> 512 at 7x7 mixed, 0.82x / 0.88x and 1.16x / 1.20x, so not there.)
 INPUT_AS_FORWARD_COPY_BYTES = 4 << 20
 # ... and where grad_output's planes start at least this many different offsets within
-# 4 KB (4096 / gcd(plane bytes, 4096)): that forward reads a chunk of every channel's plane
-# in turn, and planes a multiple of 1 KB apart alias in L1.  (float32, same measurements:
-# 32x32 maps 0.58x and 0.65x, 16x16 0.86-0.91x but 512 -> 512 1.14x (4 and 1 offsets); 8x8
-# 1.08x and 0.94x (16); 28x28 and 12x12 (64) 1.05-1.31x, 10x10 and 14x14 (256) 1.10-1.29x.)
+# 4 KB (4096 / gcd(plane bytes, 4096)).  (float32, same measurements, that forward reading
+# in place: 32x32 maps 0.58x and 0.65x (1 offset), 16x16 0.86-0.91x but 512 -> 512 1.14x (4),
+# 8x8 1.08x and 0.94x (16); 28x28 and 12x12 (64) 1.05-1.31x, 10x10 and 14x14 (256)
+# 1.10-1.29x.  Again where it no longer reads such planes in place (IN_PLACE_ALIASING), 6
+# rounds: 32x32 0.80-0.94x, 8x8 0.77-0.88x, 16x16 0.92-1.09x.  Why those maps lose with
+# the channel-vector tile too is not settled.)
 INPUT_AS_FORWARD_MIN_OFFSETS = 64
 # ... and on AVX2, where the forward runs in place only by the rule for inputs at any
 # address (IN_PLACE_ANY_ADDRESS, in_place_aligned), where the weight holds at most this
