@@ -460,8 +460,9 @@ INPUT_AS_FORWARD_WEIGHT_SHARE = 0.25
 # 1.03x, batches of 8 of 512 -> 2048 at 7x7 1.20x / 1.15x and of 4 of 1024 -> 256 at 14x14
 # 1.00x / 1.02x; float64 320 -> 1280 at 7x7 1.04x / 1.07x, 256 -> 1024 at 14x14 1.11x /
 # 1.12x, 128 -> 512 at 28x28 1.06x / 1.04x; but float64's 8 MB weights of 512 -> 2048 and
-# 2048 -> 512 at 7x7 mixed, 0.82x / 0.88x and 1.16x / 1.20x, so not there.)
-INPUT_AS_FORWARD_COPY_BYTES = 4 << 20
+# 2048 -> 512 at 7x7 mixed, 0.82x / 0.88x and 1.16x / 1.20x, so not there.  Not measured
+# on AVX-512: none there.)
+INPUT_AS_FORWARD_COPY_BYTES = 4 << 20 if _dispatch.TARGET == "avx2" else 0
 # ... and where grad_output's planes start at least this many different offsets within
 # 4 KB (4096 / gcd(plane bytes, 4096)).  (float32, same measurements, that forward reading
 # in place: 32x32 maps 0.58x and 0.65x (1 offset), 16x16 0.86-0.91x but 512 -> 512 1.14x (4),

@@ -1302,8 +1302,11 @@ def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypa
     to its input channels on the weight's transposed copy (_layout.transpose), whatever
     route that forward takes: against the reference and torch, with an infinite weight
     too (the exact path), and from a frozen module, whose copy is made once.  Up to
-    INPUT_AS_FORWARD_COPY_BYTES of weight, on maps whose planes do not alias."""
+    INPUT_AS_FORWARD_COPY_BYTES of weight (AVX2's 4 MB, set here on any target), on maps
+    whose planes do not alias."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)
+    monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 4 << 20)
+    _engine.forward_plan.cache_clear()   # (which hold the input gradients' routes)
     convgen.set_num_threads(threads)
     dtype = np.dtype(dtype)
     # (45 x 90: neither a multiple of the transpose's blocks; 7x7 maps, as ResNet's last stage)
@@ -1353,6 +1356,7 @@ def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypa
                                                                    "zeros", "f32")) is not None
               for H in (7, 10, 12, 14, 16, 28, 32)}
     assert routed == {7: True, 10: True, 12: True, 14: True, 16: False, 28: True, 32: False}
+    _engine.forward_plan.cache_clear()
 
 
 def test_transpose_against_numpy():
