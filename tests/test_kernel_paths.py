@@ -1241,6 +1241,28 @@ def test_one_by_one_in_place_keeping_the_input(spec, monkeypatch):
     assert_close(y, reference_functional("fwd", x, w, b, gy, **conv_args(case)), dtype, "forward")
 
 
+def _input_gradients_with_an_infinite_weight(case, dtype, seed, route):
+    """The input gradient of `case` against the reference and torch, for its weight and for
+    that weight with one value infinite (the exact path: NaN where torch's is, the rest
+    close); route(weight, finite) checks, after each call, which way it ran.  Returns the
+    arrays (x, weight, bias, grad_output)."""
+    x, w, b, gy = case_arrays(case, dtype, make_rng(seed, dtype.name))
+    args = conv_args(case)
+    for weight in (w, np.where(np.arange(w.size).reshape(w.shape) == 7, np.inf, w).astype(dtype)):
+        got = convgen_functional("bwd_data", x, weight, b, gy, **args)
+        finite = np.isfinite(weight).all()
+        route(weight, finite)
+        want = torch_functional("bwd_data", x, weight, b, gy, **args)
+        if finite:   # (the reference folds its padding by matrix products: 0 * inf gives it NaNs)
+            assert_close(got, reference_functional("bwd_data", x, weight, b, gy, **args), dtype, "vs reference")
+            assert_close(got, want, dtype, "vs torch")
+        else:
+            real = np.isfinite(want)
+            assert not real.all() and np.array_equal(got[~real], want[~real], equal_nan=True)
+            assert_close(np.where(real, got, 0), np.where(real, want, 0), dtype, "vs torch, finite values")
+    return x, w, b, gy
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, restore_threads):
@@ -1263,23 +1285,14 @@ def test_one_by_one_input_gradient_as_forward(dtype, threads, monkeypatch, resto
     run_in_place = _engine._run_in_place
     monkeypatch.setattr(_engine, "_run_in_place", lambda fp, plan, x, w, *a, **k: calls.append(
         (fp.problem, w, k)) or run_in_place(fp, plan, x, w, *a, **k))
-    x, w, b, gy = case_arrays(case, dtype, make_rng("input-as-forward", dtype.name))
-    args = conv_args(case)
-    for weight in (w, np.where(np.arange(w.size).reshape(w.shape) == 7, np.inf, w).astype(dtype)):
-        calls.clear()
-        got = convgen_functional("bwd_data", x, weight, b, gy, **args)
-        finite = np.isfinite(weight).all()
+
+    def route(weight, finite):
         assert len(calls) == finite
         if finite:
             assert calls[0][0] == q and calls[0][1] is weight and calls[0][2] == dict(weight_transposed=True)
-        want = torch_functional("bwd_data", x, weight, b, gy, **args)
-        if finite:   # (the reference folds its padding by matrix products: 0 * inf gives it NaNs)
-            assert_close(got, reference_functional("bwd_data", x, weight, b, gy, **args), dtype, "vs reference")
-            assert_close(got, want, dtype, "vs torch")
-        else:
-            real = np.isfinite(want)
-            assert not real.all() and np.array_equal(got[~real], want[~real], equal_nan=True)
-            assert_close(np.where(real, got, 0), np.where(real, want, 0), dtype, "vs torch, finite values")
+        calls.clear()
+    _input_gradients_with_an_infinite_weight(case, dtype, "input-as-forward", route)
+
     def transposed(N, C, OC, H, W):   # (the weight read as it is, transposed)
         p = _engine.Problem(N, C, H, W, OC, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 1, "zeros", "f32")
         return _engine.reads_weight_transposed(p, _engine.input_gradient_as_forward(p))
@@ -1320,22 +1333,14 @@ def test_one_by_one_input_gradient_from_transposed_copy(dtype, threads, monkeypa
     monkeypatch.setattr(_engine, "forward", lambda x, w, b, p, *a, **k: forwards.append((p, w.copy())) or forward(
         x, w, b, p, *a, **k))
     monkeypatch.setattr(_layout, "transpose", lambda *a: transposes.append(a) or transpose(*a))
-    x, w, b, gy = case_arrays(case, dtype, make_rng("input-from-copy", dtype.name))
-    args = conv_args(case)
-    for weight in (w, np.where(np.arange(w.size).reshape(w.shape) == 7, np.inf, w).astype(dtype)):
-        forwards.clear()
-        got = convgen_functional("bwd_data", x, weight, b, gy, **args)
-        finite = np.isfinite(weight).all()
+
+    def route(weight, finite):
         assert len(forwards) == finite
         if finite:
             assert forwards[0][0] == q and np.array_equal(forwards[0][1], weight.transpose(1, 0, 2, 3))
-        want = torch_functional("bwd_data", x, weight, b, gy, **args)
-        if finite:
-            assert_close(got, reference_functional("bwd_data", x, weight, b, gy, **args), dtype, "vs reference")
-            assert_close(got, want, dtype, "vs torch")
-        else:
-            real = np.isfinite(want)
-            assert not real.all() and np.array_equal(got[~real], want[~real], equal_nan=True)
+        forwards.clear()
+    x, w, b, gy = _input_gradients_with_an_infinite_weight(case, dtype, "input-from-copy", route)
+    args = conv_args(case)
     # a frozen module's backward: the same gradient, the weight transposed by the first call only
     conv = convgen.Conv2d(45, 90, 1, dtype=dtype)
     conv.weight[...], conv.bias[...] = w, b
