@@ -420,22 +420,20 @@ IN_PLACE_SHIFT = True
 IN_PLACE_TILES_INNER = _dispatch.TARGET == "avx2"
 IN_PLACE_TILES_INNER_INPUT_BYTES = 512 << 10
 IN_PLACE_TILES_INNER_MIN_CHUNKS = 4
-# On AVX2, none of those rules reads in place an input whose planes alias in L2: more
-# channels than L2's ways times the planes' distinct offsets within one way
-# (IN_PLACE_L2_WAY_BYTES / gcd(plane bytes, it)), half as many again where the planes are
-# not whole 4 KB pages (L1's sets then spread them too).  A pixel chunk's lines in every
-# channel, which each channel tile re-reads, then do not fit the sets they map to, and come
-# from L3.  (AMD Zen 3, 512 KB 8-way L2, 2 threads, inference forwards, in-process
-# alternating, 9 rounds, in place against not: 32x32 maps (4 KB planes, 16 offsets: 128
-# channels) 192 -> 384, 256 -> 256, 256 -> 1024, 512 -> 512 and 1024 -> 256 0.60-0.75x,
-# 64x64 (16 KB, 4: 32) 64 -> 256, 128 -> 128, 128 -> 256, 256 -> 64 0.56-0.59x, 16x16 (1 KB,
-# 64: 768) 1024 -> 256 and 1024 -> 588 0.90-0.91x; kept: 16x16's 384 -> 1536, 512 -> 512,
-# 588 -> 1024 and 768 -> 768 1.16-1.29x, 56x56, 28x28 and 112x112 maps 1.04-1.39x (but
-# MobileNetV2's 16 -> 96 at 112x112 0.91x), 8x8 0.96-1.01x.  The half again is fitted to
-# the 16x16 maps: by 8 ways alone 588 and 768 channels went, 0.78-0.79x.  Around it the
-# rule is right within 10%: 1536 -> 384 at 16x16 ran 1.10x faster in place (not taken), a
-# batch of 4 of 768 -> 384 0.90x (taken); ViT-B/16's patch embedding at 512 px (768
-# channels at 32x32) 0.68-0.75x (not taken).)
+# On AVX2, none of those rules reads in place an input whose planes alias in L2: planes a
+# whole number of 4 KB pages, and more channels than L2's ways times the planes' distinct
+# offsets within one way (IN_PLACE_L2_WAY_BYTES / gcd(plane bytes, it)).  A pixel chunk's
+# lines in every channel, which each channel tile re-reads, then fall into a few of L2's sets
+# (and all in the same of L1's), do not fit, and come from L3.  (AMD Zen 3, 512 KB 8-way L2,
+# 2 threads, inference forwards, in-process alternating, 7-9 rounds, in place against not:
+# 32x32 maps (4 KB planes, 16 offsets: 128 channels) 192 -> 384, 256 -> 256, 256 -> 1024,
+# 512 -> 512, 768 -> 384, 768 -> 768 and 1024 -> 256 0.60-0.75x, 64x64 (16 KB, 4: 32)
+# 64 -> 256, 128 -> 128, 128 -> 256 and 256 -> 64 0.56-0.59x; float64 at 32x32 (8 KB, 8:
+# 64) 128 -> 256 and 256 -> 256 0.53-0.77x.  Planes off whole pages measured mixed, so
+# kept: 16x16 maps (1 KB) 1024 -> 256 and 1024 -> 588 0.90-0.91x but 384 -> 1536, 512 -> 512,
+# 588 -> 1024 (DINOv2's patch embedding), 768 -> 768 and 1536 -> 384 1.10-1.29x, float64's
+# (2 KB) 0.89-1.13x; 56x56, 28x28 and 112x112 maps 1.04-1.39x (but MobileNetV2's 16 -> 96
+# at 112x112 0.91x), 8x8 0.96-1.01x.)
 IN_PLACE_ALIASING = _dispatch.TARGET == "avx2"
 IN_PLACE_L2_WAY_BYTES = 64 << 10
 IN_PLACE_L2_WAYS = 8
@@ -445,8 +443,7 @@ def _planes_alias(p: "Problem"):
     """Whether a 1x1 layer's input planes alias in L2 when read in place (IN_PLACE_ALIASING)."""
     plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
     offsets = IN_PLACE_L2_WAY_BYTES // math.gcd(plane_bytes, IN_PLACE_L2_WAY_BYTES)
-    ways = IN_PLACE_L2_WAYS * (1 if plane_bytes % 4096 == 0 else 1.5)
-    return IN_PLACE_ALIASING and p.C // p.groups > ways * offsets
+    return IN_PLACE_ALIASING and plane_bytes % 4096 == 0 and p.C // p.groups > IN_PLACE_L2_WAYS * offsets
 
 
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),

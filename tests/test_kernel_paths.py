@@ -1628,17 +1628,17 @@ def test_in_place_rule():
     assert not in_place(1, 144, 24, 56, 56, pad=1) and not in_place(1, 144, 24, 56, 56, stride=2)
     assert not in_place(1, 144, 24, 56, 56, groups=2)
 
-    # (... but, on AVX2, not from planes that alias in L2: more channels than its 8 ways times
-    # the planes' offsets within a 64 KB way, 12 where the planes are not whole 4 KB pages,
-    # IN_PLACE_ALIASING)
+    # (... but, on AVX2, not from planes that alias in L2: whole 4 KB pages, and more channels
+    # than its 8 ways times the planes' offsets within a 64 KB way, IN_PLACE_ALIASING)
     def anyhow(*args):
         plan = forward_plan(*args)
         return plan.in_place is not None or plan.in_place_aligned is not None
     alias = _engine.IN_PLACE_ALIASING
     assert anyhow(1, 128, 512, 32, 32) and anyhow(1, 96, 24, 112, 112) and anyhow(1, 256, 64, 56, 56)
-    assert anyhow(1, 768, 768, 16, 16) and anyhow(1, 8, 16, 64, 64)   # (64 and 4 offsets: 768 and 32 channels)
-    for args in ((1, 256, 1024, 32, 32), (1, 1024, 256, 32, 32), (1, 256, 64, 64, 64), (1, 1024, 256, 16, 16),
-                 (1, 64, 16, 128, 128), (1, 512, 32, 16, 16, "f64")):   # (f64: 2 KB planes, 32 offsets)
+    assert anyhow(1, 1024, 256, 16, 16) and anyhow(1, 8, 16, 64, 64)   # (1 KB planes; 32 channels at 4 offsets)
+    assert anyhow(1, 512, 32, 16, 16, "f64")
+    for args in ((1, 256, 1024, 32, 32), (1, 1024, 256, 32, 32), (1, 256, 64, 64, 64), (1, 64, 16, 128, 128),
+                 (1, 128, 32, 32, 32, "f64")):   # (f64: 8 KB planes, 8 offsets)
         assert anyhow(*args) != alias, args
 
 
