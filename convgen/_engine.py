@@ -439,11 +439,18 @@ IN_PLACE_L2_WAY_BYTES = 64 << 10
 IN_PLACE_L2_WAYS = 8
 
 
+def _plane_offsets(p: "Problem", span):
+    """How many different offsets within `span` bytes (a power of two) the input's channel
+    planes start at, each plane H * W values after the last."""
+    return span // math.gcd(p.H * p.W * ITEMSIZE[p.dtype], span)
+
+
 def _planes_alias(p: "Problem"):
-    """Whether a 1x1 layer's input planes alias in L2 when read in place (IN_PLACE_ALIASING)."""
-    plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
-    offsets = IN_PLACE_L2_WAY_BYTES // math.gcd(plane_bytes, IN_PLACE_L2_WAY_BYTES)
-    return IN_PLACE_ALIASING and plane_bytes % 4096 == 0 and p.C // p.groups > IN_PLACE_L2_WAYS * offsets
+    """Whether a 1x1 layer's input planes alias in L2 when read in place (IN_PLACE_ALIASING):
+    whole 4 KB pages (one offset within a page), and more channels than L2 holds lines at
+    their offsets within a way."""
+    return (IN_PLACE_ALIASING and _plane_offsets(p, 4096) == 1
+            and p.C // p.groups > IN_PLACE_L2_WAYS * _plane_offsets(p, IN_PLACE_L2_WAY_BYTES))
 
 
 # Their input gradients run as such forwards of grad_output (input_gradient_as_forward),
@@ -2223,9 +2230,8 @@ def input_gradient_as_forward(p: Problem):
     planes do not alias (INPUT_AS_FORWARD_MIN_OFFSETS)."""
     if p.pointwise and p.groups == 1:
         q = p._replace(C=p.OC, OC=p.C)
-        plane_bytes = p.H * p.W * ITEMSIZE[p.dtype]
         copied = (p.OC * p.C * ITEMSIZE[p.dtype] <= INPUT_AS_FORWARD_COPY_BYTES
-                  and 4096 // math.gcd(plane_bytes, 4096) >= INPUT_AS_FORWARD_MIN_OFFSETS)
+                  and _plane_offsets(p, 4096) >= INPUT_AS_FORWARD_MIN_OFFSETS)
         return q if copied or reads_weight_transposed(p, q) else None
     if not (p.groups == p.C == p.OC and p.sh == p.sw == 1 and p.mode == "zeros"):
         return None
@@ -2295,10 +2301,11 @@ def _input_gradient(grad_y, weight, p: Problem, packs=None):
     return route(grad_y, weight, packs)
 
 
-def _transposed_weight(weight, q, threads):
+def _transposed_weight(weight, q, threads, out=None):
     """Weight (C, OC, 1, 1) of the 1x1 layer q from OC to C channels whose forward is the
-    input gradient of the one with this weight (OC, C, 1, 1): a new transposed copy."""
-    wq = np.empty((q.OC, q.C, 1, 1), dtype=weight.dtype)
+    input gradient of the one with this weight (OC, C, 1, 1): a transposed copy, into `out`
+    or a new array."""
+    wq = np.empty((q.OC, q.C, 1, 1), dtype=weight.dtype) if out is None else out
     _layout.transpose(weight.reshape(q.C, q.OC), wq.reshape(q.OC, q.C), threads)
     return wq
 
@@ -2324,8 +2331,8 @@ def _input_gradient_route(fp, threads):
         if p.groups == 1:   # (... from a transposed copy of it)
             def transposed_copy(grad_y, weight, packs):
                 if packs is None:
-                    wq = scratch("weight_transposed", (q.OC, q.C, 1, 1), weight.dtype)
-                    _layout.transpose(weight.reshape(p.OC, p.C), wq.reshape(q.OC, q.C), threads)
+                    wq = _transposed_weight(weight, q, threads,
+                                            scratch("weight_transposed", (q.OC, q.C, 1, 1), weight.dtype))
                 else:   # (a frozen module's weight: copied once)
                     wq = _frozen_pack(packs, ("weight_transposed", q), _transposed_weight, weight, q, threads)
                 return forward(grad_y, wq, None, q, keep=False, packs=packs)[0]
