@@ -312,6 +312,25 @@ PANELS = True
 # 0.61 -> 0.53).
 PANEL_BUDGET = 256 << 10
 PANEL_MIN_ITEMS = 8
+# A training forward whose kernels read no planes (1x1 layers in place or through panels)
+# keeps the planes of a weight gradient by the channel-vector tiles (wgrad_reads_input) as
+# a copy of the input's rows into rows x_chan long (_layout.copy_rows), not through
+# pad_phase: their rows are the input's own, and pad_phase's loop over each 7- or 14-pixel
+# row and its infinity check cost 3-10x the copy on 7x7 and 14x14 maps.  Nothing is
+# checked for infinities, as where the planes are the input itself (those tiles multiply
+# real pixels only).  (AMD Zen 3, 2 threads, module training steps, in process
+# alternating, 7 rounds, forward median / fastest round: batches of 8 of ResNet's
+# 1024 -> 256 at 14x14 1.37x / 1.20x and 2048 -> 512 at 7x7 1.22x / 1.18x; one image of
+# 1024 -> 256 at 14x14 1.12x / 1.11x, 2048 -> 512 at 7x7 1.08x / 1.11x, 64 -> 256 at 56x56
+# 1.11x / 1.11x, MobileNetV2's 160 -> 960 at 7x7 1.07x / 1.13x and 32 -> 16 at 112x112
+# 1.07x / 1.08x; float64 128 -> 512 at 28x28 1.19x / 1.10x; the rest 0.97-1.04x by one
+# or the other.  Backwards read the same planes as before: 0.90-1.09x, noise.  Rows H * W
+# long, the input's own layout, lost 0.76x on 4 images of 96 -> 24 at 56x56's backward:
+# planes 12544 bytes apart start at only 16 offsets within 4 KB, see ForwardPlan.plane_len.)
+COPY_KEPT_ROWS = True
+# ... on every thread where the planes hold more than this (a 2-thread copy of 400 KB 9
+# against 12-14 us on one, of 200 KB 5.7-7.3 against 5.1-5.4 us).
+COPY_MIN_BYTES = 256 << 10
 # Forwards of stride-1 1x1 layers without padding run the pixel tiles over the input in
 # place -- no copy, no packed weights, each thread a static run of pixel chunks with every
 # channel tile over each; a training forward keeps the input itself for the weight
@@ -2059,12 +2078,22 @@ def _padded_planes_route(fp, keep, shared, threads):
     """(x, recycle) -> (the planes kept for the weight gradient, whether they hold an
     infinity or a NaN), padded whole, for the routes whose kernels read none themselves
     (the depthwise channel-block tile, the 1x1 pixel tiles in place, the channel-vector
-    tile's fused images and its panels): x itself when shared; None (no call) when
-    nothing is kept."""
+    tile's fused images and its panels): x itself when shared; a copy of x's rows where
+    they are the planes (COPY_KEPT_ROWS); None (no call) when nothing is kept."""
     if not keep:
         return None
     if shared:
         return lambda x, recycle: (planes_in_place(x, fp.problem), False)
+    if COPY_KEPT_ROWS and fp.wgrad_reads_input and fp.wgrad_by_channel:
+        p = fp.problem
+        flat = (p.N * p.C, p.H * p.W)
+        copy_threads = threads if p.N * p.C * fp.x_chan * ITEMSIZE[p.dtype] > COPY_MIN_BYTES else 1
+
+        def copied(x, recycle):   # (see COPY_KEPT_ROWS)
+            xin = _kept_planes(fp, x, recycle)
+            _layout.copy_rows(x.reshape(flat), xin, copy_threads)
+            return xin, False
+        return copied
 
     def kept(x, recycle):
         xin = _kept_planes(fp, x, recycle)

@@ -1379,6 +1379,77 @@ def test_transpose_against_numpy():
                 assert np.array_equal(dst, src.T) and np.isnan(buf[R * S:]).all(), (R, S, threads)
 
 
+def test_copy_rows_against_numpy():
+    """_layout.copy_rows: every row into wider (or as wide) rows, zeros past it, row
+    counts on and off the threads' multiples, 1 to 3 threads, both dtypes, writing nothing
+    past dst."""
+    rng = np.random.default_rng(6)
+    for dtype in (np.float32, np.float64):
+        for R, L, M in ((1, 1, 1), (1, 7, 16), (5, 16, 16), (7, 49, 80), (64, 196, 208), (3, 100, 101)):
+            src = rng.standard_normal((R, L)).astype(dtype)
+            for threads in (1, 2, 3):
+                buf = np.full(R * M + 32, np.nan, dtype)
+                dst = buf[:R * M].reshape(R, M)
+                _layout.copy_rows(src, dst, threads)
+                assert np.array_equal(dst[:, :L], src) and not dst[:, L:].any(), (R, L, M, threads)
+                assert np.isnan(buf[R * M:]).all(), (R, L, M, threads)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_module_keeps_a_copy_of_a_one_by_one_input(dtype, threads, monkeypatch, restore_threads):
+    """A module's training forward of a stride-1 1x1 layer without padding whose forward
+    kernels read no planes and whose weight gradient runs the channel-vector tiles keeps
+    its planes by a plain copy of the input's rows (_layout.copy_rows: no pad_phase, no
+    infinity check, as where they are the input itself): a copy (the caller may change x
+    after the forward), recycled by the next forward, on the threads (COPY_MIN_BYTES 0);
+    gradients against the reference and torch, then with infinities and NaNs in the
+    input, against torch's pattern of them."""
+    dtype = np.dtype(dtype)
+    convgen.set_num_threads(threads)
+    monkeypatch.setattr(_engine, "COPY_MIN_BYTES", 0)
+    monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    _engine.forward_plan.cache_clear()
+    case = dict(N=2, C=40, OC=48, H=9, W=11, kernel=(1, 1), stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                groups=1)
+    fp = _plan(case, dtype)
+    assert fp.wgrad_reads_input and fp.wgrad_by_channel and fp.x_chan > 9 * 11
+    rng = make_rng("kept copy", dtype.name, threads)
+    x, w, b, gy = case_arrays(case, dtype, rng)
+    args = conv_args(case)
+    conv = convgen.Conv2d(40, 48, 1, dtype=dtype)
+    conv.weight[...], conv.bias[...] = w, b
+    calls, copy_rows, pad_phase = [], _layout.copy_rows, _layout.pad_phase
+    monkeypatch.setattr(_layout, "copy_rows", lambda src, dst, t: calls.append(("copy_rows", t)) or copy_rows(src, dst, t))
+    monkeypatch.setattr(_layout, "pad_phase", lambda *a, **k: calls.append("pad_phase") or pad_phase(*a, **k))
+    y = conv(x)
+    assert calls == [("copy_rows", threads)]
+    kept = conv._saved.xin
+    assert kept.shape == (2 * 40, fp.x_chan) and not np.shares_memory(kept, x)
+    x_then = x.copy()
+    assert np.array_equal(kept[:, :9 * 11], x_then.reshape(80, 99)) and not kept[:, 9 * 11:].any()
+    x[...] = rng.standard_normal(x.shape)   # the caller reuses its buffer
+    gx = conv.backward(gy)
+    assert_close(y, reference_functional("fwd", x_then, w, b, gy, **args), dtype, "forward")
+    want = reference_functional("bwd_weight", x_then, w, b, gy, **args)
+    assert_close(conv.weight.grad, want, dtype, "weight gradient vs reference")
+    assert_close(conv.weight.grad, torch_functional("bwd_weight", x_then, w, b, gy, **args), dtype, "vs torch")
+    assert_close(gx, reference_functional("bwd_data", x_then, w, b, gy, **args), dtype, "input gradient")
+    x[0, 3, 2, 4], x[1, 0, 8, 10], x[1, 39, 0, 0] = np.inf, -np.inf, np.nan
+    gy[0, :5, 2, 4] = 0   # (0 * inf: NaN in torch too)
+    conv.zero_grad()
+    conv(x)
+    assert conv._saved.xin is kept   # (recycled)
+    conv.backward(gy)
+    got, want = conv.weight.grad, torch_functional("bwd_weight", x, w, b, gy, **args)
+    assert np.isnan(want).any() and np.isfinite(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with infinities and NaNs")
+    _engine.forward_plan.cache_clear()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_by_one_input_gradient_in_place_at_any_address(threads, monkeypatch, restore_threads):
     """Where the forward from the output channels runs in place only by the rule for inputs
