@@ -221,12 +221,7 @@ def kernel_context(spec):
                              # offset in the window of input pixels, then each one's in a row
                              # of the partial sums, then how many columns are real)
                              cols=[dict(index=c, x=c, s=ncols + c) for c in range(ncols)], used=2 * ncols,
-                             # Per pixel, the fewer of (the columns' input vectors, the rows'
-                             # broadcasts) stay in registers beside the sums and one of the
-                             # others: rows outer where the columns are fewer.  (Otherwise
-                             # 4 x 3 on 16 registers held the 4 broadcasts and reloaded each
-                             # input vector for every row: 16 loads per 12 FMAs, not 7.)
-                             rows_outer=ncols < nrows)
+                             steps=_icvec_pixel_steps(nrows, ncols))
                         for i, (nrows, ncols) in enumerate(spec.icvec_tiles)] or None
         return ctx
     ctx["cols"] = [dict(index=v, offset=v * lanes) for v in range(cols)]
@@ -288,6 +283,20 @@ def _in_place_prefetch(spec, chunk):
         return []
     per_line = CACHE_LINE_BYTES // spec.itemsize
     return list(range(0, chunk, per_line)) + [chunk - 1]
+
+
+def _icvec_pixel_steps(nrows, ncols):
+    """The icvec tile's steps at one pixel, in order: dict(col=c) loads column c's input
+    vector, dict(row=j, col=c) is the multiply-add of row j's broadcast into it.  The
+    fewer of (the columns' input vectors, the rows' broadcasts) stay in registers beside
+    the sums and one of the others: every column's load first where the columns are
+    fewer (rows outer), else each column's load then its rows.  (Otherwise 4 x 3 on 16
+    registers held the 4 broadcasts and reloaded each input vector for every row: 16
+    loads per 12 FMAs, not 7.)"""
+    fma = lambda j, c: dict(row=j, col=c)
+    if ncols < nrows:
+        return [dict(col=c) for c in range(ncols)] + [fma(j, c) for j in range(nrows) for c in range(ncols)]
+    return [step for c in range(ncols) for step in [dict(col=c)] + [fma(j, c) for j in range(nrows)]]
 
 
 def module_context(direction, dtype, specs, template=None):

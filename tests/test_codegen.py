@@ -674,7 +674,18 @@ def test_weight_gradient_forms_of_dense_kernels_only():
         assert (s.ocvec_tile is not None) == dense_wgrad and bool(s.icvec_tiles) == dense_wgrad
     ctx = context.module_context("bwd_weight", "f32", SPECS)
     assert [(len(t["rows"]), len(t["cols"]), t["used"]) for t in ctx["icvec"]] == [(8, 3, 6), (3, 8, 16)]
-    assert [t["rows_outer"] for t in ctx["icvec"]] == [True, False]   # (the fewer side held per pixel)
+    for t in ctx["icvec"]:   # (per pixel: each column loaded once, each multiply-add after its load)
+        steps = [(st.get("row"), st["col"]) for st in t["steps"]]
+        nrows, ncols = len(t["rows"]), len(t["cols"])
+        assert sorted(steps, key=repr) == sorted([(None, c) for c in range(ncols)]
+                                                 + [(j, c) for j in range(nrows) for c in range(ncols)], key=repr)
+        assert all(steps.index((None, c)) < steps.index((j, c)) for j in range(nrows) for c in range(ncols))
+        # (the fewer side held per pixel: fewer columns load every vector first, fewer rows
+        # load each vector just before its rows' multiply-adds)
+        if ncols < nrows:
+            assert steps[:ncols + 1] == [(None, c) for c in range(ncols)] + [(0, 0)]
+        else:
+            assert steps[:nrows + 2] == [(None, 0)] + [(j, 0) for j in range(nrows)] + [(None, 1)]
     assert [c["s"] for c in ctx["icvec"][0]["cols"]] == [3, 4, 5]
     assert context.module_context("bwd_data", "f32", SPECS)["icvec"] is None
 
