@@ -8,6 +8,11 @@ cdef struct PadPlan:
     const Py_ssize_t* rows       # (sh, Hq) source row of each plane row, -1 for zero
     const Py_ssize_t* cols       # (sw, We) source column of each plane column, -1 for zero
     const Py_ssize_t* interior   # (sw, 2) [lo, hi) of plane columns copying input columns
+    # Zero padding at stride 1 (one plane: each input row whole, between zeros), with room
+    # for a vector past its last row: the channel is padded by whole-row copies
+    # (_pad_zero_s1), its input row i at plane row top + i, column left.
+    bint zero_s1
+    Py_ssize_t top, left
 
 # The PadPlan of pad_phase's source tables (rows (sh, Hq), cols (sw, We), interior (sw, 2)).
 cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,

@@ -62,6 +62,18 @@ ctypedef fused real:
     float
     double
 
+# Whether zero padding at stride 1 takes _pad_zero_s1 (see use_pad_zero_s1).
+cdef bint _pad_zero_s1_on = True
+
+
+def use_pad_zero_s1(bint on):
+    """Switch _pad_zero_s1 on or off (for A/B runs and tests); returns the old setting."""
+    global _pad_zero_s1_on
+    old = _pad_zero_s1_on
+    _pad_zero_s1_on = on
+    return old
+
+
 # Bytes of one vector, as compiled (convgen._dispatch checks it against the kernels').
 VECTOR_BYTES = CG_VECTOR_BYTES
 
@@ -148,7 +160,62 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp, bint c
     are checked too: an infinity there only sends the weight gradient down its exact
     path."""
     cdef int bad = _nonfinite(x, pp.H * pp.W) if check else 0
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
+    if pp.zero_s1 and _pad_zero_s1_on and pp.plane_len >= pp.Hq * pp.We + lanes:
+        _pad_zero_s1(x, xin, pp)
+        return bad
     return _pad_rows(x, xin, pp, 0, pp.Hq, True, False) | bad
+
+
+cdef inline void _zeros(real* p, Py_ssize_t n, bint over) noexcept nogil:
+    """p[0:n] = 0 by whole vectors; over: the last one whole too, writing up to a vector
+    past p + n (which the caller rewrites after), else value by value."""
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64, i = 0
+    if real is float:
+        while i + lanes <= n or (over and i < n):
+            cg_store_f32(p + i, cg_splat_f32(0))
+            i = i + lanes
+    else:
+        while i + lanes <= n or (over and i < n):
+            cg_store_f64(p + i, cg_splat_f64(0))
+            i = i + lanes
+    while i < n:
+        p[i] = 0
+        i = i + 1
+
+
+cdef inline void _pad_zero_s1(const real* x, real* xin, const PadPlan* pp) noexcept nogil:
+    """_pad_rows of a whole channel padded with zeros at stride 1 (PadPlan.zero_s1): the
+    zeros before its first row, then each row whole and the zeros between it and the next
+    (the right padding and the next row's left padding) as whole vectors, each writing past
+    its end what the next one rewrites; rows with a vector's worth of the channel after them
+    read whole vectors too (no masked load: a 7x7 map's rows spent a fifth of the table-driven
+    padding there).  The zeros after the last row end exactly at the plane's end."""
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
+    cdef Py_ssize_t H = pp.H, W = pp.W, We = pp.We, gap = pp.We - pp.W, i, j
+    cdef const real* s = x
+    cdef real* d = xin + pp.top * We + pp.left
+    _zeros(xin, pp.top * We + pp.left, True)
+    for i in range(H):
+        j = 0
+        if real is float:
+            # (the channel's values after this row's last vector reach past it)
+            while j < W and (j + lanes <= W or (H - i) * W - j >= lanes):
+                cg_store_f32(d + j, cg_load_f32(s + j))
+                j = j + lanes
+            if j < W:
+                cg_store_f32(d + j, cg_load_partial_f32(s + j, <int>(W - j)))
+        else:
+            while j < W and (j + lanes <= W or (H - i) * W - j >= lanes):
+                cg_store_f64(d + j, cg_load_f64(s + j))
+                j = j + lanes
+            if j < W:
+                cg_store_f64(d + j, cg_load_partial_f64(s + j, <int>(W - j)))
+        if i < H - 1:
+            _zeros(d + W, gap, True)
+        s = s + W
+        d = d + We
+    _zeros(d - We + W, pp.plane_len - (pp.top + H - 1) * We - pp.left - W, False)
 
 
 cdef inline int _pad_rows(const real* x, real* xin, const PadPlan* pp, Py_ssize_t i0, Py_ssize_t i1,
@@ -263,6 +330,28 @@ cdef int pad_channel_f64(const double* src, double* dst, const PadPlan* pp, bint
     return _pad_channel(src, dst, pp, check)
 
 
+cdef (bint, Py_ssize_t, Py_ssize_t) _zero_s1(const PadPlan* pp) noexcept:
+    """Whether pp pads with zeros at stride 1, each input row whole (PadPlan.zero_s1; the
+    room past the last row is checked per dtype), and where its first row goes."""
+    cdef Py_ssize_t top = 0, left, i
+    if pp.sh != 1 or pp.sw != 1 or pp.H < 1 or pp.W < 1:
+        return False, 0, 0
+    left = pp.interior[0]
+    if pp.interior[1] - left != pp.W:
+        return False, 0, 0
+    while top < pp.Hq and pp.rows[top] < 0:
+        top = top + 1
+    if top + pp.H > pp.Hq:
+        return False, 0, 0
+    for i in range(pp.Hq):
+        if pp.rows[i] != (i - top if top <= i < top + pp.H else -1):
+            return False, 0, 0
+    for i in range(pp.We):
+        if pp.cols[i] != (i - left if left <= i < left + pp.W else -1):
+            return False, 0, 0
+    return True, top, left
+
+
 cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H,
                      Py_ssize_t W, Py_ssize_t plane_len):
     """The PadPlan of source tables rows (sh, Hq) / cols (sw, We) / interior (sw, 2) for
@@ -275,7 +364,16 @@ cdef PadPlan pad_plan(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, 
     pp.rows = <Py_ssize_t*>_ptr(rows)
     pp.cols = <Py_ssize_t*>_ptr(cols)
     pp.interior = <Py_ssize_t*>_ptr(interior)
+    pp.zero_s1, pp.top, pp.left = _zero_s1(&pp)
     return pp
+
+
+def pads_whole_rows(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py_ssize_t H, Py_ssize_t W,
+                    Py_ssize_t plane_len, int itemsize):
+    """Whether pad_phase (outside bands) pads these tables' planes by whole-row copies
+    (_pad_zero_s1), for values of `itemsize` bytes."""
+    cdef PadPlan pp = pad_plan(rows, cols, interior, H, W, plane_len)
+    return bool(_pad_zero_s1_on and pp.zero_s1 and pp.plane_len >= pp.Hq * pp.We + CG_VECTOR_BYTES // itemsize)
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,

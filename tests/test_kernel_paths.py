@@ -3073,42 +3073,61 @@ def test_input_gradient_l1_passes(dtype, monkeypatch, restore_threads):
 @pytest.mark.parametrize("stride", [1, 2, 3])
 def test_pad_phase_against_indexing(stride, mode, dtype):
     """_layout.pad_phase's planes against NumPy indexing by the same source tables, for
-    rows 1-21 values wide (a partial vector each, or whole ones), strides 1-3 (stride 2's
-    columns split in one pass where both phases take alternate source columns, reflect's
-    not always), every padding mode, one or two threads, with and without the check, and
-    in bands (each band's rows; its copies may not write into the next band's): the
-    values, zero tails, nothing written past the planes, and the infinity reported only
-    when checked."""
+    rows 1-21 values wide (a partial vector each, or whole ones), 1 or 5 rows, strides 1-3
+    (stride 2's columns split in one pass where both phases take alternate source columns,
+    reflect's not always), every padding mode, one or two threads, with and without the
+    check, and in bands (each band's rows; its copies may not write into the next band's),
+    in planes with and without a vector's room past the last row (zeros at stride 1 then
+    take the whole-row copies, _pad_zero_s1, where not in bands; also with it switched
+    off): the values, zero tails, nothing written past the planes, and the infinity
+    reported only when checked."""
     rng = make_rng("pad-phase", stride, mode, np.dtype(dtype).name)
     kernel_mode = _engine.PADDING_MODES[mode]
-    for W in (1, 2, 3, 7, 8, 9, 14, 16, 17, 21):
-        H, pad = 5, min(2, W - 1) if mode != "zeros" else 2
+    lanes = _engine.LANES["f32" if dtype == np.float32 else "f64"]
+    for H, W in [(5, W) for W in (1, 2, 3, 7, 8, 9, 14, 16, 17, 21)] + [(1, 7), (1, 9), (2, 3)]:
+        pad = min(2, W - 1, H - 1) if mode != "zeros" else 2
         hp, wp = H + 2 * pad, W + 2 * pad
         Hq, We = _geometry.ceil_div(hp, stride), _geometry.ceil_div(wp, stride)
         rows = _engine._phase_sources(-pad, Hq, stride, H, hp, kernel_mode)
         cols = _engine._phase_sources(-pad, We, stride, W, wp, kernel_mode)
         interior = _engine._interior(pad, We, stride, W)
-        plane_len = Hq * We + 3
         x = rng.standard_normal((3, H, W)).astype(dtype)
-        want = np.zeros((3, stride * stride, plane_len), dtype)
-        for a in range(stride):
-            for b in range(stride):
-                got_rows = x[:, np.maximum(rows[a], 0)][:, :, np.maximum(cols[b], 0)]
-                mask = (rows[a] >= 0)[:, None] & (cols[b] >= 0)[None, :]
-                want[:, a * stride + b, :Hq * We] = np.where(mask, got_rows, 0).reshape(3, -1)
-        for threads, band_rows in ((1, None), (2, None), (2, np.array([0, Hq // 2, Hq], np.intp)),
-                                   (3, np.array([0, 1, 2, Hq], np.intp))):
-            for check in (True, False):
-                out = np.full(want.size + 9, 7.0, dtype)
-                xin = out[:want.size].reshape(3, -1)
-                bad = _layout.pad_phase(x, xin, rows, cols, interior, plane_len, threads, band_rows, check=check)
-                assert not bad
-                np.testing.assert_array_equal(xin.reshape(want.shape), want, err_msg=f"W={W} bands={band_rows}")
-                assert (out[want.size:] == 7).all()
+        for plane_len in (Hq * We + 3, Hq * We + lanes + 3):
+            whole_rows = (mode == "zeros" or pad == 0) and stride == 1 and plane_len >= Hq * We + lanes
+            assert _layout.pads_whole_rows(rows, cols, interior, H, W, plane_len, x.itemsize) == whole_rows
+            want = np.zeros((3, stride * stride, plane_len), dtype)
+            for a in range(stride):
+                for b in range(stride):
+                    got_rows = x[:, np.maximum(rows[a], 0)][:, :, np.maximum(cols[b], 0)]
+                    mask = (rows[a] >= 0)[:, None] & (cols[b] >= 0)[None, :]
+                    want[:, a * stride + b, :Hq * We] = np.where(mask, got_rows, 0).reshape(3, -1)
+            for threads, band_rows, whole in ((1, None, True), (2, None, True), (1, None, False),
+                                              (2, np.array([0, Hq // 2, Hq], np.intp), True),
+                                              (3, np.array([0, 1, 2, Hq], np.intp), True)):
+                if band_rows is not None and Hq < 3:
+                    continue
+                old = _layout.use_pad_zero_s1(whole)
+                # (x's last byte against a page that may not be read: whole-row copies read
+                # whole vectors only where the channel goes on past them)
+                guarded, release = _beside_unreadable_page(x)
+                try:
+                    for check in (True, False):
+                        out = np.full(want.size + 9, 7.0, dtype)
+                        xin = out[:want.size].reshape(3, -1)
+                        bad = _layout.pad_phase(guarded, xin, rows, cols, interior, plane_len, threads, band_rows,
+                                                check=check)
+                        assert not bad
+                        np.testing.assert_array_equal(xin.reshape(want.shape), want,
+                                                      err_msg=f"H={H} W={W} bands={band_rows} {plane_len}")
+                        assert (out[want.size:] == 7).all()
+                finally:
+                    release()
+                    _layout.use_pad_zero_s1(old)
         x[1, H // 2, W - 1] = np.inf
-        for check in (True, False):
-            assert _layout.pad_phase(x, np.empty((3, stride * stride * plane_len), dtype), rows, cols, interior,
-                                     plane_len, 1, check=check) == check
+        for plane_len in (Hq * We + 3, Hq * We + lanes + 3):
+            for check in (True, False):
+                assert _layout.pad_phase(x, np.empty((3, stride * stride * plane_len), dtype), rows, cols, interior,
+                                         plane_len, 1, check=check) == check
 
 
 # The dense weight gradient's channel-vector tiles read grad_output transposed in blocks
