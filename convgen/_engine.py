@@ -312,6 +312,22 @@ PANELS = True
 # 0.61 -> 0.53).
 PANEL_BUDGET = 256 << 10
 PANEL_MIN_ITEMS = 8
+# On AVX2, 1x1 layers run their channel tiles inner (ForwardPlan.tiles_inner), and so
+# through panels where those apply, whatever their channel counts, not only where they
+# reduce over more channels than they output: a channel tile's weights, 16 output
+# channels of every input channel, are at most 32 KB for 512 channels, so they stay near
+# while a panel's pixels stay in L2, where a channel tile's sweep over every pixel chunk
+# read the whole input again from L3 for each tile.  (AMD Zen 3, 2 threads, module calls
+# in process, alternating, 7-9 rounds, median / fastest round, inference: 512 -> 512,
+# 256 -> 256 and 256 -> 1024 at 32x32 1.07x / 1.07x, 1.10x / 1.09x and 1.05x / 1.06x,
+# 128 -> 256 and 64 -> 256 at 64x64 1.04x / 1.09x and 1.11x / 1.07x, a batch of 8 of
+# ResNet's 128 -> 512 at 28x28 1.09x / 1.09x, 96 -> 96 at 112x112 1.11x / 1.12x, float64
+# 128 -> 256 at 32x32 1.22x / 1.33x and 64 -> 256 at 56x56 1.12x / 1.11x; training
+# forwards 512 -> 512 at 32x32 1.15x / 1.10x, batches of 8 of 128 -> 512 at 28x28 and
+# 64 -> 256 at 56x56 1.07x / 1.09x and 1.08x / 1.07x; the rest, those read in place among
+# them, 0.91-1.03x where median and fastest round disagree (float64 256 -> 1024 at 14x14
+# 0.91x / 1.00x, then 0.99x / 1.00x in a second run); backwards 0.99-1.14x.)
+TILES_INNER_ALL_POINTWISE = _dispatch.TARGET == "avx2"
 # A training forward whose kernels read no planes (1x1 layers in place or through panels)
 # keeps the planes of a weight gradient by the channel-vector tiles (wgrad_reads_input) as
 # a copy of the input's rows into rows x_chan long (_layout.copy_rows), not through
@@ -1352,10 +1368,11 @@ class ForwardPlan:
             self.out_len = _row_tiled_length(self.out_len, self.OH, self.We, self.tile_cols, forms, chunk)
         # output pixels the channel-vector tiles compute (their partial sums' length)
         self.tiled_len = self.OH * self.row_tiles * chunk if self.row_tiles else self.out_len
-        # 1x1 layers reducing over more channels than they output: consecutive work items
-        # share a pixel chunk, which stays in L1 across the channel tiles (otherwise each
-        # tile re-reads it from L2, which cannot feed one multiply-add per load).
-        self.tiles_inner = self.kk == 1 and self.Cg > self.OCg
+        # 1x1 layers reducing over more channels than they output (on AVX2 all of them:
+        # TILES_INNER_ALL_POINTWISE): consecutive work items share a pixel chunk, which
+        # stays in L1 across the channel tiles (otherwise each tile re-reads it from L2,
+        # which cannot feed one multiply-add per load).
+        self.tiles_inner = self.kk == 1 and (self.Cg > self.OCg or TILES_INNER_ALL_POINTWISE)
         reach = max(t.dy for t in taps) * self.We + max(t.dx for t in taps)
         # (+ a vector: the weight gradient's last, partial vector of a row loads whole)
         self.plane_len = _geometry.round_up(max(self.Hq * self.We, self.out_len + reach) + lanes, lanes)

@@ -53,6 +53,8 @@ def _force_channel_vectors(monkeypatch, row_tiles):
     # (weights packed per call, not a block at a time in one pass: test_weights_packed_by_block_*)
     monkeypatch.setattr(_engine, "PACK_BLOCK_WEIGHT_RATIO", float("inf"))
     monkeypatch.setattr(_engine, "IN_PLACE", False)   # (1x1 forwards: test_one_by_one_in_place)
+    # (1x1 forwards that widen the channels in passes, not panels: test_one_by_one_panels)
+    monkeypatch.setattr(_engine, "TILES_INNER_ALL_POINTWISE", False)
     # (1x1 input gradients by their own kernels: test_one_by_one_input_gradient_from_transposed_copy)
     monkeypatch.setattr(_engine, "INPUT_AS_FORWARD_COPY_BYTES", 0)
     _engine.forward_plan.cache_clear()
@@ -1025,7 +1027,7 @@ ONE_BY_ONE = [s for s in SPECS if s.kernel == 1 and s.direction in ("fwd", "bwd_
 
 
 @pytest.mark.parametrize("spec", ONE_BY_ONE, ids=lambda s: s.name)
-def test_one_by_one_channel_tiles_inner(spec):
+def test_one_by_one_channel_tiles_inner(spec, monkeypatch):
     # forward reduces over C, the input gradient over OC
     C, OC = (40, 13) if spec.direction == "fwd" else (13, 40)
     case = _case(spec, C, OC)
@@ -1034,6 +1036,12 @@ def test_one_by_one_channel_tiles_inner(spec):
     assert plan.kernel.name == spec.name
     assert plan.tiles_inner
     _check(spec, case)
+    if spec.direction == "fwd":   # ... and forwards widening the channels where TILES_INNER_ALL_POINTWISE
+        for every in (False, True):
+            monkeypatch.setattr(_engine, "TILES_INNER_ALL_POINTWISE", every)
+            _engine.forward_plan.cache_clear()
+            assert _plan(_case(spec, OC, C), spec_dtype(spec)).tiles_inner == every
+        _engine.forward_plan.cache_clear()
 
 
 # ... and those of them at stride 1 without padding that run the channel-vector tile read
@@ -1044,14 +1052,22 @@ PANEL_SPECS = [s for s in ONE_BY_ONE if s.stride == 1 and s.cvec_tile is not Non
 @pytest.mark.parametrize("images", [1, 2])
 @pytest.mark.parametrize("panel_chunks", [1, 3])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("spec", PANEL_SPECS, ids=lambda s: s.name)
-def test_one_by_one_panels(spec, threads, panel_chunks, images, forced_flat, monkeypatch, restore_threads):
+@pytest.mark.parametrize("spec, widening", [(s, False) for s in PANEL_SPECS] + [
+    (s, True) for s in PANEL_SPECS if s.direction == "fwd"], ids=lambda v: v.name if hasattr(v, "name") else
+    ("widening" if v else "narrowing"))
+def test_one_by_one_panels(spec, widening, threads, panel_chunks, images, forced_flat, monkeypatch,
+                           restore_threads):
     """Images of 11 x 9 pixels: the last chunk of each image is partial and, at 3 chunks
     per panel, so is its last panel (two chunks of 3).  A single image on 2 threads
-    shares its 8 chunks out again, as 4 panels of 2, an even number of work items."""
+    shares its 8 chunks out again, as 4 panels of 2, an even number of work items.  The
+    layers reduce over more channels than they output, or, forwards, fewer
+    (TILES_INNER_ALL_POINTWISE, AVX2's rule, forced on)."""
     monkeypatch.setattr(_engine, "SMALL_WORK", 0)   # several threads even on a small problem
+    monkeypatch.setattr(_engine, "TILES_INNER_ALL_POINTWISE", widening)
     convgen.set_num_threads(threads)
     C, OC = (40, 21) if spec.direction == "fwd" else (21, 40)   # a partial block of channels
+    if widening:
+        C, OC = 40, 53   # (still 40 channels reduced over, a partial block of them output)
     lanes, itemsize = spec.lanes, spec_dtype(spec).itemsize
     chunk = spec.cvec_tile[0]
     monkeypatch.setattr(_engine, "PANEL_MIN_ITEMS", 1)
