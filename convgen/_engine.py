@@ -309,8 +309,16 @@ PANELS = True
 # channel), as long as the call still has PANEL_MIN_ITEMS work items: the copy then reads
 # rows of a few hundred pixels rather than one chunk's (2 threads: ResNet's 256 -> 64 at
 # 56x56 0.62 -> 0.51 ms, a batch of 8 of it 7.0 -> 3.8 ms; 64 -> 256's input gradient
-# 0.61 -> 0.53).
-PANEL_BUDGET = 256 << 10
+# 0.61 -> 0.53).  On AVX2, float32's hold 128 KB, as many values as float64's 256 KB
+# (Zen 3, 2 threads, module calls in process, alternating, 7 rounds, median / fastest
+# round, against 256 KB, inference: 512 -> 512, 1024 -> 256 and 768 -> 384 at 32x32 1.14x /
+# 1.13x, 1.10x / 1.10x and 1.09x / 1.12x, a batch of 2 of 512 -> 512 at 28x28 1.14x /
+# 1.09x, 128 -> 256 at 64x64 1.13x / 1.03x, batches of 8 of ResNet's 256 -> 64 at 56x56 and
+# 512 -> 128 at 28x28 1.04x / 1.05x and 1.03x / 1.10x, 96 -> 96 at 112x112 1.04x / 1.05x;
+# training forwards 1.02-1.15x but a batch of 8 of 1024 -> 256 at 14x14 0.95x / 1.12x;
+# 4 of 256 -> 256 at 32x32 0.95x / 1.01x.  64 and 96 KB ran about as 128.  Float64 at
+# 128 KB: 0.85-1.00x.)
+PANEL_BUDGET = {"f32": (128 if _dispatch.TARGET == "avx2" else 256) << 10, "f64": 256 << 10}
 PANEL_MIN_ITEMS = 8
 # On AVX2, 1x1 layers run their channel tiles inner (ForwardPlan.tiles_inner), and so
 # through panels where those apply, whatever their channel counts, not only where they
@@ -939,7 +947,7 @@ def _panel_pixels(p: "Problem", channels, chunk):
     per_chunk = _geometry.round_up(channels, lanes) * chunk * itemsize
     chunks = _geometry.ceil_div(p.H * p.W, chunk)
     most = max(1, p.N * chunks // PANEL_MIN_ITEMS)
-    pixels = chunk * max(1, min(chunks, most, PANEL_BUDGET // per_chunk))
+    pixels = chunk * max(1, min(chunks, most, PANEL_BUDGET[p.dtype] // per_chunk))
     return pixels + 1 if pixels * lanes * itemsize // 64 % 2 == 0 else pixels
 
 

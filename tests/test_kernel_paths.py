@@ -1073,7 +1073,8 @@ def test_one_by_one_panels(spec, widening, threads, panel_chunks, images, forced
     monkeypatch.setattr(_engine, "PANEL_MIN_ITEMS", 1)
     monkeypatch.setattr(_engine, "CVEC_MIN_PIXELS_1X1", 0)   # (else one 11 x 9 map takes the pixel tiles)
     # (the panel holds the 40 channels reduced over, rounded up to a vector)
-    monkeypatch.setattr(_engine, "PANEL_BUDGET", panel_chunks * chunk * _geometry.round_up(40, lanes) * itemsize)
+    budget = panel_chunks * chunk * _geometry.round_up(40, lanes) * itemsize
+    monkeypatch.setattr(_engine, "PANEL_BUDGET", {"f32": budget, "f64": budget})
     case = _case(spec, C, OC)
     case.update(N=images)
     fp = _plan(case, spec_dtype(spec))
