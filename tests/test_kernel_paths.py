@@ -942,6 +942,16 @@ def test_taps_last():
         np.testing.assert_array_equal(dst, 2 * src.transpose(0, 2, 1).reshape(5, 7, 3, 3))
 
 
+def _assert_nonfinite_pattern(got, want, dtype):
+    """got has want's NaNs and infinities where want has them (want holding NaNs
+    and finite values), and its finite values within dtype's tolerance."""
+    assert np.isnan(want).any() and np.isfinite(want).any()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with infinities and NaNs")
+
+
 @pytest.mark.parametrize("split", ["tiles", "pixel chunks", "two groups"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_weight_gradient_reads_the_input_in_place(dtype, split, monkeypatch, restore_threads):
@@ -979,11 +989,7 @@ def test_weight_gradient_reads_the_input_in_place(dtype, split, monkeypatch, res
     gy[0, :5, 2, 4] = 0   # (0 * inf: NaN in torch too)
     got = convgen_functional("bwd_weight", x, w, b, gy, **args)
     want = torch_functional("bwd_weight", x, w, b, gy, **args)
-    assert np.isnan(want).any() and np.isfinite(want).any()
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-    finite = np.isfinite(want)
-    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with infinities and NaNs")
+    _assert_nonfinite_pattern(got, want, dtype)
     _engine.forward_plan.cache_clear()
 
 
@@ -1459,11 +1465,7 @@ def test_module_keeps_a_copy_of_a_one_by_one_input(dtype, threads, monkeypatch, 
     assert conv._saved.xin is kept   # (recycled)
     conv.backward(gy)
     got, want = conv.weight.grad, torch_functional("bwd_weight", x, w, b, gy, **args)
-    assert np.isnan(want).any() and np.isfinite(want).any()
-    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
-    finite = np.isfinite(want)
-    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "with infinities and NaNs")
+    _assert_nonfinite_pattern(got, want, dtype)
     _engine.forward_plan.cache_clear()
 
 
