@@ -8,9 +8,9 @@ cdef struct PadPlan:
     const Py_ssize_t* rows       # (sh, Hq) source row of each plane row, -1 for zero
     const Py_ssize_t* cols       # (sw, We) source column of each plane column, -1 for zero
     const Py_ssize_t* interior   # (sw, 2) [lo, hi) of plane columns copying input columns
-    # Zero padding at stride 1 (one plane: each input row whole, between zeros), with room
-    # for a vector past its last row: the channel is padded by whole-row copies
-    # (_pad_zero_s1), its input row i at plane row top + i, column left.
+    # Zero padding at stride 1 (one plane: each input row whole, between zeros): the
+    # channel is padded by whole-row copies (_pad_zero_s1, where the plane has a vector's
+    # room past its last row), its input row i at plane row top + i, column left.
     bint zero_s1
     Py_ssize_t top, left
 

@@ -189,8 +189,9 @@ cdef inline void _pad_zero_s1(const real* x, real* xin, const PadPlan* pp) noexc
     zeros before its first row, then each row whole and the zeros between it and the next
     (the right padding and the next row's left padding) as whole vectors, each writing past
     its end what the next one rewrites; rows with a vector's worth of the channel after them
-    read whole vectors too (no masked load: a 7x7 map's rows spent a fifth of the table-driven
-    padding there).  The zeros after the last row end exactly at the plane's end."""
+    read whole vectors too, a masked load only near the channel's end (a 7x7 map's rows
+    spent a fifth of the table-driven padding on their masked loads).  The zeros after the
+    last row end exactly at the plane's end."""
     cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
     cdef Py_ssize_t H = pp.H, W = pp.W, We = pp.We, gap = pp.We - pp.W, i, j
     cdef const real* s = x
