@@ -160,11 +160,27 @@ cdef inline int _pad_channel(const real* x, real* xin, const PadPlan* pp, bint c
     are checked too: an infinity there only sends the weight gradient down its exact
     path."""
     cdef int bad = _nonfinite(x, pp.H * pp.W) if check else 0
-    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
-    if pp.zero_s1 and _pad_zero_s1_on and pp.plane_len >= pp.Hq * pp.We + lanes:
+    if _whole_rows(pp, CG_LANES_F32 if real is float else CG_LANES_F64):
         _pad_zero_s1(x, xin, pp)
         return bad
     return _pad_rows(x, xin, pp, 0, pp.Hq, True, False) | bad
+
+
+cdef inline bint _whole_rows(const PadPlan* pp, Py_ssize_t lanes) noexcept nogil:
+    """Whether a channel is padded by _pad_zero_s1: zero padding at stride 1 (switched on),
+    in planes with a vector of `lanes` values' room past their last row."""
+    return pp.zero_s1 and _pad_zero_s1_on and pp.plane_len >= pp.Hq * pp.We + lanes
+
+
+cdef inline void _copy_whole(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
+    """n values by whole vectors, reading and writing up to a vector past them."""
+    cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64, i = 0
+    while i < n:
+        if real is float:
+            cg_store_f32(dst + i, cg_load_f32(src + i))
+        else:
+            cg_store_f64(dst + i, cg_load_f64(src + i))
+        i = i + lanes
 
 
 cdef inline void _zeros(real* p, Py_ssize_t n, bint over) noexcept nogil:
@@ -193,25 +209,16 @@ cdef inline void _pad_zero_s1(const real* x, real* xin, const PadPlan* pp) noexc
     spent a fifth of the table-driven padding on their masked loads).  The zeros after the
     last row end exactly at the plane's end."""
     cdef Py_ssize_t lanes = CG_LANES_F32 if real is float else CG_LANES_F64
-    cdef Py_ssize_t H = pp.H, W = pp.W, We = pp.We, gap = pp.We - pp.W, i, j
+    cdef Py_ssize_t H = pp.H, W = pp.W, We = pp.We, gap = pp.We - pp.W, i
+    cdef Py_ssize_t whole = (W + lanes - 1) // lanes * lanes   # (a row's values, in whole vectors)
     cdef const real* s = x
     cdef real* d = xin + pp.top * We + pp.left
     _zeros(xin, pp.top * We + pp.left, True)
     for i in range(H):
-        j = 0
-        if real is float:
-            # (the channel's values after this row's last vector reach past it)
-            while j < W and (j + lanes <= W or (H - i) * W - j >= lanes):
-                cg_store_f32(d + j, cg_load_f32(s + j))
-                j = j + lanes
-            if j < W:
-                cg_store_f32(d + j, cg_load_partial_f32(s + j, <int>(W - j)))
+        if (H - i) * W >= whole:   # (the channel's values reach past the row's last vector)
+            _copy_whole(d, s, W)
         else:
-            while j < W and (j + lanes <= W or (H - i) * W - j >= lanes):
-                cg_store_f64(d + j, cg_load_f64(s + j))
-                j = j + lanes
-            if j < W:
-                cg_store_f64(d + j, cg_load_partial_f64(s + j, <int>(W - j)))
+            _copy(d, s, W, True)
         if i < H - 1:
             _zeros(d + W, gap, True)
         s = s + W
@@ -374,7 +381,7 @@ def pads_whole_rows(cnp.ndarray rows, cnp.ndarray cols, cnp.ndarray interior, Py
     """Whether pad_phase (outside bands) pads these tables' planes by whole-row copies
     (_pad_zero_s1), for values of `itemsize` bytes."""
     cdef PadPlan pp = pad_plan(rows, cols, interior, H, W, plane_len)
-    return bool(_pad_zero_s1_on and pp.zero_s1 and pp.plane_len >= pp.Hq * pp.We + CG_VECTOR_BYTES // itemsize)
+    return bool(_whole_rows(&pp, CG_VECTOR_BYTES // itemsize))
 
 
 def pad_phase(cnp.ndarray x, cnp.ndarray xin, cnp.ndarray rows, cnp.ndarray cols,
