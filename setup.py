@@ -8,7 +8,8 @@ instruction set (e.g. x86-64-v4 for any AVX-512 machine, x86-64-v3 for AVX2);
 CONVGEN_PORTABLE=1 builds for any x86-64 / arm64 (baseline instructions, 16-byte vectors:
 correct, about 3x slower than AVX2 code).  CONVGEN_BUILD_JOBS sets how many
 extensions compile in parallel (default: all cores).  CONVGEN_DEBUG=1 compiles with
-debug information (Python's -g; left out by default: it makes the build much longer).
+debug information (Python's -g; left out by default: it makes the build much longer) and
+keeps Cython's copy of each .pyx line as a comment in the generated C.
 """
 
 import os
@@ -44,7 +45,8 @@ def extensions():
     for module in modules:
         exts.append(Extension(f"convgen._generated.{module}", [f"convgen/_generated/{module}.pyx"], **common))
     from Cython.Build import cythonize
-    return cythonize(exts, language_level=3, include_path=[ROOT], nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))
+    return cythonize(exts, language_level=3, include_path=[ROOT], compiler_directives=target.cython_directives(),
+                     nthreads=int(os.environ.get("CONVGEN_BUILD_JOBS", os.cpu_count() or 1)))
 
 
 class ParallelBuildExt(build_ext):

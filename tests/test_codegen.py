@@ -765,6 +765,15 @@ def test_build_target_follows_the_compiler(monkeypatch):
         target.build_target()
 
 
+def test_debug_builds_keep_what_a_release_build_drops(monkeypatch):
+    # A release build: no debug information, no .pyx lines copied into the C as comments
+    # (two thirds of the generated C's bytes); CONVGEN_DEBUG=1 keeps both.
+    monkeypatch.delenv("CONVGEN_DEBUG", raising=False)
+    assert "-g0" in target.compile_args() and target.cython_directives() == {"emit_code_comments": False}
+    monkeypatch.setenv("CONVGEN_DEBUG", "1")
+    assert "-g0" not in target.compile_args() and target.cython_directives() == {"emit_code_comments": True}
+
+
 def test_spec_table_has_one_target():
     with pytest.raises(ValueError, match="mixes targets"):
         specs = table.build_specs(AVX512)
