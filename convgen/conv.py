@@ -47,7 +47,8 @@ class Conv2d:
     Same constructor and defaults as ``torch.nn.Conv2d``, plus ``dtype``
     (float32 or float64) and ``seed`` (int or ``np.random.Generator``) for the
     default initialisation.  ``backward(grad_output)`` returns the input gradient
-    of the last forward and accumulates ``weight.grad`` / ``bias.grad``.
+    of the last forward and accumulates ``weight.grad`` / ``bias.grad`` (RuntimeError if
+    the weight was changed in place since that forward: see Parameter._version).
     ``freeze()`` makes the parameters read-only, so that inference forwards can keep
     their packed form between calls.
     """
@@ -62,6 +63,7 @@ class Conv2d:
         self.weight = Parameter(np.empty((cfg.out_channels, cfg.in_channels // cfg.groups, kh, kw), self.dtype))
         self.bias = Parameter(np.empty(cfg.out_channels, self.dtype)) if bias else None
         self._saved = None
+        self._saved_weight = None   # see _keep_weight_version
         self._last = None   # see _checked
         self._spare_grads = {}
         self.reset_parameters(seed)
@@ -184,7 +186,18 @@ class Conv2d:
         # (only once the input has been validated, so a failed call changes nothing).
         recycle = self._saved if self._saved is not _NO_GRAD else None
         y, self.__dict__["_saved"] = F.run_forward(p, x, batched, weight, bias, recycle=recycle)
+        self._keep_weight_version(weight)
         return y
+
+    def _keep_weight_version(self, weight):
+        """Note the weight parameter's version (Parameter._version) for backward to
+        check, as torch's autograd does: the input gradient reads the weight then, so a
+        change in place since this forward would give the gradient of another layer.
+        weight: the array the forward read (not checked unless it is the parameter's
+        memory, not a copy of it)."""
+        param = self.weight
+        same = weight is param or (weight.base is not None and weight.base is param.base)
+        self.__dict__["_saved_weight"] = (param, param._version) if same else None
 
     __call__ = forward
 
@@ -195,6 +208,12 @@ class Conv2d:
         if self._saved is _NO_GRAD:
             raise RuntimeError("backward() after a forward under convgen.no_grad(): that forward kept "
                                "nothing to differentiate")
+        kept = self._saved_weight
+        if kept is not None and kept[0]._version != kept[1]:
+            raise RuntimeError(
+                "the weight needed for the input gradient has been modified by an inplace operation "
+                f"since the forward (its version is {kept[0]._version}; the forward's was {kept[1]}): "
+                "run the forward again after changing it, as torch's autograd asks")
         has_bias = self.bias is not None
         w_out, w_add = self._grad_buffer("weight")
         b_out, b_add = self._grad_buffer("bias") if has_bias else (None, False)

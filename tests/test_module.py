@@ -311,6 +311,83 @@ def test_parameter():
     np.testing.assert_array_equal(r.grad, p.grad)
 
 
+CHANGES_IN_PLACE = {
+    "operator": lambda w: w.__isub__(0.5),
+    "operator on a view": lambda w: w[1].__imul__(2),
+    "ufunc out=": lambda w: np.multiply(w, -1, out=w),
+    "item assignment": lambda w: w.__setitem__((0, 0, 0, 0), 3.0),
+    "fill": lambda w: w.fill(0.25),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES_IN_PLACE, ids=list(CHANGES_IN_PLACE))
+def test_weight_changed_in_place_after_forward_is_caught(change):
+    """The input gradient reads the weight at the backward: a change in place since the
+    forward raises there, as torch's autograd does (its version counter), rather than
+    returning the gradient of another layer; a new forward then backward runs on the new
+    values."""
+    conv = convgen.Conv2d(3, 4, 3, padding=1, dtype=np.float64, seed=0)
+    rng = make_rng("version", change)
+    x = rng.standard_normal((2, 3, 6, 5))
+    gy = rng.standard_normal((2, 4, 6, 5))
+    conv(x)
+    before = conv.weight._version
+    CHANGES_IN_PLACE[change](conv.weight)
+    assert conv.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        conv.backward(gy)
+    assert conv.weight.grad is None   # (nothing accumulated by the failed call)
+    conv(x)
+    assert_close(conv.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float64)
+    assert_close(conv.weight.grad, ref.conv2d_weight(x, conv.weight.shape, gy, padding=1), np.float64)
+
+
+def test_what_does_not_change_the_forwards_weight_is_not_caught():
+    """No false alarms: changes before the forward, to the bias (which no gradient reads),
+    or to the weight after the backward pass it belongs to; a new weight assigned between
+    forward and backward (the forward's own is the one differentiated, as in torch); and a
+    module pickled and loaded between them."""
+    import pickle
+    conv = convgen.Conv2d(3, 4, 3, padding=1, dtype=np.float64, seed=0)
+    rng = make_rng("version-ok")
+    x = rng.standard_normal((1, 3, 5, 5))
+    gy = rng.standard_normal((1, 4, 5, 5))
+    conv.weight -= 0.1
+    conv(x)
+    conv.bias += 1
+    assert_close(conv.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float64)
+    conv.weight -= 0.1 * conv.weight.grad   # (an optimiser's step) ...
+    conv.zero_grad()
+    conv(x)                                 # ... then the next step
+    conv.backward(gy)
+    old = conv.weight.copy()
+    conv(x)
+    conv.weight = rng.standard_normal(conv.weight.shape)
+    assert_close(conv.backward(gy), ref.conv2d_input(x.shape, old, gy, padding=1), np.float64)
+    conv.weight *= 3
+    conv(x)
+    twin = pickle.loads(pickle.dumps(conv))
+    assert twin.weight._version == conv.weight._version > 0
+    assert_close(twin.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float64)
+
+
+def test_parameter_counts_its_changes_in_place():
+    """Parameter._version counts what NumPy's in-place operators, item assignment and
+    fill do to the parameter or to a view of it (on the parameter that owns the memory),
+    not arithmetic that makes a new array, nor writes that go around these (np.copyto)."""
+    p = convgen.Parameter(np.zeros((2, 3)))
+    assert p._version == 0 and convgen.parameter.owner(p[1]) is p and convgen.parameter.owner(np.zeros(2)) is None
+    steps = [lambda: p.__iadd__(1), lambda: p[1].__imul__(2), lambda: np.add(p, 1, out=p),
+             lambda: p.__setitem__(0, 5), lambda: p.reshape(3, 2).__setitem__((0, 0), 1), lambda: p.fill(2)]
+    for n, step in enumerate(steps, 1):
+        step()
+        assert p._version >= n, n
+    counted = p._version
+    q = p * 2 + p.sum()
+    np.copyto(p, q)
+    assert p._version == counted and type(q) is np.ndarray
+
+
 def test_in_place_update_keeps_the_parameter():
     conv = convgen.Conv2d(2, 3, 3, seed=0)
     w = conv.weight
@@ -480,8 +557,9 @@ def test_frozen_module_pickles_and_copies_frozen():
 def test_frozen_backward_of_a_forward_before_freeze():
     """A backward whose forward ran before freeze() reads the weight that forward saw, and
     must leave the frozen module's packed weights alone: here that weight, no longer the
-    module's, is changed in place after freeze(), and a later frozen backward still uses
-    the frozen values."""
+    module's, is changed after freeze() (by np.copyto, which its version does not count:
+    an in-place operator would make the backward raise, as the second forward shows), and a
+    later frozen backward still uses the frozen values."""
     conv = convgen.Conv2d(64, 64, 3, padding=1, seed=0)
     x = make_rng("freeze-before").standard_normal((1, 64, 32, 32)).astype(np.float32)
     gy = make_rng("freeze-before-gy").standard_normal((1, 64, 32, 32)).astype(np.float32)
@@ -489,7 +567,14 @@ def test_frozen_backward_of_a_forward_before_freeze():
     weight = conv.weight
     conv(x)
     conv.freeze()
-    weight *= 2   # (the array the saved forward holds)
+    np.copyto(weight, 2 * weight)   # (the array the saved forward holds)
     assert_close(conv.backward(gy), ref.conv2d_input(x.shape, weight, gy, padding=1), np.float32)
+    conv.unfreeze()
+    weight = conv.weight
+    conv(x)
+    conv.freeze()
+    weight *= 2
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        conv.backward(gy)
     conv(x)
     assert_close(conv.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float32)
