@@ -63,7 +63,7 @@ class Conv2d:
         self.weight = Parameter(np.empty((cfg.out_channels, cfg.in_channels // cfg.groups, kh, kw), self.dtype))
         self.bias = Parameter(np.empty(cfg.out_channels, self.dtype)) if bias else None
         self._saved = None
-        self._saved_weight = None   # see _keep_weight_version
+        self._saved_weight = None   # (the weight parameter and its version at the last forward: see forward)
         self._last = None   # see _checked
         self._spare_grads = {}
         self.reset_parameters(seed)
@@ -186,18 +186,14 @@ class Conv2d:
         # (only once the input has been validated, so a failed call changes nothing).
         recycle = self._saved if self._saved is not _NO_GRAD else None
         y, self.__dict__["_saved"] = F.run_forward(p, x, batched, weight, bias, recycle=recycle)
-        self._keep_weight_version(weight)
-        return y
-
-    def _keep_weight_version(self, weight):
-        """Note the weight parameter's version (Parameter._version) for backward to
-        check, as torch's autograd does: the input gradient reads the weight then, so a
-        change in place since this forward would give the gradient of another layer.
-        weight: the array the forward read (not checked unless it is the parameter's
-        memory, not a copy of it)."""
+        # The weight parameter's version (Parameter._version), for backward to check as
+        # torch's autograd does: the input gradient reads the weight then, so a change in
+        # place since would give the gradient of another layer.  (Only where the forward
+        # read the parameter's own memory, itself or a plain view of it, not a copy.)
         param = self.weight
-        same = weight is param or (weight.base is not None and weight.base is param.base)
-        self.__dict__["_saved_weight"] = (param, param._version) if same else None
+        self.__dict__["_saved_weight"] = (param, param._version) if (
+            weight is param or (weight.base is not None and weight.base is param.base)) else None
+        return y
 
     __call__ = forward
 
