@@ -16,13 +16,14 @@ guard) and a contiguous copy of a non-contiguous input or gradient.
 convgen computes float32 and float64 on the CPU.  Anything else (another device,
 half precision, mismatched dtypes, a malformed input) goes to
 ``torch.nn.Conv2d``'s own implementation, which computes it or raises PyTorch's
-error.  The backward is not itself differentiable (double backward raises).
+error.  So does a backward that must itself be differentiable (``create_graph=True``:
+double backward, gradient penalties): PyTorch's own convolution gives its gradients,
+graph and all.
 Only this module imports torch; ``import convgen`` does not need it.
 """
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import functional as _F
 
@@ -44,7 +45,8 @@ def _param_array(t):
 
 class _Conv2dFunction(torch.autograd.Function):
     """Autograd node: convgen's forward, and convgen's input / weight / bias
-    gradients, each only when ``ctx.needs_input_grad`` asks for it."""
+    gradients, each only when ``ctx.needs_input_grad`` asks for it; or, where the
+    backward must itself be differentiable, PyTorch's (see _differentiable_backward)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, cfg):
@@ -58,18 +60,44 @@ class _Conv2dFunction(torch.autograd.Function):
         # too lets autograd's version counters catch an in-place change between forward
         # and backward, as they do for torch.nn.Conv2d.
         ctx.save_for_backward(x, weight)
+        ctx.cfg = cfg
         return torch.from_numpy(y)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
-        ctx.saved_tensors  # noqa: B018  (raises if x or the weight changed in place since forward)
+        x, weight = ctx.saved_tensors   # (raises if x or the weight changed in place since forward)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():   # (create_graph=True: the gradients must carry a graph)
+            return (*_differentiable_backward(ctx.cfg, x, weight, grad_output, need_x, need_w, need_b), None)
         gx, gw, gb = _F.backward(ctx.convgen_saved, _array(grad_output), need_x, need_w, need_b)
         return (None if gx is None else torch.from_numpy(gx),
                 None if gw is None else torch.from_numpy(gw),
                 None if gb is None else torch.from_numpy(gb),
                 None)
+
+
+def _torch_conv(cfg, x, weight):
+    """Layer cfg's output without bias by PyTorch's own padding and convolution."""
+    top, bottom, left, right = cfg.pads
+    mode = "constant" if cfg.padding_mode == "zeros" else cfg.padding_mode
+    if top or bottom or left or right:
+        x = torch.nn.functional.pad(x, (left, right, top, bottom), mode=mode)
+    return torch.nn.functional.conv2d(x, weight, None, cfg.stride, 0, cfg.dilation, cfg.groups)
+
+
+def _differentiable_backward(cfg, x, weight, grad_output, need_x, need_w, need_b):
+    """(input, weight, bias) gradients as PyTorch computes them, with their graph (a
+    backward under create_graph=True): autograd differentiates _torch_conv(cfg, x,
+    weight), the layer by PyTorch's own convolution, itself differentiable to any
+    order.  The bias gradient is grad_output summed over all but the channels."""
+    wanted = [t for t, need in ((x, need_x), (weight, need_w)) if need]
+    grads = iter(torch.autograd.grad(_torch_conv(cfg, x, weight), wanted, grad_output, create_graph=True)
+                 if wanted else ())
+    gx = next(grads) if need_x else None
+    gw = next(grads) if need_w else None
+    channels = grad_output.dim() - 3   # (unbatched (C, H, W) or batched (N, C, H, W))
+    gb = grad_output.sum([d for d in range(grad_output.dim()) if d != channels]) if need_b else None
+    return gx, gw, gb
 
 
 class Conv2d(torch.nn.Conv2d):

@@ -346,12 +346,63 @@ def test_pointwise_layer_keeps_its_input_itself(dtype, in_place, out_channels, m
     _engine.forward_plan.cache_clear()
 
 
-def test_double_backward_is_refused():
-    m = Conv2d(2, 3, 3)
-    x = torch.randn(1, 2, 5, 5, requires_grad=True)
-    (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiable"):
-        gx.sum().backward()
+# (constructor args, constructor kwargs, input shape): small, for gradgradcheck's finite differences
+DOUBLE_BACKWARD_CASES = {
+    "zeros": ((2, 3, 3), dict(padding=1), (2, 2, 5, 4)),
+    "reflect_dilated_same": ((2, 2, 3), dict(padding="same", dilation=(2, 1), padding_mode="reflect"), (1, 2, 5, 6)),
+    "circular_stride_2x3": ((2, 3, (3, 2)), dict(stride=(2, 3), padding=(1, 2), padding_mode="circular"), (2, 2, 5, 7)),
+    "depthwise_replicate": ((3, 3, 3), dict(padding=1, groups=3, padding_mode="replicate"), (1, 3, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward(name, spy):
+    """A backward under create_graph=True (double backward) gives gradients that carry
+    PyTorch's graph: gradgradcheck passes on convgen's forward (float64, batched and
+    unbatched, with and without bias), and they equal those of a plain backward, which
+    still runs convgen's own."""
+    args, kwargs, shape = DOUBLE_BACKWARD_CASES[name]
+    torch.manual_seed(1)
+    for bias, x_shape in ((False, shape), (True, shape[1:])):
+        m = Conv2d(*args, dtype=torch.float64, **dict(kwargs, bias=bias))
+        names = [n for n, _ in m.named_parameters()]
+        x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+
+        def f(x, *params):
+            return torch.func.functional_call(m, dict(zip(names, params)), (x,))
+
+        calls = len(spy.forward)
+        assert torch.autograd.gradgradcheck(f, (x, *m.parameters()))
+        assert len(spy.forward) > calls and not spy.backward   # (convgen's forward, PyTorch's gradients)
+        # ... the same first-order gradients as convgen's backward, which a plain one runs
+        gy = torch.randn_like(m(x))
+        with_graph = torch.autograd.grad(m(x), (x, *m.parameters()), gy, create_graph=True)
+        plain = torch.autograd.grad(m(x), (x, *m.parameters()), gy)
+        assert len(spy.backward) == 1 and with_graph[0].requires_grad and with_graph[1].requires_grad
+        for got, want in zip(with_graph, plain):
+            close(got.detach(), want)
+        spy.backward.clear()
+
+
+def test_gradient_penalty_matches_torch(spy):
+    """A WGAN-GP style gradient penalty (the norm of d output / d input, differentiated
+    again) gives torch.nn.Conv2d's parameter and input gradients, with only the input
+    gradient asked for in the first pass or every gradient."""
+    for wanted in ("x", "all"):
+        ours, ref = pair(3, 5, 3, stride=2, padding=1, padding_mode="reflect", dtype=torch.float64)
+        grads = {}
+        for m in (ours, ref):
+            x = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                            requires_grad=True)
+            y = torch.tanh(m(x)).sum()
+            inputs = (x,) if wanted == "x" else (x, *m.parameters())
+            gx = torch.autograd.grad(y, inputs, create_graph=True)[0]
+            penalty = (gx.flatten(1).norm(dim=1) - 1).square().mean()
+            penalty.backward()
+            grads[m] = (x.grad, m.weight.grad, m.bias.grad)
+        for got, want, what in zip(grads[ours], grads[ref], ("x", "weight", "bias")):
+            close(got, want, f"{wanted}: {what}")
+    assert spy.forward   # (convgen's forward; the penalty's own backward runs convgen's too, through tanh')
 
 
 def test_falls_back_to_torch_for_what_convgen_does_not_compute(spy):
