@@ -121,6 +121,8 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
+        if torch.compiler.is_compiling():
+            return _uncompiled_conv_forward(self, input, weight, bias)
         dtype = weight.dtype
         cfg, wshape = self._convgen_config()
         if (type(input) is not torch.Tensor or input.dtype is not dtype or dtype not in _DTYPES
@@ -142,3 +144,12 @@ class Conv2d(torch.nn.Conv2d):
             # the kernel or the padding.  PyTorch then raises its own error for it.
             return super()._conv_forward(input, weight, bias)
         return torch.from_numpy(y)
+
+
+@torch.compiler.disable
+def _uncompiled_conv_forward(module, input, weight, bias):
+    """Conv2d._conv_forward for torch.compile, which runs it as it is, between the graphs
+    it compiles around it (a graph break), rather than tracing into convgen's Python and
+    NumPy calls (a 3-layer model: compiled in 0.3 s rather than 7-22 s, without warnings).
+    (Not the method itself: the wrapper would cost every eager call 2-3 us.)"""
+    return module._conv_forward(input, weight, bias)

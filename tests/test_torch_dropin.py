@@ -405,6 +405,37 @@ def test_gradient_penalty_matches_torch(spy):
     assert spy.forward   # (convgen's forward; the penalty's own backward runs convgen's too, through tanh')
 
 
+def test_torch_compile_runs_convgen_between_compiled_graphs(spy):
+    """torch.compile leaves the drop-in's convolutions to convgen, run as they are between
+    the graphs it compiles around them (it does not trace into convgen's Python: no
+    warning from it about convgen's code), with torch.nn.Conv2d's numbers forward and
+    backward."""
+    import warnings
+    torch._dynamo.reset()
+    layers = [((3, 8, 3), dict(padding=1)), ((8, 4, 3), dict(stride=2, padding=1, padding_mode="reflect"))]
+    torch.manual_seed(3)
+    ours = torch.nn.Sequential(Conv2d(*layers[0][0], **layers[0][1]), torch.nn.ReLU(),
+                               Conv2d(*layers[1][0], **layers[1][1]))
+    ref = torch.nn.Sequential(torch.nn.Conv2d(*layers[0][0], **layers[0][1]), torch.nn.ReLU(),
+                              torch.nn.Conv2d(*layers[1][0], **layers[1][1]))
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 10, 9)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = torch.compile(ours, backend="eager")(xs[0])
+        y.square().sum().backward()
+    assert not [w for w in caught if "convgen" in str(w.message) or "convgen" in (w.filename or "")]
+    want = ref(xs[1])
+    want.square().sum().backward()
+    close(y, want)
+    close(xs[0].grad, xs[1].grad, "input gradient")
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        close(a.grad, b.grad, "parameter gradient")
+    assert len(spy.forward) == 2 and len(spy.backward) == 2
+    torch._dynamo.reset()
+
+
 def test_falls_back_to_torch_for_what_convgen_does_not_compute(spy):
     ours, ref = pair(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 6, 6)
