@@ -31,6 +31,11 @@ __all__ = ["Conv2d"]
 
 _DTYPES = (torch.float32, torch.float64)
 
+# (torch.compile's hooks, torch >= 2.3; before, nothing to do: see _uncompiled_conv_forward)
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", lambda: False)
+_no_compile = getattr(_compiler, "disable", lambda fn: fn)
+
 
 def _array(t):
     """The ndarray viewing tensor t's memory (no copy)."""
@@ -121,7 +126,7 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return _uncompiled_conv_forward(self, input, weight, bias)
         dtype = weight.dtype
         cfg, wshape = self._convgen_config()
@@ -146,7 +151,7 @@ class Conv2d(torch.nn.Conv2d):
         return torch.from_numpy(y)
 
 
-@torch.compiler.disable
+@_no_compile
 def _uncompiled_conv_forward(module, input, weight, bias):
     """Conv2d._conv_forward for torch.compile, which runs it as it is, between the graphs
     it compiles around it (a graph break), rather than tracing into convgen's Python and
