@@ -31,10 +31,11 @@ __all__ = ["Conv2d"]
 
 _DTYPES = (torch.float32, torch.float64)
 
-# (torch.compile's hooks, torch >= 2.3; before, nothing to do: see _uncompiled_conv_forward)
+# (torch.compile's and torch.export's hooks, torch >= 2.3: see Conv2d._conv_forward)
 _compiler = getattr(torch, "compiler", None)
 _is_compiling = getattr(_compiler, "is_compiling", lambda: False)
 _no_compile = getattr(_compiler, "disable", lambda fn: fn)
+_is_exporting = getattr(_compiler, "is_exporting", lambda: False)
 
 
 def _array(t):
@@ -126,35 +127,44 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
+        if _is_exporting() or torch.jit.is_tracing():
+            # A graph for another runtime (torch.export, ONNX, TorchScript): PyTorch's own
+            # convolution, the operator those know; convgen's arrays would be constants.
+            return super()._conv_forward(input, weight, bias)
         if _is_compiling():
-            return _uncompiled_conv_forward(self, input, weight, bias)
-        dtype = weight.dtype
-        cfg, wshape = self._convgen_config()
-        if (type(input) is not torch.Tensor or input.dtype is not dtype or dtype not in _DTYPES
-                or not input.is_cpu or not weight.is_cpu or weight.shape != wshape
-                or (bias is not None and (bias.dtype is not dtype or not bias.is_cpu
-                                          or bias.shape != wshape[:1]))
-                or input.dim() not in (3, 4) or input.shape[-3] != cfg.in_channels
-                or input.is_neg() or weight.is_neg()):
-            return super()._conv_forward(input, weight, bias)
-        try:
-            if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
-                                            or (bias is not None and bias.requires_grad)):
-                return _Conv2dFunction.apply(input, weight, bias, cfg)
-            # Nothing to differentiate: run the kernels without an autograd node.
-            y, _ = _F.forward(cfg, _array(input), _param_array(weight),
-                              None if bias is None else _param_array(bias), keep_input=False)
-        except ValueError:
-            # convgen checks sizes before it computes anything: an input too small for
-            # the kernel or the padding.  PyTorch then raises its own error for it.
-            return super()._conv_forward(input, weight, bias)
-        return torch.from_numpy(y)
+            return _uncompiled_forward(self, input, weight, bias)
+        return _convgen_forward(self, input, weight, bias)
+
+
+def _convgen_forward(module, input, weight, bias):
+    """Conv2d._conv_forward: convgen's kernels where they apply, else torch.nn.Conv2d's."""
+    dtype = weight.dtype
+    cfg, wshape = module._convgen_config()
+    if (type(input) is not torch.Tensor or input.dtype is not dtype or dtype not in _DTYPES
+            or not input.is_cpu or not weight.is_cpu or weight.shape != wshape
+            or (bias is not None and (bias.dtype is not dtype or not bias.is_cpu
+                                      or bias.shape != wshape[:1]))
+            or input.dim() not in (3, 4) or input.shape[-3] != cfg.in_channels
+            or input.is_neg() or weight.is_neg()):
+        return torch.nn.Conv2d._conv_forward(module, input, weight, bias)
+    try:
+        if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _Conv2dFunction.apply(input, weight, bias, cfg)
+        # Nothing to differentiate: run the kernels without an autograd node.
+        y, _ = _F.forward(cfg, _array(input), _param_array(weight),
+                          None if bias is None else _param_array(bias), keep_input=False)
+    except ValueError:
+        # convgen checks sizes before it computes anything: an input too small for
+        # the kernel or the padding.  PyTorch then raises its own error for it.
+        return torch.nn.Conv2d._conv_forward(module, input, weight, bias)
+    return torch.from_numpy(y)
 
 
 @_no_compile
-def _uncompiled_conv_forward(module, input, weight, bias):
-    """Conv2d._conv_forward for torch.compile, which runs it as it is, between the graphs
-    it compiles around it (a graph break), rather than tracing into convgen's Python and
+def _uncompiled_forward(module, input, weight, bias):
+    """_convgen_forward for torch.compile, which runs it as it is, between the graphs it
+    compiles around it (a graph break), rather than tracing into convgen's Python and
     NumPy calls (a 3-layer model: compiled in 0.3 s rather than 7-22 s, without warnings).
-    (Not the method itself: the wrapper would cost every eager call 2-3 us.)"""
-    return module._conv_forward(input, weight, bias)
+    (Not Conv2d._conv_forward itself: the wrapper would cost every eager call 2-3 us.)"""
+    return _convgen_forward(module, input, weight, bias)

@@ -436,6 +436,54 @@ def test_torch_compile_runs_convgen_between_compiled_graphs(spy):
     torch._dynamo.reset()
 
 
+def _export_model():
+    """(drop-in model, input, its eager output): two layers, one reflect-padded and strided."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(1, 3, 12, 10)
+    with torch.no_grad():
+        return model, x, model(x)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # (torch.jit's own notices)
+def test_traces_and_exports_as_pytorch_convolution(spy):
+    """torch.jit.trace and torch.export (strict or not) record PyTorch's own convolution,
+    the operator other runtimes know (convgen's arrays would be recorded as constants, or
+    not at all), and the traced and exported programs compute the eager model's numbers."""
+    model, x, want = _export_model()
+    traced = torch.jit.trace(model, x)   # (its check runs the model eagerly again: convgen)
+    calls = len(spy.forward)
+    exported = [torch.export.export(model, (x,), strict=strict) for strict in (False, True)]
+    assert len(spy.forward) == calls
+    kinds = {n.kind() for n in torch.jit.freeze(traced).graph.nodes()}
+    assert "prim::PythonOp" not in kinds and kinds & {"aten::_convolution", "aten::conv2d"}
+    with torch.no_grad():
+        close(traced(x), want, "traced")
+        for program in exported:
+            targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+            assert sum("conv2d" in t for t in targets) == 2
+            close(program.module()(x), want, "exported")
+        model(x)
+    assert len(spy.forward) == calls + 2   # (eager calls run convgen again: two layers)
+
+
+def test_exports_to_onnx():
+    """A model of drop-in layers exports to ONNX (the TorchScript exporter) as standard
+    Conv (and Pad) nodes, which onnxruntime runs to the eager model's numbers."""
+    ort = pytest.importorskip("onnxruntime")
+    import io
+    import warnings
+    model, x, want = _export_model()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (the TorchScript exporter's deprecation notice)
+        torch.onnx.export(model, (x,), buf, dynamo=False, input_names=["x"])
+    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy()})
+    close(torch.from_numpy(got), want, "onnxruntime")
+
+
 def test_falls_back_to_torch_for_what_convgen_does_not_compute(spy):
     ours, ref = pair(3, 4, 3, padding=1)
     x = torch.randn(1, 3, 6, 6)
