@@ -31,11 +31,14 @@ __all__ = ["Conv2d"]
 
 _DTYPES = (torch.float32, torch.float64)
 
-# (torch.compile's and torch.export's hooks, torch >= 2.3: see Conv2d._conv_forward)
+# (torch.compile's, torch.export's, tracing's and torch.func's hooks, torch >= 2.3: see
+# Conv2d._conv_forward)
 _compiler = getattr(torch, "compiler", None)
 _is_compiling = getattr(_compiler, "is_compiling", lambda: False)
 _no_compile = getattr(_compiler, "disable", lambda fn: fn)
 _is_exporting = getattr(_compiler, "is_exporting", lambda: False)
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _array(t):
@@ -127,9 +130,10 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
-        if _is_exporting() or torch.jit.is_tracing():
-            # A graph for another runtime (torch.export, ONNX, TorchScript): PyTorch's own
-            # convolution, the operator those know; convgen's arrays would be constants.
+        if _is_exporting() or _is_tracing() or _transforms_active():
+            # A graph for another runtime (torch.export, ONNX, TorchScript), where convgen's
+            # arrays would be constants, or a torch.func transform (grad, vmap, jacrev...),
+            # which transforms PyTorch's operators: PyTorch's own convolution.
             return super()._conv_forward(input, weight, bias)
         if _is_compiling():
             return _uncompiled_forward(self, input, weight, bias)

@@ -468,6 +468,33 @@ def test_traces_and_exports_as_pytorch_convolution(spy):
     assert len(spy.forward) == calls + 2   # (eager calls run convgen again: two layers)
 
 
+def test_torch_func_transforms(spy):
+    """torch.func's transforms (grad, per-sample gradients by vmap over grad, vmap of the
+    forward, jacrev) work on drop-in layers, through PyTorch's own convolution (they
+    transform PyTorch's operators), with torch.nn.Conv2d's numbers; eager calls after them
+    run convgen."""
+    ours, ref = pair(3, 4, 3, padding=1, padding_mode="circular", dtype=torch.float64)
+    x = torch.randn(5, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def loss(params, xi, module):
+        return torch.func.functional_call(module, params, (xi[None],)).square().sum()
+
+    transforms = {
+        "grad": lambda m: torch.func.grad(loss)(dict(m.named_parameters()), x[0], m),
+        "per-sample grad": lambda m: torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, None))(
+            dict(m.named_parameters()), x, m),
+        "vmap": lambda m: torch.func.vmap(m)(x),
+        "jacrev": lambda m: torch.func.jacrev(lambda xi: m(xi[None]).sum(dim=(0, 2, 3)))(x[0]),
+    }
+    for name, transform in transforms.items():
+        got, want = transform(ours), transform(ref)
+        for key in (got if isinstance(got, dict) else [None]):
+            close(got if key is None else got[key], want if key is None else want[key], f"{name} {key or ''}")
+    assert not spy.forward and not spy.backward
+    ours(x).sum().backward()
+    assert len(spy.forward) == len(spy.backward) == 1
+
+
 def test_exports_to_onnx():
     """A model of drop-in layers exports to ONNX (the TorchScript exporter) as standard
     Conv (and Pad) nodes, which onnxruntime runs to the eager model's numbers."""
