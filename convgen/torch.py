@@ -24,6 +24,7 @@ Only this module imports torch; ``import convgen`` does not need it.
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import functional as _F
 
@@ -39,6 +40,12 @@ _no_compile = getattr(_compiler, "disable", lambda fn: fn)
 _is_exporting = getattr(_compiler, "is_exporting", lambda: False)
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _forward_ad_active():
+    """Whether a torch.autograd.forward_ad.dual_level is open (its tangents need PyTorch's
+    operators: the autograd node has no jvp)."""
+    return getattr(_forward_ad, "_current_level", -1) >= 0
 
 
 def _array(t):
@@ -130,10 +137,10 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
-        if _is_exporting() or _is_tracing() or _transforms_active():
+        if _is_exporting() or _is_tracing() or _transforms_active() or _forward_ad_active():
             # A graph for another runtime (torch.export, ONNX, TorchScript), where convgen's
-            # arrays would be constants, or a torch.func transform (grad, vmap, jacrev...),
-            # which transforms PyTorch's operators: PyTorch's own convolution.
+            # arrays would be constants, or a torch.func transform (grad, vmap, jacrev...) or
+            # forward-mode AD, which transform PyTorch's operators: PyTorch's own convolution.
             return super()._conv_forward(input, weight, bias)
         if _is_compiling():
             return _uncompiled_forward(self, input, weight, bias)

@@ -468,11 +468,12 @@ def test_traces_and_exports_as_pytorch_convolution(spy):
     assert len(spy.forward) == calls + 2   # (eager calls run convgen again: two layers)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # (forward_ad's own torch.jit notices)
 def test_torch_func_transforms(spy):
     """torch.func's transforms (grad, per-sample gradients by vmap over grad, vmap of the
-    forward, jacrev) work on drop-in layers, through PyTorch's own convolution (they
-    transform PyTorch's operators), with torch.nn.Conv2d's numbers; eager calls after them
-    run convgen."""
+    forward, jacrev) and forward-mode AD (torch.autograd.forward_ad) work on drop-in
+    layers, through PyTorch's own convolution (they transform PyTorch's operators), with
+    torch.nn.Conv2d's numbers; eager calls after them run convgen."""
     ours, ref = pair(3, 4, 3, padding=1, padding_mode="circular", dtype=torch.float64)
     x = torch.randn(5, 3, 6, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
@@ -490,6 +491,14 @@ def test_torch_func_transforms(spy):
         got, want = transform(ours), transform(ref)
         for key in (got if isinstance(got, dict) else [None]):
             close(got if key is None else got[key], want if key is None else want[key], f"{name} {key or ''}")
+    import torch.autograd.forward_ad as fwAD
+    tangent = torch.randn_like(x)
+    for m in (ours, ref):
+        with fwAD.dual_level():
+            got = fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))).tangent
+        if m is ours:
+            mine = got
+    close(mine, got, "forward-mode AD")
     assert not spy.forward and not spy.backward
     ours(x).sum().backward()
     assert len(spy.forward) == len(spy.backward) == 1
