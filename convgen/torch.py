@@ -22,6 +22,8 @@ graph and all.
 Only this module imports torch; ``import convgen`` does not need it.
 """
 
+import functools
+
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -40,6 +42,7 @@ _no_compile = getattr(_compiler, "disable", lambda fn: fn)
 _is_exporting = getattr(_compiler, "is_exporting", lambda: False)
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_autocast_cpu = functools.partial(torch._C.is_autocast_enabled, "cpu")
 
 
 def _forward_ad_active():
@@ -137,10 +140,12 @@ class Conv2d(torch.nn.Conv2d):
         return cache[1], cache[2]
 
     def _conv_forward(self, input, weight, bias):
-        if _is_exporting() or _is_tracing() or _transforms_active() or _forward_ad_active():
+        if (_is_exporting() or _is_tracing() or _transforms_active() or _forward_ad_active()
+                or _autocast_cpu()):
             # A graph for another runtime (torch.export, ONNX, TorchScript), where convgen's
-            # arrays would be constants, or a torch.func transform (grad, vmap, jacrev...) or
-            # forward-mode AD, which transform PyTorch's operators: PyTorch's own convolution.
+            # arrays would be constants; a torch.func transform (grad, vmap, jacrev...) or
+            # forward-mode AD, which transform PyTorch's operators; or CPU autocast, whose
+            # casts PyTorch's convolution makes (bfloat16 out, not float32): PyTorch's own.
             return super()._conv_forward(input, weight, bias)
         if _is_compiling():
             return _uncompiled_forward(self, input, weight, bias)

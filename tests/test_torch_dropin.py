@@ -504,6 +504,22 @@ def test_torch_func_transforms(spy):
     assert len(spy.forward) == len(spy.backward) == 1
 
 
+def test_cpu_autocast_is_pytorch_s(spy):
+    """Under CPU autocast the layers give what torch.nn.Conv2d gives (bfloat16, by
+    PyTorch's own convolution after its casts), forward and backward; outside it, convgen."""
+    ours, ref = pair(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(6))
+    for m in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().square().sum().backward()
+    assert y.dtype is torch.bfloat16 and ours(x).dtype is torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert len(spy.forward) == 1 and not spy.backward
+
+
 def test_exports_to_onnx():
     """A model of drop-in layers exports to ONNX (the TorchScript exporter) as standard
     Conv (and Pad) nodes, which onnxruntime runs to the eager model's numbers."""
