@@ -18,7 +18,10 @@ half precision, mismatched dtypes, a malformed input) goes to
 ``torch.nn.Conv2d``'s own implementation, which computes it or raises PyTorch's
 error.  So does a backward that must itself be differentiable (``create_graph=True``:
 double backward, gradient penalties): PyTorch's own convolution gives its gradients,
-graph and all.
+graph and all; and so does a forward that PyTorch records or transforms rather than
+runs (torch.export, torch.jit.trace, ONNX export, torch.func's transforms, forward-mode
+AD) or casts (CPU autocast).  Under torch.compile the layers run convgen between the
+compiled graphs.
 Only this module imports torch; ``import convgen`` does not need it.
 """
 
