@@ -520,6 +520,36 @@ def test_cpu_autocast_is_pytorch_s(spy):
     assert len(spy.forward) == 1 and not spy.backward
 
 
+WRAPPERS = {
+    # (what wraps the layer, the callable that runs it)
+    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
+    "spectral_norm": lambda m: (torch.manual_seed(7), torch.nn.utils.parametrizations.spectral_norm(m))[1],
+    "pruned": lambda m: __import__("torch.nn.utils.prune", fromlist=["prune"]).l1_unstructured(m, "weight", 0.5),
+    "forward_hook": lambda m: (m.register_forward_hook(lambda mod, args, out: 2 * out), m)[1],
+    "checkpointed": lambda m: (lambda x: torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False)),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(WRAPPERS))
+def test_wrapped_as_torch_wraps_its_conv(wrapper, spy):
+    """What PyTorch wraps a Conv2d in (weight_norm and spectral_norm parametrizations,
+    pruning's mask, forward hooks, activation checkpointing) works on the drop-in, which
+    then computes with convgen's kernels: output, input and parameter gradients as
+    torch.nn.Conv2d's."""
+    ours, ref = pair(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(8))
+    got = {}
+    for m in (ours, ref):
+        run = WRAPPERS[wrapper](m)
+        xi = x.clone().requires_grad_()
+        y = run(xi)
+        y.square().sum().backward()
+        got[m] = [y, xi.grad] + [p.grad for p in m.parameters()]
+    for a, b in zip(got[ours], got[ref]):
+        close(a, b, wrapper)
+    assert spy.forward and spy.backward
+
+
 def test_exports_to_onnx():
     """A model of drop-in layers exports to ONNX (the TorchScript exporter) as standard
     Conv (and Pad) nodes, which onnxruntime runs to the eager model's numbers."""
