@@ -2,16 +2,20 @@
 same autograd behaviour, and tensors that share memory with the kernels' arrays."""
 
 import copy
+import io
 import pickle
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import torch.autograd.forward_ad as fwAD  # noqa: E402
+import torch.nn.utils.prune as prune  # noqa: E402
 import convgen.torch as cgt  # noqa: E402
 from convgen.torch import Conv2d  # noqa: E402
 from convgen import _engine  # noqa: E402
@@ -405,19 +409,21 @@ def test_gradient_penalty_matches_torch(spy):
     assert spy.forward   # (convgen's forward; the penalty's own backward runs convgen's too, through tanh')
 
 
+def _two_layers(conv):
+    """Two layers of `conv` (the drop-in or torch.nn.Conv2d) with a ReLU between, the second
+    reflect-padded and strided."""
+    return torch.nn.Sequential(conv(3, 8, 3, padding=1), torch.nn.ReLU(),
+                               conv(8, 4, 3, stride=2, padding=1, padding_mode="reflect"))
+
+
 def test_torch_compile_runs_convgen_between_compiled_graphs(spy):
     """torch.compile leaves the drop-in's convolutions to convgen, run as they are between
     the graphs it compiles around them (it does not trace into convgen's Python: no
     warning from it about convgen's code), with torch.nn.Conv2d's numbers forward and
     backward."""
-    import warnings
     torch._dynamo.reset()
-    layers = [((3, 8, 3), dict(padding=1)), ((8, 4, 3), dict(stride=2, padding=1, padding_mode="reflect"))]
     torch.manual_seed(3)
-    ours = torch.nn.Sequential(Conv2d(*layers[0][0], **layers[0][1]), torch.nn.ReLU(),
-                               Conv2d(*layers[1][0], **layers[1][1]))
-    ref = torch.nn.Sequential(torch.nn.Conv2d(*layers[0][0], **layers[0][1]), torch.nn.ReLU(),
-                              torch.nn.Conv2d(*layers[1][0], **layers[1][1]))
+    ours, ref = _two_layers(Conv2d), _two_layers(torch.nn.Conv2d)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 3, 10, 9)
     xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
@@ -437,10 +443,9 @@ def test_torch_compile_runs_convgen_between_compiled_graphs(spy):
 
 
 def _export_model():
-    """(drop-in model, input, its eager output): two layers, one reflect-padded and strided."""
+    """(drop-in model, input, its eager output): _two_layers of the drop-in."""
     torch.manual_seed(4)
-    model = torch.nn.Sequential(Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                                Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect")).eval()
+    model = _two_layers(Conv2d).eval()
     x = torch.randn(1, 3, 12, 10)
     with torch.no_grad():
         return model, x, model(x)
@@ -491,14 +496,13 @@ def test_torch_func_transforms(spy):
         got, want = transform(ours), transform(ref)
         for key in (got if isinstance(got, dict) else [None]):
             close(got if key is None else got[key], want if key is None else want[key], f"{name} {key or ''}")
-    import torch.autograd.forward_ad as fwAD
     tangent = torch.randn_like(x)
-    for m in (ours, ref):
+
+    def output_tangent(m):
         with fwAD.dual_level():
-            got = fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))).tangent
-        if m is ours:
-            mine = got
-    close(mine, got, "forward-mode AD")
+            return fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))).tangent
+
+    close(output_tangent(ours), output_tangent(ref), "forward-mode AD")
     assert not spy.forward and not spy.backward
     ours(x).sum().backward()
     assert len(spy.forward) == len(spy.backward) == 1
@@ -520,12 +524,22 @@ def test_cpu_autocast_is_pytorch_s(spy):
     assert len(spy.forward) == 1 and not spy.backward
 
 
+def _spectral_norm(m):
+    torch.manual_seed(7)   # (its power iteration's random start, the same for both layers)
+    return torch.nn.utils.parametrizations.spectral_norm(m)
+
+
+def _hooked(m):
+    m.register_forward_hook(lambda mod, args, out: 2 * out)
+    return m
+
+
+# what wraps a layer -> the callable that runs it
 WRAPPERS = {
-    # (what wraps the layer, the callable that runs it)
-    "weight_norm": lambda m: torch.nn.utils.parametrizations.weight_norm(m),
-    "spectral_norm": lambda m: (torch.manual_seed(7), torch.nn.utils.parametrizations.spectral_norm(m))[1],
-    "pruned": lambda m: __import__("torch.nn.utils.prune", fromlist=["prune"]).l1_unstructured(m, "weight", 0.5),
-    "forward_hook": lambda m: (m.register_forward_hook(lambda mod, args, out: 2 * out), m)[1],
+    "weight_norm": torch.nn.utils.parametrizations.weight_norm,
+    "spectral_norm": _spectral_norm,
+    "pruned": lambda m: prune.l1_unstructured(m, "weight", 0.5),
+    "forward_hook": _hooked,
     "checkpointed": lambda m: (lambda x: torch.utils.checkpoint.checkpoint(m, x, use_reentrant=False)),
 }
 
@@ -554,8 +568,6 @@ def test_exports_to_onnx():
     """A model of drop-in layers exports to ONNX (the TorchScript exporter) as standard
     Conv (and Pad) nodes, which onnxruntime runs to the eager model's numbers."""
     ort = pytest.importorskip("onnxruntime")
-    import io
-    import warnings
     model, x, want = _export_model()
     buf = io.BytesIO()
     with warnings.catch_warnings():
