@@ -2,6 +2,7 @@
 
 import math
 import sys
+from collections import namedtuple
 
 import numpy as np
 
@@ -13,6 +14,30 @@ from .grad_mode import is_grad_enabled
 from .parameter import Parameter
 
 _NO_GRAD = object()   # Conv2d._saved after a forward under no_grad
+
+
+class IncompatibleKeys(namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])):
+    """What load_state_dict returns, as torch's: the keys it missed and those it did not know."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<All keys matched successfully>" if not (self.missing_keys or self.unexpected_keys) else super().__repr__()
+
+
+def _state_value(value, name):
+    """A state_dict entry as a real-valued array (a torch tensor is detached and read
+    where it lies, or from a CPU copy), or an error message in torch's words."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):   # (a torch tensor: no import of torch)
+        value = value.detach().cpu()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as e:
+        return None, f'While copying the parameter named "{name}", could not read {type(value).__name__}: {e}'
+    if array.dtype.kind not in "fiub":
+        return None, (f'While copying the parameter named "{name}", expected a real-valued array or tensor '
+                      f"but received {type(value).__name__} of dtype {array.dtype}")
+    return array, None
 
 
 class _Checked:
@@ -250,6 +275,61 @@ class Conv2d:
         yield self.weight
         if self.bias is not None:
             yield self.bias
+
+    def named_parameters(self, prefix=""):
+        """(name, parameter) pairs: ("weight", ...) and, with a bias, ("bias", ...)."""
+        yield prefix + "weight", self.weight
+        if self.bias is not None:
+            yield prefix + "bias", self.bias
+
+    def state_dict(self, prefix="", keep_vars=False):
+        """{"weight": ..., "bias": ...} (no "bias" without one), as torch's: the values
+        share the parameters' memory, as plain arrays (the Parameters themselves with
+        ``keep_vars=True``).  ``torch_conv.load_state_dict({k: torch.from_numpy(v) ...})``
+        gives a torch.nn.Conv2d these weights."""
+        return {name: (param if keep_vars else param.view(np.ndarray))
+                for name, param in self.named_parameters(prefix)}
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Copy "weight" (and "bias") from `state_dict` into the parameters, in place, as
+        torch's does: arrays or torch tensors (``torch_conv.state_dict()`` itself), cast to
+        the module's dtype.  Missing or unexpected keys raise RuntimeError with ``strict``
+        (else they are returned); a shape that does not match raises either way.  Nothing
+        is copied unless every entry can be.  The copies count as changes in place
+        (Parameter._version: a backward of an earlier forward raises), and a frozen
+        module's read-only parameters refuse them.  Returns
+        ``IncompatibleKeys(missing_keys, unexpected_keys)``."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict).__name__}.")
+        params = dict(self.named_parameters())
+        missing = [name for name in params if name not in state_dict]
+        unexpected = [key for key in state_dict.keys() if key not in params]
+        errors, values = [], {}
+        if strict:   # (torch's order: missing keys, unexpected keys, then each entry's error)
+            if missing:
+                errors.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ". ")
+            if unexpected:
+                errors.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in unexpected) + ". ")
+        for name, param in params.items():
+            if name not in state_dict:
+                continue
+            value, error = _state_value(state_dict[name], name)
+            if error is None and value.shape != param.shape:
+                error = (f"size mismatch for {name}: copying a param with shape {value.shape} from checkpoint, "
+                         f"the shape in current model is {param.shape}.")
+            if error is None and not param.flags.writeable:
+                error = (f"{name} is read-only: the module is frozen (Conv2d.freeze); "
+                         "call unfreeze() before loading a state_dict")
+            if error is not None:
+                errors.append(error)
+            else:
+                values[name] = value
+        if errors:
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}:\n\t"
+                               + "\n\t".join(errors))
+        for name, value in values.items():
+            params[name][...] = value   # (Parameter.__setitem__: casts, and counts the change)
+        return IncompatibleKeys(missing, unexpected)
 
     @property
     def kernel_name(self):

@@ -578,3 +578,110 @@ def test_frozen_backward_of_a_forward_before_freeze():
         conv.backward(gy)
     conv(x)
     assert_close(conv.backward(gy), ref.conv2d_input(x.shape, conv.weight, gy, padding=1), np.float32)
+
+
+# ---- state_dict / load_state_dict, as torch.nn.Module's ----------------------
+
+@pytest.mark.parametrize("c", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_load_state_dict_takes_a_torch_layers_weights(c, dtype):
+    """A trained torch.nn.Conv2d's state_dict (tensors, float32) loaded into a module of
+    either dtype: the module then computes torch's layer (forward and gradients)."""
+    torch = need_torch()
+    args, kw = c["args"], c.get("kw", {})
+    theirs = torch.nn.Conv2d(*args, **kw)
+    ours = convgen.Conv2d(*args, **kw, dtype=dtype, seed=1)
+    result = ours.load_state_dict(theirs.state_dict())
+    assert result.missing_keys == [] and result.unexpected_keys == [] and repr(result) == repr(
+        theirs.load_state_dict(theirs.state_dict()))
+    assert ours.weight.dtype == dtype and isinstance(ours.weight, convgen.Parameter)
+    assert np.array_equal(ours.weight, theirs.weight.detach().numpy().astype(dtype))
+    rng = make_rng(0)
+    x = rng.standard_normal((2, args[0], 9, 8)).astype(dtype)
+    y = ours(x)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx = ours.backward(gy)
+    want = torch_forward_backward(theirs.to(torch.float64), x.astype(np.float64), gy.astype(np.float64))
+    for got, ref_value in zip((y, gx, ours.weight.grad, None if ours.bias is None else ours.bias.grad), want):
+        if ref_value is not None:
+            assert_close(got, ref_value, dtype)
+
+
+def test_state_dict_like_torchs():
+    """Keys, order, shared memory and keep_vars as torch's state_dict; the values load
+    back into a torch.nn.Conv2d (through torch.from_numpy) and into another module."""
+    torch = need_torch()
+    ours = convgen.Conv2d(4, 6, 3, padding=1, groups=2, seed=3)
+    sd = ours.state_dict()
+    theirs = torch.nn.Conv2d(4, 6, 3, padding=1, groups=2)
+    assert list(sd) == list(theirs.state_dict()) == ["weight", "bias"]
+    assert all(type(v) is np.ndarray for v in sd.values())
+    assert np.shares_memory(sd["weight"], ours.weight) and np.shares_memory(sd["bias"], ours.bias)
+    assert ours.state_dict(keep_vars=True)["weight"] is ours.weight
+    assert list(ours.state_dict(prefix="conv1.")) == ["conv1.weight", "conv1.bias"]
+    assert [(n, p is getattr(ours, n)) for n, p in ours.named_parameters()] == [("weight", True), ("bias", True)]
+    assert list(convgen.Conv2d(4, 6, 3, bias=False).state_dict()) == ["weight"]
+    assert repr(theirs.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})) == "<All keys matched successfully>"
+    x = make_rng(1).standard_normal((1, 4, 7, 7)).astype(np.float32)
+    assert_close(ours(x), theirs(torch.from_numpy(x)).detach().numpy(), np.float32)
+    other = convgen.Conv2d(4, 6, 3, padding=1, groups=2, seed=4)
+    other.load_state_dict(sd)
+    assert np.array_equal(other(x), ours(x))
+    assert not np.shares_memory(other.weight, ours.weight)   # (copied in, not shared)
+
+
+def test_load_state_dict_errors_like_torchs_and_change_nothing():
+    """Missing and unexpected keys (strict), shapes, and values that are no numbers raise
+    RuntimeError with torch's words; nothing is copied then, not even the entries that
+    were fine; strict=False loads what matches and returns what did not."""
+    torch = need_torch()
+    ours = convgen.Conv2d(3, 4, 3, seed=0)
+    before, version = [np.array(p) for p in ours.parameters()], ours.weight._version
+    theirs = torch.nn.Conv2d(3, 4, 3)
+    cases = [
+        ({"weight": theirs.weight}, ['Missing key(s) in state_dict: "bias". ']),
+        ({**theirs.state_dict(), "running_mean": torch.zeros(4)}, ['Unexpected key(s) in state_dict: "running_mean". ']),
+        ({"weight": theirs.weight, "bias": torch.zeros(5)},
+         ["size mismatch for bias: copying a param with shape (5,) from checkpoint, the shape in current model is (4,)."]),
+        ({"weight": theirs.weight, "bias": np.array(["a"] * 4)}, ['While copying the parameter named "bias"']),
+        ({"weight": theirs.weight, "bias": np.zeros(4, np.complex64)}, ['While copying the parameter named "bias"']),
+    ]
+    for state, words in cases:
+        with pytest.raises(RuntimeError, match="Error\\(s\\) in loading state_dict for Conv2d") as info:
+            ours.load_state_dict(state)
+        for w in words:
+            assert w in str(info.value)
+        for p, b in zip(ours.parameters(), before):
+            assert np.array_equal(p, b)   # (the weight, which was fine, is not copied either)
+        assert ours.weight._version == version
+    expected = torch.nn.Conv2d(3, 4, 3).load_state_dict({"weight": theirs.weight, "extra": 1}, strict=False)
+    result = ours.load_state_dict({"weight": theirs.weight, "extra": 1}, strict=False)
+    assert result == (["bias"], ["extra"]) == tuple(expected)
+    assert np.array_equal(ours.weight, theirs.weight.detach().numpy()) and np.array_equal(ours.bias, before[1])
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):   # (strict or not)
+        ours.load_state_dict({"weight": np.zeros((4, 3, 2, 3))}, strict=False)
+    with pytest.raises(TypeError, match="dict-like"):
+        ours.load_state_dict([("weight", np.zeros((4, 3, 3, 3)))])
+
+
+def test_load_state_dict_counts_as_a_change_in_place():
+    """As torch's in-place copy bumps the version: a backward of a forward before the
+    load raises; a frozen module's read-only parameters refuse it until unfreeze(); the
+    caller's arrays are copied, not kept."""
+    conv = convgen.Conv2d(2, 3, 3, padding=1, seed=0)
+    x = make_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    y = conv(x)
+    state = {"weight": np.ones((3, 2, 3, 3)), "bias": np.zeros(3)}
+    conv.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        conv.backward(np.ones_like(y))
+    state["weight"][...] = 2   # (the module copied it)
+    assert np.all(conv.weight == 1) and conv.weight.dtype == np.float32
+    conv.freeze()
+    with pytest.raises(RuntimeError, match="frozen.*unfreeze"):
+        conv.load_state_dict(state)
+    assert np.all(conv.weight == 1)
+    conv.unfreeze().load_state_dict(state)
+    assert np.all(conv.weight == 2)
+    y = conv(x)
+    assert_close(y, ref.conv2d(x, state["weight"], state["bias"], padding=1), np.float32)
