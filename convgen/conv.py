@@ -73,7 +73,9 @@ class Conv2d:
     (float32 or float64) and ``seed`` (int or ``np.random.Generator``) for the
     default initialisation.  ``backward(grad_output)`` returns the input gradient
     of the last forward and accumulates ``weight.grad`` / ``bias.grad`` (RuntimeError if
-    the weight was changed in place since that forward: see Parameter._version).
+    the weight was changed in place since that forward: see Parameter._version); its
+    ``input_grad=False`` and the parameters' ``requires_grad`` skip what is not needed.
+    ``state_dict()`` / ``load_state_dict()`` move weights to and from torch.
     ``freeze()`` makes the parameters read-only, so that inference forwards can keep
     their packed form between calls.
     """
@@ -137,6 +139,8 @@ class Conv2d:
             if param is not None:
                 copy = Parameter(param)
                 copy.grad = param.grad
+                if not param.requires_grad:
+                    copy.requires_grad = False
                 if not writeable:
                     copy.base.flags.writeable = False
                     copy.flags.writeable = False
@@ -222,26 +226,32 @@ class Conv2d:
 
     __call__ = forward
 
-    def backward(self, grad_output):
-        """Input gradient of the last forward; adds into weight.grad and bias.grad."""
+    def backward(self, grad_output, input_grad=True):
+        """Input gradient of the last forward; adds into weight.grad and bias.grad, for
+        the parameters whose requires_grad is True (as torch's).  input_grad=False skips
+        the input gradient and returns None: a first layer's, whose input is data, as
+        autograd skips it for an input that does not require grad."""
         if self._saved is None:
             raise RuntimeError("backward() called before forward(): there is no input to differentiate")
         if self._saved is _NO_GRAD:
             raise RuntimeError("backward() after a forward under convgen.no_grad(): that forward kept "
                                "nothing to differentiate")
         kept = self._saved_weight
-        if kept is not None and kept[0]._version != kept[1]:
+        # (only the input gradient reads the forward's weight)
+        if input_grad and kept is not None and kept[0]._version != kept[1]:
             raise RuntimeError(
                 "the weight needed for the input gradient has been modified by an inplace operation "
                 f"since the forward (its version is {kept[0]._version}; the forward's was {kept[1]}): "
                 "run the forward again after changing it, as torch's autograd asks")
-        has_bias = self.bias is not None
-        w_out, w_add = self._grad_buffer("weight")
-        b_out, b_add = self._grad_buffer("bias") if has_bias else (None, False)
-        gx, gw, gb = F.backward(self._saved, grad_output, True, True, has_bias,
+        need_weight = self.weight.requires_grad
+        need_bias = self.bias is not None and self.bias.requires_grad
+        w_out, w_add = self._grad_buffer("weight") if need_weight else (None, False)
+        b_out, b_add = self._grad_buffer("bias") if need_bias else (None, False)
+        gx, gw, gb = F.backward(self._saved, grad_output, input_grad, need_weight, need_bias,
                                 w_out, b_out, w_add, b_add, self._frozen_packs(self._saved.weight))
-        self.weight.grad = gw    # the same array when it accumulated in place, as torch does
-        if has_bias:
+        if need_weight:
+            self.weight.grad = gw    # the same array when it accumulated in place, as torch does
+        if need_bias:
             self.bias.grad = gb
         return gx
 
@@ -275,6 +285,12 @@ class Conv2d:
         yield self.weight
         if self.bias is not None:
             yield self.bias
+
+    def requires_grad_(self, requires_grad=True):
+        """Set requires_grad on weight and bias, as torch's; returns self."""
+        for param in self.parameters():
+            param.requires_grad_(requires_grad)
+        return self
 
     def named_parameters(self, prefix=""):
         """(name, parameter) pairs: ("weight", ...) and, with a bias, ("bias", ...)."""

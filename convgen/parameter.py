@@ -15,6 +15,9 @@ class Parameter(np.ndarray):
     # (a class attribute rather than an __array_finalize__ that sets it: views and slices,
     # which the kernels' callers take, then run no Python)
     grad = None
+    # Whether a module's backward computes this parameter's gradient (torch's flag: False
+    # leaves .grad as it is, e.g. for a layer frozen while others train).
+    requires_grad = True
     # How many times its values were changed in place through NumPy's in-place operators
     # (``w -= lr * w.grad``, ``np.add(w, d, out=w)``), item assignment (``w[0] = 0``) or
     # ``fill``, on the parameter or on a view of it: torch's version counter, which a
@@ -43,6 +46,11 @@ class Parameter(np.ndarray):
         super().fill(value)
         _changed(self)
 
+    def requires_grad_(self, requires_grad=True):
+        """Set requires_grad, as torch's; returns self."""
+        self.requires_grad = bool(requires_grad)
+        return self
+
     def __repr__(self):
         body = np.array2string(self.view(np.ndarray), separator=", ", prefix="Parameter(")
         return f"Parameter({body}, dtype={self.dtype})"
@@ -50,7 +58,8 @@ class Parameter(np.ndarray):
     def __reduce__(self):
         # Pickle as an ndarray plus the gradient and the version (a module's pickled
         # forward compares its weight's version at the backward).
-        return (_rebuild_parameter, (self.view(np.ndarray).copy(), self.grad, owner(self)._version))
+        return (_rebuild_parameter, (self.view(np.ndarray).copy(), self.grad, owner(self)._version,
+                                     self.requires_grad))
 
 
 def owner(a):
@@ -70,9 +79,11 @@ def _changed(p):
     p._version += 1
 
 
-def _rebuild_parameter(data, grad, version=0):
+def _rebuild_parameter(data, grad, version=0, requires_grad=True):
     p = Parameter(data)
     p.grad = grad
+    if not requires_grad:
+        p.requires_grad = False
     if version:
         p._version = version
     return p

@@ -1,8 +1,8 @@
 """A few steps of plain SGD on a convgen.Conv2d, with NumPy only (no torch).
 
 The layer learns to imitate a fixed "teacher" convolution: forward, a mean squared
-error loss, backward (convgen's input / weight / bias gradients), an in-place update
-of each parameter, zero_grad.
+error loss, backward (convgen's weight and bias gradients: the input is data, so its
+gradient is skipped), an in-place update of each parameter, zero_grad.
 
     python examples/numpy_sgd.py
     python examples/numpy_sgd.py --steps 5 --lr 0.1
@@ -35,7 +35,8 @@ def main(argv=None):
         loss = float(np.mean(diff * diff))
         losses.append(loss)
         print(f"step {step:3d}  loss {loss:.6f}")
-        conv.backward(2 * diff / diff.size)          # dloss/dy; fills weight.grad, bias.grad
+        # dloss/dy; fills weight.grad, bias.grad (input_grad=False: x is data, as a first layer's)
+        conv.backward(2 * diff / diff.size, input_grad=False)
         conv.weight -= args.lr * conv.weight.grad    # in place: still a Parameter
         conv.bias -= args.lr * conv.bias.grad
         conv.zero_grad()                             # grads back to None

@@ -685,3 +685,78 @@ def test_load_state_dict_counts_as_a_change_in_place():
     assert np.all(conv.weight == 2)
     y = conv(x)
     assert_close(y, ref.conv2d(x, state["weight"], state["bias"], padding=1), np.float32)
+
+
+# ---- computing only the gradients asked for -----------------------------------
+
+@pytest.mark.parametrize("c", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("frozen", ["input", "weight", "bias", "weight+bias"])
+def test_only_the_gradients_asked_for_like_torch(c, frozen):
+    """backward(input_grad=False) and requires_grad=False on a parameter against torch's
+    autograd with the same tensors not requiring grad: no input gradient (None), the
+    parameter's .grad left as it was, the others torch's."""
+    torch = need_torch()
+    args, kw = c["args"], c.get("kw", {})
+    ours = convgen.Conv2d(*args, **kw, dtype=np.float64, seed=2)
+    theirs = torch_module(ours, torch)
+    if ours.bias is None and "bias" in frozen and frozen != "weight+bias":
+        pytest.skip("no bias")
+    rng = make_rng(3)
+    x = rng.standard_normal((2, args[0], 8, 9))
+    for name in ("weight", "bias"):
+        if name in frozen and getattr(ours, name) is not None:
+            getattr(ours, name).requires_grad_(False)
+            getattr(theirs, name).requires_grad_(False)
+    earlier = np.full(ours.weight.shape, 7.0)
+    ours.weight.grad = earlier
+    with torch.no_grad():
+        theirs.weight.grad = torch.from_numpy(earlier.copy())
+    xt = torch.from_numpy(x).requires_grad_(frozen != "input")
+    y = ours(x)
+    yt = theirs(xt)
+    gy = rng.standard_normal(y.shape)
+    gx = ours.backward(gy, input_grad=frozen != "input")
+    yt.backward(torch.from_numpy(gy))
+    if frozen == "input":
+        assert gx is None
+    else:
+        assert_close(gx, xt.grad.numpy(), np.float64)
+    assert_close(ours.weight.grad, theirs.weight.grad.numpy(), np.float64)
+    if "weight" in frozen:
+        assert np.all(ours.weight.grad == 7.0)   # (left as it was)
+    if ours.bias is not None:
+        if theirs.bias.grad is None:
+            assert ours.bias.grad is None
+        else:
+            assert_close(ours.bias.grad, theirs.bias.grad.numpy(), np.float64)
+
+
+def test_requires_grad_is_kept():
+    """requires_grad_ on the module and its parameters returns self, and the flag stays
+    through freeze/unfreeze, pickling and load_state_dict (which keeps the parameters)."""
+    import pickle
+    conv = convgen.Conv2d(2, 3, 3)
+    assert conv.weight.requires_grad and conv.bias.requires_grad
+    assert conv.requires_grad_(False) is conv and not conv.weight.requires_grad and not conv.bias.requires_grad
+    assert conv.weight.requires_grad_() is conv.weight and conv.weight.requires_grad
+    for copy in (conv.freeze(), pickle.loads(pickle.dumps(conv)), conv.unfreeze()):
+        assert copy.weight.requires_grad and not copy.bias.requires_grad
+    conv.load_state_dict(conv.state_dict())
+    assert conv.weight.requires_grad and not conv.bias.requires_grad
+    assert convgen.Parameter(np.zeros(2)).requires_grad   # (a fresh parameter does)
+
+
+def test_weight_gradient_alone_does_not_need_the_forwards_weight():
+    """Without the input gradient a backward reads no weight, so a weight changed in
+    place since the forward does not stop it; the weight gradient is the forward's
+    input's (it never depends on the weight)."""
+    conv = convgen.Conv2d(3, 4, 3, padding=1, seed=0)
+    x = make_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    y = conv(x)
+    conv.weight *= 2
+    gy = np.ones_like(y)
+    assert conv.backward(gy, input_grad=False) is None
+    want = ref.conv2d_weight(x.astype(np.float64), conv.weight.shape, gy.astype(np.float64), padding=1)
+    assert_close(conv.weight.grad, want, np.float32)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        conv.backward(gy)
