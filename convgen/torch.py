@@ -22,6 +22,9 @@ graph and all; and so does a forward that PyTorch records or transforms rather t
 runs (torch.export, torch.jit.trace, ONNX export, torch.func's transforms, forward-mode
 AD) or casts (CPU autocast).  Under torch.compile the layers run convgen between the
 compiled graphs.
+``convert(model)`` turns every ``torch.nn.Conv2d`` of an existing model (a torchvision
+network, a loaded checkpoint) into this drop-in, in place; ``revert(model)`` turns them
+back.
 Only this module imports torch; ``import convgen`` does not need it.
 """
 
@@ -33,7 +36,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import functional as _F
 
-__all__ = ["Conv2d"]
+__all__ = ["Conv2d", "convert", "revert"]
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -187,3 +190,37 @@ def _uncompiled_forward(module, input, weight, bias):
     NumPy calls (a 3-layer model: compiled in 0.3 s rather than 7-22 s, without warnings).
     (Not Conv2d._conv_forward itself: the wrapper would cost every eager call 2-3 us.)"""
     return _convgen_forward(module, input, weight, bias)
+
+
+def _swap_class(module, old, new):
+    """Make every submodule of `module` (itself included) whose type is exactly `old` a
+    `new`, in place; returns how many.  The drop-in adds no state to torch.nn.Conv2d's
+    (only a cache it rebuilds), so changing an instance's class keeps its parameters,
+    buffers, hooks and everything an optimiser or a state_dict holds of it."""
+    swapped = 0
+    for m in module.modules():
+        if type(m) is old:
+            m.__class__ = new
+            m.__dict__.pop("_convgen_cache", None)
+            swapped += 1
+    return swapped
+
+
+def convert(module):
+    """Turn every ``torch.nn.Conv2d`` in `module` (and `module` itself, if it is one) into
+    ``convgen.torch.Conv2d``, in place, and return `module`.
+
+    The layers keep their parameters (the same tensors: optimisers built before still
+    update them), buffers, hooks and state_dict keys; only their arithmetic changes.
+    Subclasses of ``torch.nn.Conv2d`` (quantisation-aware, lazy, your own) are left as
+    they are, since their forward may not be ``torch.nn.Conv2d``'s.  ``revert`` undoes it.
+    """
+    _swap_class(module, torch.nn.Conv2d, Conv2d)
+    return module
+
+
+def revert(module):
+    """Turn every ``convgen.torch.Conv2d`` in `module` (and `module` itself) back into
+    ``torch.nn.Conv2d``, in place, and return `module` (the inverse of ``convert``)."""
+    _swap_class(module, Conv2d, torch.nn.Conv2d)
+    return module

@@ -60,3 +60,16 @@ def test_demo_the_main_job():
     for row in rows:
         convgen_us, numpy_us, ratio = (float(v.rstrip("usx")) for v in row.split()[-4:-1])
         assert convgen_us > 0 and numpy_us > 0 and abs(ratio - numpy_us / convgen_us) < 0.06 * ratio
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+def test_resnet18_convert_computes_torchs_numbers(train, capsys):
+    pytest.importorskip("torch")
+    import resnet18_convert
+    argv = ["--size", "48", "--batch", "2", "--rounds", "2", "--calls", "1"] + (["--train"] if train else [])
+    result = resnet18_convert.main(argv)
+    assert result["diff"] < 1e-5
+    assert result["grad_diff"] < 1e-3 if train else result["grad_diff"] == 0.0
+    assert result["torch"] > 0 and result["convgen"] > 0
+    out = capsys.readouterr().out
+    assert "converted 20 convolutions" in out and "alternating rounds" in out

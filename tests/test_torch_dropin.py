@@ -667,3 +667,54 @@ def test_forward_keeps_the_input_only_for_a_weight_gradient(spy):
     ours(x).sum().backward()
     assert [f["keep_input"] for f in spy.forward] == [False, False, True]
     assert spy.forward[1]["saved"].x is None and spy.forward[2]["saved"].x is not None
+
+
+class _OwnConv(torch.nn.Conv2d):
+    """A subclass with a forward of its own, which convert must leave alone."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _model():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+                                torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 16, 1, padding_mode="zeros"))
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect"),
+                               torch.nn.ReLU(), block, _OwnConv(16, 4, 3, padding=1),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def test_convert_an_existing_model_and_revert_it(spy):
+    """convert swaps every exact torch.nn.Conv2d of a model for the drop-in in place (the
+    same parameter tensors, buffers, hooks and state_dict keys), which then computes the
+    model's numbers through convgen both ways; subclasses are left alone; revert swaps
+    them back to PyTorch's own convolution."""
+    ref, model = _model(), _model()
+    params = list(model.parameters())
+    keys = list(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooked = []
+    model[0].register_forward_hook(lambda m, i, o: hooked.append(o.shape))
+    assert cgt.convert(model) is model
+    kinds = [type(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert kinds == [Conv2d, Conv2d, Conv2d, _OwnConv]
+    assert list(model.parameters())[0] is params[0] and all(a is b for a, b in zip(model.parameters(), params))
+    assert list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 12, 12)
+    for net in (ref, model):
+        torch.nn.functional.cross_entropy(net(x), torch.tensor([0, 2])).backward()
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        close(a.grad, b.grad, name)
+    assert len(spy.forward) == 3 and len(spy.backward) == 3   # (the subclass ran PyTorch's)
+    assert hooked == [torch.Size([2, 8, 6, 6])]
+    opt.step()   # (the optimiser made before convert updates the converted layers' weights)
+    assert not torch.equal(model[0].weight, ref[0].weight)
+    assert cgt.revert(model) is model
+    assert [type(m) for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == [torch.nn.Conv2d] * 3 + [_OwnConv]
+    spy.forward.clear()
+    model(x)
+    assert spy.forward == []
+    single = torch.nn.Conv2d(2, 3, 3)
+    assert type(cgt.convert(single)) is Conv2d and type(cgt.revert(single)) is torch.nn.Conv2d
