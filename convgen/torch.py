@@ -194,16 +194,13 @@ def _uncompiled_forward(module, input, weight, bias):
 
 def _swap_class(module, old, new):
     """Make every submodule of `module` (itself included) whose type is exactly `old` a
-    `new`, in place; returns how many.  The drop-in adds no state to torch.nn.Conv2d's
-    (only a cache it rebuilds), so changing an instance's class keeps its parameters,
-    buffers, hooks and everything an optimiser or a state_dict holds of it."""
-    swapped = 0
+    `new`, in place.  The drop-in adds no state to torch.nn.Conv2d's (only a cache it
+    rebuilds), so changing an instance's class keeps its parameters, buffers, hooks and
+    everything an optimiser or a state_dict holds of it."""
     for m in module.modules():
         if type(m) is old:
             m.__class__ = new
             m.__dict__.pop("_convgen_cache", None)
-            swapped += 1
-    return swapped
 
 
 def convert(module):
