@@ -95,6 +95,20 @@ class Conv2d:
         self._spare_grads = {}
         self.reset_parameters(seed)
 
+    @classmethod
+    def from_torch(cls, module):
+        """A Conv2d with a ``torch.nn.Conv2d``'s configuration and a copy of its weights
+        (float32 or float64, as the module's), for running it without torch: the same
+        outputs, to float rounding.  (torch is not imported here: any object with
+        torch.nn.Conv2d's attributes and state_dict will do.)"""
+        dtype = str(module.weight.dtype).replace("torch.", "")
+        if dtype not in ("float32", "float64"):
+            raise TypeError(f"from_torch needs a float32 or float64 module, got {module.weight.dtype}")
+        conv = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.bias is not None, module.padding_mode, dtype=dtype)
+        conv.load_state_dict(module.state_dict())
+        return conv
+
     # torch.nn.Conv2d's attributes
     in_channels = property(lambda self: self._cfg.in_channels)
     out_channels = property(lambda self: self._cfg.out_channels)

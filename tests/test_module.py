@@ -760,3 +760,21 @@ def test_weight_gradient_alone_does_not_need_the_forwards_weight():
     assert_close(conv.weight.grad, want, np.float32)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         conv.backward(gy)
+
+
+@pytest.mark.parametrize("c", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_from_torch_is_the_same_layer(c, dtype):
+    """Conv2d.from_torch: torch's configuration (repr included), dtype and a copy of its
+    weights; the same forward."""
+    torch = need_torch()
+    args, kw = c["args"], c.get("kw", {})
+    theirs = torch.nn.Conv2d(*args, **kw, dtype={np.float32: torch.float32, np.float64: torch.float64}[dtype])
+    ours = convgen.Conv2d.from_torch(theirs)
+    assert repr(ours) == repr(theirs) and ours.dtype == dtype
+    assert np.array_equal(ours.weight, theirs.weight.detach().numpy())
+    assert not np.shares_memory(ours.weight, theirs.weight.detach().numpy())
+    x = make_rng(5).standard_normal((2, args[0], 9, 10)).astype(dtype)
+    assert_close(ours(x), theirs(torch.from_numpy(x)).detach().numpy(), dtype)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        convgen.Conv2d.from_torch(theirs.half())
