@@ -40,6 +40,11 @@ def _state_value(value, name):
     return array, None
 
 
+def _requires_grad(param):
+    """param.requires_grad (True for a plain array set behind __setattr__'s back)."""
+    return getattr(param, "requires_grad", True)
+
+
 class _Checked:
     """The input shape, dtype, parameter shapes and Problem of a validated forward."""
 
@@ -228,7 +233,10 @@ class Conv2d:
         # A new forward ends the previous one's backward: its padded input is reused
         # (only once the input has been validated, so a failed call changes nothing).
         recycle = self._saved if self._saved is not _NO_GRAD else None
-        y, self.__dict__["_saved"] = F.run_forward(p, x, batched, weight, bias, recycle=recycle)
+        # A weight that does not require grad gets no gradient from this forward (as in
+        # torch, whose graph is made at the forward), so nothing is kept for one.
+        y, self.__dict__["_saved"] = F.run_forward(p, x, batched, weight, bias, recycle=recycle,
+                                                   keep_input=_requires_grad(self.weight))
         # The weight parameter's version (Parameter._version), for backward to check as
         # torch's autograd does: the input gradient reads the weight then, so a change in
         # place since would give the gradient of another layer.  (Only where the forward
@@ -257,8 +265,8 @@ class Conv2d:
                 "the weight needed for the input gradient has been modified by an inplace operation "
                 f"since the forward (its version is {kept[0]._version}; the forward's was {kept[1]}): "
                 "run the forward again after changing it, as torch's autograd asks")
-        need_weight = self.weight.requires_grad
-        need_bias = self.bias is not None and self.bias.requires_grad
+        need_weight = _requires_grad(self.weight) and self._saved.x is not None   # (see forward)
+        need_bias = self.bias is not None and _requires_grad(self.bias)
         w_out, w_add = self._grad_buffer("weight") if need_weight else (None, False)
         b_out, b_add = self._grad_buffer("bias") if need_bias else (None, False)
         gx, gw, gb = F.backward(self._saved, grad_output, input_grad, need_weight, need_bias,

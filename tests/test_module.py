@@ -778,3 +778,31 @@ def test_from_torch_is_the_same_layer(c, dtype):
     assert_close(ours(x), theirs(torch.from_numpy(x)).detach().numpy(), dtype)
     with pytest.raises(TypeError, match="float32 or float64"):
         convgen.Conv2d.from_torch(theirs.half())
+
+
+def test_weight_frozen_at_the_forward_keeps_no_input_like_torch():
+    """A weight that does not require grad at the forward gets no gradient from it, even
+    if it asks for one before the backward (torch's graph is made at the forward); that
+    forward keeps no copy of its input, and the input and bias gradients are the same."""
+    torch = need_torch()
+    ours = convgen.Conv2d(3, 4, 3, padding=1, dtype=np.float64, seed=0)
+    theirs = torch_module(ours, torch)
+    x = make_rng(0).standard_normal((2, 3, 7, 7))
+    ours.weight.requires_grad_(False)
+    theirs.weight.requires_grad_(False)
+    y = ours(x)
+    assert ours._saved.x is None
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = theirs(xt)
+    ours.weight.requires_grad_(True)
+    theirs.weight.requires_grad_(True)
+    gy = make_rng(1).standard_normal(y.shape)
+    gx = ours.backward(gy)
+    yt.backward(torch.from_numpy(gy))
+    assert ours.weight.grad is None and theirs.weight.grad is None
+    assert_close(gx, xt.grad.numpy(), np.float64)
+    assert_close(ours.bias.grad, theirs.bias.grad.numpy(), np.float64)
+    ours.zero_grad()
+    ours(x)   # (a forward with the weight requiring grad again keeps its input)
+    ours.backward(gy)
+    assert_close(ours.weight.grad, ref.conv2d_weight(x, ours.weight.shape, gy, padding=1), np.float64)
